@@ -1,0 +1,73 @@
+package locking
+
+import (
+	"context"
+	"time"
+)
+
+// Backend is the storage a lock lives in. It performs a handful of atomic
+// operations on one record per lock id; waiting, leases, renewal, loss
+// detection and With are written once, in this package, on top of it.
+//
+// Every method must be safe for concurrent use and atomic with respect to
+// every other call on the same id, from any process that shares the store.
+// Methods return promptly when ctx is done. A backend retries transient
+// store errors itself, inside ctx; an error it returns is final for that call.
+//
+// Time (lease expiry, StealAfter) is judged by the backend, on the store's own
+// clock where the store has one, so that holders and takers never compare
+// readings of different machines' clocks. Backends document whose clock they
+// use and the skew margin they apply otherwise.
+type Backend interface {
+	// Acquire takes the lock for r.Owner with a lease of r.Lease when it is
+	// free, when its lease has expired, or when r.StealAfter > 0 and its
+	// holder has not acquired or renewed it within r.StealAfter.
+	// When the lock is held by someone else, Acquire returns a Grant with
+	// Acquired false and a nil error. Two concurrent takers of one expired
+	// lock never both succeed.
+	Acquire(ctx context.Context, r Request) (Grant, error)
+
+	// Renew extends the lease of a lock that r.Owner holds to r.Lease from
+	// now and returns a Grant with the token issued at acquisition. It returns
+	// an error wrapping ErrNotHeld when r.Owner no longer holds the lock
+	// (released, expired and taken over, or removed).
+	// r.StealAfter is ignored.
+	Renew(ctx context.Context, r Request) (Grant, error)
+
+	// Release removes the lock if, and only if, owner holds it. It returns an
+	// error wrapping ErrNotHeld when owner does not hold it; it never removes
+	// another owner's lock.
+	Release(ctx context.Context, id, owner string) error
+}
+
+// Request describes one Acquire or Renew call to a Backend.
+type Request struct {
+	// ID is the caller's lock id: any non-empty string. Backends map it to a
+	// safe key (hashing it, typically).
+	ID string
+	// Owner is a random, unique token naming this holder. Renew and Release
+	// succeed only for the owner that acquired the lock.
+	Owner string
+	// Lease is how long the lock stays held without renewal. Always > 0.
+	Lease time.Duration
+	// StealAfter, when > 0, lets Acquire take over a lock whose holder has not
+	// acquired or renewed it within this duration, even if its lease has not
+	// expired yet. Zero means only expired leases are taken over.
+	StealAfter time.Duration
+}
+
+// Grant is the outcome of Backend.Acquire or Backend.Renew.
+type Grant struct {
+	// Acquired reports whether the caller now holds the lock.
+	Acquired bool
+	// Token is the fencing token of this holding: strictly greater than every
+	// token the backend issued earlier for the same id. Renew returns the same
+	// token as the Acquire it extends. Valid only when Acquired.
+	Token uint64
+	// TookOver reports that Acquire replaced a previous holder whose lease had
+	// expired or who was stolen from.
+	TookOver bool
+	// Remaining, when Acquired is false, is how long the current holder's
+	// lease still runs, if the backend knows it (0 when unknown).
+	Remaining time.Duration
+}
