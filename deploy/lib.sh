@@ -43,17 +43,27 @@ warn() { echo "deploy: warning: $*" >&2; }
 
 is_dry_run() { [[ "$DRY_RUN" == 1 || "$DRY_RUN" == true ]]; }
 
+# shell_quote prints its argument as one shell word: as is when it holds only
+# characters no shell treats specially, otherwise in single quotes.
+shell_quote() {
+  if [[ "$1" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+    printf '%s' "$1"
+  else
+    printf "'%s'" "${1//\'/\'\\\'\'}"
+  fi
+}
+
 # print_cmd writes one shell-quoted command line to the original stdout.
 print_cmd() {
   local out="+" a
-  for a in "$@"; do out+=" $(printf '%q' "$a")"; done
+  for a in "$@"; do out+=" $(shell_quote "$a")"; done
   printf '%s\n' "$out" >&3
 }
 
 # run runs its arguments as a command, or prints them in a dry run.
 run() {
   if is_dry_run; then print_cmd "$@"; return 0; fi
-  note "running: $(printf '%q ' "$@")"
+  note "running: $(print_cmd "$@" 3>&1)"
   "$@"
 }
 
@@ -237,6 +247,11 @@ _maxb_s="$(seconds_of QUEUE_MAX_BACKOFF "$QUEUE_MAX_BACKOFF")"
 seconds_of QUEUE_MIN_BACKOFF "$QUEUE_MIN_BACKOFF" >/dev/null
 seconds_of QUEUE_MAX_RETRY_DURATION "$QUEUE_MAX_RETRY_DURATION" >/dev/null
 (( _maxb_s >= _lease_s )) || warn "QUEUE_MAX_BACKOFF ($QUEUE_MAX_BACKOFF) < TASKGUARD_LEASE: retries of a busy id may run out before a dead holder's lease does"
+for _v in TASKGUARD_DATASTORE_DATABASE TASKGUARD_DATASTORE_NAMESPACE TASKGUARD_DATASTORE_KIND MEMCACHE_SERVERS \
+  VALKEY_ADDR TASKGUARD_WORKER_URL TASKGUARD_LEASE TASKGUARD_CLEANUP_GRACE; do
+  [[ "${!_v}" != *";"* ]] || die "$_v must not contain ';' (it separates the functions' environment variables)"
+done
+unset _v
 [[ "$QUEUE_MAX_ATTEMPTS" =~ ^(-1|[1-9][0-9]*)$ ]] || die "QUEUE_MAX_ATTEMPTS=$QUEUE_MAX_ATTEMPTS: want -1 or a positive integer"
 unset _worker_s _enqueue_s _cleanup_s _attempt_s _lease_s _maxb_s
 
@@ -279,7 +294,7 @@ run_retry() {
   if is_dry_run; then print_cmd "$@"; return 0; fi
   local i
   for i in 1 2 3 4 5 6; do
-    note "running: $(printf '%q ' "$@")"
+    note "running: $(print_cmd "$@" 3>&1)"
     if "$@"; then return 0; fi
     (( i < 6 )) || return 1
     note "retrying in 10s (IAM changes take a moment to propagate)"
