@@ -23,7 +23,7 @@ DRY_RUN="${DRY_RUN:-0}"
 for _arg in "$@"; do
   case "$_arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,/^$/{s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,${/^#/!q;s/^# \{0,1\}//;p;}' "$0"; exit 0 ;;
     *) echo "$(basename "$0"): unknown argument: $_arg (only --dry-run and --help)" >&2; exit 2 ;;
   esac
 done
