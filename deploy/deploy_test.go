@@ -186,18 +186,28 @@ func splitShellLines(t *testing.T, lines []string) []command {
 	if err != nil {
 		t.Fatalf("splitting dry-run lines: %v", err)
 	}
+	cmds := parseCountedArgs(t, out)
+	if len(cmds) != len(lines) {
+		t.Fatalf("split %d lines into %d commands", len(lines), len(cmds))
+	}
+	return cmds
+}
+
+// parseCountedArgs parses a stream of commands written as printf '%s\0' "$#" "$@".
+func parseCountedArgs(t *testing.T, out []byte) []command {
+	t.Helper()
+	if len(out) == 0 {
+		return nil
+	}
 	fields := strings.Split(strings.TrimSuffix(string(out), "\x00"), "\x00")
 	var cmds []command
 	for len(fields) > 0 {
 		n, err := strconv.Atoi(fields[0])
 		if err != nil || n > len(fields)-1 {
-			t.Fatalf("splitting dry-run lines: bad field count %q", fields[0])
+			t.Fatalf("bad argument count %q in a command stream", fields[0])
 		}
 		cmds = append(cmds, command(fields[1:1+n]))
 		fields = fields[1+n:]
-	}
-	if len(cmds) != len(lines) {
-		t.Fatalf("split %d lines into %d commands", len(lines), len(cmds))
 	}
 	return cmds
 }

@@ -132,6 +132,14 @@ in_range() { # name value lo hi (all seconds)
 # Every variable below may be set in the environment; the value after := is the
 # default. deploy/README.md has the same list with explanations.
 
+if ! is_dry_run && ! command -v gcloud >/dev/null; then
+  die "gcloud not found on PATH: install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install), or use --dry-run"
+fi
+
+# Seconds between retries of IAM changes (see run_retry).
+: "${IAM_RETRY_DELAY:=10}"
+[[ "$IAM_RETRY_DELAY" =~ ^[0-9]+$ ]] || die "IAM_RETRY_DELAY=$IAM_RETRY_DELAY: want whole seconds"
+
 # Where.
 : "${PROJECT:=${GOOGLE_CLOUD_PROJECT:-${CLOUDSDK_CORE_PROJECT:-}}}"
 if [[ -z "$PROJECT" ]] && ! is_dry_run && command -v gcloud >/dev/null; then
@@ -289,7 +297,7 @@ functions_env() {
 
 # run_retry is run for IAM changes on service accounts created moments earlier:
 # IAM is eventually consistent, so a new account can be "not found" for a few
-# seconds. It retries a failing command up to 6 times, 10 s apart.
+# seconds. It retries a failing command up to 6 times, IAM_RETRY_DELAY seconds apart.
 run_retry() {
   if is_dry_run; then print_cmd "$@"; return 0; fi
   local i
@@ -297,8 +305,8 @@ run_retry() {
     note "running: $(print_cmd "$@" 3>&1)"
     if "$@"; then return 0; fi
     (( i < 6 )) || return 1
-    note "retrying in 10s (IAM changes take a moment to propagate)"
-    sleep 10
+    note "retrying in ${IAM_RETRY_DELAY}s (IAM changes take a moment to propagate)"
+    sleep "$IAM_RETRY_DELAY"
   done
 }
 
