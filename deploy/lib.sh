@@ -78,7 +78,10 @@ exists() {
   fi
   local err
   if err="$("$@" 2>&1 >/dev/null)"; then return 0; fi
-  if grep -qiE 'NOT_FOUND|not found|does not exist|404' <<<"$err"; then return 1; fi
+  if ! grep -qE 'PERMISSION_DENIED|UNAUTHENTICATED' <<<"$err" &&
+    grep -qiE 'NOT_FOUND|not found|does not exist|404' <<<"$err"; then
+    return 1
+  fi
   die "could not check whether a resource exists: $(printf '%q ' "$@")
 $err"
 }
