@@ -181,9 +181,26 @@ func TestCloudBuild(t *testing.T) {
 	t.Run("tests before deploying", func(t *testing.T) {
 		test := b.Steps[0]
 		script := strings.Join(test.Args, "\n")
-		for _, want := range []string{"go vet ./...", "go test -race ./...", "set -euo pipefail"} {
+		for _, want := range []string{"set -euo pipefail", "\n.ci/run\n"} {
 			if !strings.Contains(script, want) {
 				t.Errorf("first step does not run %q", want)
+			}
+		}
+		// .ci/run is the README's test command; it must still vet and run the suite.
+		ci, err := os.ReadFile(filepath.Join("..", ".ci", "run"))
+		if err != nil {
+			t.Fatalf("the test step runs .ci/run: %v", err)
+		}
+		makefile, err := os.ReadFile(filepath.Join("..", "Makefile"))
+		if err != nil {
+			t.Fatalf(".ci/run runs make: %v", err)
+		}
+		if !strings.Contains(string(ci), "make test") {
+			t.Error(".ci/run no longer runs `make test`; update cloudbuild.yaml's test step")
+		}
+		for _, want := range []string{"go vet ./...", "go test $(GOTEST_FLAGS) ./...", "-race"} {
+			if !strings.Contains(string(makefile), want) {
+				t.Errorf("Makefile no longer has %q; check what cloudbuild.yaml's test step runs", want)
 			}
 		}
 		if !slices.Contains(test.Env, "CI=true") {

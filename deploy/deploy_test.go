@@ -29,6 +29,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/taskguard/taskguard/locking"
 	"go.uber.org/goleak"
 	"golang.org/x/sync/errgroup"
 )
@@ -320,7 +321,7 @@ func expect(s scenario) expectation {
 		"TASKGUARD_QUEUE":                "projects/" + project + "/locations/" + region + "/queues/" + e.queue,
 		"TASKGUARD_WORKER_URL":           get("TASKGUARD_WORKER_URL", "https://worker-123456789012."+region+".run.app"),
 		"TASKGUARD_TASK_SERVICE_ACCOUNT": e.tasksSA,
-		"TASKGUARD_LEASE":                get("TASKGUARD_LEASE", "60s"),
+		"TASKGUARD_LEASE":                get("TASKGUARD_LEASE", locking.DefaultLease.String()),
 		"TASKGUARD_CLEANUP_GRACE":        get("TASKGUARD_CLEANUP_GRACE", "1h"),
 	}
 	for _, k := range []string{"TASKGUARD_DATASTORE_DATABASE", "TASKGUARD_DATASTORE_NAMESPACE", "MEMCACHE_SERVERS", "VALKEY_ADDR"} {

@@ -203,7 +203,7 @@ fi
 : "${MEMCACHE_SERVERS:=}"                        # host:port[,host:port...]
 : "${VALKEY_ADDR:=}"                             # host:port
 : "${TASKGUARD_WORKER_URL:=}"                    # empty: read from the deployed Worker
-: "${TASKGUARD_LEASE:=60s}"                      # lock lease; renewed while the holder runs
+: "${TASKGUARD_LEASE:=30s}"                      # lock lease (locking.DefaultLease); renewed every third of it
 : "${TASKGUARD_CLEANUP_GRACE:=1h}"               # CleanupLocks deletes locks expired longer ago than this
 
 # ---- derived values and checks --------------------------------------------------
