@@ -109,12 +109,13 @@ func (c command) arg(n, i int) string {
 }
 
 // shape identifies commands that exercise the same gcloud parsing: the same
-// command path and flags, with arguments of the same syntax (letters and digits
-// collapsed, punctuation kept: "tg-run@p.iam..." and "taskguard-tasks@q.iam..."
-// are alike; "^;^K=V;K=V" and "K=V,K=V" are not). gcloud takes 1-2 s per call,
-// so the offline check runs one command per shape.
+// command path and flags, with arguments of the same syntax (runs of letters,
+// digits and spaces collapsed, punctuation kept: "tg-run@p.iam..." and
+// "taskguard-tasks@q.iam..." are alike; "^;^K=V;K=V" and "K=V,K=V" are not),
+// repeated arguments of one syntax counted once. gcloud takes 1-4 s per call
+// on a busy machine, so the offline check runs one command per shape.
 func (c command) shape() string {
-	syntax := regexp.MustCompile(`[A-Za-z0-9]+`)
+	syntax := regexp.MustCompile(`[A-Za-z0-9 ]+`)
 	n := len(c)
 	for _, k := range knownCommands {
 		if c.is(k...) {
@@ -127,6 +128,7 @@ func (c command) shape() string {
 		rest = append(rest, syntax.ReplaceAllString(a, "x"))
 	}
 	slices.Sort(rest)
+	rest = slices.Compact(rest)
 	return strings.Join(append(parts, rest...), " ")
 }
 
@@ -1001,12 +1003,6 @@ var mutations = []mutation{
 		target: isCmd("functions", "deploy"),
 		change: replaceFlag("set-env-vars", "TASKGUARD_LEASE"),
 		stderr: "argument --set-env-vars",
-	},
-	{
-		name:   "scheduler HTTP method",
-		target: isCmd("scheduler", "jobs", "create", "http"),
-		change: replaceFlag("http-method", "FETCH"),
-		stderr: "Invalid choice",
 	},
 	{
 		name:   "VPC egress setting",
