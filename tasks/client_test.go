@@ -3,7 +3,9 @@ package tasks_test
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
+	"os"
 	"regexp"
 	"strings"
 	"testing"
@@ -19,8 +21,22 @@ import (
 	"github.com/taskguard/taskguard/tasks/taskstest"
 )
 
+// afterTests holds functions TestMain runs after every test, before it
+// checks for leaked goroutines (stopping shared emulators).
+var afterTests []func()
+
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
+	code := m.Run()
+	for _, f := range afterTests {
+		f()
+	}
+	if code == 0 {
+		if err := goleak.Find(); err != nil {
+			fmt.Fprintln(os.Stderr, "goleak:", err)
+			code = 1
+		}
+	}
+	os.Exit(code)
 }
 
 const (
