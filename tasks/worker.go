@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"math"
 	"net/http"
+	"regexp"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -108,6 +109,8 @@ type job struct {
 	lockOpts []locking.Option
 }
 
+var queueIDRE = regexp.MustCompile(`^[A-Za-z0-9\-]{1,100}$`)
+
 // A WorkerOption configures NewWorker.
 type WorkerOption func(*Worker) error
 
@@ -127,7 +130,7 @@ func WithLogger(l *slog.Logger) WorkerOption {
 func WithQueue(queue string) WorkerOption {
 	return func(w *Worker) error {
 		id := queue[strings.LastIndex(queue, "/")+1:]
-		if id == "" || (strings.Contains(queue, "/") && !queueRE.MatchString(queue)) {
+		if !queueIDRE.MatchString(id) || (strings.Contains(queue, "/") && !queueRE.MatchString(queue)) {
 			return fmt.Errorf("%w: queue %q", ErrInvalidConfig, queue)
 		}
 		w.queue = id
