@@ -72,7 +72,10 @@ type JobFunc func(ctx context.Context, d *Delivery) error
 //     holder. The job was not run and the handler did not wait: Retry-After
 //     is the holder's remaining lease, rounded up to whole seconds, at least
 //     1 s and at most the WithMaxRetryAfter cap, and Cloud Tasks retries
-//     then or after its own backoff, whichever is later. A job registered
+//     then or after its own backoff, whichever is later. Holders renew their
+//     lease every third of it, so the remaining lease is usually most of a
+//     lease and the cap decides; give the job a shorter lease
+//     (LockOptions(locking.Lease(d))) for prompter retries. A job registered
 //     with MaxWait waits that long first. Every 429 counts as an attempt, so
 //     give the queue enough max attempts or max retry duration.
 //   - 500 Internal Server Error: the job failed or panicked; retried.

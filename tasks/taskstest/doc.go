@@ -48,4 +48,13 @@
 //     task that got the answer waits.
 //   - Only HTTP targets. State lives in memory and is lost on Close.
 //   - The X-CloudTasks-TaskRetryReason values are the emulator's own words.
+//   - The size limit is 1 MB ([MaxTaskSize] = 1<<20 bytes of the encoded
+//     task), the limit documented for HTTP-target tasks; the API's comments
+//     still say 100 KB, an App Engine-era limit.
+//
+// # For tests
+//
+// [Server.WaitIdle] blocks until a queue has no task left, and
+// [Server.Attempts] (or [Options.OnAttempt]) reports every dispatch with the
+// headers sent, the answer, any Retry-After, and what the emulator did next.
 package taskstest
