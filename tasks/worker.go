@@ -77,7 +77,9 @@ type JobFunc func(ctx context.Context, d *Delivery) error
 //     lease and the cap decides; give the job a shorter lease
 //     (LockOptions(locking.Lease(d))) for prompter retries. A job registered
 //     with MaxWait waits that long first. Every 429 counts as an attempt, so
-//     give the queue enough max attempts or max retry duration.
+//     give the queue enough max attempts or max retry duration. A job that
+//     returns a *locking.NotAcquiredError (a lock it took itself was busy)
+//     gets the same answer, with that lock's remaining lease.
 //   - 500 Internal Server Error: the job failed or panicked; retried.
 //   - 503 Service Unavailable: the lock was lost while the job ran (the job's
 //     context was cancelled), the lock store failed, or the envelope has a

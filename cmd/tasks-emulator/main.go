@@ -43,6 +43,8 @@ func run() error {
 	addr := flag.String("addr", "127.0.0.1:8123", "gRPC listen address")
 	dedup := flag.Duration("dedup-window", taskstest.DefaultDedupWindow, "how long a finished or deleted task's name stays reserved")
 	auto := flag.Bool("auto-create-queues", false, "create a missing queue on CreateTask instead of answering NOT_FOUND")
+	minDeadline := flag.Duration("min-dispatch-deadline", 0, "shortest dispatch deadline a task may ask for (default 15s, the service's)")
+	maxRetryAfter := flag.Duration("max-retry-after", 0, "cap on how long a Retry-After answer delays a retry (default: honoured in full)")
 	verbose := flag.Bool("v", false, "log every attempt")
 	flag.Var(&queues, "queue", "create this queue (full name) at start with default settings; repeatable")
 	flag.Parse()
@@ -52,7 +54,14 @@ func run() error {
 		level = slog.LevelDebug
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
-	srv, err := taskstest.New(taskstest.Options{Addr: *addr, DedupWindow: *dedup, AutoCreateQueues: *auto, Logger: logger})
+	srv, err := taskstest.New(taskstest.Options{
+		Addr:                *addr,
+		DedupWindow:         *dedup,
+		AutoCreateQueues:    *auto,
+		MinDispatchDeadline: *minDeadline,
+		MaxRetryAfter:       *maxRetryAfter,
+		Logger:              logger,
+	})
 	if err != nil {
 		return err
 	}
