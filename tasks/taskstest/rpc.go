@@ -70,8 +70,10 @@ func (s *Server) GetQueue(_ context.Context, req *cloudtaskspb.GetQueueRequest) 
 	return proto.Clone(q.pb).(*cloudtaskspb.Queue), nil
 }
 
-// UpdateQueue creates the queue or replaces the settings named in the update
-// mask (every settable field when the mask is empty).
+// UpdateQueue creates the queue, or updates the rate limits and retry
+// settings named by the update mask ("rate_limits", "retry_config" or their
+// fields; all of them when the mask is empty). Only fields set in the request
+// change.
 func (s *Server) UpdateQueue(_ context.Context, req *cloudtaskspb.UpdateQueueRequest) (*cloudtaskspb.Queue, error) {
 	in := req.GetQueue()
 	s.mu.Lock()
@@ -87,12 +89,36 @@ func (s *Server) UpdateQueue(_ context.Context, req *cloudtaskspb.UpdateQueueReq
 	}
 	merged := proto.Clone(old.pb).(*cloudtaskspb.Queue)
 	paths := req.GetUpdateMask().GetPaths()
-	has := func(p string) bool { return len(paths) == 0 || slices.Contains(paths, p) }
-	if has("rate_limits") && in.RateLimits != nil {
-		merged.RateLimits = proto.Clone(in.RateLimits).(*cloudtaskspb.RateLimits)
+	has := func(field string) bool {
+		return len(paths) == 0 || slices.ContainsFunc(paths, func(p string) bool {
+			return p == field || strings.HasPrefix(p, field+".")
+		})
 	}
-	if has("retry_config") && in.RetryConfig != nil {
-		merged.RetryConfig = proto.Clone(in.RetryConfig).(*cloudtaskspb.RetryConfig)
+	if rl := in.GetRateLimits(); rl != nil && has("rate_limits") {
+		if rl.MaxDispatchesPerSecond != 0 {
+			merged.RateLimits.MaxDispatchesPerSecond = rl.MaxDispatchesPerSecond
+		}
+		if rl.MaxConcurrentDispatches != 0 {
+			merged.RateLimits.MaxConcurrentDispatches = rl.MaxConcurrentDispatches
+		}
+	}
+	if rc := in.GetRetryConfig(); rc != nil && has("retry_config") {
+		m := merged.RetryConfig
+		if rc.MaxAttempts != 0 {
+			m.MaxAttempts = rc.MaxAttempts
+		}
+		if rc.MaxRetryDuration != nil {
+			m.MaxRetryDuration = rc.MaxRetryDuration
+		}
+		if rc.MinBackoff != nil {
+			m.MinBackoff = rc.MinBackoff
+		}
+		if rc.MaxBackoff != nil {
+			m.MaxBackoff = rc.MaxBackoff
+		}
+		if rc.MaxDoublings != 0 {
+			m.MaxDoublings = rc.MaxDoublings
+		}
 	}
 	if err := applyQueueDefaults(merged); err != nil {
 		return nil, err

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/fieldmaskpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/taskguard/taskguard/tasks/taskstest"
@@ -683,5 +684,35 @@ func TestCloseCancelsDispatches(t *testing.T) {
 	}
 	if !cancelled.Load() {
 		t.Errorf("the request in flight was not cancelled")
+	}
+}
+
+func TestUpdateQueue(t *testing.T) {
+	e := newEnv(t, taskstest.Options{}, &cloudtaskspb.RateLimits{MaxConcurrentDispatches: 3}, fastRetry(7))
+	q, err := e.client.UpdateQueue(t.Context(), &cloudtaskspb.UpdateQueueRequest{
+		Queue: &cloudtaskspb.Queue{
+			Name:        queueName,
+			RateLimits:  &cloudtaskspb.RateLimits{MaxConcurrentDispatches: 9},
+			RetryConfig: &cloudtaskspb.RetryConfig{MaxAttempts: 2},
+		},
+		UpdateMask: &fieldmaskpb.FieldMask{Paths: []string{"rate_limits.max_concurrent_dispatches"}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := q.GetRateLimits().GetMaxConcurrentDispatches(); got != 9 {
+		t.Errorf("max concurrent dispatches %d, want 9", got)
+	}
+	if got := q.GetRetryConfig().GetMaxAttempts(); got != 7 {
+		t.Errorf("max attempts %d, want 7 (not in the mask)", got)
+	}
+	if got := q.GetRetryConfig().GetMinBackoff().AsDuration(); got != 10*time.Millisecond {
+		t.Errorf("min backoff %v, want the queue's 10ms", got)
+	}
+	_, err = e.client.UpdateQueue(t.Context(), &cloudtaskspb.UpdateQueueRequest{Queue: &cloudtaskspb.Queue{
+		Name: queueName, RateLimits: &cloudtaskspb.RateLimits{MaxDispatchesPerSecond: 501},
+	}})
+	if status.Code(err) != codes.InvalidArgument {
+		t.Errorf("501 dispatches/s: %v, want InvalidArgument", err)
 	}
 }
