@@ -391,6 +391,9 @@ func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, 
 	case err == nil:
 		log.Debug("tasks: job done")
 		rw.WriteHeader(StatusDone)
+	case errors.Is(err, locking.ErrLockLost):
+		log.Error("tasks: lock lost while the job ran; retrying", "error", err)
+		http.Error(rw, "lock lost", StatusRetry)
 	case errors.As(err, &busy):
 		// The task's own lock (not run) or a lock the job took inside (run).
 		secs := w.retryAfter(busy.Remaining)
@@ -398,9 +401,6 @@ func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, 
 			"remaining", busy.Remaining, "retry_after_s", secs, "job_ran", ran)
 		rw.Header().Set("Retry-After", strconv.Itoa(secs))
 		http.Error(rw, "lock held", StatusBusy)
-	case errors.Is(err, locking.ErrLockLost):
-		log.Error("tasks: lock lost while the job ran; retrying", "error", err)
-		http.Error(rw, "lock lost", StatusRetry)
 	case !ran:
 		// Acquire failed: the lock store, or the request's context.
 		log.Error("tasks: could not take the lock; retrying", "error", err)
