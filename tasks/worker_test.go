@@ -409,3 +409,33 @@ func TestWorkerLockLostCancelsJob(t *testing.T) {
 		t.Errorf("the job was cancelled only after %v", took)
 	}
 }
+
+// failingRelease wraps a backend whose Release fails with a store error.
+type failingRelease struct{ locking.Backend }
+
+func (failingRelease) Release(ctx context.Context, id, owner string) error {
+	return errors.New("injected: store unavailable")
+}
+
+// A job that finished is not run again because only the release failed: the
+// lock was not lost, and it expires with its lease.
+func TestWorkerReleaseFailureAfterSuccess(t *testing.T) {
+	locker := newLocker(t, failingRelease{memlock.New()}, 0)
+	logs := &logBuffer{}
+	w := newWorker(t, locker, logs)
+	w.Handle("j", func(ctx context.Context, d *tasks.Delivery) error { return nil })
+	w.Handle("bad", func(ctx context.Context, d *tasks.Delivery) error { return errors.New("boom") })
+	for _, tt := range []struct {
+		job, lock string
+		want      int
+	}{{"j", "r1", 204}, {"bad", "r2", 500}} {
+		rec := httptest.NewRecorder()
+		w.ServeHTTP(rec, delivery(envelopeBody(tt.job, tt.lock, nil)))
+		if rec.Code != tt.want {
+			t.Errorf("job %s: status %d, want %d", tt.job, rec.Code, tt.want)
+		}
+	}
+	if !strings.Contains(logs.String(), "releasing its lock failed") {
+		t.Errorf("no warning about the release; logs:\n%s", logs)
+	}
+}
