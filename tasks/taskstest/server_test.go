@@ -716,3 +716,66 @@ func TestUpdateQueue(t *testing.T) {
 		t.Errorf("501 dispatches/s: %v, want InvalidArgument", err)
 	}
 }
+
+// A task deleted while its attempt runs is not retried, whatever the answer.
+func TestDeleteWhileRunning(t *testing.T) {
+	started := make(chan struct{}, 1)
+	release := make(chan struct{})
+	ts := serve(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		started <- struct{}{}
+		<-release
+		w.WriteHeader(http.StatusInternalServerError)
+	}))
+	e := newEnv(t, taskstest.Options{}, nil, fastRetry(5))
+	tk := httpTask(ts.URL, "")
+	// No audience: the token's audience is the URL.
+	tk.GetHttpRequest().AuthorizationHeader = &cloudtaskspb.HttpRequest_OidcToken{OidcToken: &cloudtaskspb.OidcToken{ServiceAccountEmail: "sa@p"}}
+	created := e.create(t, tk)
+	<-started
+	if err := e.client.DeleteTask(t.Context(), &cloudtaskspb.DeleteTaskRequest{Name: created.Name}); err != nil {
+		t.Fatal(err)
+	}
+	close(release)
+	deadline := time.Now().Add(2 * time.Second)
+	for len(e.srv.Attempts()) == 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond) // room for a wrong retry (backoff 10ms)
+	atts := e.srv.Attempts()
+	if len(atts) != 1 || atts[0].Outcome != "deleted" || atts[0].Status != 500 {
+		t.Fatalf("attempts %+v, want one, deleted", atts)
+	}
+	claims, err := taskstest.DecodeToken(atts[0].Header.Get("Authorization"))
+	if err != nil || claims.Audience != ts.URL || claims.Email != "sa@p" {
+		t.Errorf("claims %+v, %v; want audience %s", claims, err, ts.URL)
+	}
+}
+
+func TestDeleteAndPurgeQueue(t *testing.T) {
+	e := newEnv(t, taskstest.Options{}, nil, nil)
+	later := timestamppb.New(time.Now().Add(time.Hour))
+	for _, id := range []string{"a", "b"} {
+		tk := httpTask("http://127.0.0.1:1/", "")
+		tk.Name = queueName + "/tasks/" + id
+		tk.ScheduleTime = later
+		e.create(t, tk)
+	}
+	if _, err := e.client.PurgeQueue(t.Context(), &cloudtaskspb.PurgeQueueRequest{Name: queueName}); err != nil {
+		t.Fatal(err)
+	}
+	e.waitIdle(t, time.Second)
+	tk := httpTask("http://127.0.0.1:1/", "")
+	tk.Name = queueName + "/tasks/a"
+	if _, err := e.client.CreateTask(t.Context(), &cloudtaskspb.CreateTaskRequest{Parent: queueName, Task: tk}); status.Code(err) != codes.AlreadyExists {
+		t.Errorf("name of a purged task: %v, want AlreadyExists", err)
+	}
+	if err := e.client.DeleteQueue(t.Context(), &cloudtaskspb.DeleteQueueRequest{Name: queueName}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.client.GetQueue(t.Context(), &cloudtaskspb.GetQueueRequest{Name: queueName}); status.Code(err) != codes.NotFound {
+		t.Errorf("GetQueue after delete: %v, want NotFound", err)
+	}
+	if _, err := e.client.CreateTask(t.Context(), &cloudtaskspb.CreateTaskRequest{Parent: queueName, Task: httpTask("http://127.0.0.1:1/", "")}); status.Code(err) != codes.NotFound {
+		t.Errorf("CreateTask in a deleted queue: %v, want NotFound", err)
+	}
+}
