@@ -34,6 +34,7 @@ const userAgent = "Google-Cloud-Tasks"
 type attemptInput struct {
 	q        *queue
 	t        *task
+	queue    string // q.pb.Name, read under Server.mu
 	req      *http.Request
 	deadline time.Duration
 	number   int
@@ -54,7 +55,7 @@ func (s *Server) startAttemptLocked(q *queue, t *task, now time.Time) {
 		t.pb.FirstAttempt = &cloudtaskspb.Attempt{DispatchTime: disp}
 	}
 	t.pb.DispatchCount = int32(t.dispatches)
-	in := attemptInput{q: q, t: t, deadline: t.deadline, number: t.dispatches, due: t.due}
+	in := attemptInput{q: q, t: t, queue: q.pb.Name, deadline: t.deadline, number: t.dispatches, due: t.due}
 	in.req = s.buildRequest(q, t)
 	s.wg.Add(1)
 	go s.attempt(in, now)
@@ -140,7 +141,7 @@ func (s *Server) attempt(in attemptInput, dispatched time.Time) {
 	ctx, cancel := context.WithTimeout(s.ctx, in.deadline)
 	defer cancel()
 	rec := Attempt{
-		Queue:      in.q.pb.Name,
+		Queue:      in.queue,
 		Task:       in.t.id,
 		Number:     in.number,
 		Scheduled:  in.due,
