@@ -225,6 +225,10 @@ func (w *Worker) Handle(name string, fn JobFunc, opts ...JobOption) {
 	w.jobs[name] = j
 }
 
+// Has reports whether a job called name is registered, so that an enqueuer
+// in the same binary can refuse a task no worker would run.
+func (w *Worker) Has(name string) bool { return w.job(name) != nil }
+
 func (w *Worker) job(name string) *job {
 	w.mu.RLock()
 	defer w.mu.RUnlock()
