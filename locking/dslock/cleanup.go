@@ -146,8 +146,8 @@ func (b *Backend) expiredKeys(ctx context.Context, cutoff time.Time, limit int, 
 		PartitionId: &pb.PartitionId{ProjectId: b.project, DatabaseId: b.database, NamespaceId: b.namespace},
 		QueryType:   &pb.RunQueryRequest_Query{Query: q},
 	}
-	res, err := read(ctx, b, "cleanup: query", func(ctx context.Context) (*pb.RunQueryResponse, error) {
-		return b.rpc.RunQuery(ctx, req)
+	res, err := read(ctx, b, "cleanup: query", func(ctx context.Context, c pb.DatastoreClient) (*pb.RunQueryResponse, error) {
+		return c.RunQuery(ctx, req)
 	})
 	if err != nil {
 		return nil, nil, false, err
@@ -233,8 +233,8 @@ func (b *Backend) lookupMany(ctx context.Context, keys []*pb.Key) (map[string]*p
 	found := make(map[string]*pb.EntityResult, len(keys))
 	var readTime time.Time
 	for len(keys) > 0 {
-		res, err := read(ctx, b, "cleanup: lookup", func(ctx context.Context) (*pb.LookupResponse, error) {
-			return b.rpc.Lookup(ctx, &pb.LookupRequest{ProjectId: b.project, DatabaseId: b.database, Keys: keys})
+		res, err := read(ctx, b, "cleanup: lookup", func(ctx context.Context, c pb.DatastoreClient) (*pb.LookupResponse, error) {
+			return c.Lookup(ctx, &pb.LookupRequest{ProjectId: b.project, DatabaseId: b.database, Keys: keys})
 		})
 		if err != nil {
 			return nil, time.Time{}, err

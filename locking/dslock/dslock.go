@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"os"
 	"strings"
+	"sync"
 	"time"
 	"unicode/utf8"
 
@@ -103,8 +104,12 @@ type Options struct {
 // Datastore (Firestore in Datastore mode). It is safe for concurrent use.
 // Close it when done if New dialed the connection.
 type Backend struct {
-	rpc       pb.DatastoreClient
-	closer    *grpc.ClientConn // dialed by New, closed by Close; nil when Options.Conn was given
+	// dial, when set, makes the connection on first use (Cloud Datastore
+	// with credentials, whose lookup may touch the network).
+	dial      func(context.Context) (*grpc.ClientConn, error)
+	mu        sync.Mutex
+	rpc       pb.DatastoreClient // set by New, or by the first call when dial is set; guarded by mu
+	closer    *grpc.ClientConn   // connection this Backend made, closed by Close; guarded by mu
 	project   string
 	database  string
 	namespace string
@@ -118,10 +123,9 @@ type Backend struct {
 
 var _ locking.Backend = (*Backend)(nil)
 
-// New returns a Backend configured by opts. It validates opts and, unless
-// opts.Conn is set, creates a gRPC connection; creating it does no network
-// I/O (the connection is made on first use), so New fails only on bad
-// options or credentials that cannot be found.
+// New returns a Backend configured by opts. It validates opts and does no
+// network I/O: connections are made on first use, and credentials for Cloud
+// Datastore are looked up then, so New fails only on bad options.
 func New(ctx context.Context, opts Options) (*Backend, error) {
 	b := &Backend{
 		project:   opts.ProjectID,
@@ -167,36 +171,58 @@ func New(ctx context.Context, opts Options) (*Backend, error) {
 	}
 	b.md = []string{"google-cloud-resource-prefix", prefix, "x-goog-request-params", params}
 
-	conn := opts.Conn
-	if conn == nil {
-		var cc *grpc.ClientConn
-		var err error
-		if host := os.Getenv("DATASTORE_EMULATOR_HOST"); host != "" {
-			host = strings.TrimPrefix(strings.TrimPrefix(host, "http://"), "https://")
-			cc, err = grpc.NewClient("passthrough:///"+host, grpc.WithTransportCredentials(insecure.NewCredentials()))
-		} else {
-			o := append([]option.ClientOption{
-				option.WithEndpoint(defaultEndpoint),
-				option.WithScopes(ScopeDatastore),
-			}, opts.ClientOptions...)
-			cc, err = gtransport.Dial(ctx, o...)
-		}
+	switch host := os.Getenv("DATASTORE_EMULATOR_HOST"); {
+	case opts.Conn != nil:
+		b.rpc = pb.NewDatastoreClient(opts.Conn)
+	case host != "":
+		host = strings.TrimPrefix(strings.TrimPrefix(host, "http://"), "https://")
+		cc, err := grpc.NewClient("passthrough:///"+host, grpc.WithTransportCredentials(insecure.NewCredentials()))
 		if err != nil {
-			return nil, fmt.Errorf("dslock: dialing datastore: %w", err)
+			return nil, fmt.Errorf("dslock: dialing the emulator at %s: %w", host, err)
 		}
-		b.closer, conn = cc, cc
+		b.closer, b.rpc = cc, pb.NewDatastoreClient(cc)
+	default:
+		o := append([]option.ClientOption{
+			option.WithEndpoint(defaultEndpoint),
+			option.WithScopes(ScopeDatastore),
+		}, opts.ClientOptions...)
+		b.dial = func(ctx context.Context) (*grpc.ClientConn, error) { return gtransport.Dial(ctx, o...) }
 	}
-	b.rpc = pb.NewDatastoreClient(conn)
 	return b, nil
 }
 
-// Close closes the connection New dialed; it does nothing when Options.Conn
-// was given. Calls after Close fail.
+// client returns the Datastore client, dialing on first use when needed.
+func (b *Backend) client(ctx context.Context) (pb.DatastoreClient, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.rpc == nil {
+		if b.dial == nil {
+			return nil, errClosed
+		}
+		cc, err := b.dial(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("dslock: dialing datastore: %w", err)
+		}
+		b.closer, b.rpc = cc, pb.NewDatastoreClient(cc)
+	}
+	return b.rpc, nil
+}
+
+// errClosed is returned by calls on a closed Backend.
+var errClosed = errors.New("dslock: backend closed")
+
+// Close closes the connection the Backend made; it does not close
+// Options.Conn. Calls after Close fail.
 func (b *Backend) Close() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.rpc, b.dial = nil, nil
 	if b.closer == nil {
 		return nil
 	}
-	return b.closer.Close()
+	cc := b.closer
+	b.closer = nil
+	return cc.Close()
 }
 
 // Kind reports the entity kind the Backend stores locks under.

@@ -66,11 +66,15 @@ func ctxErr(ctx context.Context, op string) error {
 
 // read runs a read-only RPC with per-attempt timeouts, retrying transient
 // failures with backoff until ctx ends. Reads are always safe to repeat.
-func read[T any](ctx context.Context, b *Backend, op string, call func(context.Context) (T, error)) (T, error) {
+func read[T any](ctx context.Context, b *Backend, op string, call func(context.Context, pb.DatastoreClient) (T, error)) (T, error) {
 	var zero T
+	c, err := b.client(ctx)
+	if err != nil {
+		return zero, err
+	}
 	for n := 0; ; n++ {
 		actx, cancel := context.WithTimeout(b.outgoing(ctx), b.timeout)
-		res, err := call(actx)
+		res, err := call(actx, c)
 		cancel()
 		if err == nil {
 			return res, nil
@@ -101,9 +105,13 @@ func (b *Backend) commit(ctx context.Context, op string, muts ...*pb.Mutation) (
 		Mode:       pb.CommitRequest_NON_TRANSACTIONAL,
 		Mutations:  muts,
 	}
+	client, err := b.client(ctx)
+	if err != nil {
+		return nil, err
+	}
 	for n := 0; ; n++ {
 		actx, cancel := context.WithTimeout(b.outgoing(ctx), b.timeout)
-		res, err := b.rpc.Commit(actx, req)
+		res, err := client.Commit(actx, req)
 		cancel()
 		if err == nil {
 			return res, nil
@@ -127,8 +135,8 @@ func (b *Backend) commit(ctx context.Context, op string, muts ...*pb.Mutation) (
 // lookup reads the entity at k. found is false when it does not exist.
 // readTime is the server's time of the read, zero when the server gives none.
 func (b *Backend) lookup(ctx context.Context, op string, k *pb.Key) (rec record, found bool, readTime time.Time, err error) {
-	res, err := read(ctx, b, op, func(ctx context.Context) (*pb.LookupResponse, error) {
-		return b.rpc.Lookup(ctx, &pb.LookupRequest{ProjectId: b.project, DatabaseId: b.database, Keys: []*pb.Key{k}})
+	res, err := read(ctx, b, op, func(ctx context.Context, c pb.DatastoreClient) (*pb.LookupResponse, error) {
+		return c.Lookup(ctx, &pb.LookupRequest{ProjectId: b.project, DatabaseId: b.database, Keys: []*pb.Key{k}})
 	})
 	if err != nil {
 		return record{}, false, time.Time{}, err
