@@ -76,6 +76,10 @@ var ErrNotInstalled = errors.New("dstest: emulator not installed")
 // StartTimeout bounds how long Start waits for a launched emulator to answer.
 var StartTimeout = 90 * time.Second
 
+// httpClient keeps no idle connections, so tests that check for leaked
+// goroutines see none of ours.
+var httpClient = &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+
 // Emulator is a running emulator.
 type Emulator struct {
 	// Mode is which emulator this is.
@@ -173,7 +177,7 @@ func (e *Emulator) Reset(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	res, err := http.DefaultClient.Do(req)
+	res, err := httpClient.Do(req)
 	if err != nil {
 		return fmt.Errorf("dstest: reset %s emulator: %w", e.Mode, err)
 	}
@@ -372,7 +376,6 @@ func launch(ctx context.Context, m Mode, java string, args []string, port int) (
 
 // waitReady polls GET / until it answers "Ok", exited is closed, or ctx ends.
 func waitReady(ctx context.Context, host string, exited <-chan struct{}) error {
-	client := &http.Client{Timeout: 2 * time.Second}
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -380,7 +383,7 @@ func waitReady(ctx context.Context, host string, exited <-chan struct{}) error {
 		if err != nil {
 			return err
 		}
-		if res, err := client.Do(req); err == nil {
+		if res, err := httpClient.Do(req); err == nil {
 			body, _ := io.ReadAll(io.LimitReader(res.Body, 64))
 			res.Body.Close()
 			if res.StatusCode == http.StatusOK && bytes.HasPrefix(bytes.TrimSpace(body), []byte("Ok")) {
