@@ -271,7 +271,7 @@ func (r record) fencing() uint64 {
 func (b *Backend) entity(k *pb.Key, id, owner string, lease time.Duration, token uint64) *pb.Entity {
 	now := b.now()
 	props := map[string]*pb.Value{
-		propID:        {ValueType: &pb.Value_StringValue{StringValue: truncate(id, maxIDBytes)}, ExcludeFromIndexes: true},
+		propID:        {ValueType: &pb.Value_StringValue{StringValue: readable(id)}, ExcludeFromIndexes: true},
 		propOwner:     {ValueType: &pb.Value_StringValue{StringValue: owner}, ExcludeFromIndexes: true},
 		propExpiresAt: {ValueType: &pb.Value_TimestampValue{TimestampValue: timestamppb.New(now.Add(lease))}},
 		propRenewedAt: {ValueType: &pb.Value_TimestampValue{TimestampValue: timestamppb.New(now)}, ExcludeFromIndexes: true},
@@ -316,16 +316,16 @@ func serverTime(ts *timestamppb.Timestamp) time.Time {
 	return ts.AsTime()
 }
 
-func truncate(s string, n int) string {
-	if len(s) <= n {
+// readable returns the id as stored for people to read: invalid UTF-8
+// replaced (Datastore strings must be UTF-8; the key hashes the raw bytes),
+// cut to maxIDBytes on a rune boundary.
+func readable(id string) string {
+	s := strings.ToValidUTF8(id, "\uFFFD")
+	if len(s) <= maxIDBytes {
 		return s
 	}
-	s = s[:n]
-	for len(s) > 0 {
-		r, size := utf8.DecodeLastRuneInString(s)
-		if r != utf8.RuneError || size != 1 {
-			break
-		}
+	s = s[:maxIDBytes]
+	for len(s) > 0 && !utf8.ValidString(s) {
 		s = s[:len(s)-1]
 	}
 	return s

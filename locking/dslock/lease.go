@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"unicode/utf8"
 
 	pb "cloud.google.com/go/datastore/apiv1/datastorepb"
 	"google.golang.org/grpc/codes"
@@ -25,8 +26,8 @@ func validate(id, owner string, lease bool, r locking.Request) error {
 	switch {
 	case id == "":
 		return fmt.Errorf("dslock: %w: empty id", locking.ErrInvalid)
-	case owner == "":
-		return fmt.Errorf("dslock: %w: empty owner", locking.ErrInvalid)
+	case owner == "" || !utf8.ValidString(owner):
+		return fmt.Errorf("dslock: %w: owner %q is empty or not UTF-8", locking.ErrInvalid, owner)
 	case lease && r.Lease <= 0:
 		return fmt.Errorf("dslock: %w: lease %v <= 0", locking.ErrInvalid, r.Lease)
 	case r.StealAfter < 0:
@@ -63,6 +64,7 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 	create := !b.hints.expectHeld(name)
 	unsure := false   // a write of ours may have applied unseen
 	tookOver := false // that write was a takeover
+	var lastErr error // why the last write failed, if it did not conflict
 	for writes := 0; ; writes++ {
 		if create {
 			res, err := b.commit(ctx, "acquire", &pb.Mutation{Operation: &pb.Mutation_Insert{Insert: b.entity(k, r.ID, r.Owner, r.Lease, 0)}})
@@ -71,7 +73,7 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 				b.hints.forget(name)
 				return locking.Grant{Acquired: true, Token: version(res)}, nil
 			case errors.Is(err, errAmbiguous):
-				unsure = true
+				unsure, lastErr = true, err
 			case status.Code(err) == codes.AlreadyExists:
 			default:
 				return locking.Grant{}, b.abandon(ctx, k, r.Owner, unsure, err)
@@ -90,7 +92,8 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 		}
 		if !found {
 			if writes >= maxWrites {
-				return locking.Grant{}, nil
+				// Free, yet every create failed: a fault, not contention.
+				return locking.Grant{}, fmt.Errorf("dslock: acquire %q: lock is free but could not be created: %w", r.ID, lastErr)
 			}
 			create = true
 			continue
@@ -107,7 +110,7 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 			b.hints.forget(name)
 			return locking.Grant{Acquired: true, Token: version(res), TookOver: true}, nil
 		case errors.Is(err, errAmbiguous):
-			unsure, tookOver = true, true
+			unsure, tookOver, lastErr = true, true, err
 		case conflict(err):
 			// Another writer changed or deleted the entity since our read:
 			// read again and judge afresh.
