@@ -92,7 +92,10 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 		}
 		if !found {
 			if writes >= maxWrites {
-				// Free, yet every create failed: a fault, not contention.
+				if lastErr == nil { // others keep creating and deleting it
+					return locking.Grant{}, nil
+				}
+				// Free, yet creates keep failing: a fault, not contention.
 				return locking.Grant{}, fmt.Errorf("dslock: acquire %q: lock is free but could not be created: %w", r.ID, lastErr)
 			}
 			create = true
