@@ -279,10 +279,11 @@ func detect(ctx context.Context, host, project string) (Mode, error) {
 func command(m Mode) (string, func(port int) []string, error) {
 	java := os.Getenv("JAVA")
 	if java == "" {
-		var err error
-		if java, err = exec.LookPath("java"); err != nil {
-			return "", nil, fmt.Errorf("%w: no java on PATH", ErrNotInstalled)
-		}
+		java = "java"
+	}
+	java, err := exec.LookPath(java)
+	if err != nil {
+		return "", nil, fmt.Errorf("%w: java: %w", ErrNotInstalled, err)
 	}
 	rel := map[Mode]string{
 		Legacy:    "platform/cloud-datastore-emulator/CloudDatastore.jar",
