@@ -1,7 +1,10 @@
 package dslock
 
 import (
+	"context"
+	"errors"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -72,6 +75,42 @@ func TestRPCBudget(t *testing.T) {
 		t.Logf("%-32s %d RPC: %v", "take over after polling", len(got), got)
 		if want := []string{"Lookup", "Commit"}; !slices.Equal(got, want) {
 			t.Errorf("takeover after polling: RPCs %v; want %v", got, want)
+		}
+	})
+}
+
+// countingBackend counts Acquire calls reaching the backend.
+type countingBackend struct {
+	*Backend
+	acquires atomic.Int64
+}
+
+func (c *countingBackend) Acquire(ctx context.Context, r locking.Request) (locking.Grant, error) {
+	c.acquires.Add(1)
+	return c.Backend.Acquire(ctx, r)
+}
+
+// TestPollBudgetThroughClient waits for a held lock through locking.Client
+// and checks that its polls cost one RPC each (plus one for the first try,
+// which finds the lock held by creating).
+func TestPollBudgetThroughClient(t *testing.T) {
+	eachEmulator(t, func(t *testing.T, e *dstest.Emulator) {
+		holder := newBackend(t, e, Options{})
+		var log rpcLog
+		cb := &countingBackend{Backend: newBackend(t, e, Options{}, log.intercept)}
+		c, err := locking.New(locking.Config{Strong: cb, MinBackoff: 20 * time.Millisecond, MaxBackoff: 40 * time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustAcquire(t, holder, req("polled", time.Minute))
+		_, err = c.Acquire(t.Context(), "polled", locking.MaxWait(400*time.Millisecond))
+		if !errors.Is(err, locking.ErrNotAcquired) {
+			t.Fatalf("Acquire = %v; want ErrNotAcquired", err)
+		}
+		tries, rpcs := cb.acquires.Load(), len(log.take())
+		t.Logf("%d tries of a held lock: %d RPCs", tries, rpcs)
+		if tries < 3 || int64(rpcs) != tries+1 {
+			t.Errorf("%d tries cost %d RPCs; want tries+1", tries, rpcs)
 		}
 	})
 }

@@ -59,6 +59,9 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 	if err := validate(r.ID, r.Owner, true, r); err != nil {
 		return locking.Grant{}, err
 	}
+	if ctx.Err() != nil {
+		return locking.Grant{}, ctxErr(ctx, "acquire")
+	}
 	k := b.key(r.ID)
 	name := k.GetPath()[0].GetName()
 	create := !b.hints.expectHeld(name)
@@ -156,6 +159,9 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 	if err := validate(r.ID, r.Owner, true, r); err != nil {
 		return locking.Grant{}, err
 	}
+	if ctx.Err() != nil {
+		return locking.Grant{}, ctxErr(ctx, "renew")
+	}
 	k := b.key(r.ID)
 	for writes := 0; ; writes++ {
 		rec, found, _, err := b.lookup(ctx, "renew", k)
@@ -193,6 +199,9 @@ func (b *Backend) Release(ctx context.Context, id, owner string) error {
 	if err := validate(id, owner, false, locking.Request{}); err != nil {
 		return err
 	}
+	if ctx.Err() != nil {
+		return ctxErr(ctx, "release")
+	}
 	k := b.key(id)
 	unsure := false
 	for writes := 0; ; writes++ {
@@ -212,6 +221,7 @@ func (b *Backend) Release(ctx context.Context, id, owner string) error {
 		_, err = b.commit(ctx, "release", conditional(&pb.Mutation{Operation: &pb.Mutation_Delete{Delete: k}}, rec.version))
 		switch {
 		case err == nil:
+			b.hints.forget(k.GetPath()[0].GetName())
 			return nil
 		case errors.Is(err, errAmbiguous):
 			unsure = true
