@@ -3,6 +3,7 @@ package dstest_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"syscall"
 	"testing"
@@ -130,5 +131,44 @@ func TestNotInstalled(t *testing.T) {
 	}
 	if !errors.Is(err, dstest.ErrNotInstalled) {
 		t.Errorf("Start = %v; want ErrNotInstalled", err)
+	}
+}
+
+// recorder is a testing.TB that records Skipf and Fatalf instead of ending
+// the goroutine.
+type recorder struct {
+	testing.TB
+	skipped, failed bool
+}
+
+func (r *recorder) Helper()               {}
+func (r *recorder) Skipf(string, ...any)  { r.skipped = true }
+func (r *recorder) Fatalf(string, ...any) { r.failed = true }
+
+// TestRequire: a missing emulator skips locally and fails with CI=true;
+// other errors always fail.
+func TestRequire(t *testing.T) {
+	missing := fmt.Errorf("%w: no java", dstest.ErrNotInstalled)
+	cases := []struct {
+		name       string
+		err        error
+		ci         string
+		skip, fail bool
+	}{
+		{"no error", nil, "", false, false},
+		{"missing, local", missing, "", true, false},
+		{"missing, CI", missing, "true", false, true},
+		{"broken", errors.New("did not become ready"), "", false, true},
+		{"broken, CI", errors.New("did not become ready"), "true", false, true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Setenv("CI", tc.ci)
+			r := &recorder{TB: t}
+			dstest.Require(r, tc.err)
+			if r.skipped != tc.skip || r.failed != tc.fail {
+				t.Errorf("skipped=%v failed=%v; want %v %v", r.skipped, r.failed, tc.skip, tc.fail)
+			}
+		})
 	}
 }
