@@ -106,7 +106,7 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 		}
 		a := b.judge(rec, readTime)
 		stealable := r.StealAfter > 0 && a.since >= r.StealAfter
-		if a.remaining > 0 && !stealable || writes >= maxWrites {
+		if (a.remaining > 0 && !stealable) || writes >= maxWrites {
 			b.hints.held(name, a.remaining)
 			return locking.Grant{Remaining: max(a.remaining, 0)}, nil
 		}
