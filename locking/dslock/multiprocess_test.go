@@ -50,7 +50,11 @@ func TestMultiProcess(t *testing.T) {
 	if testing.Short() {
 		t.Skip("multi-process test skipped in -short mode")
 	}
-	const workers, rounds = 2, 12
+	const workers = 2
+	rounds := 12
+	if n, err := strconv.Atoi(os.Getenv("DSLOCK_SOAK_ROUNDS")); err == nil && n > 0 {
+		rounds = n // a longer soak: DSLOCK_SOAK_ROUNDS=500 go test -run TestMultiProcess
+	}
 	eachEmulator(t, func(t *testing.T, e *dstest.Emulator) {
 		id := "multiprocess-" + e.Mode.String()
 		outs := make([]bytes.Buffer, workers)
