@@ -372,7 +372,64 @@ func launch(ctx context.Context, m Mode, java string, args []string, port int) (
 		_ = e.Close()
 		return nil, fmt.Errorf("dstest: the %s emulator (pid %d) did not become ready: %w\n%s", m, cmd.Process.Pid, err, tail(log, 2000))
 	}
+	if err := e.warm(wctx); err != nil {
+		_ = e.Close()
+		return nil, fmt.Errorf("dstest: warming up the %s emulator: %w", m, err)
+	}
 	return e, nil
+}
+
+// warm sends a few rounds of writes, reads and queries from several
+// goroutines and then resets: a fresh JVM answers its first requests
+// hundreds of milliseconds late (class loading, JIT), which would
+// otherwise land on the first test's timings.
+func (e *Emulator) warm(ctx context.Context) error {
+	cc, err := e.Dial()
+	if err != nil {
+		return err
+	}
+	defer cc.Close()
+	c := pb.NewDatastoreClient(cc)
+	const workers, rounds = 4, 15
+	errs := make(chan error, workers)
+	for w := range workers {
+		go func() {
+			errs <- func() error {
+				for i := range rounds {
+					k := &pb.Key{PartitionId: &pb.PartitionId{ProjectId: e.ProjectID}, Path: []*pb.Key_PathElement{{Kind: "DstestWarmup", IdType: &pb.Key_PathElement_Name{Name: fmt.Sprintf("%d-%d", w, i)}}}}
+					ent := &pb.Entity{Key: k, Properties: map[string]*pb.Value{"t": {ValueType: &pb.Value_IntegerValue{IntegerValue: int64(i)}}}}
+					res, err := c.Commit(ctx, &pb.CommitRequest{ProjectId: e.ProjectID, Mode: pb.CommitRequest_NON_TRANSACTIONAL, Mutations: []*pb.Mutation{{Operation: &pb.Mutation_Insert{Insert: ent}}}})
+					if err != nil {
+						return err
+					}
+					if _, err := c.Lookup(ctx, &pb.LookupRequest{ProjectId: e.ProjectID, Keys: []*pb.Key{k}}); err != nil {
+						return err
+					}
+					q := &pb.Query{Kind: []*pb.KindExpression{{Name: "DstestWarmup"}}, Filter: &pb.Filter{FilterType: &pb.Filter_PropertyFilter{PropertyFilter: &pb.PropertyFilter{
+						Property: &pb.PropertyReference{Name: "t"}, Op: pb.PropertyFilter_LESS_THAN, Value: &pb.Value{ValueType: &pb.Value_IntegerValue{IntegerValue: 5}}}}}}
+					if _, err := c.RunQuery(ctx, &pb.RunQueryRequest{ProjectId: e.ProjectID, PartitionId: k.PartitionId, QueryType: &pb.RunQueryRequest_Query{Query: q}}); err != nil {
+						return err
+					}
+					del := &pb.Mutation{Operation: &pb.Mutation_Delete{Delete: k},
+						ConflictDetectionStrategy: &pb.Mutation_BaseVersion{BaseVersion: res.GetMutationResults()[0].GetVersion()}, ConflictResolutionStrategy: pb.Mutation_FAIL}
+					if _, err := c.Commit(ctx, &pb.CommitRequest{ProjectId: e.ProjectID, Mode: pb.CommitRequest_NON_TRANSACTIONAL, Mutations: []*pb.Mutation{del}}); err != nil {
+						return err
+					}
+				}
+				return nil
+			}()
+		}()
+	}
+	var first error
+	for range workers {
+		if err := <-errs; err != nil && first == nil {
+			first = err
+		}
+	}
+	if first != nil {
+		return first
+	}
+	return e.Reset(ctx)
 }
 
 // waitReady polls GET / until it answers "Ok", exited is closed, or ctx ends.
