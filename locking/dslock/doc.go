@@ -100,8 +100,10 @@
 // each page back, judges each lease as Acquire does, and deletes the expired
 // ones with deletes conditional on the version read, so a lock renewed or
 // re-acquired in between survives. It stops when its ctx ends and resumes on
-// the next run; it is idempotent; DryRun only counts. Run it from a scheduled
-// function, daily or hourly.
+// the next run; it is idempotent; DryRun only counts. Each page costs three
+// RPCs (query, lookup, commit) and holds up to 500 keys (the legacy emulator
+// returns at most 300 per query batch). Run it from a scheduled function,
+// daily or hourly.
 //
 // A Datastore TTL policy may collect expired entities as well (deletion
 // happens typically within 24 hours after expiresAt, so it is garbage

@@ -10,6 +10,11 @@
 //     concurrency like new production databases; versions are commit times in
 //     microseconds; it returns real read, update and commit times.
 //
+// A launched emulator is warmed up before Start returns (a few rounds of
+// writes, reads and queries, then a reset): a fresh JVM answers its first
+// requests hundreds of milliseconds late, which would otherwise distort the
+// first test's timings.
+//
 // Start launches java directly on the emulator's jar (not through gcloud,
 // whose wrapper would leave the java process without a handle), so Close
 // stops exactly the process it started, by its pid. The jars are found under
@@ -73,8 +78,9 @@ const ProjectID = "dstest"
 // Require).
 var ErrNotInstalled = errors.New("dstest: emulator not installed")
 
-// StartTimeout bounds how long Start waits for a launched emulator to answer.
-var StartTimeout = 90 * time.Second
+// StartTimeout bounds how long New waits for a launched emulator to answer;
+// callers of Start pass their own context.
+const StartTimeout = 90 * time.Second
 
 // httpClient keeps no idle connections, so tests that check for leaked
 // goroutines see none of ours.
@@ -138,8 +144,9 @@ func Start(ctx context.Context, m Mode) (*Emulator, error) {
 	return nil, lastErr
 }
 
-// New starts an emulator for one test (or one TestMain through Start) and
-// stops it in t.Cleanup. It calls Require when the emulator is not installed.
+// New starts an emulator for the test t and stops it in t.Cleanup; it calls
+// Require when the emulator cannot be started. To share one emulator among
+// the tests of a package, call Start from TestMain instead.
 func New(t testing.TB, m Mode) *Emulator {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), StartTimeout)
