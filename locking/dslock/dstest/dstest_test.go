@@ -91,16 +91,16 @@ func TestStartResetClose(t *testing.T) {
 			for _, env := range []string{map[dstest.Mode]string{dstest.Legacy: "DSTEST_DATASTORE_HOST", dstest.Firestore: "DSTEST_FIRESTORE_HOST"}[m], "DATASTORE_EMULATOR_HOST"} {
 				t.Run("reuse via "+env, func(t *testing.T) {
 					t.Setenv(env, e.Host)
-					r, err := dstest.Start(t.Context(), m)
-					if err != nil {
-						t.Fatal(err)
-					}
-					if !r.Reused() || r.Host != e.Host || r.Close() != nil {
+					r := dstest.New(t, m) // reused: its t.Cleanup must leave it running
+					if !r.Reused() || r.Host != e.Host || r.PID() != 0 || r.Close() != nil {
 						t.Errorf("Start with %s set: reused=%v host=%s; want %s reused", env, r.Reused(), r.Host, e.Host)
 					}
 				})
 			}
 
+			if found, _ := exists(t, e, true); !found {
+				t.Fatal("emulator not serving after a reusing test ended")
+			}
 			pid := e.PID()
 			if err := e.Close(); err != nil {
 				t.Fatal(err)
