@@ -8,6 +8,8 @@ import (
 	"time"
 
 	pb "cloud.google.com/go/datastore/apiv1/datastorepb"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/locking/dslock/dstest"
@@ -39,7 +41,9 @@ func insertStale(t *testing.T, b *Backend, prefix string, n int) {
 func TestCleanup(t *testing.T) {
 	eachEmulator(t, func(t *testing.T, e *dstest.Emulator) {
 		t.Run("expired deleted, live kept, dry run deletes nothing", func(t *testing.T) {
-			e.Reset(t.Context())
+			if err := e.Reset(t.Context()); err != nil {
+				t.Fatal(err)
+			}
 			b := newBackend(t, e, Options{})
 			live := req("live", time.Minute)
 			mustAcquire(t, b, live)
@@ -76,7 +80,9 @@ func TestCleanup(t *testing.T) {
 		})
 
 		t.Run("expired but within grace kept", func(t *testing.T) {
-			e.Reset(t.Context())
+			if err := e.Reset(t.Context()); err != nil {
+				t.Fatal(err)
+			}
 			b := newBackend(t, e, Options{})
 			insertStale(t, b, "recent", 3)
 			time.Sleep(staleWait)
@@ -87,7 +93,9 @@ func TestCleanup(t *testing.T) {
 		})
 
 		t.Run("renewed or re-acquired during cleanup survive", func(t *testing.T) {
-			e.Reset(t.Context())
+			if err := e.Reset(t.Context()); err != nil {
+				t.Fatal(err)
+			}
 			var log rpcLog
 			cleaner := newBackend(t, e, Options{}, log.intercept)
 			other := newBackend(t, e, Options{})
@@ -138,7 +146,9 @@ func TestCleanup(t *testing.T) {
 		})
 
 		t.Run("more than 1000 in one run", func(t *testing.T) {
-			e.Reset(t.Context())
+			if err := e.Reset(t.Context()); err != nil {
+				t.Fatal(err)
+			}
 			var log rpcLog
 			b := newBackend(t, e, Options{}, log.intercept)
 			const n = 1234
@@ -162,7 +172,9 @@ func TestCleanup(t *testing.T) {
 		})
 
 		t.Run("bounded by ctx, resumes next run", func(t *testing.T) {
-			e.Reset(t.Context())
+			if err := e.Reset(t.Context()); err != nil {
+				t.Fatal(err)
+			}
 			var log rpcLog
 			b := newBackend(t, e, Options{}, log.intercept)
 			const n = 1100
@@ -191,6 +203,30 @@ func TestCleanup(t *testing.T) {
 			if err != nil || !rest.Finished || rep.Deleted+rest.Deleted != n {
 				t.Errorf("next run %+v, %v; want the remaining %d deleted", rest, err, n-rep.Deleted)
 			}
+		})
+
+		t.Run("errors counted, transient ones retried", func(t *testing.T) {
+			if err := e.Reset(t.Context()); err != nil {
+				t.Fatal(err)
+			}
+			var log rpcLog
+			b := newBackend(t, e, Options{}, log.intercept)
+			insertStale(t, b, "faulty", 7)
+			time.Sleep(staleWait)
+			log.setHook(failFirst("Commit", 1, codes.PermissionDenied))
+			rep, err := b.Cleanup(t.Context(), CleanupOptions{Grace: testGrace})
+			if status.Code(err) != codes.PermissionDenied || rep.Errors != 7 || rep.Deleted != 0 || !rep.Finished {
+				t.Errorf("Cleanup with a refused delete = %+v, %v; want 7 errors, PermissionDenied, finished", rep, err)
+			}
+			if n := countKind(t, b); n != 7 {
+				t.Errorf("%d entities after a failed delete; want 7", n)
+			}
+			log.setHook(failFirst("Commit", 2, codes.Aborted))
+			rep, err = b.Cleanup(t.Context(), CleanupOptions{Grace: testGrace})
+			if err != nil || rep.Deleted != 7 || rep.Errors != 0 {
+				t.Errorf("Cleanup through transient aborts = %+v, %v; want all 7 deleted", rep, err)
+			}
+			log.setHook(nil)
 		})
 
 		t.Run("bad options", func(t *testing.T) {
