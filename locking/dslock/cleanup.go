@@ -1,0 +1,253 @@
+package dslock
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	pb "cloud.google.com/go/datastore/apiv1/datastorepb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+)
+
+// DefaultCleanupGrace is how long past the end of its lease a lock entity is
+// kept when CleanupOptions.Grace is zero.
+const DefaultCleanupGrace = 15 * time.Minute
+
+// MaxCleanupBatch is the largest CleanupOptions.BatchSize: Datastore commits
+// take at most 500 mutations.
+const MaxCleanupBatch = 500
+
+// cleanupRetries bounds how often one batch is re-read and re-committed when
+// some of its entities change under the conditional delete.
+const cleanupRetries = 3
+
+// CleanupOptions configure one Cleanup run.
+type CleanupOptions struct {
+	// Grace is how long after its lease ended an entity must have stayed
+	// unrenewed before it is deleted; zero means DefaultCleanupGrace.
+	Grace time.Duration
+	// DryRun counts what would be deleted and deletes nothing.
+	DryRun bool
+	// BatchSize is how many keys one query page, lookup and commit handle;
+	// zero means MaxCleanupBatch.
+	BatchSize int
+}
+
+// Report says what one Cleanup run did.
+type Report struct {
+	// Scanned is how many keys the expiry query returned.
+	Scanned int
+	// Expired is how many of those were, when read back, past their lease
+	// by more than the grace period (what a dry run would delete).
+	Expired int
+	// Deleted is how many entities were deleted.
+	Deleted int
+	// Skipped is how many scanned entities were left in place: renewed,
+	// re-acquired or released since the query, or not yet expired by the
+	// authoritative clock.
+	Skipped int
+	// Errors is how many expired entities could not be deleted because of
+	// errors (see the error Cleanup returned).
+	Errors int
+	// Elapsed is the run's wall time.
+	Elapsed time.Duration
+	// Finished reports that the query was run to its end; false when ctx
+	// ended first (the next run continues, as deleted entities no longer
+	// match).
+	Finished bool
+	// DryRun echoes CleanupOptions.DryRun.
+	DryRun bool
+}
+
+// Cleanup deletes lock entities whose lease ended more than opts.Grace ago,
+// page by page: a keys-only query on the indexed expiresAt property finds
+// candidates (expiresAt is written from the writer's clock), a lookup of each
+// page reads them back, the lease is judged as Acquire judges it (on server
+// times where the server gives them) plus the grace period, and the expired
+// ones are deleted in one commit per page, each delete conditional on the
+// version just read. An entity renewed, re-acquired or released after the
+// read makes the conditional commit fail as a whole; the page is then read
+// and judged again, so such an entity survives and the others are deleted.
+// A live lease is never deleted.
+//
+// Cleanup is idempotent and safe to run from several places at once. It
+// stops when ctx ends and returns the Report so far (Finished false) with an
+// error wrapping ctx's error; a later run resumes, since deleted entities no
+// longer match the query. Errors on single pages are counted in the Report
+// and returned joined after the run; transient RPC errors are retried inside
+// ctx.
+func (b *Backend) Cleanup(ctx context.Context, opts CleanupOptions) (Report, error) {
+	start := time.Now()
+	rep := Report{DryRun: opts.DryRun}
+	grace := opts.Grace
+	if grace < 0 || opts.BatchSize < 0 || opts.BatchSize > MaxCleanupBatch {
+		return rep, fmt.Errorf("%w: cleanup grace %v, batch size %d", ErrBadOptions, opts.Grace, opts.BatchSize)
+	}
+	if grace == 0 {
+		grace = DefaultCleanupGrace
+	}
+	batch := opts.BatchSize
+	if batch == 0 {
+		batch = MaxCleanupBatch
+	}
+	// Candidates: expiresAt (writer's clock) before the reader's now minus
+	// the grace period. Writers whose clocks run behind make entities
+	// candidates early (the read-back rejects them); writers ahead, late.
+	cutoff := b.now().Add(-grace)
+	var errs []error
+	var cursor []byte
+	for {
+		if ctx.Err() != nil {
+			rep.Elapsed = time.Since(start)
+			return rep, errors.Join(append(errs, ctxErr(ctx, "cleanup"))...)
+		}
+		keys, next, done, err := b.expiredKeys(ctx, cutoff, batch, cursor)
+		if err != nil {
+			rep.Elapsed = time.Since(start)
+			return rep, errors.Join(append(errs, err)...)
+		}
+		rep.Scanned += len(keys)
+		if len(keys) > 0 {
+			if err := b.cleanPage(ctx, keys, grace, opts.DryRun, &rep); err != nil {
+				if ctx.Err() != nil {
+					rep.Elapsed = time.Since(start)
+					return rep, errors.Join(append(errs, ctxErr(ctx, "cleanup"))...)
+				}
+				errs = append(errs, err)
+			}
+		}
+		if done {
+			rep.Finished = true
+			rep.Elapsed = time.Since(start)
+			return rep, errors.Join(errs...)
+		}
+		cursor = next
+	}
+}
+
+// expiredKeys runs one page of the keys-only expiry query.
+func (b *Backend) expiredKeys(ctx context.Context, cutoff time.Time, limit int, cursor []byte) (keys []*pb.Key, next []byte, done bool, err error) {
+	q := &pb.Query{
+		Kind:       []*pb.KindExpression{{Name: b.kind}},
+		Projection: []*pb.Projection{{Property: &pb.PropertyReference{Name: "__key__"}}},
+		Filter: &pb.Filter{FilterType: &pb.Filter_PropertyFilter{PropertyFilter: &pb.PropertyFilter{
+			Property: &pb.PropertyReference{Name: propExpiresAt},
+			Op:       pb.PropertyFilter_LESS_THAN,
+			Value:    &pb.Value{ValueType: &pb.Value_TimestampValue{TimestampValue: timestamppb.New(cutoff)}},
+		}}},
+		StartCursor: cursor,
+		Limit:       wrapperspb.Int32(int32(limit)),
+	}
+	req := &pb.RunQueryRequest{
+		ProjectId:   b.project,
+		DatabaseId:  b.database,
+		PartitionId: &pb.PartitionId{ProjectId: b.project, DatabaseId: b.database, NamespaceId: b.namespace},
+		QueryType:   &pb.RunQueryRequest_Query{Query: q},
+	}
+	res, err := read(ctx, b, "cleanup: query", func(ctx context.Context, c pb.DatastoreClient) (*pb.RunQueryResponse, error) {
+		return c.RunQuery(ctx, req)
+	})
+	if err != nil {
+		return nil, nil, false, err
+	}
+	bt := res.GetBatch()
+	for _, er := range bt.GetEntityResults() {
+		keys = append(keys, er.GetEntity().GetKey())
+	}
+	// An empty page ends the query; the legacy emulator reports
+	// MORE_RESULTS_AFTER_LIMIT even on its last page.
+	done = len(keys) == 0 || bt.GetMoreResults() == pb.QueryResultBatch_NO_MORE_RESULTS
+	return keys, bt.GetEndCursor(), done, nil
+}
+
+// cleanPage reads keys back, deletes the expired ones conditionally, and
+// retries with a fresh read when some changed in between.
+func (b *Backend) cleanPage(ctx context.Context, keys []*pb.Key, grace time.Duration, dryRun bool, rep *Report) error {
+	pending := keys
+	unsure := false // the previous commit may have applied
+	for attempt := 0; ; attempt++ {
+		found, readTime, err := b.lookupMany(ctx, pending)
+		if err != nil {
+			rep.Errors += len(pending)
+			return err
+		}
+		var muts []*pb.Mutation
+		var cands []*pb.Key
+		for _, k := range pending {
+			er, ok := found[k.GetPath()[0].GetName()]
+			if !ok {
+				if unsure {
+					rep.Deleted++ // most likely our own delete, applied unseen
+				} else {
+					rep.Skipped++
+				}
+				continue
+			}
+			rec, err := decode(er)
+			if err != nil {
+				rep.Skipped++
+				continue
+			}
+			if a := b.judge(rec, readTime); a.remaining+grace > 0 {
+				rep.Skipped++
+				continue
+			}
+			cands = append(cands, k)
+			muts = append(muts, conditional(&pb.Mutation{Operation: &pb.Mutation_Delete{Delete: k}}, rec.version))
+		}
+		if attempt == 0 {
+			rep.Expired += len(cands)
+		}
+		if dryRun || len(muts) == 0 {
+			return nil
+		}
+		if attempt >= cleanupRetries {
+			// Entities keep changing; leave the rest to the next run.
+			rep.Skipped += len(cands)
+			return nil
+		}
+		_, err = b.commit(ctx, "cleanup: delete", muts...)
+		switch {
+		case err == nil:
+			rep.Deleted += len(muts)
+			return nil
+		case errors.Is(err, errAmbiguous):
+			unsure = true
+		case conflict(err):
+			// At least one entity changed since the read; the whole commit
+			// was refused. Read the candidates again.
+			unsure = false
+		default:
+			rep.Errors += len(cands)
+			return err
+		}
+		pending = cands
+	}
+}
+
+// lookupMany reads keys (at most 1000), following deferred keys, and returns
+// the found entities by key name and the server's read time.
+func (b *Backend) lookupMany(ctx context.Context, keys []*pb.Key) (map[string]*pb.EntityResult, time.Time, error) {
+	found := make(map[string]*pb.EntityResult, len(keys))
+	var readTime time.Time
+	for len(keys) > 0 {
+		res, err := read(ctx, b, "cleanup: lookup", func(ctx context.Context, c pb.DatastoreClient) (*pb.LookupResponse, error) {
+			return c.Lookup(ctx, &pb.LookupRequest{ProjectId: b.project, DatabaseId: b.database, Keys: keys})
+		})
+		if err != nil {
+			return nil, time.Time{}, err
+		}
+		for _, er := range res.GetFound() {
+			found[er.GetEntity().GetKey().GetPath()[0].GetName()] = er
+		}
+		// With deferred keys the reads may span several read times; the
+		// earliest is the safe one to judge expiry by.
+		if rt := serverTime(res.GetReadTime()); readTime.IsZero() || rt.Before(readTime) {
+			readTime = rt
+		}
+		keys = res.GetDeferred()
+	}
+	return found, readTime, nil
+}

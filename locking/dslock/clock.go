@@ -1,0 +1,88 @@
+package dslock
+
+import (
+	"sync"
+	"time"
+)
+
+// age is how long ago a lock was last acquired or renewed, and how much of
+// its lease remains, as judged by one reader.
+type age struct {
+	since     time.Duration // time since the last acquire or renew
+	remaining time.Duration // lease left; <= 0 means expired
+	server    bool          // judged on server times
+}
+
+// judge measures rec as read at readTime.
+//
+// Where the server reports times (Firestore in Datastore mode, production
+// and its emulator), both ends come from the server: the entity's update
+// time is the commit time of the last acquire or renew, and readTime is the
+// server's time of this read. No client clock is involved, so no margin is
+// needed; the holder measured its lease from before it sent the write, so
+// it gives the lease up no later than the server considers it expired.
+//
+// Otherwise (the legacy emulator returns zero times) the writer's clock
+// (renewedAt) is compared with this reader's clock, and b.skew is taken off
+// the measured age: a lease is expired only when it is expired even if the
+// reader's clock runs b.skew ahead of the writer's.
+func (b *Backend) judge(rec record, readTime time.Time) age {
+	var since time.Duration
+	server := !readTime.IsZero() && !rec.updated.IsZero()
+	if server {
+		since = readTime.Sub(rec.updated)
+	} else {
+		since = b.now().Sub(rec.renewedAt) - b.skew
+	}
+	return age{since: since, remaining: rec.lease - since, server: server}
+}
+
+// hints remembers ids this Backend recently found held, so that the next
+// Acquire of such an id starts with a read (1 RPC for a poll of a held lock)
+// instead of a create (1 RPC for a free lock, 2 when held).
+type hints struct {
+	mu sync.Mutex
+	m  map[string]time.Time // key name -> monotonic deadline of the hint; guarded by mu
+}
+
+const (
+	maxHints   = 4096
+	hintLinger = time.Minute // beyond the holder's remaining lease: it may expire, not vanish
+)
+
+func (h *hints) expectHeld(name string) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	until, ok := h.m[name]
+	if ok && time.Now().After(until) {
+		delete(h.m, name)
+		return false
+	}
+	return ok
+}
+
+func (h *hints) held(name string, remaining time.Duration) {
+	now := time.Now()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.m == nil {
+		h.m = make(map[string]time.Time)
+	}
+	if len(h.m) >= maxHints {
+		for k, until := range h.m {
+			if now.After(until) {
+				delete(h.m, k)
+			}
+		}
+		if len(h.m) >= maxHints {
+			clear(h.m)
+		}
+	}
+	h.m[name] = now.Add(max(remaining, 0) + hintLinger)
+}
+
+func (h *hints) forget(name string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	delete(h.m, name)
+}

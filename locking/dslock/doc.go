@@ -1,0 +1,127 @@
+// Package dslock stores Strong locks in Cloud Datastore (Firestore in
+// Datastore mode): a locking.Backend whose locks hold across every instance
+// of every function that shares the database.
+//
+// Importing the package registers it with locking.Default for Strong locks
+// when GOOGLE_CLOUD_PROJECT or DATASTORE_EMULATOR_HOST is set; the database,
+// namespace and kind then come from TASKGUARD_DATASTORE_DATABASE,
+// TASKGUARD_DATASTORE_NAMESPACE and TASKGUARD_DATASTORE_KIND. Or build one with
+// New and pass it to locking.New.
+//
+// # Guarantees
+//
+// Every operation is a single-entity read or a single non-transactional
+// commit whose mutation is either an Insert (fails if the entity exists) or
+// conditional on the entity version just read (base_version with the FAIL
+// conflict strategy). So:
+//
+//   - at most one owner holds a lock id at a time: a free lock is created by
+//     exactly one Insert; an expired or stolen one is taken over by exactly
+//     one of any number of concurrent takers (the others' commits fail with
+//     FailedPrecondition and they see the lock held);
+//   - Renew and Release act only while the entity still names the caller's
+//     owner token and has not changed since it was read: they never extend or
+//     delete another owner's lock;
+//   - a write whose outcome is unknown (timeout, lost connection) is resolved
+//     by reading the entity back: success is reported only when the entity
+//     names the caller; an Acquire whose caller gave up (ctx ended) deletes
+//     the lock it turns out to have written, so nothing is left held for
+//     nobody; every entity carries a lease, so no failure leaves one held for
+//     ever;
+//   - transient errors (Unavailable, DeadlineExceeded, Aborted,
+//     ResourceExhausted, Internal) are retried with capped, jittered
+//     exponential backoff inside the caller's ctx; each attempt is bounded by
+//     Options.RPCTimeout.
+//
+// No transactions are used, so the same code runs on databases in optimistic
+// and in pessimistic concurrency mode, and no transaction is ever left open
+// (on the Firestore emulator an open transaction stalls later calls).
+//
+// Round trips: acquiring a free lock is 1 RPC (Insert); a held lock found by
+// that Insert costs 1 more (a Lookup, to judge expiry and report how long the
+// holder's lease runs). The Backend then remembers the id as held for a while,
+// so its next Acquire of the id starts with the Lookup: each further poll of a
+// held lock is 1 RPC and a takeover 2 (Lookup, conditional Update). Renew and
+// Release are 2 each (Lookup, conditional Update or Delete). A free lock polled
+// after being seen held costs 2 (Lookup, Insert).
+//
+// # Whose clock
+//
+// Expiry and StealAfter are judged on the server's clock wherever the server
+// reports times, as Firestore in Datastore mode does (production and its
+// emulator): the entity's update time is the commit time of the last acquire
+// or renewal, and the Lookup's read time is "now". A lease has expired when
+// readTime - updateTime >= lease. No client clock is read, so no margin is
+// needed; the holder measures its lease from before it sends the write, so it
+// stops trusting the lock no later than the server deems it expired.
+//
+// Where the server reports no times (the legacy Datastore emulator returns
+// zero times), the writer's clock (the stored renewedAt) is compared with the
+// reader's clock (Options.Now), and the skew margin Options.ClockSkew
+// (DefaultClockSkew, 2s) is added to every lease and StealAfter: a taker
+// whose clock runs up to the margin ahead of the holder's still waits out the
+// whole lease.
+//
+// # Fencing tokens
+//
+// A holding's token is the entity version returned by the commit that
+// acquired it. Datastore documents versions as increasing with every change
+// of an entity, and the version reported for a missing entity as above any
+// earlier one and below any later one; so tokens increase strictly per id
+// across acquire, takeover, release, cleanup and re-creation. Both emulators
+// behave so (the legacy one uses a global counter, Firestore in Datastore
+// mode commit times in microseconds). Renewals change the version but not the
+// token: the first renewal copies the acquisition's version into the token
+// property, and Renew returns it.
+//
+// # Entities
+//
+// One entity per lock id, of kind Options.Kind (DefaultKind, "TaskguardLock")
+// in namespace Options.Namespace of database Options.DatabaseID. Its key name
+// is the lower-case hex SHA-256 of the id (see KeyName): no hot-spotting on
+// sequential ids, no length limit. Properties:
+//
+//	id         string     unindexed  the lock id, for people (invalid UTF-8 replaced, cut to 1024 bytes)
+//	owner      string     unindexed  the holder's owner token
+//	expiresAt  timestamp  indexed    renewedAt + lease (writer's clock): for Cleanup and a TTL policy
+//	renewedAt  timestamp  unindexed  writer's clock at the last acquire or renewal
+//	leaseMs    integer    unindexed  the lease granted then, in milliseconds (rounded up)
+//	token      integer    unindexed  the fencing token, present once the holding was renewed
+//
+// Only expiresAt is indexed; the query Cleanup runs (one inequality on one
+// property of one kind) needs no composite index.
+//
+// # Cleanup
+//
+// Released locks are deleted at once; locks whose holders died stay until
+// taken over. Backend.Cleanup deletes those whose lease ended more than a
+// grace period ago (CleanupOptions.Grace, DefaultCleanupGrace = 15 minutes),
+// never a live lease: it pages through a keys-only query on expiresAt, reads
+// each page back, judges each lease as Acquire does, and deletes the expired
+// ones with deletes conditional on the version read, so a lock renewed or
+// re-acquired in between survives. It stops when its ctx ends and resumes on
+// the next run; it is idempotent; DryRun only counts. Each page costs three
+// RPCs (query, lookup, commit) and holds up to 500 keys (the legacy emulator
+// returns at most 300 per query batch). Run it from a scheduled function,
+// daily or hourly.
+//
+// A Datastore TTL policy may collect expired entities as well (deletion
+// happens typically within 24 hours after expiresAt, so it is garbage
+// collection, never part of the locking):
+//
+//	gcloud firestore fields ttls update expiresAt --collection-group=TaskguardLock --enable-ttl
+//
+// A TTL deletion judges expiresAt on Google's clock against the writer's
+// clock; a holder whose clock ran hours behind could lose a live lock to it
+// (it would notice at its next renewal).
+//
+// # Emulators
+//
+// Both emulators of the Google Cloud CLI pass the same tests; package dstest
+// starts them for tests. They differ where this package is careful: with the
+// default conflict strategy the Firestore emulator applies a mutation whose
+// base_version is stale (the legacy emulator and the API's documentation say
+// it is skipped and flagged), but with the FAIL strategy both refuse it with
+// FailedPrecondition, as the API documents for production ("the whole commit
+// request fails"); so this package always uses FAIL.
+package dslock

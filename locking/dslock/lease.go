@@ -1,0 +1,237 @@
+package dslock
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"unicode/utf8"
+
+	pb "cloud.google.com/go/datastore/apiv1/datastorepb"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/taskguard/taskguard/locking"
+)
+
+// errContended is returned by Renew and Release when the entity changed under
+// every one of maxWrites conditional writes while still naming the caller as
+// owner (a caller renewing one holding from several goroutines at once).
+var errContended = errors.New("dslock: lock entity kept changing")
+
+// maxWrites bounds the conditional writes of one call when other writers
+// keep winning; Acquire then reports the lock as not acquired.
+const maxWrites = 4
+
+func validate(id, owner string, lease bool, r locking.Request) error {
+	switch {
+	case id == "":
+		return fmt.Errorf("dslock: %w: empty id", locking.ErrInvalid)
+	case owner == "" || !utf8.ValidString(owner):
+		return fmt.Errorf("dslock: %w: owner %q is empty or not UTF-8", locking.ErrInvalid, owner)
+	case lease && r.Lease <= 0:
+		return fmt.Errorf("dslock: %w: lease %v <= 0", locking.ErrInvalid, r.Lease)
+	case r.StealAfter < 0:
+		return fmt.Errorf("dslock: %w: StealAfter %v < 0", locking.ErrInvalid, r.StealAfter)
+	}
+	return nil
+}
+
+// Acquire takes the lock for r.Owner when no entity exists for r.ID, when the
+// stored lease has expired, or when r.StealAfter > 0 and the holder has not
+// acquired or renewed within it (see the package documentation for whose
+// clock judges this). It implements locking.Backend.
+//
+// A free lock costs one RPC: a non-transactional commit inserting the
+// entity, which fails with AlreadyExists when it exists. A held lock is then
+// read (2 RPCs); after that, this Backend remembers the id as held and the
+// next Acquire of it reads first, so a poll of a held lock costs 1 RPC and a
+// takeover 2 (read, then an update conditional on the version read).
+//
+// Two takers of one expired lock cannot both win: each update is
+// conditional on the version both read, and only the first commit keeps it.
+// When a write's outcome is unknown (timeout, lost connection), Acquire reads
+// the entity back and reports success only when it names r.Owner. If ctx
+// ends while such a write is unresolved, Acquire reads back on a short
+// detached context and deletes the entity if the write did land, so no lock
+// is left held for a caller that was told it failed; it then returns an
+// error wrapping ctx's error.
+func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant, error) {
+	if err := validate(r.ID, r.Owner, true, r); err != nil {
+		return locking.Grant{}, err
+	}
+	if ctx.Err() != nil {
+		return locking.Grant{}, ctxErr(ctx, "acquire")
+	}
+	k := b.key(r.ID)
+	name := k.GetPath()[0].GetName()
+	create := !b.hints.expectHeld(name)
+	unsure := false   // a write of ours may have applied unseen
+	tookOver := false // that write was a takeover
+	var lastErr error // why the last write failed, if it did not conflict
+	for writes := 0; ; writes++ {
+		if create {
+			res, err := b.commit(ctx, "acquire", &pb.Mutation{Operation: &pb.Mutation_Insert{Insert: b.entity(k, r.ID, r.Owner, r.Lease, 0)}})
+			switch {
+			case err == nil:
+				b.hints.forget(name)
+				return locking.Grant{Acquired: true, Token: version(res)}, nil
+			case errors.Is(err, errAmbiguous):
+				unsure, lastErr = true, err
+			case status.Code(err) == codes.AlreadyExists:
+			default:
+				return locking.Grant{}, b.abandon(ctx, k, r.Owner, unsure, err)
+			}
+		}
+
+		rec, found, readTime, err := b.lookup(ctx, "acquire", k)
+		if err != nil {
+			return locking.Grant{}, b.abandon(ctx, k, r.Owner, unsure, err)
+		}
+		if found && rec.owner == r.Owner {
+			// Only a write of ours stores our owner token: one whose
+			// response was lost, or an earlier Acquire with this owner.
+			b.hints.forget(name)
+			return locking.Grant{Acquired: true, Token: rec.fencing(), TookOver: tookOver}, nil
+		}
+		if !found {
+			if writes >= maxWrites {
+				if lastErr == nil { // others keep creating and deleting it
+					return locking.Grant{}, nil
+				}
+				// Free, yet creates keep failing: a fault, not contention.
+				return locking.Grant{}, fmt.Errorf("dslock: acquire %q: lock is free but could not be created: %w", r.ID, lastErr)
+			}
+			create = true
+			continue
+		}
+		a := b.judge(rec, readTime)
+		stealable := r.StealAfter > 0 && a.since >= r.StealAfter
+		if (a.remaining > 0 && !stealable) || writes >= maxWrites {
+			b.hints.held(name, a.remaining)
+			return locking.Grant{Remaining: max(a.remaining, 0)}, nil
+		}
+		res, err := b.commit(ctx, "take over", conditional(&pb.Mutation{Operation: &pb.Mutation_Update{Update: b.entity(k, r.ID, r.Owner, r.Lease, 0)}}, rec.version))
+		switch {
+		case err == nil:
+			b.hints.forget(name)
+			return locking.Grant{Acquired: true, Token: version(res), TookOver: true}, nil
+		case errors.Is(err, errAmbiguous):
+			unsure, tookOver, lastErr = true, true, err
+		case conflict(err):
+			// Another writer changed or deleted the entity since our read:
+			// read again and judge afresh.
+		default:
+			return locking.Grant{}, b.abandon(ctx, k, r.Owner, unsure, err)
+		}
+		create = false
+	}
+}
+
+// abandon returns err after making sure that an unresolved write of owner
+// (unsure) did not leave the lock held for a caller about to be told that
+// Acquire failed: it reads the entity on a detached context bounded by the
+// RPC timeout and deletes it, conditionally, if it names owner.
+func (b *Backend) abandon(ctx context.Context, k *pb.Key, owner string, unsure bool, err error) error {
+	if !unsure {
+		return err
+	}
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), b.timeout)
+	defer cancel()
+	rec, found, _, lerr := b.lookup(dctx, "acquire: undo", k)
+	if lerr != nil || !found || rec.owner != owner {
+		return err
+	}
+	if _, derr := b.commit(dctx, "acquire: undo", conditional(&pb.Mutation{Operation: &pb.Mutation_Delete{Delete: k}}, rec.version)); derr != nil {
+		// The lock stays held until its lease expires.
+		return fmt.Errorf("%w (and the lock it may hold could not be released: %v)", err, derr)
+	}
+	return err
+}
+
+// Renew extends the lease of r.Owner's holding of r.ID to r.Lease from now,
+// judged as at acquisition. It reads the entity and updates it conditionally
+// on the version read: 2 RPCs. It returns the fencing token of the
+// acquisition, and an error wrapping locking.ErrNotHeld when the entity is
+// gone or names another owner. A lease that expired but was not taken over
+// or cleaned up is still r.Owner's and is renewed. It implements
+// locking.Backend.
+func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, error) {
+	if err := validate(r.ID, r.Owner, true, r); err != nil {
+		return locking.Grant{}, err
+	}
+	if ctx.Err() != nil {
+		return locking.Grant{}, ctxErr(ctx, "renew")
+	}
+	k := b.key(r.ID)
+	for writes := 0; ; writes++ {
+		rec, found, _, err := b.lookup(ctx, "renew", k)
+		if err != nil {
+			return locking.Grant{}, err
+		}
+		if !found || rec.owner != r.Owner {
+			return locking.Grant{}, fmt.Errorf("dslock: renew %q: %w", r.ID, locking.ErrNotHeld)
+		}
+		if writes >= maxWrites {
+			return locking.Grant{}, fmt.Errorf("dslock: renew %q: %w", r.ID, errContended)
+		}
+		token := rec.fencing()
+		_, err = b.commit(ctx, "renew", conditional(&pb.Mutation{Operation: &pb.Mutation_Update{Update: b.entity(k, r.ID, r.Owner, r.Lease, token)}}, rec.version))
+		switch {
+		case err == nil:
+			return locking.Grant{Acquired: true, Token: token}, nil
+		case errors.Is(err, errAmbiguous), conflict(err):
+			// Read again: if it is still ours (our own write landed
+			// unseen), renew once more; if not, report it lost.
+		default:
+			return locking.Grant{}, err
+		}
+	}
+}
+
+// Release deletes the entity of id if, and only if, it names owner: a read,
+// then a delete conditional on the version read (2 RPCs). It returns an error
+// wrapping locking.ErrNotHeld when the entity is gone or names another owner,
+// and never deletes another owner's entity. When a delete's outcome was
+// unknown and a read-back then finds the lock gone or someone else's, the
+// delete is taken to have landed and Release returns nil. It implements
+// locking.Backend.
+func (b *Backend) Release(ctx context.Context, id, owner string) error {
+	if err := validate(id, owner, false, locking.Request{}); err != nil {
+		return err
+	}
+	if ctx.Err() != nil {
+		return ctxErr(ctx, "release")
+	}
+	k := b.key(id)
+	unsure := false
+	for writes := 0; ; writes++ {
+		rec, found, _, err := b.lookup(ctx, "release", k)
+		if err != nil {
+			return err
+		}
+		if !found || rec.owner != owner {
+			if unsure {
+				return nil
+			}
+			return fmt.Errorf("dslock: release %q: %w", id, locking.ErrNotHeld)
+		}
+		if writes >= maxWrites {
+			return fmt.Errorf("dslock: release %q: %w", id, errContended)
+		}
+		_, err = b.commit(ctx, "release", conditional(&pb.Mutation{Operation: &pb.Mutation_Delete{Delete: k}}, rec.version))
+		switch {
+		case err == nil:
+			b.hints.forget(k.GetPath()[0].GetName())
+			return nil
+		case errors.Is(err, errAmbiguous):
+			unsure = true
+		case conflict(err):
+		default:
+			return err
+		}
+	}
+}
+
+func version(res *pb.CommitResponse) uint64 {
+	return uint64(res.GetMutationResults()[0].GetVersion())
+}
