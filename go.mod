@@ -4,6 +4,7 @@ go 1.26.8
 
 require (
 	cloud.google.com/go/cloudtasks v1.21.1
+	cloud.google.com/go/datastore v1.28.1
 	go.uber.org/goleak v1.3.0
 	golang.org/x/sync v0.25.0
 	google.golang.org/api v0.304.0

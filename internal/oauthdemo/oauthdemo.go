@@ -69,10 +69,26 @@ func (e *Endpoint) issueLocked(user string) Token {
 }
 
 // ServeHTTP answers POST grant_type=refresh_token&refresh_token=… with a new
-// pair, or 400 {"error":"invalid_grant"} for a used or unknown token.
+// pair, or 400 {"error":"invalid_grant"} for a used or unknown token; and
+// grant_type=password&username=… (a sign-in) with a pair whose access token
+// has already expired, so that the first use must refresh it.
 func (e *Endpoint) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodPost || r.ParseForm() != nil || r.PostForm.Get("grant_type") != "refresh_token" {
+	if r.Method != http.MethodPost || r.ParseForm() != nil {
 		http.Error(w, `{"error":"invalid_request"}`, http.StatusBadRequest)
+		return
+	}
+	switch r.PostForm.Get("grant_type") {
+	case "password":
+		e.mu.Lock()
+		t := e.issueLocked(r.PostForm.Get("username"))
+		e.mu.Unlock()
+		t.Expires = time.Now().Add(-time.Second)
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(t)
+		return
+	case "refresh_token":
+	default:
+		http.Error(w, `{"error":"unsupported_grant_type"}`, http.StatusBadRequest)
 		return
 	}
 	e.mu.Lock()
@@ -150,7 +166,14 @@ type Refresher struct {
 func (r *Refresher) Refresh(ctx context.Context, user string, fence uint64) (bool, error) {
 	cur, ok := r.Store.Get(user)
 	if !ok {
-		return false, fmt.Errorf("oauthdemo: no token for user %q", user)
+		t, err := r.post(ctx, url.Values{"grant_type": {"password"}, "username": {user}})
+		if err != nil {
+			return false, fmt.Errorf("oauthdemo: sign in %q: %w", user, err)
+		}
+		if err := r.Store.Put(user, t, fence); err != nil {
+			return false, err
+		}
+		cur = t
 	}
 	minValidity := r.MinValidity
 	if minValidity == 0 {
@@ -159,10 +182,17 @@ func (r *Refresher) Refresh(ctx context.Context, user string, fence uint64) (boo
 	if time.Until(cur.Expires) > minValidity {
 		return false, nil
 	}
-	form := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {cur.Refresh}}
+	t, err := r.post(ctx, url.Values{"grant_type": {"refresh_token"}, "refresh_token": {cur.Refresh}})
+	if err != nil {
+		return true, fmt.Errorf("oauthdemo: refresh %q: %w", user, err)
+	}
+	return true, r.Store.Put(user, t, fence)
+}
+
+func (r *Refresher) post(ctx context.Context, form url.Values) (Token, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, r.URL, strings.NewReader(form.Encode()))
 	if err != nil {
-		return false, err
+		return Token{}, err
 	}
 	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 	client := r.Client
@@ -171,20 +201,20 @@ func (r *Refresher) Refresh(ctx context.Context, user string, fence uint64) (boo
 	}
 	resp, err := client.Do(req)
 	if err != nil {
-		return true, fmt.Errorf("oauthdemo: refresh %q: %w", user, err)
+		return Token{}, err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode == http.StatusBadRequest {
-		return true, fmt.Errorf("oauthdemo: refresh %q: %w", user, ErrInvalidGrant)
+		return Token{}, ErrInvalidGrant
 	}
 	if resp.StatusCode != http.StatusOK {
-		return true, fmt.Errorf("oauthdemo: refresh %q: endpoint answered %s", user, resp.Status)
+		return Token{}, fmt.Errorf("token endpoint answered %s", resp.Status)
 	}
 	var t Token
 	if err := json.NewDecoder(resp.Body).Decode(&t); err != nil {
-		return true, fmt.Errorf("oauthdemo: refresh %q: %w", user, err)
+		return Token{}, err
 	}
-	return true, r.Store.Put(user, t, fence)
+	return t, nil
 }
 
 func random() string {
