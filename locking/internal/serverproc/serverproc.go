@@ -14,7 +14,7 @@ import (
 	"os/exec"
 	"strconv"
 	"sync"
-		"testing"
+	"testing"
 	"time"
 )
 
