@@ -1,0 +1,63 @@
+package locking
+
+import (
+	"errors"
+	"fmt"
+	"time"
+)
+
+var (
+	// ErrNotAcquired reports that a lock could not be acquired: it was held
+	// and the caller asked not to wait (Wait(false)), or MaxWait passed. The
+	// error returned is a *NotAcquiredError, which says which id and, when
+	// known, how long the holder's lease still runs. It is djangae's
+	// LockAcquisitionError.
+	ErrNotAcquired = errors.New("locking: not acquired")
+
+	// ErrLockLost reports that a lock stopped being held before its holder
+	// released it: renewals failed until the lease ran out, another owner took
+	// it over, or the store no longer has it.
+	ErrLockLost = errors.New("locking: lock lost")
+
+	// ErrNotHeld reports a Release of a lock this owner does not hold (any
+	// more): it was released already, lost, or taken over.
+	ErrNotHeld = errors.New("locking: lock not held")
+
+	// ErrNoBackend reports a lock kind for which the client has no backend.
+	ErrNoBackend = errors.New("locking: no backend for this lock kind")
+
+	// ErrInvalid reports bad input: an empty id, a duration that is not
+	// positive, an unknown kind. It is returned before any I/O.
+	ErrInvalid = errors.New("locking: invalid argument")
+)
+
+// NotAcquiredError is the error returned when a lock is held by someone else
+// and the caller would not, or could no longer, wait for it.
+// errors.Is(err, ErrNotAcquired) reports true for it.
+type NotAcquiredError struct {
+	// ID is the lock id that was not acquired. With nested locks it tells
+	// which one failed.
+	ID string
+	// Remaining is how long the current holder's lease still runs, when the
+	// backend reported it; zero when unknown. It is a hint for retrying (the
+	// holder may renew or release at any time), not a promise.
+	Remaining time.Duration
+	// TimedOut reports that MaxWait passed while waiting; false means the
+	// caller asked not to wait.
+	TimedOut bool
+}
+
+func (e *NotAcquiredError) Error() string {
+	why := "held by another owner"
+	if e.TimedOut {
+		why = "max wait passed while held by another owner"
+	}
+	return fmt.Sprintf("locking: not acquired: %q: %s", e.ID, why)
+}
+
+// Is reports whether target is ErrNotAcquired.
+func (e *NotAcquiredError) Is(target error) bool { return target == ErrNotAcquired }
+
+func invalid(format string, args ...any) error {
+	return fmt.Errorf("%w: "+format, append([]any{ErrInvalid}, args...)...)
+}

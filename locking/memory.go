@@ -1,0 +1,35 @@
+package locking
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/taskguard/taskguard/locking/internal/memstore"
+)
+
+// memory is the in-process backend of the default client when the
+// environment names no other. Package memlock exports the same store.
+type memory struct{ s *memstore.Store }
+
+func (m memory) Acquire(_ context.Context, r Request) (Grant, error) {
+	res := m.s.Acquire(r.ID, r.Owner, r.Lease, r.StealAfter)
+	return Grant(res), nil
+}
+
+func (m memory) Renew(_ context.Context, r Request) (Grant, error) {
+	tok, ok := m.s.Renew(r.ID, r.Owner, r.Lease)
+	if !ok {
+		return Grant{}, fmt.Errorf("%w: %q", ErrNotHeld, r.ID)
+	}
+	return Grant{Acquired: true, Token: tok}, nil
+}
+
+func (m memory) Release(_ context.Context, id, owner string) error {
+	if !m.s.Release(id, owner) {
+		return fmt.Errorf("%w: %q", ErrNotHeld, id)
+	}
+	return nil
+}
+
+func newMemory() Backend { return memory{memstore.New(time.Now)} }
