@@ -36,6 +36,9 @@ var ErrContended = errors.New("mclock: compare-and-swap kept conflicting")
 // the clock, which keeps tokens increasing (see nextToken).
 const fenceExpiry = 7 * 24 * 60 * 60
 
+// tombstoneExpiry is how long a release tombstone lives (relative seconds).
+const tombstoneExpiry = fenceExpiry
+
 // maxAttempts bounds the tries of one memcached command on transient
 // (network) errors, and the compare-and-swap loops.
 const maxAttempts = 3
@@ -81,19 +84,25 @@ func (b *Backend) LockKey(id string) string { return b.prefix + "lock:" + lockke
 // FenceKey returns the memcached key holding the fence counter for id.
 func (b *Backend) FenceKey(id string) string { return b.prefix + "fence:" + lockkey.Hash(id) }
 
-// Acquire takes the lock for r.Owner. The uncontended path is two commands:
-// incr on the fence counter for the token, then one add of the lock item
-// with its expiry. When add finds the item present, one gets reads the
-// holder; a takeover after r.StealAfter is then a cas, so of two concurrent
-// takers only one can win. A lease that has expired needs no takeover:
-// memcached has dropped the item already, so add succeeds (TookOver is then
-// false; it is true only for a steal).
+// Acquire takes the lock for r.Owner. It first takes a token with incr on
+// the fence counter, then adds the lock item with the lease as its expiry:
+// two commands when the lock is free and its last lease ran out. When add
+// finds an item, one gets reads it: a release tombstone (see Release) or a
+// holder older than r.StealAfter is replaced with a cas, so of two
+// concurrent takers only one can win; a live holder makes Acquire report
+// busy with an estimate of its remaining lease.
+//
+// TookOver: an expired lease needs no takeover, since memcached dropped the
+// item at expiry, so add succeeds; Acquire then reports TookOver when the
+// fence counter already existed (someone held the lock before) and no
+// release tombstone was found. After an eviction or restart that is a guess
+// (the counter is gone too, so it reports false).
 func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant, error) {
 	if err := checkRequest(r); err != nil {
 		return locking.Grant{}, err
 	}
 	key := b.LockKey(r.ID)
-	token, err := b.nextToken(ctx, b.FenceKey(r.ID))
+	token, seeded, err := b.nextToken(ctx, b.FenceKey(r.ID))
 	if err != nil {
 		return locking.Grant{}, fmt.Errorf("mclock: acquire %q: fence: %w", r.ID, err)
 	}
@@ -107,7 +116,7 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 			return b.c.Add(&memcache.Item{Key: key, Value: mine.encode(), Expiration: exp})
 		})
 		if err == nil {
-			return locking.Grant{Acquired: true, Token: token}, nil
+			return locking.Grant{Acquired: true, Token: token, TookOver: !seeded}, nil
 		}
 		if !errors.Is(err, memcache.ErrNotStored) {
 			return locking.Grant{}, fmt.Errorf("mclock: acquire %q: add: %w", r.ID, err)
@@ -119,15 +128,19 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 		if err != nil {
 			return locking.Grant{}, fmt.Errorf("mclock: acquire %q: gets: %w", r.ID, err)
 		}
+		now = time.Now()
+		tookOver := true
 		held, ok := decodeRecord(it.Value)
-		if ok && held.owner == r.Owner {
+		switch {
+		case isTombstone(it.Value):
+			// Released: take it, as a fresh acquisition.
+			tookOver = false
+		case ok && held.owner == r.Owner:
 			// Our own add, whose reply was lost and which do retried.
 			return locking.Grant{Acquired: true, Token: held.token}, nil
-		}
-		now = time.Now()
-		// An item this package did not write counts as held since the
-		// epoch: never stolen without StealAfter, always with it.
-		if r.StealAfter <= 0 || now.Sub(held.stamp) < r.StealAfter {
+		case r.StealAfter <= 0 || now.Sub(held.stamp) < r.StealAfter:
+			// Held. An item this package did not write counts as held
+			// since the epoch: never stolen without StealAfter, always with.
 			busy = locking.Grant{Remaining: held.remaining(now)}
 			if !ok {
 				busy.Remaining = 0
@@ -140,7 +153,7 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 		_, err = b.do(ctx, func() error { return b.c.CompareAndSwap(it) })
 		switch {
 		case err == nil:
-			return locking.Grant{Acquired: true, Token: token, TookOver: true}, nil
+			return locking.Grant{Acquired: true, Token: token, TookOver: tookOver}, nil
 		case errors.Is(err, memcache.ErrCASConflict), errors.Is(err, memcache.ErrNotStored):
 			// Another taker or the holder changed it, or it vanished:
 			// look again.
@@ -170,7 +183,7 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 		}
 		held, ok := decodeRecord(it.Value)
 		if !ok || held.owner != r.Owner {
-			return locking.Grant{}, fmt.Errorf("mclock: renew %q: %w (another owner holds it)", r.ID, locking.ErrNotHeld)
+			return locking.Grant{}, fmt.Errorf("mclock: renew %q: %w (released, or another owner holds it)", r.ID, locking.ErrNotHeld)
 		}
 		now := time.Now()
 		held.stamp, held.lease = now, r.Lease
@@ -194,37 +207,40 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 // memcached's delete takes no cas, so "gets, compare owner, delete" could
 // delete a lock that a taker stole between the gets and the delete (the
 // original's bug). Instead the release is a cas that replaces the item, only
-// if unchanged since the gets, with a value whose expiry is negative:
-// memcached treats such an item as expired at once, so gets misses and add
-// succeeds immediately afterwards, and the memory is reclaimed like any
-// expired item's.
+// if unchanged since the gets, with a tombstone naming the released token.
+// Acquire treats a tombstone as free (taking it with one more gets + cas)
+// and learns from it that the lock was released rather than left to expire.
+// Tombstones expire after 7 days, like fence counters, and are evicted like
+// any item.
 func (b *Backend) Release(ctx context.Context, id, owner string) error {
 	if id == "" || owner == "" {
 		return fmt.Errorf("%w: release needs an id and an owner", ErrInvalidRequest)
 	}
 	key := b.LockKey(id)
-	ambiguous := false
+	var releasing uint64 // token of owner's holding, once seen
 	for range maxAttempts {
 		it, err := b.gets(ctx, key)
 		if errors.Is(err, memcache.ErrCacheMiss) {
-			if ambiguous {
-				// Our earlier cas most likely succeeded before its reply
-				// was lost.
-				return nil
-			}
 			return fmt.Errorf("mclock: release %q: %w (expired, evicted, or the server restarted)", id, locking.ErrNotHeld)
 		}
 		if err != nil {
 			return fmt.Errorf("mclock: release %q: gets: %w", id, err)
 		}
+		if tok, ok := tombstoneToken(it.Value); ok {
+			if releasing != 0 && tok == releasing {
+				// Our cas succeeded but its reply was lost.
+				return nil
+			}
+			return fmt.Errorf("mclock: release %q: %w (released already)", id, locking.ErrNotHeld)
+		}
 		held, ok := decodeRecord(it.Value)
 		if !ok || held.owner != owner {
 			return fmt.Errorf("mclock: release %q: %w (another owner holds it)", id, locking.ErrNotHeld)
 		}
-		it.Value = []byte("released")
-		it.Expiration = -1
-		retried, err := b.do(ctx, func() error { return b.c.CompareAndSwap(it) })
-		ambiguous = ambiguous || retried
+		releasing = held.token
+		it.Value = tombstone(held.token)
+		it.Expiration = tombstoneExpiry
+		_, err = b.do(ctx, func() error { return b.c.CompareAndSwap(it) })
 		switch {
 		case err == nil:
 			return nil
@@ -244,8 +260,9 @@ func (b *Backend) Release(ctx context.Context, id, owner string) error {
 // resets as long as this machine's clock is not behind the clocks that
 // issued earlier tokens and the id saw fewer than a million acquisitions per
 // second. That makes the counter's reset unlikely to repeat a token, but it
-// is not a guarantee: see the package documentation.
-func (b *Backend) nextToken(ctx context.Context, key string) (uint64, error) {
+// is not a guarantee: see the package documentation. seeded reports that the
+// counter was created by this call.
+func (b *Backend) nextToken(ctx context.Context, key string) (token uint64, seeded bool, err error) {
 	for range maxAttempts {
 		var v uint64
 		_, err := b.do(ctx, func() (err error) {
@@ -253,24 +270,24 @@ func (b *Backend) nextToken(ctx context.Context, key string) (uint64, error) {
 			return err
 		})
 		if err == nil {
-			return v, nil
+			return v, false, nil
 		}
 		if !errors.Is(err, memcache.ErrCacheMiss) {
-			return 0, err
+			return 0, false, err
 		}
 		seed := uint64(time.Now().UnixMicro())
 		_, err = b.do(ctx, func() error {
 			return b.c.Add(&memcache.Item{Key: key, Value: []byte(strconv.FormatUint(seed, 10)), Expiration: fenceExpiry})
 		})
 		if err == nil {
-			return seed, nil
+			return seed, true, nil
 		}
 		if !errors.Is(err, memcache.ErrNotStored) {
-			return 0, err
+			return 0, false, err
 		}
 		// Someone else created it in between: incr again.
 	}
-	return 0, ErrContended
+	return 0, false, ErrContended
 }
 
 // gets reads key with its cas id.

@@ -274,6 +274,9 @@ func TestOwnerChecks(t *testing.T) {
 	if g2.TookOver {
 		t.Error("TookOver after a clean release")
 	}
+	if err := b.Release(ctx, id, "a"); !errors.Is(err, locking.ErrNotHeld) {
+		t.Errorf("Release by the previous owner = %v, want ErrNotHeld", err)
+	}
 }
 
 // TestStealIsCAS lets several instances take over one stale lock at once;
@@ -379,13 +382,38 @@ func TestRoundTrips(t *testing.T) {
 		return err
 	})
 	measure("release", 2, func() error { return b.Release(ctx, "rt", "a") })
-	measure("acquire, uncontended", 2, func() error {
+	measure("acquire after a release (replaces the tombstone)", 4, func() error {
 		g, err := b.Acquire(ctx, req("rt", "a", lease))
 		return expect(g, err, true)
 	})
 	time.Sleep(20 * time.Millisecond)
 	measure("acquire, steal", 4, func() error {
 		g, err := other.Acquire(ctx, locking.Request{ID: "rt", Owner: "b", Lease: lease, StealAfter: 10 * time.Millisecond})
+		return expect(g, err, true)
+	})
+	// Let a 1 ms lease run out (memcached drops it within 2 s), watching
+	// through an uncounted connection.
+	if err := b.Release(ctx, "rt", "b"); err != nil {
+		t.Fatalf("Release by the thief: %v", err)
+	}
+	measure("first acquire of another id, 1 ms lease", 3, func() error {
+		g, err := other.Acquire(ctx, req("rt-expire", "c", time.Millisecond))
+		return expect(g, err, true)
+	})
+	for deadline := time.Now().Add(3 * time.Second); ; {
+		if _, ok := serverTTL(t, srv.Addr, b.LockKey("rt-expire")); !ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("1 ms lease still stored after 3 s")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	measure("acquire after a lease ran out", 2, func() error {
+		g, err := b.Acquire(ctx, req("rt-expire", "a", lease))
+		if err == nil && !g.TookOver {
+			return errors.New("TookOver false after a lease ran out")
+		}
 		return expect(g, err, true)
 	})
 }

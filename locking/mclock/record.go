@@ -54,3 +54,25 @@ func (r record) remaining(now time.Time) time.Duration {
 	}
 	return 0
 }
+
+// tombstonePrefix starts the value Release leaves in place of a lock item.
+const tombstonePrefix = "released "
+
+// tombstone is the value that marks a lock as released, naming the token of
+// the released holding.
+func tombstone(token uint64) []byte {
+	return strconv.AppendUint([]byte(tombstonePrefix), token, 10)
+}
+
+func isTombstone(b []byte) bool { return strings.HasPrefix(string(b), tombstonePrefix) }
+
+// tombstoneToken returns the token a tombstone names; ok is false when b is
+// not a tombstone.
+func tombstoneToken(b []byte) (uint64, bool) {
+	rest, ok := strings.CutPrefix(string(b), tombstonePrefix)
+	if !ok {
+		return 0, false
+	}
+	tok, err := strconv.ParseUint(rest, 10, 64)
+	return tok, err == nil
+}
