@@ -54,8 +54,9 @@ type Options struct {
 // Backend is a locking.Backend on memcached. It is safe for concurrent use.
 // See the package documentation for its guarantees.
 type Backend struct {
-	c      *memcache.Client
-	prefix string
+	c       *memcache.Client
+	prefix  string
+	servers *lazyServers // the selector of c when FromEnv made it, else nil
 }
 
 var _ locking.Backend = (*Backend)(nil)
