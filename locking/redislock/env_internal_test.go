@@ -1,6 +1,7 @@
 package redislock
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -8,6 +9,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
+	"io"
 	"math/big"
 	"os"
 	"path/filepath"
@@ -15,6 +17,9 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/taskguard/taskguard/locking"
+	"github.com/taskguard/taskguard/locking/redislock/redistest"
 )
 
 func TestFromEnv(t *testing.T) {
@@ -129,5 +134,50 @@ func writeCA(t *testing.T, path string) {
 	}
 	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestFromEnvTLS connects through FromEnv to a real server that, like
+// Memorystore with in-transit encryption and AUTH, takes only TLS and a
+// password.
+func TestFromEnvTLS(t *testing.T) {
+	srv := redistest.StartTLS(t)
+	for _, tc := range []struct {
+		name string
+		env  map[string]string
+		ok   bool
+	}{
+		{"TLS, CA and password", map[string]string{EnvValkeyAddr: srv.Addr, EnvTLS: "true", EnvTLSCAFile: srv.CAFile, EnvValkeyPassword: srv.Password}, true},
+		{"rediss URL with password", map[string]string{EnvValkeyAddr: "rediss://:" + srv.Password + "@" + srv.Addr, EnvTLSCAFile: srv.CAFile}, true},
+		{"wrong password", map[string]string{EnvValkeyAddr: srv.Addr, EnvTLS: "true", EnvTLSCAFile: srv.CAFile, EnvValkeyPassword: "nope"}, false},
+		{"unknown CA", map[string]string{EnvValkeyAddr: srv.Addr, EnvTLS: "true", EnvValkeyPassword: srv.Password}, false},
+		{"no TLS", map[string]string{EnvValkeyAddr: srv.Addr, EnvValkeyPassword: srv.Password}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, k := range []string{EnvValkeyAddr, EnvRedisAddr, EnvValkeyPassword, EnvRedisPassword, EnvValkeyUsername,
+				EnvRedisUsername, EnvTLS, EnvTLSCAFile, EnvCluster, EnvIAMAuth, EnvPrefix} {
+				t.Setenv(k, tc.env[k])
+			}
+			lb, ok, err := FromEnv()
+			if err != nil || !ok {
+				t.Fatalf("FromEnv = %v, %v", ok, err)
+			}
+			b := lb.(*Backend)
+			t.Cleanup(func() { _ = b.c.(io.Closer).Close() })
+			ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+			defer cancel()
+			g, err := b.Acquire(ctx, locking.Request{ID: "tls", Owner: tc.name, Lease: time.Second})
+			if tc.ok && (err != nil || !g.Acquired) {
+				t.Fatalf("Acquire = %+v, %v", g, err)
+			}
+			if !tc.ok && err == nil {
+				t.Fatalf("Acquire = %+v without error", g)
+			}
+			if tc.ok {
+				if err := b.Release(ctx, "tls", tc.name); err != nil {
+					t.Fatal(err)
+				}
+			}
+		})
 	}
 }

@@ -36,12 +36,7 @@ type Server struct {
 // registers its stop with t.Cleanup. It blocks until the server answers PING.
 func Start(t testing.TB) *Server {
 	t.Helper()
-	bin := "redis-server"
-	if _, err := exec.LookPath(bin); err != nil {
-		if _, verr := exec.LookPath("valkey-server"); verr == nil {
-			bin = "valkey-server"
-		}
-	}
+	bin := serverBinary()
 	s := serverproc.Start(t, serverproc.Spec{
 		Name:    bin,
 		Binary:  bin,
@@ -73,3 +68,14 @@ func (s *Server) Stop(t testing.TB) {
 
 // External reports whether the server came from REDISTEST_ADDR.
 func (s *Server) External() bool { return s.s.External() }
+
+// serverBinary returns redis-server, or valkey-server when only that is
+// installed.
+func serverBinary() string {
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		if _, verr := exec.LookPath("valkey-server"); verr == nil {
+			return "valkey-server"
+		}
+	}
+	return "redis-server"
+}
