@@ -111,9 +111,11 @@ func (s *suite) client(t *testing.T) (*locking.Client, locking.Backend) {
 	return c, b
 }
 
-func acquire(t *testing.T, c *locking.Client, id string, opts ...locking.Option) *locking.Lock {
+// acquire acquires id, waiting at most a minute of suite time, so that a
+// backend that never frees a lock fails the test instead of hanging it.
+func (s *suite) acquire(t *testing.T, c *locking.Client, id string, opts ...locking.Option) *locking.Lock {
 	t.Helper()
-	l, err := c.Acquire(t.Context(), id, opts...)
+	l, err := c.Acquire(t.Context(), id, append([]locking.Option{locking.MaxWait(60 * s.u)}, opts...)...)
 	if err != nil {
 		t.Fatalf("Acquire(%q): %v", id, err)
 	}
@@ -337,13 +339,13 @@ func (s *suite) mutualExclusion(t *testing.T) {
 	c1, _ := s.client(t)
 	c2, _ := s.client(t)
 	lockID := id(t, "x")
-	l := acquire(t, c1, lockID)
+	l := s.acquire(t, c1, lockID)
 	mustBeHeld(t, c2, lockID)
 	mustBeHeld(t, c1, lockID)
-	other := acquire(t, c2, id(t, "other"))
+	other := s.acquire(t, c2, id(t, "other"))
 	release(t, other)
 	release(t, l)
-	l2 := acquire(t, c2, lockID, locking.Wait(false))
+	l2 := s.acquire(t, c2, lockID, locking.Wait(false))
 	release(t, l2)
 }
 
@@ -351,7 +353,7 @@ func (s *suite) noWait(t *testing.T) {
 	c1, _ := s.client(t)
 	c2, _ := s.client(t)
 	lockID := id(t, "x")
-	l := acquire(t, c1, lockID)
+	l := s.acquire(t, c1, lockID)
 	defer release(t, l)
 	start := time.Now()
 	_, err := c2.Acquire(t.Context(), lockID, locking.Wait(false))
@@ -373,11 +375,11 @@ func (s *suite) waitUntilReleased(t *testing.T) {
 	c1, _ := s.client(t)
 	c2, _ := s.client(t)
 	lockID := id(t, "x")
-	l := acquire(t, c1, lockID)
+	l := s.acquire(t, c1, lockID)
 	hold := 3 * s.u
 	time.AfterFunc(hold, func() { _ = l.Release(context.Background()) })
 	start := time.Now()
-	l2 := acquire(t, c2, lockID)
+	l2 := s.acquire(t, c2, lockID)
 	defer release(t, l2)
 	if d := time.Since(start); d < hold {
 		t.Fatalf("acquired after %v, before the holder released at %v", d, hold)
@@ -391,7 +393,7 @@ func (s *suite) maxWait(t *testing.T) {
 	c1, _ := s.client(t)
 	c2, _ := s.client(t)
 	lockID := id(t, "x")
-	l := acquire(t, c1, lockID)
+	l := s.acquire(t, c1, lockID)
 	defer release(t, l)
 	wait := 3 * s.u
 	start := time.Now()
@@ -416,7 +418,7 @@ func (s *suite) contextCancel(t *testing.T) {
 	c1, _ := s.client(t)
 	c2, _ := s.client(t)
 	lockID := id(t, "x")
-	l := acquire(t, c1, lockID)
+	l := s.acquire(t, c1, lockID)
 	defer release(t, l)
 	for _, c := range []*locking.Client{c2, c1} {
 		ctx, cancel := context.WithCancel(t.Context())
@@ -442,7 +444,7 @@ func (s *suite) renewal(t *testing.T) {
 	c2, _ := s.client(t)
 	lockID := id(t, "x")
 	lease := 6 * s.u
-	l := acquire(t, c1, lockID, locking.Lease(lease))
+	l := s.acquire(t, c1, lockID, locking.Lease(lease))
 	time.Sleep(lease*5/2 + s.g)
 	select {
 	case <-l.Done():
@@ -462,7 +464,7 @@ func (s *suite) renewal(t *testing.T) {
 	if err := l.Err(); !errors.Is(err, locking.ErrNotHeld) {
 		t.Errorf("Err() after Release = %v; want ErrNotHeld", err)
 	}
-	l2 := acquire(t, c2, lockID, locking.Wait(false))
+	l2 := s.acquire(t, c2, lockID, locking.Wait(false))
 	release(t, l2)
 }
 
@@ -475,7 +477,7 @@ func (s *suite) deadHolder(t *testing.T) {
 		t.Fatalf("Acquire of a free lock failed")
 	}
 	start := time.Now()
-	l := acquire(t, c, lockID)
+	l := s.acquire(t, c, lockID)
 	defer release(t, l)
 	if d := time.Since(start); d < lease-s.g {
 		t.Errorf("took over after %v, before the dead holder's lease of %v ran out", d, lease)
@@ -495,7 +497,7 @@ func (s *suite) stealAfterOption(t *testing.T) {
 		t.Fatalf("Acquire(StealAfter) of a fresh lock = %v; want ErrNotAcquired", err)
 	}
 	start := time.Now()
-	l := acquire(t, c, lockID, locking.StealAfter(2*s.u))
+	l := s.acquire(t, c, lockID, locking.StealAfter(2*s.u))
 	defer release(t, l)
 	if d := time.Since(start); d > 20*s.u {
 		t.Errorf("stealing took %v; the lease of %v must not have to run out", d, 200*s.u)
@@ -524,7 +526,7 @@ func (s *suite) loss(t *testing.T) {
 	lease := 9 * s.u
 	t.Run("Acquire", func(t *testing.T) {
 		lockID := id(t, "x")
-		l := acquire(t, c, lockID, locking.Lease(lease))
+		l := s.acquire(t, c, lockID, locking.Lease(lease))
 		stolen := s.steal(t, thief, lockID, lease)
 		select {
 		case <-l.Done():
@@ -569,7 +571,7 @@ func (s *suite) releaseChecksOwner(t *testing.T) {
 	thief := s.newBackend(t)
 	lockID := id(t, "x")
 	lease := 9 * s.u
-	l := acquire(t, c, lockID, locking.Lease(lease))
+	l := s.acquire(t, c, lockID, locking.Lease(lease))
 	s.steal(t, thief, lockID, lease)
 	// Release at once, maybe before the holder's next renewal noticed.
 	if err := l.Release(t.Context()); !errors.Is(err, locking.ErrNotHeld) || !errors.Is(err, locking.ErrLockLost) {
@@ -578,7 +580,7 @@ func (s *suite) releaseChecksOwner(t *testing.T) {
 	other, _ := s.client(t)
 	mustBeHeld(t, other, lockID)
 
-	l2 := acquire(t, c, id(t, "twice"))
+	l2 := s.acquire(t, c, id(t, "twice"))
 	release(t, l2)
 	if err := l2.Release(t.Context()); !errors.Is(err, locking.ErrNotHeld) {
 		t.Errorf("second Release = %v; want ErrNotHeld", err)
@@ -597,13 +599,13 @@ func (s *suite) withPanic(t *testing.T) {
 		}()
 		_ = c.With(t.Context(), lockID, func(context.Context) error { panic("boom") })
 	}()
-	l := acquire(t, other, lockID, locking.Wait(false))
+	l := s.acquire(t, other, lockID, locking.Wait(false))
 	release(t, l)
 	bodyErr := errors.New("body failed")
 	if err := c.With(t.Context(), lockID, func(context.Context) error { return bodyErr }); !errors.Is(err, bodyErr) {
 		t.Errorf("With returned %v; want the body's error", err)
 	}
-	l = acquire(t, other, lockID, locking.Wait(false))
+	l = s.acquire(t, other, lockID, locking.Wait(false))
 	release(t, l)
 }
 
@@ -619,13 +621,13 @@ func (s *suite) fencing(t *testing.T) {
 		last = tok
 	}
 	for i := range 3 {
-		l := acquire(t, c, lockID)
+		l := s.acquire(t, c, lockID)
 		check(fmt.Sprintf("acquisition %d", i), l.Token())
 		release(t, l)
 	}
 	g := backendAcquire(t, b, locking.Request{ID: lockID, Owner: owner(), Lease: s.u})
 	check("backend acquisition", g.Token)
-	l := acquire(t, c, lockID) // waits out the lease, then takes over
+	l := s.acquire(t, c, lockID) // waits out the lease, then takes over
 	check("takeover", l.Token())
 	release(t, l)
 }
@@ -696,7 +698,7 @@ func (s *suite) nested(t *testing.T) {
 	if err != nil || !ran {
 		t.Fatalf("nested With on different ids = %v, inner ran = %v", err, ran)
 	}
-	blocker := acquire(t, other, inner)
+	blocker := s.acquire(t, other, inner)
 	defer release(t, blocker)
 	err = c.With(t.Context(), outer, func(ctx context.Context) error {
 		return c.With(ctx, inner, func(context.Context) error { return nil }, locking.Wait(false))
@@ -705,7 +707,7 @@ func (s *suite) nested(t *testing.T) {
 	if !errors.As(err, &nae) || nae.ID != inner {
 		t.Fatalf("outer With = %v; want the inner lock's *NotAcquiredError naming %q", err, inner)
 	}
-	l := acquire(t, other, outer, locking.Wait(false)) // the outer lock was released
+	l := s.acquire(t, other, outer, locking.Wait(false)) // the outer lock was released
 	release(t, l)
 }
 
