@@ -47,7 +47,7 @@ const maxAttempts = 3
 type Options struct {
 	// Prefix starts every key this backend writes, so that several
 	// applications can share one memcached. Default DefaultPrefix. At most
-	// MaxPrefixLen bytes of printable ASCII without spaces.
+	// MaxPrefixLen bytes of printable ASCII without spaces or braces.
 	Prefix string
 }
 
@@ -111,7 +111,6 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 	mine := record{token: token, stamp: now, lease: r.Lease, owner: r.Owner}
 	exp := expiry(r.Lease, now)
 
-	var busy locking.Grant
 	for range maxAttempts {
 		_, err := b.do(ctx, func() error {
 			return b.c.Add(&memcache.Item{Key: key, Value: mine.encode(), Expiration: exp})
@@ -142,11 +141,10 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 		case r.StealAfter <= 0 || now.Sub(held.stamp) < r.StealAfter:
 			// Held. An item this package did not write counts as held
 			// since the epoch: never stolen without StealAfter, always with.
-			busy = locking.Grant{Remaining: held.remaining(now)}
 			if !ok {
-				busy.Remaining = 0
+				return locking.Grant{}, nil
 			}
-			return busy, nil
+			return locking.Grant{Remaining: held.remaining(now)}, nil
 		}
 		mine.stamp = now
 		it.Value = mine.encode()
@@ -163,7 +161,8 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 			return locking.Grant{}, fmt.Errorf("mclock: acquire %q: cas: %w", r.ID, err)
 		}
 	}
-	return busy, nil
+	// The item kept changing under us: someone else is taking it.
+	return locking.Grant{}, nil
 }
 
 // Renew extends the lease of r.Owner's lock with gets + cas (two commands):

@@ -80,7 +80,8 @@ func (b *Backend) FenceKey(id string) string { return b.prefix + "{" + lockkey.H
 
 func (b *Backend) keys(id string) []string { return []string{b.LockKey(id), b.FenceKey(id)} }
 
-// Acquire takes the lock for r.Owner in one script run (one round trip):
+// Acquire takes the lock for r.Owner in one script run (one round trip; two
+// when the server has not cached the script yet):
 // free, expired, or held by someone who has not acquired or renewed it
 // within r.StealAfter on the server's clock. When busy, Grant.Remaining is
 // the lock's PTTL.
@@ -135,7 +136,10 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 }
 
 // Release deletes owner's lock in one script run (one round trip) that
-// checks the owner first, so it never deletes another owner's lock.
+// checks the owner first, so it never deletes another owner's lock. When
+// the reply is lost and the client's own retry runs the script again, that
+// retry finds the lock gone and Release reports ErrNotHeld although the
+// lock was released.
 func (b *Backend) Release(ctx context.Context, id, owner string) error {
 	if id == "" || owner == "" {
 		return fmt.Errorf("%w: release needs an id and an owner", ErrInvalidRequest)
