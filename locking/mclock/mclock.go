@@ -57,6 +57,10 @@ type Backend struct {
 	c       *memcache.Client
 	prefix  string
 	servers *lazyServers // the selector of c when FromEnv made it, else nil
+
+	// beforeCAS, when set (by tests only), runs between the gets and the
+	// cas of Renew and Release, to interleave another instance there.
+	beforeCAS func()
 }
 
 var _ locking.Backend = (*Backend)(nil)
@@ -187,6 +191,9 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 		}
 		now := time.Now()
 		held.stamp, held.lease = now, r.Lease
+		if b.beforeCAS != nil {
+			b.beforeCAS()
+		}
 		it.Value = held.encode()
 		it.Expiration = expiry(r.Lease, now)
 		_, err = b.do(ctx, func() error { return b.c.CompareAndSwap(it) })
@@ -238,6 +245,9 @@ func (b *Backend) Release(ctx context.Context, id, owner string) error {
 			return fmt.Errorf("mclock: release %q: %w (another owner holds it)", id, locking.ErrNotHeld)
 		}
 		releasing = held.token
+		if b.beforeCAS != nil {
+			b.beforeCAS()
+		}
 		it.Value = tombstone(held.token)
 		it.Expiration = tombstoneExpiry
 		_, err = b.do(ctx, func() error { return b.c.CompareAndSwap(it) })
