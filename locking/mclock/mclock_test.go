@@ -149,18 +149,25 @@ func TestLeaseRoundingOnServer(t *testing.T) {
 			if err != nil || !g.Acquired {
 				t.Fatalf("Acquire = %+v, %v", g, err)
 			}
-			ttl, ok := serverTTL(t, srv.Addr, b.LockKey(id))
-			if !ok {
-				t.Fatalf("lock item is gone right after Acquire with lease %v", tc.lease)
-			}
-			if ttl < 0 {
-				t.Fatalf("lock item never expires (t=%d) for lease %v", ttl, tc.lease)
-			}
-			if sure := time.Duration(ttl-1) * time.Second; sure < tc.lease {
-				t.Errorf("server ttl %d s: item is only sure to live %v, less than the lease %v", ttl, sure, tc.lease)
-			}
-			if most := tc.lease + 3*time.Second; time.Duration(ttl)*time.Second > most {
-				t.Errorf("server ttl %d s: more than %v for lease %v", ttl, most, tc.lease)
+			for _, op := range []string{"Acquire", "Renew"} {
+				if op == "Renew" {
+					if _, err := b.Renew(t.Context(), req(id, "a", tc.lease)); err != nil {
+						t.Fatalf("Renew: %v", err)
+					}
+				}
+				ttl, ok := serverTTL(t, srv.Addr, b.LockKey(id))
+				if !ok {
+					t.Fatalf("lock item is gone right after %s with lease %v", op, tc.lease)
+				}
+				if ttl < 0 {
+					t.Fatalf("%s: lock item never expires (t=%d) for lease %v", op, ttl, tc.lease)
+				}
+				if sure := time.Duration(ttl-1) * time.Second; sure < tc.lease {
+					t.Errorf("%s: server ttl %d s: item is only sure to live %v, less than the lease %v", op, ttl, sure, tc.lease)
+				}
+				if most := tc.lease + 3*time.Second; time.Duration(ttl)*time.Second > most {
+					t.Errorf("%s: server ttl %d s: more than %v for lease %v", op, ttl, most, tc.lease)
+				}
 			}
 		})
 	}
