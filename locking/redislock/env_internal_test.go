@@ -181,3 +181,35 @@ func TestFromEnvTLS(t *testing.T) {
 		})
 	}
 }
+
+// TestFromEnvCluster connects through FromEnv to a real server in cluster
+// mode, as Memorystore for Valkey runs by default.
+func TestFromEnvCluster(t *testing.T) {
+	srv := redistest.StartCluster(t)
+	for _, k := range []string{EnvValkeyAddr, EnvRedisAddr, EnvValkeyPassword, EnvRedisPassword, EnvValkeyUsername,
+		EnvRedisUsername, EnvTLS, EnvTLSCAFile, EnvCluster, EnvIAMAuth, EnvPrefix} {
+		t.Setenv(k, "")
+	}
+	t.Setenv(EnvValkeyAddr, srv.Addr)
+	t.Setenv(EnvCluster, "true")
+	lb, ok, err := FromEnv()
+	if err != nil || !ok {
+		t.Fatalf("FromEnv = %v, %v", ok, err)
+	}
+	b := lb.(*Backend)
+	t.Cleanup(func() { _ = b.c.(io.Closer).Close() })
+	if _, isCluster := b.c.(*redis.ClusterClient); !isCluster {
+		t.Fatalf("client %T, want *redis.ClusterClient", b.c)
+	}
+	ctx := t.Context()
+	r := locking.Request{ID: "cluster", Owner: "a", Lease: time.Second}
+	if g, err := b.Acquire(ctx, r); err != nil || !g.Acquired {
+		t.Fatalf("Acquire = %+v, %v", g, err)
+	}
+	if _, err := b.Renew(ctx, r); err != nil {
+		t.Fatalf("Renew: %v", err)
+	}
+	if err := b.Release(ctx, r.ID, r.Owner); err != nil {
+		t.Fatalf("Release: %v", err)
+	}
+}
