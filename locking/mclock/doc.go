@@ -14,8 +14,9 @@
 //
 // # Operations and round trips
 //
-// Each lock is one item; every change of it is a compare-and-swap, so no
-// check-then-write race exists anywhere:
+// Each lock is one item, created only by add (which fails if the item
+// exists) and changed only by cas (which fails if the item changed since it
+// was read), so no check-then-write race exists anywhere:
 //
 //   - Acquire: incr on the fence counter (the token), then add of the lock
 //     item with the lease as expiry. 2 round trips; 3 on an id's first use
@@ -43,7 +44,9 @@
 // the holder wrote into the item with the taker's wall clock: memcached does
 // not tell an item's age. Clock skew between instances shifts StealAfter by
 // the skew (Cloud Run instances keep NTP time, typically within
-// milliseconds). Remaining is an estimate for scheduling retries.
+// milliseconds); no margin is applied, as a steal that comes a little early
+// costs a Weak lock only some duplicated work. Remaining is an estimate for
+// scheduling retries.
 //
 // # Fencing tokens
 //
