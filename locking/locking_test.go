@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -348,7 +350,7 @@ func TestDefault(t *testing.T) {
 	if err := locking.With(t.Context(), "default-job", func(context.Context) error { return nil }, locking.Kind(locking.Weak)); err != nil {
 		t.Fatalf("Weak on the default client: %v", err)
 	}
-	if n := bytes.Count(buf.Bytes(), []byte("default client ready")); n != 1 {
+	if n := bytes.Count(buf.Bytes(), []byte("locking: client ready")); n != 1 {
 		t.Errorf("default client logged its choice %d times; want once:\n%s", n, buf.String())
 	}
 	if !bytes.Contains(buf.Bytes(), []byte(`"strong_backend":"memory (this process only)"`)) {
@@ -374,4 +376,51 @@ func TestNewRejectsBadConfig(t *testing.T) {
 			t.Errorf("%s: New = %v; want ErrInvalid", name, err)
 		}
 	}
+}
+
+// testProviderEnv switches the provider this test file registers: "ok" names
+// a memlock store, "bad" an invalid environment, anything else nothing.
+const testProviderEnv = "LOCKING_TEST_PROVIDER"
+
+var testProviderStore = memlock.New()
+
+func init() {
+	locking.RegisterProvider(locking.Weak, "test-provider", func() (locking.Backend, bool, error) {
+		switch os.Getenv(testProviderEnv) {
+		case "ok":
+			return testProviderStore, true, nil
+		case "bad":
+			return nil, true, errors.New("TEST_ADDR is not host:port")
+		}
+		return nil, false, nil
+	})
+}
+
+func TestFromEnvironment(t *testing.T) {
+	t.Run("provider named", func(t *testing.T) {
+		t.Setenv(testProviderEnv, "ok")
+		var buf bytes.Buffer
+		c, err := locking.FromEnvironment(locking.Config{Logger: slog.New(slog.NewJSONHandler(&buf, nil))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c.Backend(locking.Weak) != testProviderStore {
+			t.Errorf("Weak backend is not the provider's")
+		}
+		if !bytes.Contains(buf.Bytes(), []byte(`"weak_backend":"test-provider"`)) {
+			t.Errorf("log line does not name the provider: %s", buf.String())
+		}
+	})
+	t.Run("invalid environment", func(t *testing.T) {
+		t.Setenv(testProviderEnv, "bad")
+		if _, err := locking.FromEnvironment(locking.Config{Logger: slog.New(slog.DiscardHandler)}); err == nil || !strings.Contains(err.Error(), "TEST_ADDR") {
+			t.Fatalf("FromEnvironment = %v; want the provider's error", err)
+		}
+		locking.SetDefault(nil)
+		t.Cleanup(func() { locking.SetDefault(nil) })
+		err := locking.With(t.Context(), "x", func(context.Context) error { return nil })
+		if err == nil || !strings.Contains(err.Error(), "TEST_ADDR") {
+			t.Fatalf("default client with an invalid environment: With = %v; want the provider's error", err)
+		}
+	})
 }
