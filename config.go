@@ -28,6 +28,7 @@ const (
 	EnvCleanupGrace       = "TASKGUARD_CLEANUP_GRACE"
 	EnvTasksEmulator      = "CLOUD_TASKS_EMULATOR_HOST"
 	EnvTokenURL           = "TASKGUARD_TOKEN_URL"
+	EnvLogLevel           = "TASKGUARD_LOG_LEVEL"
 )
 
 // ErrConfig marks an invalid configuration.

@@ -35,37 +35,45 @@ import (
 )
 
 var (
-	startCfg Config
-	startErr error
-	logger   *slog.Logger
-
 	appOnce sync.Once
 	app     *App
 	appErr  error
 )
 
 func init() {
-	startCfg, startErr = ConfigFromEnv(os.Getenv)
-	logger = slog.New(cloudlog.NewHandler(os.Stdout, slog.LevelInfo, os.Getenv(EnvProject)))
-	slog.SetDefault(logger)
-	if startErr != nil {
-		logger.Error("taskguard: the functions cannot start until the configuration is fixed", "error", startErr.Error())
+	// Validate at start so that a bad deployment says what is wrong in its
+	// first log line; the App itself is built on the first request.
+	if _, err := ConfigFromEnv(os.Getenv); err != nil {
+		newLogger().Error("taskguard: the functions cannot start until the configuration is fixed", "error", err.Error())
 	}
 	functions.HTTP("Worker", serve((*App).Worker))
 	functions.HTTP("Enqueue", serve((*App).Enqueue))
 	functions.HTTP("CleanupLocks", serve((*App).CleanupLocks))
 }
 
-// getApp builds the App on first use.
+// newLogger returns the functions' logger: JSON lines for Cloud Logging on
+// standard output, at TASKGUARD_LOG_LEVEL (debug, info, warn or error;
+// info by default).
+func newLogger() *slog.Logger {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(os.Getenv(EnvLogLevel))); err != nil {
+		level = slog.LevelInfo
+	}
+	return slog.New(cloudlog.NewHandler(os.Stdout, level, os.Getenv(EnvProject)))
+}
+
+// getApp builds the App from the environment on first use.
 func getApp() (*App, error) {
 	appOnce.Do(func() {
-		if startErr != nil {
-			appErr = startErr
-			return
+		log := newLogger()
+		slog.SetDefault(log)
+		cfg, err := ConfigFromEnv(os.Getenv)
+		if err == nil {
+			app, err = NewApp(context.Background(), cfg, log)
 		}
-		app, appErr = NewApp(context.Background(), startCfg, logger)
-		if appErr != nil {
-			logger.Error("taskguard: cannot build the functions", "error", appErr.Error())
+		if err != nil {
+			appErr = err
+			log.Error("taskguard: cannot build the functions", "error", err.Error())
 			return
 		}
 		// Jobs that call locking.With share the App's client and its queues.

@@ -1,0 +1,232 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/taskguard/taskguard"
+	"github.com/taskguard/taskguard/internal/oauthdemo"
+	"github.com/taskguard/taskguard/locking"
+	"github.com/taskguard/taskguard/tasks"
+	"github.com/taskguard/taskguard/tasks/taskstest"
+)
+
+// demoJob is the job the demo enqueues: it holds its task's lock for a
+// moment and records when it ran.
+const demoJob = "demo-report"
+
+// demoLease is the demo job's lease. The worker's Retry-After is the
+// holder's remaining lease, so a short lease keeps the demo's retries quick.
+const demoLease = 1500 * time.Millisecond
+
+// section is one run of the demo job.
+type section struct {
+	LockID     string
+	Token      uint64
+	Task       string
+	Start, End time.Time
+}
+
+type recorder struct {
+	mu       sync.Mutex
+	sections []section // guarded by mu
+}
+
+func (r *recorder) add(s section) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.sections = append(r.sections, s)
+}
+
+func (r *recorder) snapshot() []section {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.sections)
+}
+
+func registerDemoJob() *recorder {
+	rec := &recorder{}
+	taskguard.HandleJob(demoJob, func(ctx context.Context, d *tasks.Delivery) error {
+		s := section{LockID: d.LockID, Token: d.Token, Task: d.TaskName, Start: time.Now()}
+		select {
+		case <-time.After(300 * time.Millisecond):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		s.End = time.Now()
+		rec.add(s)
+		return nil
+	}, tasks.LockOptions(locking.Lease(demoLease)))
+	return rec
+}
+
+// runDemo drives the local functions over HTTP as a user would and checks
+// what they did.
+func runDemo(ctx context.Context, out io.Writer, base string, rec *recorder, emu *taskstest.Server, endpoint *oauthdemo.Endpoint) error {
+	const perID = 6
+	start := time.Now()
+	var enqueued int
+	enqueue := func(job, lockID string, payload any) error {
+		body, _ := json.Marshal(map[string]any{"job": job, "lockId": lockID, "payload": payload})
+		resp, err := http.Post(base+"/Enqueue", "application/json", bytes.NewReader(body))
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			msg, _ := io.ReadAll(resp.Body)
+			return fmt.Errorf("Enqueue %s/%s: %s: %s", job, lockID, resp.Status, msg)
+		}
+		enqueued++
+		return nil
+	}
+	for i := range perID {
+		if err := enqueue(demoJob, "report-A", map[string]int{"n": i}); err != nil {
+			return err
+		}
+	}
+	for i := range perID {
+		if err := enqueue(demoJob, fmt.Sprintf("report-%c", 'B'+i), map[string]int{"n": i}); err != nil {
+			return err
+		}
+	}
+	const refreshes = 5
+	if endpoint != nil {
+		for i := range refreshes {
+			// Distinct task lock ids: the tasks run at once, and only the
+			// job's own lock on the user's token keeps the refreshes apart.
+			if err := enqueue(taskguard.ExampleJob, fmt.Sprintf("refresh-42-%d", i), map[string]string{"user": "42"}); err != nil {
+				return err
+			}
+		}
+	}
+	fmt.Fprintf(out, "enqueued %d tasks through %s/Enqueue\n\n", enqueued, base)
+
+	wctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	if emu != nil {
+		if err := emu.WaitIdle(wctx, localQueue); err != nil {
+			return fmt.Errorf("waiting for the queue to drain: %w", err)
+		}
+	} else {
+		for len(rec.snapshot()) < 2*perID {
+			select {
+			case <-wctx.Done():
+				return fmt.Errorf("waiting for the demo tasks: %w", wctx.Err())
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+	}
+
+	secs := rec.snapshot()
+	problems := printTimeline(out, start, secs, 2*perID)
+
+	if emu != nil {
+		var busy, done int
+		for _, a := range emu.Attempts() {
+			switch {
+			case a.Status == http.StatusTooManyRequests:
+				busy++
+			case a.Status >= 200 && a.Status < 300:
+				done++
+			}
+		}
+		fmt.Fprintf(out, "deliveries: %d completed, %d answered 429 + Retry-After (lock busy; Cloud Tasks retried later, no billed waiting)\n", done, busy)
+	}
+	if endpoint != nil {
+		calls := endpoint.CallCount()
+		fmt.Fprintf(out, "oauth example: %d concurrent refresh tasks for user 42 -> %d call(s) to the token endpoint, each with a valid refresh token\n", refreshes, calls)
+		if calls != 1 {
+			problems = append(problems, fmt.Sprintf("token endpoint called %d times for one expired token; want 1", calls))
+		}
+	}
+
+	resp, err := http.Post(base+"/CleanupLocks", "application/json", nil)
+	if err != nil {
+		return err
+	}
+	report, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	fmt.Fprintf(out, "CleanupLocks: %s %s", resp.Status, report)
+
+	if len(problems) > 0 {
+		return fmt.Errorf("demo checks failed:\n  %s", strings.Join(problems, "\n  "))
+	}
+	fmt.Fprintln(out, "\nOK: at most one task at a time per lock id, fencing tokens increasing, distinct ids in parallel")
+	return nil
+}
+
+// printTimeline draws one row per run and returns what contradicts the
+// guarantee.
+func printTimeline(out io.Writer, origin time.Time, secs []section, want int) []string {
+	var problems []string
+	if len(secs) != want {
+		problems = append(problems, fmt.Sprintf("%d demo tasks ran; want %d", len(secs), want))
+	}
+	if len(secs) == 0 {
+		return problems
+	}
+	sort.Slice(secs, func(i, j int) bool {
+		if secs[i].LockID != secs[j].LockID {
+			return secs[i].LockID < secs[j].LockID
+		}
+		return secs[i].Start.Before(secs[j].Start)
+	})
+	end := origin
+	for _, s := range secs {
+		end = later(end, s.End)
+	}
+	const width = 60
+	span := end.Sub(origin)
+	col := func(t time.Time) int { return int(float64(width-1) * float64(t.Sub(origin)) / float64(span)) }
+	fmt.Fprintf(out, "%-9s %6s  %-*s %s\n", "lock id", "token", width, "timeline (0 … "+span.Round(time.Millisecond).String()+")", "ran")
+	for i, s := range secs {
+		bar := []byte(strings.Repeat("·", 0) + strings.Repeat(" ", width))
+		for c := col(s.Start); c <= col(s.End) && c < width; c++ {
+			bar[c] = '#'
+		}
+		fmt.Fprintf(out, "%-9s %6d  %s %s–%s\n", s.LockID, s.Token, bar,
+			s.Start.Sub(origin).Round(time.Millisecond), s.End.Sub(origin).Round(time.Millisecond))
+		if i > 0 && secs[i-1].LockID == s.LockID {
+			prev := secs[i-1]
+			if s.Start.Before(prev.End) {
+				problems = append(problems, fmt.Sprintf("%s: two tasks overlapped (tokens %d and %d)", s.LockID, prev.Token, s.Token))
+			}
+			if s.Token <= prev.Token {
+				problems = append(problems, fmt.Sprintf("%s: token %d ran after %d", s.LockID, s.Token, prev.Token))
+			}
+		}
+	}
+	// Distinct ids must have run at the same time as one another.
+	maxParallel := 0
+	for _, s := range secs {
+		n := 0
+		for _, o := range secs {
+			if o.Start.Before(s.End) && s.Start.Before(o.End) {
+				n++
+			}
+		}
+		maxParallel = max(maxParallel, n)
+	}
+	fmt.Fprintf(out, "\nat most %d tasks ran at once across ids; per id never more than 1\n", maxParallel)
+	if maxParallel < 2 {
+		problems = append(problems, "tasks on distinct ids never ran in parallel")
+	}
+	return problems
+}
+
+func later(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
+}
