@@ -65,7 +65,7 @@ type Config struct {
 }
 
 var (
-	queueRE   = regexp.MustCompile(`^projects/[a-z][a-z0-9:.-]*[a-z0-9]/locations/[a-z0-9-]+/queues/[A-Za-z0-9-]{1,100}$`)
+	queueRE   = regexp.MustCompile(`^projects/[a-z0-9][a-z0-9:.-]*/locations/[a-z0-9-]+/queues/[A-Za-z0-9-]{1,100}$`)
 	hostPort  = regexp.MustCompile(`^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$`)
 	saEmailRE = regexp.MustCompile(`^[^@\s]+@[^@\s]+\.[^@\s]+$`)
 )
