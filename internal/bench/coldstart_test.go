@@ -1,0 +1,5 @@
+package bench
+
+const coldChildEnv = "BENCH_COLDSTART_CHILD"
+
+func coldChild() int { return 0 }

@@ -1,0 +1,7 @@
+package bench
+
+import "net"
+
+type netConn = net.Conn
+
+var dialer net.Dialer
