@@ -25,8 +25,25 @@ lint: deps ## gofmt, go vet, staticcheck
 test: lint ## the full suite, race detector on
 	go test $(GOTEST_FLAGS) ./...
 
-bench: deps ## benchmarks against the real servers
-	go test -run='^$$' -bench=. -benchmem ./...
+# The benchmarks (internal/bench) run once each (-benchtime=1x: every one
+# takes its own fixed number of samples) against the real servers, and
+# internal/benchplot turns their output into the tables of BENCHMARKS.md and
+# the hand-off plot. The raw output, with the machine it ran on, is kept in
+# $(BENCH_OUT).
+BENCH_OUT ?= docs/bench/bench.txt
+BENCH_FLAGS ?= -run='^$$' -bench=. -benchtime=1x -benchmem -timeout=30m
+
+bench: deps ## benchmarks against the real servers; rewrites BENCHMARKS.md and docs/bench/handoff.svg
+	@mkdir -p $(dir $(BENCH_OUT))
+	@{ echo "# command: make bench (go test $(BENCH_FLAGS) ./internal/bench)"; \
+	  echo "# date: $$(date -u +%FT%TZ)"; \
+	  echo "# nproc: $$(nproc)"; \
+	  echo "# cpu model: $$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"; \
+	  echo "# $$(go version)"; \
+	  echo "# load average (1, 5, 15 min) before: $$(cut -d' ' -f1-3 /proc/loadavg)"; } > $(BENCH_OUT)
+	set -o pipefail; go test $(BENCH_FLAGS) ./internal/bench | tee -a $(BENCH_OUT)
+	@echo "# load average (1, 5, 15 min) after: $$(cut -d' ' -f1-3 /proc/loadavg)" >> $(BENCH_OUT)
+	go run ./internal/benchplot -in $(BENCH_OUT) -md BENCHMARKS.md -svg docs/bench/handoff.svg
 
 torture: deps ## the long reliability run (minutes)
 	TASKGUARD_TORTURE=long go test -race -count=1 -timeout=30m -run=Torture -v ./...
