@@ -158,7 +158,7 @@ func BenchmarkHandoff(b *testing.B) {
 			}
 			if mode == "cross" && (s.name == "datastore/ours" || s.name == "datastore/djangae") {
 				b.Run(s.name+"/cross/hold=500ms/waiters=2", func(b *testing.B) {
-					benchHandoff(b, s, mode, 2, 500*time.Millisecond, 30)
+					benchHandoff(b, s, mode, 2, 500*time.Millisecond, 40)
 				})
 			}
 		}
