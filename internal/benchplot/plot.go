@@ -65,7 +65,7 @@ func plot(r *results) string {
 	for d := dlo; d <= dhi; d++ {
 		yy := y(math.Pow(10, d))
 		w(`<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="#ddd"/>`+"\n", left, yy, left+plotW, yy)
-		w(`<text x="%d" y="%.1f" text-anchor="end" dominant-baseline="middle">%s</text>`+"\n", left-6, yy, fmtNs(math.Pow(10, d)))
+		w(`<text x="%d" y="%.1f" text-anchor="end" dominant-baseline="middle">%s</text>`+"\n", left-6, yy, decade(d))
 	}
 	w(`<rect x="%d" y="%d" width="%d" height="%d" fill="none" stroke="#333"/>`+"\n", left, top, plotW, plotH)
 	for i, n := range waiters {
@@ -116,4 +116,11 @@ func plot(r *results) string {
 	w(`<text x="%d" y="%d" dominant-baseline="middle" fill="#666">solid: p50 · faint dashed: p99</text>`+"\n", lx, yy+24)
 	w("</svg>\n")
 	return b.String()
+}
+
+// decade labels 10^d nanoseconds: "100 µs", "1 ms", "10 s".
+func decade(d float64) string {
+	units := []string{"ns", "µs", "ms", "s"}
+	i := min(max(int(d)/3, 0), len(units)-1)
+	return fmt.Sprintf("%g %s", math.Pow(10, d-float64(3*i)), units[i])
 }
