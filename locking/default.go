@@ -43,19 +43,20 @@ func RegisterProvider(k LockKind, name string, p Provider) {
 }
 
 // Default returns the client that the package-level Acquire and With use.
-// Unless SetDefault replaced it, it is built on first use from the
-// registered providers (see RegisterProvider): for each kind, the first
-// backend the environment names. When none names a Strong backend, Strong
-// locks use an in-memory backend, correct within this process only; when
-// none names a Weak one, Weak locks use the Strong backend (a stronger lock
-// is always a valid weak one). Default logs its choice once. If a provider
-// reports an invalid environment, every call on the default client fails
-// with that error rather than silently using another store.
+// Unless SetDefault replaced it, it is built on first use by FromEnvironment
+// with a zero Config. If a provider reports an invalid environment, every
+// call on the default client fails with that error rather than silently
+// using another store.
 func Default() *Client {
 	defaultMu.Lock()
 	defer defaultMu.Unlock()
 	if defClient == nil {
-		defClient = buildDefault(slog.Default())
+		c, err := fromEnvironment(Config{})
+		if err != nil {
+			slog.Error("locking: the environment names a lock backend it cannot configure; every lock call will fail", "error", err)
+			c = &Client{err: err, log: slog.Default()}
+		}
+		defClient = c
 	}
 	return defClient
 }
@@ -69,13 +70,25 @@ func SetDefault(c *Client) {
 	defClient = c
 }
 
-// buildDefault is called with defaultMu held.
-func buildDefault(log *slog.Logger) *Client {
-	var (
-		backends [2]Backend
-		names    [2]string
-		errs     []error
-	)
+// FromEnvironment returns a client configured by cfg whose missing backends
+// come from the registered providers (see RegisterProvider): for each kind
+// cfg leaves nil, the first backend the environment names. When none names a
+// Strong backend, Strong locks use an in-memory backend, correct within this
+// process only; when none names a Weak one, Weak locks use the Strong backend
+// (a stronger lock is always a valid weak one). It logs its choice in one
+// line. It fails when a provider reports an invalid environment, and does no
+// network I/O.
+func FromEnvironment(cfg Config) (*Client, error) {
+	defaultMu.Lock()
+	defer defaultMu.Unlock()
+	return fromEnvironment(cfg)
+}
+
+// fromEnvironment is called with defaultMu held.
+func fromEnvironment(cfg Config) (*Client, error) {
+	backends := [2]Backend{cfg.Strong, cfg.Weak}
+	names := [2]string{"configured", "configured"}
+	var errs []error
 	for _, p := range providers {
 		if backends[p.kind] != nil {
 			continue
@@ -89,9 +102,7 @@ func buildDefault(log *slog.Logger) *Client {
 		}
 	}
 	if len(errs) > 0 {
-		err := fmt.Errorf("locking: default client: %w", errors.Join(errs...))
-		log.Error("locking: the environment names a lock backend it cannot configure; every lock call will fail", "error", err)
-		return &Client{err: err, log: log}
+		return nil, fmt.Errorf("locking: %w", errors.Join(errs...))
 	}
 	if backends[Strong] == nil {
 		backends[Strong], names[Strong] = newMemory(), "memory (this process only)"
@@ -99,12 +110,13 @@ func buildDefault(log *slog.Logger) *Client {
 	if backends[Weak] == nil {
 		backends[Weak], names[Weak] = backends[Strong], names[Strong]+", shared with strong"
 	}
-	c, err := New(Config{Strong: backends[Strong], Weak: backends[Weak], Logger: log})
-	if err != nil { // unreachable: both backends are set and durations are defaults
-		return &Client{err: err, log: log}
+	cfg.Strong, cfg.Weak = backends[Strong], backends[Weak]
+	c, err := New(cfg)
+	if err != nil {
+		return nil, err
 	}
-	log.Info("locking: default client ready", "strong_backend", names[Strong], "weak_backend", names[Weak])
-	return c
+	c.log.Info("locking: client ready", "strong_backend", names[Strong], "weak_backend", names[Weak])
+	return c, nil
 }
 
 // Acquire acquires the lock id with the default client; see Client.Acquire.

@@ -1,3 +1,82 @@
-// Package locking guards work with locks that hold across every instance of
-// every function.
+// Package locking guards work so that it runs at most once at a time per
+// lock id, across every goroutine, instance and function that shares a
+// backend.
+//
+//	err := locking.With(ctx, "user-42", func(ctx context.Context) error {
+//		return refreshToken(ctx, 42)
+//	})
+//
+// With acquires the lock, runs the function and releases the lock, also on
+// error and panic. Acquire and Lock.Release are the lower-level pair.
+//
+// # Kinds
+//
+// Strong locks (the default) are for correctness. Their backend is
+// consistent (Cloud Datastore in production, package dslock): while one owner
+// holds an id, no other acquisition of it succeeds. Weak locks are for
+// efficiency: they keep most duplicate work from overlapping, cheaply
+// (memcached, package mclock; Valkey or Redis, package redislock), but a
+// restart, eviction or failover of the store can let two owners in. Use Weak
+// only where overlapping work is wasteful, not harmful.
+//
+// # Leases
+//
+// Every lock has a lease (DefaultLease unless Config.Lease or the Lease
+// option says otherwise). While the lock is held it is renewed in the
+// background every third of the lease, so work may run as long as it needs
+// to; if the holder dies, the lease runs out and another owner may take the
+// lock over. Renewal stops on Release, when the lock is lost, or when the
+// context the lock was acquired with is done: a lock never outlives the
+// request that took it. StealAfter keeps djangae's steal_after_ms for callers
+// that want to take over a lock whose holder has not renewed it recently.
+//
+// # Loss
+//
+// A lock is lost when renewals fail until its lease runs out, or when
+// another owner took it over (StealAfter, or an expired lease). Loss is
+// signalled: Lock.Done closes, and With cancels the function's context with
+// cause ErrLockLost and returns an error wrapping ErrLockLost. The holder
+// counts the lease from when it sent each request and declares the lock lost
+// a tenth of a lease before that count ends, so it is told before anyone else
+// can take the lock over, unless the machines' clocks run at rates more than
+// 10% apart or the holder's process is paused (a long garbage collection, a
+// frozen instance). Nothing can rule the pause out; the fencing token can
+// make it harmless.
+//
+// # Fencing tokens
+//
+// Lock.Token (FromContext(ctx).Token() inside With) is a number strictly
+// greater than every token issued before for the same id. Send it with every
+// write to the resource the lock protects, and have the resource refuse a
+// write whose token is lower than the highest it has accepted (for example a
+// Datastore transaction that compares it with a stored value). A holder that
+// lost its lock without knowing it is then fenced off. Each backend documents
+// whether its tokens survive restarts; Strong backends' do.
+//
+// # Waiting
+//
+// A held lock is polled with exponential backoff and full jitter between
+// Config.MinBackoff and Config.MaxBackoff, never busy-spinning, until it is
+// acquired, MaxWait passes or the context is done. Callers of one Client
+// waiting for the same id queue in-process behind a single poller; when a
+// holder in this process releases, the next local waiter tries at once.
+// Wait(false) fails at once with a *NotAcquiredError (errors.Is
+// ErrNotAcquired), whose Remaining hints how long the holder's lease runs:
+// the tasks package turns that into a Retry-After.
+//
+// # Not guaranteed
+//
+//   - Mutual exclusion is only as strong as the backend: Weak locks can
+//     overlap, and an in-memory backend excludes nothing across processes.
+//   - A holder paused longer than its lease can run after losing its lock
+//     and before noticing; only a fencing token checked by the resource
+//     protects against that.
+//   - Waiters are not served in order across instances.
+//
+// # Backends
+//
+// A Backend is a handful of atomic operations on one store; everything
+// above is written once in this package. Package lockingtest is the
+// conformance suite every backend passes; memlock is the in-memory backend,
+// the default when the environment names no store and the double for tests.
 package locking

@@ -1,0 +1,298 @@
+package taskguard
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"sync"
+	"time"
+
+	"google.golang.org/api/option"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/taskguard/taskguard/internal/cloudlog"
+	"github.com/taskguard/taskguard/internal/oauthdemo"
+	"github.com/taskguard/taskguard/locking"
+	"github.com/taskguard/taskguard/locking/dslock"
+	"github.com/taskguard/taskguard/tasks"
+)
+
+// ExampleJob is the name of the example job: it refreshes a user's OAuth
+// token under a lock on the user, so that concurrent refreshes do not
+// invalidate each other. Its payload is {"user": "42"}.
+const ExampleJob = "refresh-token"
+
+// maxEnqueueBody bounds the Enqueue function's request body: a task's 1 MB
+// plus room for the request's own fields.
+const maxEnqueueBody = tasks.MaxTaskSize + 64<<10
+
+var (
+	jobsMu sync.Mutex
+	jobs   []jobReg // guarded by jobsMu
+)
+
+type jobReg struct {
+	name string
+	fn   tasks.JobFunc
+	opts []tasks.JobOption
+}
+
+// HandleJob registers a job for the Worker function of every App created
+// afterwards (the deployed functions build theirs on the first request), the
+// way functions.HTTP registers a function. Call it from an init function.
+func HandleJob(name string, fn tasks.JobFunc, opts ...tasks.JobOption) {
+	jobsMu.Lock()
+	defer jobsMu.Unlock()
+	jobs = append(jobs, jobReg{name, fn, opts})
+}
+
+// An App holds what the three functions share: the lock client, the task
+// worker with its jobs, and the Cloud Tasks client.
+type App struct {
+	cfg     Config
+	log     *slog.Logger
+	locks   *locking.Client
+	worker  *tasks.Worker
+	enqueue *tasks.Client   // nil when Enqueue is not configured
+	cleaner *dslock.Backend // nil when Strong locks are not on Datastore
+	oauth   *oauthdemo.Refresher
+}
+
+// NewApp builds the functions from cfg. The lock backends come from the
+// environment (locking.FromEnvironment). It does no network I/O: connections
+// are made on first use.
+func NewApp(ctx context.Context, cfg Config, log *slog.Logger) (*App, error) {
+	locks, err := locking.FromEnvironment(locking.Config{Lease: cfg.Lease, Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	a := &App{cfg: cfg, log: log, locks: locks}
+	a.cleaner, _ = locks.Backend(locking.Strong).(*dslock.Backend)
+
+	wopts := []tasks.WorkerOption{tasks.WithLogger(log)}
+	if cfg.Queue != "" {
+		wopts = append(wopts, tasks.WithQueue(cfg.Queue))
+	}
+	if a.worker, err = tasks.NewWorker(locks, wopts...); err != nil {
+		return nil, err
+	}
+	jobsMu.Lock()
+	for _, j := range jobs {
+		a.worker.Handle(j.name, j.fn, j.opts...)
+	}
+	jobsMu.Unlock()
+	if cfg.TokenURL != "" {
+		a.oauth = &oauthdemo.Refresher{URL: cfg.TokenURL, Store: oauthdemo.NewStore()}
+		a.worker.Handle(ExampleJob, a.refreshToken)
+	}
+
+	if cfg.EnqueueEnabled() {
+		var copts []option.ClientOption
+		if cfg.TasksEmulator != "" {
+			copts = []option.ClientOption{
+				option.WithEndpoint(cfg.TasksEmulator),
+				option.WithoutAuthentication(),
+				option.WithGRPCDialOption(grpc.WithTransportCredentials(insecure.NewCredentials())),
+			}
+		}
+		a.enqueue, err = tasks.NewClient(ctx, tasks.Config{
+			Queue:          cfg.Queue,
+			WorkerURL:      cfg.WorkerURL,
+			ServiceAccount: cfg.TaskServiceAccount,
+			WorkerTimeout:  workerTimeout,
+		}, copts...)
+		if err != nil {
+			return nil, err
+		}
+	}
+	return a, nil
+}
+
+// workerTimeout is the Worker function's --timeout in deploy/ (1800 s); the
+// tasks' dispatch deadline is derived from it.
+const workerTimeout = 30 * time.Minute
+
+// Close releases the App's connections.
+func (a *App) Close() error {
+	var errs []error
+	if a.enqueue != nil {
+		errs = append(errs, a.enqueue.Close())
+	}
+	if a.cleaner != nil {
+		errs = append(errs, a.cleaner.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// Locks returns the App's lock client.
+func (a *App) Locks() *locking.Client { return a.locks }
+
+// Worker is the Cloud Tasks target: it runs each task's job under the task's
+// lock (see tasks.Worker for its answers).
+func (a *App) Worker() http.Handler { return cloudlog.Middleware(a.worker) }
+
+// enqueueRequest is the Enqueue function's JSON body.
+type enqueueRequest struct {
+	Job          string          `json:"job"`
+	LockID       string          `json:"lockId"`
+	Payload      json.RawMessage `json:"payload,omitempty"`
+	DelaySeconds float64         `json:"delaySeconds,omitempty"`
+	Name         string          `json:"name,omitempty"`
+}
+
+// Enqueue is an HTTP endpoint that enqueues one task: POST a JSON body
+// {"job", "lockId", "payload" (any JSON), "delaySeconds", "name" (to
+// de-duplicate)}. It answers 200 {"task": NAME} — with "duplicate": true when
+// a task of that name exists or ran recently —, 400 for a bad request or an
+// unknown job, 405 for another method, 413 for a body over 1 MB, 503 when the
+// function has no queue configured and 502 when Cloud Tasks fails. Deploy it
+// with --no-allow-unauthenticated: only callers granted run.invoker may
+// enqueue.
+func (a *App) Enqueue() http.Handler {
+	return cloudlog.Middleware(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx := r.Context()
+		if r.Method != http.MethodPost {
+			w.Header().Set("Allow", http.MethodPost)
+			writeJSON(w, http.StatusMethodNotAllowed, map[string]string{"error": "use POST"})
+			return
+		}
+		if a.enqueue == nil {
+			a.log.ErrorContext(ctx, "Enqueue called but no queue is configured", "missing", EnvQueue)
+			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": "no queue configured: set " + EnvQueue + ", " + EnvWorkerURL + " and " + EnvTaskServiceAccount})
+			return
+		}
+		var req enqueueRequest
+		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxEnqueueBody))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&req); err != nil {
+			var tooBig *http.MaxBytesError
+			if errors.As(err, &tooBig) {
+				writeJSON(w, http.StatusRequestEntityTooLarge, map[string]string{"error": "body over 1 MB"})
+				return
+			}
+			writeJSON(w, http.StatusBadRequest, map[string]string{"error": "body is not a JSON enqueue request: " + err.Error()})
+			return
+		}
+		if dec.More() {
+			writeJSON(w, http.StatusBadRequest, map[string]string{"error": "body has data after the JSON object"})
+			return
+		}
+		if req.Job != "" && !a.worker.Has(req.Job) {
+			writeJSON(w, http.StatusBadRequest, map[string]string{"error": fmt.Sprintf("unknown job %q", req.Job)})
+			return
+		}
+		if req.DelaySeconds < 0 || req.DelaySeconds > 30*24*3600 {
+			writeJSON(w, http.StatusBadRequest, map[string]string{"error": "delaySeconds must be between 0 and 30 days"})
+			return
+		}
+		t := tasks.Task{Job: req.Job, LockID: req.LockID, Name: req.Name, Delay: time.Duration(req.DelaySeconds * float64(time.Second))}
+		if len(req.Payload) > 0 {
+			t.Payload = req.Payload
+		}
+		name, err := a.enqueue.Enqueue(ctx, t)
+		switch {
+		case errors.Is(err, tasks.ErrDuplicate):
+			writeJSON(w, http.StatusOK, map[string]any{"task": name, "duplicate": true})
+		case errors.Is(err, tasks.ErrInvalidTask):
+			writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
+		case err != nil:
+			a.log.ErrorContext(ctx, "enqueue failed", "job", req.Job, "lock_id", req.LockID, "error", err)
+			writeJSON(w, http.StatusBadGateway, map[string]string{"error": "Cloud Tasks: " + err.Error()})
+		default:
+			a.log.InfoContext(ctx, "task enqueued", "job", req.Job, "lock_id", req.LockID, "task", name)
+			writeJSON(w, http.StatusOK, map[string]any{"task": name})
+		}
+	}))
+}
+
+// CleanupReport is the CleanupLocks function's answer.
+type CleanupReport struct {
+	Backend   string  `json:"backend"`
+	Scanned   int     `json:"scanned"`
+	Expired   int     `json:"expired"`
+	Deleted   int     `json:"deleted"`
+	Skipped   int     `json:"skipped"`
+	Errors    int     `json:"errors"`
+	ElapsedMS float64 `json:"elapsedMs"`
+	Finished  bool    `json:"finished"`
+	DryRun    bool    `json:"dryRun"`
+	Error     string  `json:"error,omitempty"`
+}
+
+// CleanupLocks is the Cloud Scheduler target: it deletes Datastore lock
+// entities whose lease ended more than the grace period ago (never a live
+// one), stopping before the request's deadline, and answers a JSON
+// CleanupReport. ?dryRun=true only counts. A run cut short answers 200 with
+// "finished": false and the next run goes on; an error answers 500 so that
+// the scheduler retries. Other backends need no cleanup: their report is
+// empty and finished.
+func (a *App) CleanupLocks() http.Handler {
+	return cloudlog.Middleware(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx := r.Context()
+		if r.Method != http.MethodPost && r.Method != http.MethodGet {
+			w.Header().Set("Allow", "GET, POST")
+			writeJSON(w, http.StatusMethodNotAllowed, map[string]string{"error": "use POST"})
+			return
+		}
+		dry := r.URL.Query().Get("dryRun") == "true"
+		if a.cleaner == nil {
+			writeJSON(w, http.StatusOK, CleanupReport{Backend: "none (expired locks in memory, memcached and Valkey vanish by themselves)", Finished: true, DryRun: dry})
+			return
+		}
+		// Stop early enough to answer before the platform's deadline.
+		budget := 5 * time.Minute
+		if dl, ok := ctx.Deadline(); ok {
+			left := time.Until(dl)
+			budget = left - max(left/10, 2*time.Second)
+		}
+		cctx, cancel := context.WithTimeout(ctx, max(budget, time.Second))
+		defer cancel()
+		rep, err := a.cleaner.Cleanup(cctx, dslock.CleanupOptions{Grace: a.cfg.CleanupGrace, DryRun: dry})
+		out := CleanupReport{
+			Backend: "datastore", Scanned: rep.Scanned, Expired: rep.Expired, Deleted: rep.Deleted,
+			Skipped: rep.Skipped, Errors: rep.Errors, ElapsedMS: float64(rep.Elapsed.Microseconds()) / 1000,
+			Finished: rep.Finished, DryRun: rep.DryRun,
+		}
+		status := http.StatusOK
+		level := slog.LevelInfo
+		if err != nil && !(errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil) {
+			out.Error, status, level = err.Error(), http.StatusInternalServerError, slog.LevelError
+		}
+		a.log.Log(ctx, level, "lock cleanup", "scanned", out.Scanned, "deleted", out.Deleted, "skipped", out.Skipped,
+			"errors", out.Errors, "finished", out.Finished, "dry_run", out.DryRun, "elapsed_ms", out.ElapsedMS, "error", out.Error)
+		writeJSON(w, status, out)
+	}))
+}
+
+// refreshToken is the example job: it refreshes the user's OAuth token
+// under a lock on the user, wherever the refresh is started from (this task,
+// or another that guards the same call), so that concurrent refreshes cannot
+// spend one refresh token twice. The task's own lock (its lock id) can be
+// anything; the lock on the token is what matters.
+func (a *App) refreshToken(ctx context.Context, d *tasks.Delivery) error {
+	var p struct {
+		User string `json:"user"`
+	}
+	if err := d.Decode(&p); err != nil || p.User == "" {
+		return tasks.Permanent(fmt.Errorf("payload must be {\"user\": \"ID\"}: %v", err))
+	}
+	return a.locks.With(ctx, "oauth-token/"+p.User, func(ctx context.Context) error {
+		fence := locking.FromContext(ctx).Token()
+		refreshed, err := a.oauth.Refresh(ctx, p.User, fence)
+		if err != nil {
+			return err
+		}
+		a.log.InfoContext(ctx, "oauth token checked", "user", p.User, "refreshed", refreshed, "token", fence, "task", d.TaskName)
+		return nil
+	}, locking.MaxWait(20*time.Second))
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}

@@ -1,0 +1,150 @@
+package taskguard
+
+import (
+	"errors"
+	"fmt"
+	"net/url"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/taskguard/taskguard/locking"
+)
+
+// Environment variables the functions read. Empty means unset.
+const (
+	EnvProject            = "GOOGLE_CLOUD_PROJECT"
+	EnvDatastoreEmulator  = "DATASTORE_EMULATOR_HOST"
+	EnvDatastoreDatabase  = "TASKGUARD_DATASTORE_DATABASE"
+	EnvDatastoreNamespace = "TASKGUARD_DATASTORE_NAMESPACE"
+	EnvDatastoreKind      = "TASKGUARD_DATASTORE_KIND"
+	EnvDefaultKind        = "TASKGUARD_DEFAULT_KIND"
+	EnvMemcache           = "MEMCACHE_SERVERS"
+	EnvValkey             = "VALKEY_ADDR"
+	EnvQueue              = "TASKGUARD_QUEUE"
+	EnvWorkerURL          = "TASKGUARD_WORKER_URL"
+	EnvTaskServiceAccount = "TASKGUARD_TASK_SERVICE_ACCOUNT"
+	EnvLease              = "TASKGUARD_LEASE"
+	EnvCleanupGrace       = "TASKGUARD_CLEANUP_GRACE"
+	EnvTasksEmulator      = "CLOUD_TASKS_EMULATOR_HOST"
+	EnvTokenURL           = "TASKGUARD_TOKEN_URL"
+)
+
+// ErrConfig marks an invalid configuration.
+var ErrConfig = errors.New("taskguard: invalid configuration")
+
+// Config is the functions' configuration, read from the environment by
+// ConfigFromEnv. The lock backends themselves are chosen by the locking
+// providers from the same environment (see locking.FromEnvironment): Datastore
+// when GOOGLE_CLOUD_PROJECT or DATASTORE_EMULATOR_HOST is set, memcached for
+// Weak locks when MEMCACHE_SERVERS is, Valkey when VALKEY_ADDR is.
+type Config struct {
+	// ProjectID is the Google Cloud project, for trace correlation in logs.
+	ProjectID string
+	// DefaultKind is the kind of the example job's lock (TASKGUARD_DEFAULT_KIND:
+	// "strong", the default, or "weak").
+	DefaultKind locking.LockKind
+	// Lease is the default lock lease (TASKGUARD_LEASE, a Go duration);
+	// locking.DefaultLease when zero.
+	Lease time.Duration
+	// CleanupGrace is how long after its lease ended a lock entity is kept
+	// before CleanupLocks deletes it (TASKGUARD_CLEANUP_GRACE); the Datastore
+	// backend's default when zero.
+	CleanupGrace time.Duration
+	// Queue, WorkerURL and TaskServiceAccount configure the Enqueue function:
+	// the full queue name, the Worker function's URL, and the service account
+	// whose OIDC token Cloud Tasks presents to the worker. All three or none.
+	Queue, WorkerURL, TaskServiceAccount string
+	// TasksEmulator is the host:port of a local Cloud Tasks emulator
+	// (CLOUD_TASKS_EMULATOR_HOST); empty in production.
+	TasksEmulator string
+	// TokenURL is the OAuth token endpoint of the example job
+	// (TASKGUARD_TOKEN_URL); the job is registered only when it is set.
+	TokenURL string
+}
+
+var (
+	queueRE   = regexp.MustCompile(`^projects/[a-z][a-z0-9:.-]*[a-z0-9]/locations/[a-z0-9-]+/queues/[A-Za-z0-9-]{1,100}$`)
+	hostPort  = regexp.MustCompile(`^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$`)
+	saEmailRE = regexp.MustCompile(`^[^@\s]+@[^@\s]+\.[^@\s]+$`)
+)
+
+// ConfigFromEnv reads and validates the configuration. getenv is os.Getenv
+// in production. Every problem is reported at once, in one error wrapping
+// ErrConfig, one line per variable.
+func ConfigFromEnv(getenv func(string) string) (Config, error) {
+	var (
+		cfg      Config
+		problems []string
+	)
+	bad := func(name, format string, args ...any) {
+		problems = append(problems, fmt.Sprintf("%s=%q: %s", name, getenv(name), fmt.Sprintf(format, args...)))
+	}
+	cfg.ProjectID = getenv(EnvProject)
+
+	switch strings.ToLower(getenv(EnvDefaultKind)) {
+	case "", "strong":
+		cfg.DefaultKind = locking.Strong
+	case "weak":
+		cfg.DefaultKind = locking.Weak
+	default:
+		bad(EnvDefaultKind, `want "strong" or "weak"`)
+	}
+	duration := func(name string) time.Duration {
+		v := getenv(name)
+		if v == "" {
+			return 0
+		}
+		d, err := time.ParseDuration(v)
+		if err != nil || d <= 0 {
+			bad(name, "want a positive Go duration such as 30s or 5m")
+			return 0
+		}
+		return d
+	}
+	cfg.Lease = duration(EnvLease)
+	cfg.CleanupGrace = duration(EnvCleanupGrace)
+
+	for _, name := range []string{EnvDatastoreEmulator, EnvTasksEmulator, EnvValkey} {
+		if v := getenv(name); v != "" && !hostPort.MatchString(v) && !strings.Contains(v, "://") {
+			bad(name, "want host:port")
+		}
+	}
+	if v := getenv(EnvMemcache); v != "" {
+		for _, s := range strings.Split(v, ",") {
+			if !hostPort.MatchString(strings.TrimSpace(s)) {
+				bad(EnvMemcache, "want a comma-separated list of host:port")
+				break
+			}
+		}
+	}
+
+	cfg.Queue, cfg.WorkerURL, cfg.TaskServiceAccount = getenv(EnvQueue), getenv(EnvWorkerURL), getenv(EnvTaskServiceAccount)
+	cfg.TasksEmulator = getenv(EnvTasksEmulator)
+	if cfg.Queue != "" || cfg.WorkerURL != "" || cfg.TaskServiceAccount != "" {
+		if !queueRE.MatchString(cfg.Queue) {
+			bad(EnvQueue, "want projects/PROJECT/locations/LOCATION/queues/QUEUE (set it with %s and %s, or none of them)", EnvWorkerURL, EnvTaskServiceAccount)
+		}
+		if u, err := url.Parse(cfg.WorkerURL); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+			bad(EnvWorkerURL, "want the Worker function's http(s) URL")
+		} else if u.Scheme == "http" && cfg.TasksEmulator == "" {
+			bad(EnvWorkerURL, "Cloud Tasks sends OIDC tokens only over https")
+		}
+		if !saEmailRE.MatchString(cfg.TaskServiceAccount) {
+			bad(EnvTaskServiceAccount, "want a service account email")
+		}
+	}
+	if v := getenv(EnvTokenURL); v != "" {
+		if u, err := url.Parse(v); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+			bad(EnvTokenURL, "want an http(s) URL")
+		}
+		cfg.TokenURL = v
+	}
+	if len(problems) > 0 {
+		return Config{}, fmt.Errorf("%w:\n  %s", ErrConfig, strings.Join(problems, "\n  "))
+	}
+	return cfg, nil
+}
+
+// EnqueueEnabled reports whether the Enqueue function is configured.
+func (c Config) EnqueueEnabled() bool { return c.Queue != "" }

@@ -1,0 +1,1072 @@
+// Package deploy_test checks the deploy/ scripts and cloudbuild.yaml without
+// touching any Google Cloud project.
+//
+// Every script runs in dry-run mode, which prints each gcloud command instead
+// of running it. The tests check what those commands do (least-privilege IAM,
+// private functions, timeouts, the environment the functions read), then pass
+// every distinct command through the gcloud CLI installed here. gcloud parses
+// its arguments before it needs credentials, so with an empty configuration
+// directory and no account it either rejects the arguments (exit 2, "unrecognized
+// arguments", "Invalid value", "Invalid choice") or stops at "You do not
+// currently have an active account selected". Only the latter passes.
+package deploy_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/taskguard/taskguard/locking"
+	"go.uber.org/goleak"
+	"golang.org/x/sync/errgroup"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+// fakeProject is a well-formed project id that the checks pass to gcloud;
+// without credentials nothing can reach it (or any other project).
+const fakeProject = "taskguard-offline-check"
+
+// steps are the deploy scripts in the order all.sh must run them.
+var steps = []string{
+	"01-apis.sh",
+	"02-datastore.sh",
+	"03-service-accounts.sh",
+	"04-queue.sh",
+	"05-functions.sh",
+	"06-invokers.sh",
+	"07-scheduler.sh",
+}
+
+// functionEnvNames are the environment variables function.go reads; the
+// scripts must pass no other name.
+var functionEnvNames = []string{
+	"GOOGLE_CLOUD_PROJECT", "TASKGUARD_DATASTORE_DATABASE", "TASKGUARD_DATASTORE_NAMESPACE",
+	"TASKGUARD_DATASTORE_KIND", "TASKGUARD_DEFAULT_KIND", "MEMCACHE_SERVERS", "VALKEY_ADDR",
+	"TASKGUARD_QUEUE", "TASKGUARD_WORKER_URL", "TASKGUARD_TASK_SERVICE_ACCOUNT", "TASKGUARD_LEASE",
+	"TASKGUARD_CLEANUP_GRACE",
+}
+
+// command is one command line a script would run, split into arguments.
+type command []string
+
+func (c command) String() string { return strings.Join(c, " ") }
+
+// words returns the arguments that are not flags: the gcloud command path and
+// its positional arguments.
+func (c command) words() []string {
+	var w []string
+	for _, a := range c {
+		if !strings.HasPrefix(a, "--") {
+			w = append(w, a)
+		}
+	}
+	return w
+}
+
+// flag returns the value of --name=value (or "" for a bare --name) and
+// whether the flag is present.
+func (c command) flag(name string) (string, bool) {
+	for _, a := range c {
+		if a == "--"+name {
+			return "", true
+		}
+		if v, ok := strings.CutPrefix(a, "--"+name+"="); ok {
+			return v, true
+		}
+	}
+	return "", false
+}
+
+// is reports whether the command is `gcloud <path...>`.
+func (c command) is(path ...string) bool {
+	w := c.words()
+	return len(w) > len(path) && w[0] == "gcloud" && slices.Equal(w[1:len(path)+1], path)
+}
+
+// arg returns the i-th positional argument after the command path of length n.
+func (c command) arg(n, i int) string {
+	w := c.words()
+	if 1+n+i < len(w) {
+		return w[1+n+i]
+	}
+	return ""
+}
+
+// shape identifies commands that exercise the same gcloud parsing: the same
+// command path and flags, with arguments of the same syntax (runs of letters,
+// digits and spaces collapsed, punctuation kept: "tg-run@p.iam..." and
+// "taskguard-tasks@q.iam..." are alike; "^;^K=V;K=V" and "K=V,K=V" are not),
+// repeated arguments of one syntax counted once. gcloud takes 1-4 s per call
+// on a busy machine, so the offline check runs one command per shape.
+func (c command) shape() string {
+	syntax := regexp.MustCompile(`[A-Za-z0-9 ]+`)
+	n := len(c)
+	for _, k := range knownCommands {
+		if c.is(k...) {
+			n = 1 + len(k)
+		}
+	}
+	parts := slices.Clone(c[:min(n, len(c))])
+	var rest []string
+	for _, a := range c[len(parts):] {
+		rest = append(rest, syntax.ReplaceAllString(a, "x"))
+	}
+	slices.Sort(rest)
+	rest = slices.Compact(rest)
+	return strings.Join(append(parts, rest...), " ")
+}
+
+// scriptEnv is a minimal environment for running a script: nothing from the
+// caller's shell leaks in (no project, no credentials) except PATH.
+func scriptEnv(t *testing.T, extra map[string]string) []string {
+	t.Helper()
+	env := []string{"PATH=" + os.Getenv("PATH"), "HOME=" + t.TempDir(), "LC_ALL=C.UTF-8"}
+	for k, v := range extra {
+		env = append(env, k+"="+v)
+	}
+	return env
+}
+
+// runScript runs a deploy script with bash and returns its stdout and stderr.
+func runScript(t *testing.T, script string, args []string, env map[string]string) (stdout, stderr string, err error) {
+	t.Helper()
+	cmd := exec.CommandContext(t.Context(), "bash", append([]string{script}, args...)...)
+	cmd.Env = scriptEnv(t, env)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err = cmd.Run()
+	return out.String(), errb.String(), err
+}
+
+// dryRun runs a script in dry-run mode and returns the commands it printed.
+// It fails the test if the script fails or prints anything but commands.
+func dryRun(t *testing.T, script string, args []string, env map[string]string) []command {
+	t.Helper()
+	stdout, stderr, err := runScript(t, script, args, env)
+	if err != nil {
+		t.Fatalf("%s %v: %v\n%s", script, args, err, stderr)
+	}
+	var lines []string
+	for line := range strings.Lines(stdout) {
+		line = strings.TrimSuffix(line, "\n")
+		rest, ok := strings.CutPrefix(line, "+ ")
+		if !ok {
+			t.Errorf("%s: dry run printed a line that is not a command: %q", script, line)
+			continue
+		}
+		lines = append(lines, rest)
+	}
+	return splitShellLines(t, lines)
+}
+
+// splitShellLines splits shell-quoted command lines into arguments the way
+// bash does, so the test sees exactly what pasting the dry run would run.
+func splitShellLines(t *testing.T, lines []string) []command {
+	t.Helper()
+	if len(lines) == 0 {
+		return nil
+	}
+	const split = `while IFS= read -r line; do eval "set -- $line"; printf '%s\0' "$#" "$@"; done`
+	cmd := exec.CommandContext(t.Context(), "bash", "-c", split)
+	cmd.Stdin = strings.NewReader(strings.Join(lines, "\n") + "\n")
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("splitting dry-run lines: %v", err)
+	}
+	cmds := parseCountedArgs(t, out)
+	if len(cmds) != len(lines) {
+		t.Fatalf("split %d lines into %d commands", len(lines), len(cmds))
+	}
+	return cmds
+}
+
+// parseCountedArgs parses a stream of commands written as printf '%s\0' "$#" "$@".
+func parseCountedArgs(t *testing.T, out []byte) []command {
+	t.Helper()
+	if len(out) == 0 {
+		return nil
+	}
+	fields := strings.Split(strings.TrimSuffix(string(out), "\x00"), "\x00")
+	var cmds []command
+	for len(fields) > 0 {
+		n, err := strconv.Atoi(fields[0])
+		if err != nil || n > len(fields)-1 {
+			t.Fatalf("bad argument count %q in a command stream", fields[0])
+		}
+		cmds = append(cmds, command(fields[1:1+n]))
+		fields = fields[1+n:]
+	}
+	return cmds
+}
+
+// scenario is one configuration of the scripts, run through all.sh.
+type scenario struct {
+	name   string
+	args   []string          // e.g. --dry-run
+	env    map[string]string // configuration; DRY_RUN etc. included
+	exists bool              // the rerun path: every resource already exists
+}
+
+func scenarios(t *testing.T) []scenario {
+	t.Helper()
+	return []scenario{
+		{
+			name: "fresh project, defaults",
+			env:  map[string]string{"DRY_RUN": "1", "PROJECT": fakeProject},
+		},
+		{
+			name:   "rerun with every option",
+			args:   []string{"--dry-run"},
+			exists: true,
+			env: map[string]string{
+				"DRY_RUN_ASSUME_EXISTS":         "1",
+				"GOOGLE_CLOUD_PROJECT":          fakeProject,
+				"REGION":                        "europe-west1",
+				"QUEUE":                         "locks-queue",
+				"RUNTIME_SA":                    "tg-run",
+				"TASKS_SA":                      "tg-tasks",
+				"SCHEDULER_SA":                  "tg-cron",
+				"BUILD_SERVICE_ACCOUNT":         "builder@" + fakeProject + ".iam.gserviceaccount.com",
+				"ENQUEUE_INVOKERS":              "serviceAccount:api@other-project.iam.gserviceaccount.com, group:ops@example.com",
+				"MAX_INSTANCES":                 "20",
+				"MEMORY":                        "512Mi",
+				"WORKER_TIMEOUT":                "3600s",
+				"CLEANUP_TIMEOUT":               "15m",
+				"SCHEDULER_ATTEMPT_DEADLINE":    "900s",
+				"ENABLE_TTL":                    "0",
+				"VPC_NETWORK":                   "default",
+				"VPC_SUBNET":                    "functions",
+				"TASKGUARD_DATASTORE_DATABASE":  "locks",
+				"TASKGUARD_DATASTORE_NAMESPACE": "prod",
+				"TASKGUARD_DATASTORE_KIND":      "Lock",
+				"TASKGUARD_DEFAULT_KIND":        "weak",
+				"MEMCACHE_SERVERS":              "10.0.0.3:11211,10.0.0.4:11211",
+				"VALKEY_ADDR":                   "10.0.1.5:6379",
+				"TASKGUARD_WORKER_URL":          "https://worker.example.com/run",
+				"TASKGUARD_LEASE":               "1m30s",
+				"TASKGUARD_CLEANUP_GRACE":       "24h",
+				"SCHEDULE":                      "0 */6 * * *",
+				"SCHEDULE_TIME_ZONE":            "Europe/Paris",
+				"QUEUE_MAX_ATTEMPTS":            "-1",
+				"QUEUE_MAX_RETRY_DURATION":      "24h",
+				"QUEUE_MIN_BACKOFF":             "1s",
+				"QUEUE_MAX_BACKOFF":             "10m",
+			},
+		},
+		cloudBuildScenario(t),
+	}
+}
+
+// expectation is what a scenario's commands must do, computed from its
+// configuration and the documented defaults (repeated here on purpose: a
+// changed default must be a deliberate change of this test too).
+type expectation struct {
+	project, region, queue, kind, database string
+	runtimeSA, tasksSA, schedulerSA        string
+	enqueueInvokers                        []string
+	env                                    map[string]string
+	ttl, vpc                               bool
+	network, subnet                        string
+	minWorkerTimeout                       int // seconds
+}
+
+func expect(s scenario) expectation {
+	get := func(k, def string) string {
+		if v, ok := s.env[k]; ok && v != "" {
+			return v
+		}
+		return def
+	}
+	project := get("PROJECT", get("GOOGLE_CLOUD_PROJECT", ""))
+	region := get("REGION", "us-central1")
+	email := func(id string) string { return id + "@" + project + ".iam.gserviceaccount.com" }
+	e := expectation{
+		project:          project,
+		region:           region,
+		queue:            get("QUEUE", "taskguard"),
+		kind:             get("TASKGUARD_DATASTORE_KIND", "TaskguardLock"),
+		database:         get("TASKGUARD_DATASTORE_DATABASE", "(default)"),
+		runtimeSA:        email(get("RUNTIME_SA", "taskguard-runtime")),
+		tasksSA:          email(get("TASKS_SA", "taskguard-tasks")),
+		schedulerSA:      email(get("SCHEDULER_SA", "taskguard-scheduler")),
+		ttl:              get("ENABLE_TTL", "1") == "1",
+		network:          get("VPC_NETWORK", ""),
+		subnet:           get("VPC_SUBNET", ""),
+		minWorkerTimeout: 1800, // the longest dispatch deadline Cloud Tasks allows
+	}
+	e.vpc = e.network != ""
+	for m := range strings.SplitSeq(get("ENQUEUE_INVOKERS", ""), ",") {
+		if m = strings.TrimSpace(m); m != "" {
+			e.enqueueInvokers = append(e.enqueueInvokers, m)
+		}
+	}
+	e.env = map[string]string{
+		"GOOGLE_CLOUD_PROJECT":           project,
+		"TASKGUARD_DATASTORE_KIND":       e.kind,
+		"TASKGUARD_DEFAULT_KIND":         get("TASKGUARD_DEFAULT_KIND", "strong"),
+		"TASKGUARD_QUEUE":                "projects/" + project + "/locations/" + region + "/queues/" + e.queue,
+		"TASKGUARD_WORKER_URL":           get("TASKGUARD_WORKER_URL", "https://worker-123456789012."+region+".run.app"),
+		"TASKGUARD_TASK_SERVICE_ACCOUNT": e.tasksSA,
+		"TASKGUARD_LEASE":                get("TASKGUARD_LEASE", locking.DefaultLease.String()),
+		"TASKGUARD_CLEANUP_GRACE":        get("TASKGUARD_CLEANUP_GRACE", "1h"),
+	}
+	for _, k := range []string{"TASKGUARD_DATASTORE_DATABASE", "TASKGUARD_DATASTORE_NAMESPACE", "MEMCACHE_SERVERS", "VALKEY_ADDR"} {
+		if v := get(k, ""); v != "" {
+			e.env[k] = v
+		}
+	}
+	return e
+}
+
+// parseEnvVars parses a --set-env-vars value, including gcloud's alternate
+// delimiter syntax "^D^K=V D K=V".
+func parseEnvVars(v string) (map[string]string, error) {
+	delim := ","
+	if strings.HasPrefix(v, "^") {
+		d, rest, ok := strings.Cut(v[1:], "^")
+		if !ok || d == "" {
+			return nil, fmt.Errorf("bad delimiter syntax in %q", v)
+		}
+		delim, v = d, rest
+	}
+	env := map[string]string{}
+	for kv := range strings.SplitSeq(v, delim) {
+		k, val, ok := strings.Cut(kv, "=")
+		if !ok || k == "" {
+			return nil, fmt.Errorf("bad pair %q", kv)
+		}
+		if _, dup := env[k]; dup {
+			return nil, fmt.Errorf("duplicate name %q", k)
+		}
+		env[k] = val
+	}
+	return env, nil
+}
+
+// seconds parses a gcloud duration in whole s, m or h.
+func seconds(v string) (int, error) {
+	m := regexp.MustCompile(`^(\d+)([smh])$`).FindStringSubmatch(v)
+	if m == nil {
+		return 0, fmt.Errorf("duration %q not in s, m or h", v)
+	}
+	n, _ := strconv.Atoi(m[1])
+	return n * map[string]int{"s": 1, "m": 60, "h": 3600}[m[2]], nil
+}
+
+// knownCommands are the gcloud command paths the scripts may use; anything
+// else (a new command, a typo in a command group) must be reviewed here.
+var knownCommands = [][]string{
+	{"services", "enable"},
+	{"firestore", "databases", "describe"},
+	{"firestore", "databases", "create"},
+	{"firestore", "fields", "ttls", "update"},
+	{"iam", "service-accounts", "describe"},
+	{"iam", "service-accounts", "create"},
+	{"iam", "service-accounts", "add-iam-policy-binding"},
+	{"projects", "describe"},
+	{"projects", "add-iam-policy-binding"},
+	{"tasks", "queues", "describe"},
+	{"tasks", "queues", "create"},
+	{"tasks", "queues", "update"},
+	{"tasks", "queues", "add-iam-policy-binding"},
+	{"functions", "describe"},
+	{"functions", "deploy"},
+	{"functions", "add-invoker-policy-binding"},
+	{"run", "services", "update"},
+	{"scheduler", "jobs", "describe"},
+	{"scheduler", "jobs", "create", "http"},
+	{"scheduler", "jobs", "update", "http"},
+}
+
+type binding struct{ resource, member, role string }
+
+// checkPlan checks what a scenario's commands would do.
+func checkPlan(t *testing.T, s scenario, cmds []command) {
+	t.Helper()
+	e := expect(s)
+	var (
+		bindings []binding
+		deploys  = map[string]command{}
+		vpc      = map[string]bool{}
+		timeouts = map[string]int{}
+		count    = map[string]int{}
+	)
+	for _, c := range cmds {
+		if c[0] != "gcloud" {
+			t.Errorf("not a gcloud command: %s", c)
+			continue
+		}
+		var path []string
+		for _, k := range knownCommands {
+			if c.is(k...) {
+				path = k
+			}
+		}
+		if path == nil {
+			t.Errorf("command not reviewed by this test: %s", c)
+			continue
+		}
+		count[strings.Join(path, " ")]++
+		if p, ok := c.flag("project"); ok {
+			if p != e.project {
+				t.Errorf("--project=%s, want %s: %s", p, e.project, c)
+			}
+		} else if !(path[0] == "projects" && c.arg(2, 0) == e.project) {
+			t.Errorf("command does not name project %s: %s", e.project, c)
+		}
+		member, _ := c.flag("member")
+		role, _ := c.flag("role")
+		switch strings.Join(path, " ") {
+		case "projects add-iam-policy-binding":
+			bindings = append(bindings, binding{"project " + c.arg(2, 0), member, role})
+		case "iam service-accounts add-iam-policy-binding":
+			bindings = append(bindings, binding{"service account " + c.arg(3, 0), member, role})
+		case "tasks queues add-iam-policy-binding":
+			loc, _ := c.flag("location")
+			bindings = append(bindings, binding{"queue " + loc + "/" + c.arg(3, 0), member, role})
+		case "functions add-invoker-policy-binding":
+			reg, _ := c.flag("region")
+			bindings = append(bindings, binding{"function " + reg + "/" + c.arg(2, 0), member, "roles/run.invoker"})
+		case "functions deploy":
+			name := c.arg(2, 0)
+			if _, dup := deploys[name]; dup {
+				t.Errorf("%s deployed twice", name)
+			}
+			deploys[name] = c
+		case "run services update":
+			net, _ := c.flag("network")
+			sub, _ := c.flag("subnet")
+			egress, _ := c.flag("vpc-egress")
+			if net != e.network || sub != e.subnet || egress != "private-ranges-only" {
+				t.Errorf("VPC egress: got network=%q subnet=%q egress=%q, want %q %q private-ranges-only: %s", net, sub, egress, e.network, e.subnet, c)
+			}
+			vpc[c.arg(3, 0)] = true
+		case "firestore databases create":
+			if v, _ := c.flag("type"); v != "datastore-mode" {
+				t.Errorf("database type %q, want datastore-mode: %s", v, c)
+			}
+		case "firestore fields ttls update":
+			group, _ := c.flag("collection-group")
+			db, _ := c.flag("database")
+			if _, on := c.flag("enable-ttl"); !on || c.arg(4, 0) != "expiresAt" || group != e.kind || db != e.database {
+				t.Errorf("TTL policy must enable TTL on %s.expiresAt in database %s: %s", e.kind, e.database, c)
+			}
+		case "tasks queues create", "tasks queues update":
+			if c.arg(3, 0) != e.queue {
+				t.Errorf("queue %q, want %q: %s", c.arg(3, 0), e.queue, c)
+			}
+			for _, f := range []string{"location", "max-attempts", "max-retry-duration", "min-backoff", "max-backoff", "max-doublings", "max-dispatches-per-second", "max-concurrent-dispatches"} {
+				if _, ok := c.flag(f); !ok {
+					t.Errorf("queue settings lack --%s: %s", f, c)
+				}
+			}
+		case "scheduler jobs create http", "scheduler jobs update http":
+			uri, _ := c.flag("uri")
+			aud, _ := c.flag("oidc-token-audience")
+			sa, _ := c.flag("oidc-service-account-email")
+			method, _ := c.flag("http-method")
+			sched, _ := c.flag("schedule")
+			if uri == "" || aud != uri {
+				t.Errorf("OIDC audience %q must equal the URI %q: %s", aud, uri, c)
+			}
+			if !strings.Contains(uri, "cleanuplocks") {
+				t.Errorf("scheduler URI %q is not CleanupLocks' URL", uri)
+			}
+			if sa != e.schedulerSA || method != "POST" || len(strings.Fields(sched)) != 5 {
+				t.Errorf("scheduler job: want OIDC as %s, POST, a 5-field schedule: %s", e.schedulerSA, c)
+			}
+			d, err := seconds(must(c.flag("attempt-deadline")))
+			if err != nil {
+				t.Error(err)
+			}
+			timeouts["scheduler"] = d
+		case "services enable":
+			for _, api := range []string{"cloudfunctions", "run", "cloudbuild", "artifactregistry", "cloudtasks", "cloudscheduler", "datastore", "firestore", "iam", "logging"} {
+				if !slices.Contains(c, api+".googleapis.com") {
+					t.Errorf("API %s is not enabled: %s", api, c)
+				}
+			}
+		}
+	}
+
+	// Creates on a fresh project, updates on a rerun; never both.
+	fresh, rerun := 1, 0
+	if s.exists {
+		fresh, rerun = 0, 1
+	}
+	for path, want := range map[string]int{
+		"firestore databases create":   fresh,
+		"iam service-accounts create":  3 * fresh,
+		"tasks queues create":          fresh,
+		"tasks queues update":          rerun,
+		"scheduler jobs create http":   fresh,
+		"scheduler jobs update http":   rerun,
+		"services enable":              1,
+		"firestore fields ttls update": map[bool]int{true: 1, false: 0}[e.ttl],
+		"run services update":          map[bool]int{true: 3, false: 0}[e.vpc],
+	} {
+		if count[path] != want {
+			t.Errorf("%d × gcloud %s, want %d", count[path], path, want)
+		}
+	}
+
+	// Least privilege: exactly these grants, nothing project-wide but Datastore access.
+	sa := func(email string) string { return "serviceAccount:" + email }
+	wantBindings := []binding{
+		{"project " + e.project, sa(e.runtimeSA), "roles/datastore.user"},
+		{"service account " + e.tasksSA, sa(e.runtimeSA), "roles/iam.serviceAccountUser"},
+		{"queue " + e.region + "/" + e.queue, sa(e.runtimeSA), "roles/cloudtasks.enqueuer"},
+		{"function " + e.region + "/Worker", sa(e.tasksSA), "roles/run.invoker"},
+		{"function " + e.region + "/CleanupLocks", sa(e.schedulerSA), "roles/run.invoker"},
+	}
+	for _, m := range e.enqueueInvokers {
+		wantBindings = append(wantBindings, binding{"function " + e.region + "/Enqueue", m, "roles/run.invoker"})
+	}
+	sortBindings := func(b []binding) {
+		slices.SortFunc(b, func(x, y binding) int {
+			return strings.Compare(x.resource+x.member+x.role, y.resource+y.member+y.role)
+		})
+	}
+	sortBindings(bindings)
+	sortBindings(wantBindings)
+	if !slices.Equal(bindings, wantBindings) {
+		t.Errorf("IAM bindings:\n got %v\nwant %v", bindings, wantBindings)
+	}
+
+	// The functions: private, gen2, go126, the runtime SA, the right env, timeouts that fit.
+	for _, name := range []string{"Worker", "Enqueue", "CleanupLocks"} {
+		c, ok := deploys[name]
+		if !ok {
+			t.Errorf("%s is not deployed", name)
+			continue
+		}
+		for _, f := range []string{"gen2", "trigger-http", "no-allow-unauthenticated"} {
+			if v, ok := c.flag(f); !ok || v != "" {
+				t.Errorf("%s: want --%s: %s", name, f, c)
+			}
+		}
+		if _, ok := c.flag("allow-unauthenticated"); ok {
+			t.Errorf("%s must not allow unauthenticated calls: %s", name, c)
+		}
+		for f, want := range map[string]string{
+			"entry-point": name, "runtime": "go126", "region": e.region, "service-account": e.runtimeSA,
+		} {
+			if v, _ := c.flag(f); v != want {
+				t.Errorf("%s: --%s=%q, want %q", name, f, v, want)
+			}
+		}
+		d, err := seconds(must(c.flag("timeout")))
+		if err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
+		timeouts[name] = d
+		env, err := parseEnvVars(must(c.flag("set-env-vars")))
+		if err != nil {
+			t.Errorf("%s: --set-env-vars: %v", name, err)
+		}
+		for k := range env {
+			if !slices.Contains(functionEnvNames, k) {
+				t.Errorf("%s: environment variable %s is not one function.go reads", name, k)
+			}
+		}
+		if !mapsEqual(env, e.env) {
+			t.Errorf("%s environment:\n got %v\nwant %v", name, env, e.env)
+		}
+		if e.vpc && !vpc[strings.ToLower(name)] {
+			t.Errorf("%s has no Direct VPC egress", name)
+		}
+	}
+	if timeouts["Worker"] < e.minWorkerTimeout {
+		t.Errorf("Worker timeout %ds < %ds: Cloud Tasks could still be waiting when the platform cuts the request", timeouts["Worker"], e.minWorkerTimeout)
+	}
+	if timeouts["Worker"] > 3600 || timeouts["CleanupLocks"] > 3600 {
+		t.Errorf("HTTP function timeouts above 3600s: %v", timeouts)
+	}
+	if timeouts["scheduler"] > timeouts["CleanupLocks"] {
+		t.Errorf("scheduler attempt deadline %ds exceeds CleanupLocks' timeout %ds", timeouts["scheduler"], timeouts["CleanupLocks"])
+	}
+}
+
+func must(v string, _ bool) string { return v }
+
+func mapsEqual(a, b map[string]string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if w, ok := b[k]; !ok || w != v {
+			return false
+		}
+	}
+	return true
+}
+
+// TestDryRunPlans runs all.sh in dry-run mode for each scenario and checks
+// what its commands would do.
+func TestDryRunPlans(t *testing.T) {
+	for _, s := range scenarios(t) {
+		t.Run(s.name, func(t *testing.T) {
+			checkPlan(t, s, dryRun(t, "all.sh", s.args, s.env))
+		})
+	}
+}
+
+// TestAllRunsEveryStepInOrder checks that all.sh runs exactly the numbered
+// scripts in deploy/, in order, and prints the same commands as running each
+// of them alone.
+func TestAllRunsEveryStepInOrder(t *testing.T) {
+	found, err := filepath.Glob("[0-9][0-9]-*.sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(found, steps) {
+		t.Fatalf("numbered scripts in deploy/ are %v, want %v", found, steps)
+	}
+	if got := allSteps(t); !slices.Equal(got, steps) {
+		t.Fatalf("all.sh runs %v, want %v", got, steps)
+	}
+	env := map[string]string{"DRY_RUN": "1", "PROJECT": fakeProject}
+	var each []command
+	for _, step := range steps {
+		cmds := dryRun(t, step, nil, env)
+		if len(cmds) == 0 {
+			t.Errorf("%s printed no command in a dry run", step)
+		}
+		each = append(each, cmds...)
+	}
+	all := dryRun(t, "all.sh", nil, env)
+	if !slices.EqualFunc(all, each, slices.Equal) {
+		t.Errorf("all.sh printed %d commands; the steps alone printed %d, or in another order", len(all), len(each))
+	}
+}
+
+// allSteps reads the steps=( ... ) list out of all.sh.
+func allSteps(t *testing.T) []string {
+	t.Helper()
+	src, err := os.ReadFile("all.sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	block := regexp.MustCompile(`(?s)\nsteps=\((.*?)\n\)`).FindSubmatch(src)
+	if block == nil {
+		t.Fatal("all.sh has no steps=( ... ) list")
+	}
+	return strings.Fields(string(block[1]))
+}
+
+// configNames reads the configuration variables lib.sh declares with defaults.
+func configNames(t *testing.T) []string {
+	t.Helper()
+	src, err := os.ReadFile("lib.sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, m := range regexp.MustCompile(`(?m)^: "\$\{([A-Z_][A-Z0-9_]*):=`).FindAllSubmatch(src, -1) {
+		names = append(names, string(m[1]))
+	}
+	if len(names) < 20 {
+		t.Fatalf("found only %d configuration variables in lib.sh", len(names))
+	}
+	return names
+}
+
+// TestReadmeDocumentsEveryVariable keeps deploy/README.md's configuration
+// table in step with lib.sh.
+func TestReadmeDocumentsEveryVariable(t *testing.T) {
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range append(configNames(t), "DRY_RUN", "DRY_RUN_ASSUME_EXISTS") {
+		if !bytes.Contains(readme, []byte("`"+name+"`")) {
+			t.Errorf("deploy/README.md does not document %s", name)
+		}
+	}
+	for _, step := range steps {
+		if !bytes.Contains(readme, []byte(step)) {
+			t.Errorf("deploy/README.md does not mention %s", step)
+		}
+	}
+}
+
+// TestScriptsRejectBadConfiguration checks the values gcloud accepts offline
+// but Google would refuse (or that would break the locking guarantees) stop the
+// scripts before any command is printed.
+func TestScriptsRejectBadConfiguration(t *testing.T) {
+	base := map[string]string{"DRY_RUN": "1", "PROJECT": fakeProject}
+	with := func(kv ...string) map[string]string {
+		m := map[string]string{}
+		for k, v := range base {
+			m[k] = v
+		}
+		for i := 0; i < len(kv); i += 2 {
+			m[kv[i]] = kv[i+1]
+		}
+		return m
+	}
+	tests := []struct {
+		name   string
+		script string
+		args   []string
+		env    map[string]string
+		stderr string
+		exit   int
+	}{
+		{"no project", "all.sh", nil, map[string]string{"DRY_RUN": "1"}, "PROJECT is not set", 1},
+		{"bad project id", "01-apis.sh", nil, with("PROJECT", "My_Project"), "is not a project id", 1},
+		{"unknown argument", "all.sh", []string{"--dryrun"}, base, "unknown argument: --dryrun", 2},
+		{"lock kind", "05-functions.sh", nil, with("TASKGUARD_DEFAULT_KIND", "medium"), "want strong or weak", 1},
+		{"weak without servers", "05-functions.sh", nil, with("TASKGUARD_DEFAULT_KIND", "weak"), "needs MEMCACHE_SERVERS or VALKEY_ADDR", 1},
+		{"timeout syntax", "05-functions.sh", nil, with("WORKER_TIMEOUT", "30min"), "want a whole number", 1},
+		{"timeout above an hour", "05-functions.sh", nil, with("WORKER_TIMEOUT", "2h"), "WORKER_TIMEOUT must be between", 1},
+		{"attempt deadline above cleanup timeout", "07-scheduler.sh", nil, with("SCHEDULER_ATTEMPT_DEADLINE", "900s"), "must not exceed CLEANUP_TIMEOUT", 1},
+		{"attempt deadline above 30 min", "07-scheduler.sh", nil, with("CLEANUP_TIMEOUT", "3600s", "SCHEDULER_ATTEMPT_DEADLINE", "3600s"), "SCHEDULER_ATTEMPT_DEADLINE must be between", 1},
+		{"lease not a Go duration", "05-functions.sh", nil, with("TASKGUARD_LEASE", "60"), "not a Go duration", 1},
+		{"network without subnet", "05-functions.sh", nil, with("VPC_NETWORK", "default"), "both VPC_NETWORK and VPC_SUBNET", 1},
+		{"service account id", "03-service-accounts.sh", nil, with("RUNTIME_SA", "Runtime_SA"), "must be 6-30 lowercase", 1},
+		{"invoker not a member", "06-invokers.sh", nil, with("ENQUEUE_INVOKERS", "bob@example.com"), "is not an IAM member", 1},
+		{"semicolon in an env value", "05-functions.sh", nil, with("TASKGUARD_DATASTORE_NAMESPACE", "a;b"), "TASKGUARD_DATASTORE_NAMESPACE must not contain ';'", 1},
+		{"queue attempts", "04-queue.sh", nil, with("QUEUE_MAX_ATTEMPTS", "0"), "QUEUE_MAX_ATTEMPTS=0", 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			stdout, stderr, err := runScript(t, tt.script, tt.args, tt.env)
+			var exit *exec.ExitError
+			if !errors.As(err, &exit) || exit.ExitCode() != tt.exit {
+				t.Fatalf("%s: err %v, want exit status %d; stderr:\n%s", tt.script, err, tt.exit, stderr)
+			}
+			if !strings.Contains(stderr, tt.stderr) {
+				t.Errorf("stderr %q does not say %q", stderr, tt.stderr)
+			}
+			// 06-invokers.sh checks members as it goes, after the fixed grants.
+			if tt.script != "06-invokers.sh" && stdout != "" {
+				t.Errorf("printed commands before refusing the configuration:\n%s", stdout)
+			}
+		})
+	}
+}
+
+// TestScriptsWarnAboutRiskyTimings checks the warnings for settings that are
+// allowed but weaken the guarantees the README describes.
+func TestScriptsWarnAboutRiskyTimings(t *testing.T) {
+	tests := []struct {
+		name string
+		env  map[string]string
+		want string // "" means no warning
+	}{
+		{"defaults", nil, ""},
+		{"worker timeout below the longest dispatch deadline", map[string]string{"WORKER_TIMEOUT": "600s"}, "WORKER_TIMEOUT=600s is below 1800s"},
+		{"lease longer than the worker timeout", map[string]string{"TASKGUARD_LEASE": "1h"}, "TASKGUARD_LEASE (1h) >= WORKER_TIMEOUT"},
+		{"backoff shorter than the lease", map[string]string{"TASKGUARD_LEASE": "10m", "QUEUE_MAX_BACKOFF": "60s"}, "QUEUE_MAX_BACKOFF (60s) < TASKGUARD_LEASE"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			env := map[string]string{"DRY_RUN": "1", "PROJECT": fakeProject}
+			for k, v := range tt.env {
+				env[k] = v
+			}
+			_, stderr, err := runScript(t, "05-functions.sh", nil, env)
+			if err != nil {
+				t.Fatalf("%v\n%s", err, stderr)
+			}
+			warned := strings.Contains(stderr, "warning:")
+			if tt.want == "" && warned || tt.want != "" && !strings.Contains(stderr, tt.want) {
+				t.Errorf("stderr %q, want warning %q", stderr, tt.want)
+			}
+		})
+	}
+}
+
+// ---- the gcloud CLI, offline ------------------------------------------------
+
+// gcloudPath finds the gcloud CLI. Without it the offline check is skipped
+// locally and fails in CI.
+func gcloudPath(t *testing.T) string {
+	t.Helper()
+	p, err := exec.LookPath("gcloud")
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("gcloud CLI not found (required when CI=true): %v", err)
+		}
+		t.Skipf("gcloud CLI not found; skipping the offline check of deploy commands: %v", err)
+	}
+	return p
+}
+
+// tripwire is a TCP listener posing as gcloud's HTTP(S) proxy: any connection
+// means gcloud tried to reach the network, which the check must never do.
+type tripwire struct {
+	ln   net.Listener
+	hits atomic.Int64
+	wg   sync.WaitGroup
+}
+
+func newTripwire(t *testing.T) *tripwire {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tw := &tripwire{ln: ln}
+	tw.wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			tw.hits.Add(1)
+			c.Close()
+		}
+	})
+	t.Cleanup(func() {
+		ln.Close()
+		tw.wg.Wait()
+	})
+	return tw
+}
+
+// result is how gcloud answered one command.
+type result struct {
+	exit   int
+	stderr string
+	err    error // the command could not run or was killed
+}
+
+var (
+	// argumentError is how gcloud reports arguments it cannot parse.
+	argumentError = regexp.MustCompile(`(?i)unrecognized arguments|invalid value|invalid choice|bad syntax|argument --[a-z0-9-]+:|must be specified|is required|usage: gcloud`)
+	// parsedOK is where gcloud stops once the arguments parsed: credentials.
+	parsedOK = "You do not currently have an active account selected"
+)
+
+// verdict says whether gcloud accepted the command's arguments.
+func (r result) verdict() (accepted bool, why string) {
+	switch {
+	case r.err != nil:
+		return false, r.err.Error()
+	case r.exit == 2 || argumentError.MatchString(r.stderr):
+		return false, fmt.Sprintf("arguments rejected (exit %d): %s", r.exit, strings.TrimSpace(r.stderr))
+	case r.exit == 1 && strings.Contains(r.stderr, parsedOK):
+		return true, ""
+	default:
+		return false, fmt.Sprintf("unexpected outcome (exit %d; want exit 1 at the credentials check): %s", r.exit, strings.TrimSpace(r.stderr))
+	}
+}
+
+// runGcloud runs the commands through gcloud, two at a time, each with its own
+// empty configuration directory, no credentials, a fake project and a proxy
+// that is a tripwire.
+func runGcloud(t *testing.T, gcloud string, cmds []command) []result {
+	t.Helper()
+	tw := newTripwire(t)
+	port := strconv.Itoa(tw.ln.Addr().(*net.TCPAddr).Port)
+	proxy := "http://127.0.0.1:" + port
+	configs := make([]string, len(cmds))
+	for i := range cmds {
+		configs[i] = t.TempDir()
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	defer cancel()
+	results := make([]result, len(cmds))
+	var g errgroup.Group
+	g.SetLimit(2)
+	for i, c := range cmds {
+		g.Go(func() error {
+			cmd := exec.CommandContext(ctx, gcloud, c[1:]...)
+			cmd.Env = []string{
+				"PATH=" + os.Getenv("PATH"),
+				"HOME=" + configs[i],
+				"LC_ALL=C.UTF-8",
+				"CLOUDSDK_CONFIG=" + configs[i],
+				"CLOUDSDK_CORE_PROJECT=" + fakeProject,
+				"CLOUDSDK_CORE_DISABLE_PROMPTS=1",
+				"CLOUDSDK_CORE_DISABLE_USAGE_REPORTING=true",
+				"CLOUDSDK_CORE_CHECK_GCE_METADATA=false",
+				"CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK=true",
+				"CLOUDSDK_PROXY_TYPE=http",
+				"CLOUDSDK_PROXY_ADDRESS=127.0.0.1",
+				"CLOUDSDK_PROXY_PORT=" + port,
+				"HTTPS_PROXY=" + proxy,
+				"HTTP_PROXY=" + proxy,
+			}
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			err := cmd.Run()
+			r := result{stderr: stderr.String()}
+			var exit *exec.ExitError
+			switch {
+			case err == nil:
+				r.err = errors.New("gcloud succeeded without credentials; it must not")
+			case errors.As(err, &exit) && ctx.Err() == nil:
+				r.exit = exit.ExitCode()
+			default:
+				r.err = fmt.Errorf("running gcloud: %w (context: %v)", err, ctx.Err())
+			}
+			results[i] = r
+			return nil
+		})
+	}
+	_ = g.Wait() // the goroutines report through results, never an error
+	if n := tw.hits.Load(); n != 0 {
+		t.Errorf("gcloud opened %d network connection(s) through the tripwire proxy; the check must stay offline", n)
+	}
+	return results
+}
+
+// uniqueShapes keeps the first command of each shape, in order.
+func uniqueShapes(cmds []command) []command {
+	seen := map[string]bool{}
+	var out []command
+	for _, c := range cmds {
+		if k := c.shape(); !seen[k] {
+			seen[k] = true
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// mutation turns a command the scripts print into one gcloud must reject.
+type mutation struct {
+	name   string
+	target func(command) bool
+	change func(command) command
+	stderr string // what gcloud's complaint must contain
+}
+
+func replaceFlag(name, value string) func(command) command {
+	return func(c command) command {
+		out := slices.Clone(c)
+		for i, a := range out {
+			if a == "--"+name || strings.HasPrefix(a, "--"+name+"=") {
+				out[i] = "--" + name + "=" + value
+			}
+		}
+		return out
+	}
+}
+
+func renameFlag(from, to string) func(command) command {
+	return func(c command) command {
+		out := slices.Clone(c)
+		for i, a := range out {
+			if v, ok := strings.CutPrefix(a, "--"+from+"="); ok {
+				out[i] = "--" + to + "=" + v
+			}
+		}
+		return out
+	}
+}
+
+func isCmd(path ...string) func(command) bool {
+	return func(c command) bool { return c.is(path...) }
+}
+
+var mutations = []mutation{
+	{
+		name:   "unknown flag on functions deploy",
+		target: isCmd("functions", "deploy"),
+		change: func(c command) command { return append(slices.Clone(c), "--no-such-flag") },
+		stderr: "unrecognized arguments: --no-such-flag",
+	},
+	{
+		name:   "misspelt queue flag",
+		target: isCmd("tasks", "queues", "create"),
+		change: renameFlag("max-dispatches-per-second", "max-dispatch-per-second"),
+		stderr: "unrecognized arguments",
+	},
+	{
+		name:   "functions deploy timeout that is not a duration",
+		target: isCmd("functions", "deploy"),
+		change: replaceFlag("timeout", "thirty"),
+		stderr: "argument --timeout",
+	},
+	{
+		name:   "environment variable without a value",
+		target: isCmd("functions", "deploy"),
+		change: replaceFlag("set-env-vars", "TASKGUARD_LEASE"),
+		stderr: "argument --set-env-vars",
+	},
+	{
+		name:   "VPC egress setting",
+		target: isCmd("run", "services", "update"),
+		change: replaceFlag("vpc-egress", "private-only"),
+		stderr: "Invalid choice",
+	},
+	{
+		name:   "Direct VPC flags on functions deploy (not in gcloud 528)",
+		target: isCmd("functions", "deploy"),
+		change: func(c command) command {
+			return append(slices.Clone(c), "--network=default", "--subnet=default", "--direct-vpc-egress=private-ranges-only")
+		},
+		stderr: "unrecognized arguments",
+	},
+}
+
+// TestGcloudAcceptsEveryCommand passes every distinct command the scripts
+// print, in every scenario, through the real gcloud CLI offline; and proves the
+// check can fail by passing deliberately broken variants that gcloud must reject.
+func TestGcloudAcceptsEveryCommand(t *testing.T) {
+	gcloud := gcloudPath(t)
+	start := time.Now()
+
+	var all []command
+	for _, s := range scenarios(t) {
+		all = append(all, dryRun(t, "all.sh", s.args, s.env)...)
+	}
+	cmds := uniqueShapes(all)
+
+	var broken []command
+	for _, m := range mutations {
+		i := slices.IndexFunc(cmds, m.target)
+		if i < 0 {
+			t.Fatalf("mutation %q: the scripts print no command it applies to", m.name)
+		}
+		b := m.change(cmds[i])
+		if slices.Equal(b, cmds[i]) {
+			t.Fatalf("mutation %q changed nothing in %s", m.name, cmds[i])
+		}
+		broken = append(broken, b)
+	}
+
+	results := runGcloud(t, gcloud, append(slices.Clone(cmds), broken...))
+	t.Logf("gcloud checked %d distinct commands (of %d printed) and %d broken variants in %v",
+		len(cmds), len(all), len(broken), time.Since(start).Round(100*time.Millisecond))
+
+	for i, c := range cmds {
+		t.Run("accepts/"+strings.Join(c.words()[1:], " "), func(t *testing.T) {
+			if ok, why := results[i].verdict(); !ok {
+				t.Errorf("gcloud %s\n%s", strings.Join(c[1:], " "), why)
+			}
+		})
+	}
+	for i, m := range mutations {
+		r := results[len(cmds)+i]
+		t.Run("rejects/"+m.name, func(t *testing.T) {
+			ok, why := r.verdict()
+			if ok {
+				t.Fatalf("gcloud accepted a broken command: %s", broken[i])
+			}
+			if r.exit != 2 || !strings.Contains(r.stderr, m.stderr) {
+				t.Errorf("want an argument error (exit 2) mentioning %q; got: %s", m.stderr, why)
+			}
+		})
+	}
+}

@@ -1,0 +1,99 @@
+package tasks
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+)
+
+// envelopeVersion is the version of the task body this package writes and
+// reads.
+const envelopeVersion = 1
+
+// envelope is the JSON body of every task:
+//
+//	{"v":1,"job":"resize","lockId":"user-42","payload":{...},"enqueuedAt":"2026-..."}
+//
+// A payload given as bytes travels base64-encoded in "data" instead of
+// "payload", so that the worker hands back exactly those bytes.
+type envelope struct {
+	V          int             `json:"v"`
+	Job        string          `json:"job"`
+	LockID     string          `json:"lockId"`
+	Payload    json.RawMessage `json:"payload,omitempty"`
+	Data       []byte          `json:"data,omitempty"`
+	EnqueuedAt time.Time       `json:"enqueuedAt"`
+}
+
+// encodePayload places p in e: []byte as Data, json.RawMessage (checked) and
+// anything else (marshalled) as Payload.
+func (e *envelope) encodePayload(p any) error {
+	switch v := p.(type) {
+	case nil:
+		return nil
+	case []byte:
+		e.Data = v
+	case json.RawMessage:
+		if !json.Valid(v) {
+			return fmt.Errorf("%w: payload is not valid JSON", ErrInvalidTask)
+		}
+		e.Payload = v
+	default:
+		b, err := json.Marshal(v)
+		if err != nil {
+			return fmt.Errorf("%w: payload: %w", ErrInvalidTask, err)
+		}
+		e.Payload = b
+	}
+	return nil
+}
+
+// errMalformed marks a task body the worker cannot read.
+var errMalformed = errors.New("malformed task body")
+
+// errVersion marks an envelope of a version this package does not know.
+var errVersion = errors.New("unsupported envelope version")
+
+// decodeEnvelope reads one envelope from body strictly: unknown fields,
+// trailing data, a missing job or lock id are errors wrapping errMalformed.
+// An envelope of a newer version is an error wrapping errVersion (checked
+// first, since a newer envelope may carry fields this version does not know).
+func decodeEnvelope(body []byte) (envelope, error) {
+	var e envelope
+	if v := peekVersion(body); v > envelopeVersion {
+		return e, fmt.Errorf("%w: %d", errVersion, v)
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&e); err != nil {
+		return e, fmt.Errorf("%w: %w", errMalformed, err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return e, fmt.Errorf("%w: data after the envelope", errMalformed)
+	}
+	switch {
+	case e.V != envelopeVersion:
+		return e, fmt.Errorf("%w: version %d", errMalformed, e.V)
+	case e.Job == "":
+		return e, fmt.Errorf("%w: no job", errMalformed)
+	case e.LockID == "":
+		return e, fmt.Errorf("%w: no lock id", errMalformed)
+	case e.Payload != nil && e.Data != nil:
+		return e, fmt.Errorf("%w: both payload and data", errMalformed)
+	}
+	return e, nil
+}
+
+// peekVersion returns the "v" of a JSON object body, or 0.
+func peekVersion(body []byte) int {
+	var v struct {
+		V int `json:"v"`
+	}
+	if json.Unmarshal(body, &v) != nil {
+		return 0
+	}
+	return v.V
+}

@@ -1,0 +1,474 @@
+package tasks
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"net/http"
+	"regexp"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/taskguard/taskguard/locking"
+)
+
+// Headers Cloud Tasks sets on every delivery (and strips from requests that
+// do not come from Cloud Tasks).
+const (
+	headerQueueName        = "X-CloudTasks-QueueName"
+	headerTaskName         = "X-CloudTasks-TaskName"
+	headerRetryCount       = "X-CloudTasks-TaskRetryCount"
+	headerExecutionCount   = "X-CloudTasks-TaskExecutionCount"
+	headerETA              = "X-CloudTasks-TaskETA"
+	headerPreviousResponse = "X-CloudTasks-TaskPreviousResponse"
+	headerRetryReason      = "X-CloudTasks-TaskRetryReason"
+)
+
+// Status codes of the Worker's answers. See Worker.
+const (
+	StatusDone     = http.StatusNoContent       // the job succeeded
+	StatusDropped  = http.StatusOK              // not retried: permanent error, malformed, unknown job
+	StatusBusy     = http.StatusTooManyRequests // lock held: retry after Retry-After
+	StatusFailed   = http.StatusInternalServerError
+	StatusRetry    = http.StatusServiceUnavailable // lock lost, lock store failed, newer envelope
+	StatusRejected = http.StatusForbidden          // not a Cloud Tasks request, or wrong queue
+)
+
+// Defaults of the worker options.
+const (
+	// DefaultMaxRetryAfter caps the Retry-After of a 429.
+	DefaultMaxRetryAfter = 10 * time.Second
+	// DefaultMaxBodyBytes bounds a task body: the task size limit.
+	DefaultMaxBodyBytes = MaxTaskSize
+	// maxJobWait caps the MaxWait a job may opt into.
+	maxJobWait = 30 * time.Second
+)
+
+// JobFunc runs one delivery of a task while the worker holds the task's
+// lock. Its ctx is cancelled when the request ends or the lock is lost
+// (context.Cause is then locking.ErrLockLost); it should stop promptly then.
+// Return nil for success, an error to have Cloud Tasks retry the task, or
+// Permanent(err) to drop it. The same task may be delivered more than once
+// (Cloud Tasks delivers at least once), never twice at the same time.
+type JobFunc func(ctx context.Context, d *Delivery) error
+
+// A Worker is the http.Handler that Cloud Tasks delivers tasks to. Register
+// jobs with Handle before serving; then it is safe for concurrent use.
+//
+// For each request it checks the Cloud Tasks headers, reads the envelope
+// written by Client.Enqueue, finds the job, and runs it under the task's lock
+// with a context carrying the Delivery (FromContext) and the held lock
+// (locking.FromContext). Its answers:
+//
+//   - 204 No Content: the job succeeded; Cloud Tasks deletes the task. This
+//     holds when only the release of the lock failed afterwards (logged at
+//     WARN): the lock then expires with its lease.
+//   - 429 Too Many Requests with Retry-After: the lock is held by another
+//     holder. The job was not run and the handler did not wait: Retry-After
+//     is the holder's remaining lease, rounded up to whole seconds, at least
+//     1 s and at most the WithMaxRetryAfter cap, and Cloud Tasks retries
+//     then or after its own backoff, whichever is later. Holders renew their
+//     lease every third of it, so the remaining lease is usually most of a
+//     lease and the cap decides; give the job a shorter lease
+//     (LockOptions(locking.Lease(d))) for prompter retries. A job registered
+//     with MaxWait waits that long first. Every 429 counts as an attempt, so
+//     give the queue enough max attempts or max retry duration. A job that
+//     returns a *locking.NotAcquiredError (a lock it took itself was busy)
+//     gets the same answer, with that lock's remaining lease.
+//   - 500 Internal Server Error: the job failed or panicked; retried.
+//   - 503 Service Unavailable: the lock was lost while the job ran (the job's
+//     context was cancelled), the lock store failed, or the envelope has a
+//     newer version than this worker reads (a deploy in progress); retried.
+//   - 200 OK with an ERROR log: the task can never succeed, so it is
+//     dropped rather than retried until the queue gives up: the job
+//     returned Permanent(err), the body is not a valid envelope, is larger
+//     than the body limit, or names a job that is not registered.
+//   - 403 Forbidden: the request has no X-CloudTasks-TaskName or
+//     X-CloudTasks-QueueName header, or names another queue than the one set
+//     with WithQueue.
+//
+// Security: Cloud Tasks headers are stripped from requests that do not come
+// from Cloud Tasks, so the 403 check turns away stray traffic, but it is not
+// authentication. The real gate is the platform's OIDC check: deploy the
+// worker with --no-allow-unauthenticated and grant roles/run.invoker only to
+// the service account in Config.ServiceAccount.
+type Worker struct {
+	locker        *locking.Client
+	log           *slog.Logger
+	queue         string // short queue id to require; "" accepts any
+	maxBody       int64
+	maxRetryAfter time.Duration
+
+	mu   sync.RWMutex
+	jobs map[string]*job // guarded by mu
+}
+
+type job struct {
+	fn       JobFunc
+	maxWait  time.Duration
+	lockOpts []locking.Option
+}
+
+var queueIDRE = regexp.MustCompile(`^[A-Za-z0-9\-]{1,100}$`)
+
+// A WorkerOption configures NewWorker.
+type WorkerOption func(*Worker) error
+
+// WithLogger sets the logger; slog.Default() otherwise.
+func WithLogger(l *slog.Logger) WorkerOption {
+	return func(w *Worker) error {
+		if l == nil {
+			return fmt.Errorf("%w: nil logger", ErrInvalidConfig)
+		}
+		w.log = l
+		return nil
+	}
+}
+
+// WithQueue makes the worker accept only deliveries from this queue, given
+// as its id ("jobs") or full name ("projects/P/locations/L/queues/jobs").
+func WithQueue(queue string) WorkerOption {
+	return func(w *Worker) error {
+		id := queue[strings.LastIndex(queue, "/")+1:]
+		if !queueIDRE.MatchString(id) || (strings.Contains(queue, "/") && !queueRE.MatchString(queue)) {
+			return fmt.Errorf("%w: queue %q", ErrInvalidConfig, queue)
+		}
+		w.queue = id
+		return nil
+	}
+}
+
+// WithMaxBodyBytes bounds the request body; DefaultMaxBodyBytes otherwise.
+func WithMaxBodyBytes(n int64) WorkerOption {
+	return func(w *Worker) error {
+		if n <= 0 {
+			return fmt.Errorf("%w: max body bytes %d", ErrInvalidConfig, n)
+		}
+		w.maxBody = n
+		return nil
+	}
+}
+
+// WithMaxRetryAfter caps the Retry-After of a 429; DefaultMaxRetryAfter
+// otherwise. It must be at least one second.
+func WithMaxRetryAfter(d time.Duration) WorkerOption {
+	return func(w *Worker) error {
+		if d < time.Second {
+			return fmt.Errorf("%w: max Retry-After %v is below 1s", ErrInvalidConfig, d)
+		}
+		w.maxRetryAfter = d
+		return nil
+	}
+}
+
+// NewWorker returns a worker that takes its locks from locker (the
+// locking.Default() client when nil). It fails with an error wrapping
+// ErrInvalidConfig for a bad option.
+func NewWorker(locker *locking.Client, opts ...WorkerOption) (*Worker, error) {
+	if locker == nil {
+		locker = locking.Default()
+	}
+	w := &Worker{
+		locker:        locker,
+		log:           slog.Default(),
+		maxBody:       DefaultMaxBodyBytes,
+		maxRetryAfter: DefaultMaxRetryAfter,
+		jobs:          map[string]*job{},
+	}
+	for _, o := range opts {
+		if err := o(w); err != nil {
+			return nil, err
+		}
+	}
+	return w, nil
+}
+
+// A JobOption configures one job registered with Worker.Handle.
+type JobOption func(*job)
+
+// MaxWait makes the job wait up to d (at most 30 s) for its lock inside the
+// handler before answering 429, instead of answering at once. Use it only
+// for locks held briefly: the wait is billed time.
+func MaxWait(d time.Duration) JobOption {
+	return func(j *job) { j.maxWait = min(max(d, 0), maxJobWait) }
+}
+
+// LockOptions adds locking options (Lease, Kind, StealAfter) to the job's
+// lock. Wait and MaxWait are set by the worker and should not be given here.
+func LockOptions(opts ...locking.Option) JobOption {
+	return func(j *job) { j.lockOpts = append(j.lockOpts, opts...) }
+}
+
+// Handle registers fn as the job called name. Like http.ServeMux.Handle it
+// panics when name is empty, fn is nil or name is already registered, since
+// those are programming errors.
+func (w *Worker) Handle(name string, fn JobFunc, opts ...JobOption) {
+	if name == "" || fn == nil {
+		panic("tasks: Handle with an empty name or a nil function")
+	}
+	j := &job{fn: fn}
+	for _, o := range opts {
+		o(j)
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.jobs[name] != nil {
+		panic(fmt.Sprintf("tasks: job %q registered twice", name))
+	}
+	w.jobs[name] = j
+}
+
+// Has reports whether a job called name is registered, so that an enqueuer
+// in the same binary can refuse a task no worker would run.
+func (w *Worker) Has(name string) bool { return w.job(name) != nil }
+
+func (w *Worker) job(name string) *job {
+	w.mu.RLock()
+	defer w.mu.RUnlock()
+	return w.jobs[name]
+}
+
+// Delivery is one delivery of a task to its job.
+type Delivery struct {
+	// Job and LockID are the task's, as enqueued.
+	Job, LockID string
+	// Token is the fencing token of the lock held for this delivery: strictly
+	// greater than that of every earlier holding of LockID. Hand it to the
+	// resource the job writes to.
+	Token uint64
+	// Lock is the held lock. The worker releases it; the job must not.
+	Lock *locking.Lock
+	// Payload is the task's payload: the bytes given to Enqueue as []byte,
+	// otherwise its JSON. Nil when there is none.
+	Payload []byte
+	// EnqueuedAt is when Enqueue built the task, on the enqueuer's clock.
+	EnqueuedAt time.Time
+	// TaskName and QueueName are the task and queue ids (the last element of
+	// their full names).
+	TaskName, QueueName string
+	// RetryCount is the number of earlier attempts of this task, 429s
+	// included; ExecutionCount the number of earlier attempts answered with a
+	// status below 500.
+	RetryCount, ExecutionCount int
+	// ETA is the time this attempt was scheduled for.
+	ETA time.Time
+	// PreviousResponse is the HTTP status of the previous attempt (0 when
+	// none) and RetryReason Cloud Tasks' reason for this retry.
+	PreviousResponse int
+	RetryReason      string
+}
+
+// Decode unmarshals the JSON payload into v.
+func (d *Delivery) Decode(v any) error {
+	if d.Payload == nil {
+		return errors.New("tasks: the task has no payload")
+	}
+	return json.Unmarshal(d.Payload, v)
+}
+
+type deliveryKey struct{}
+
+// FromContext returns the Delivery of the job running with ctx, or nil.
+func FromContext(ctx context.Context) *Delivery {
+	d, _ := ctx.Value(deliveryKey{}).(*Delivery)
+	return d
+}
+
+// ErrPermanent is matched (errors.Is) by every error made by Permanent.
+var ErrPermanent = errors.New("tasks: permanent failure")
+
+// Permanent marks err as a failure that retrying cannot fix: the worker
+// answers 200 and logs it at ERROR, and Cloud Tasks drops the task.
+// errors.Is(Permanent(err), ErrPermanent) and errors.Is(Permanent(err), err)
+// are true. Permanent(nil) is nil.
+func Permanent(err error) error {
+	if err == nil {
+		return nil
+	}
+	return &permanentError{err}
+}
+
+type permanentError struct{ err error }
+
+func (e *permanentError) Error() string        { return "tasks: permanent failure: " + e.err.Error() }
+func (e *permanentError) Unwrap() error        { return e.err }
+func (e *permanentError) Is(target error) bool { return target == ErrPermanent }
+
+// errPanic marks a job that panicked.
+var errPanic = errors.New("tasks: job panicked")
+
+// ServeHTTP handles one delivery; see Worker for its answers.
+func (w *Worker) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
+	d := &Delivery{
+		TaskName:    r.Header.Get(headerTaskName),
+		QueueName:   r.Header.Get(headerQueueName),
+		RetryReason: r.Header.Get(headerRetryReason),
+	}
+	log := w.log.With("task", d.TaskName, "queue", d.QueueName)
+	if d.TaskName == "" || d.QueueName == "" {
+		log.Warn("tasks: rejected a request without Cloud Tasks headers", "remote", r.RemoteAddr)
+		http.Error(rw, "not a Cloud Tasks request", StatusRejected)
+		return
+	}
+	if w.queue != "" && d.QueueName != w.queue {
+		log.Warn("tasks: rejected a delivery from another queue", "want_queue", w.queue)
+		http.Error(rw, "wrong queue", StatusRejected)
+		return
+	}
+	d.RetryCount = atoiOr0(r.Header.Get(headerRetryCount))
+	d.ExecutionCount = atoiOr0(r.Header.Get(headerExecutionCount))
+	d.PreviousResponse = atoiOr0(r.Header.Get(headerPreviousResponse))
+	d.ETA = parseETA(r.Header.Get(headerETA))
+	log = log.With("retry_count", d.RetryCount)
+
+	if r.Method != http.MethodPost {
+		w.drop(rw, log, fmt.Errorf("%w: method %s", errMalformed, r.Method))
+		return
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(rw, r.Body, w.maxBody))
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			w.drop(rw, log, fmt.Errorf("%w: body larger than %d bytes", errMalformed, w.maxBody))
+			return
+		}
+		log.Warn("tasks: reading the task body failed", "error", err)
+		http.Error(rw, "reading body failed", StatusRetry)
+		return
+	}
+	env, err := decodeEnvelope(body)
+	if errors.Is(err, errVersion) {
+		log.Error("tasks: envelope of a newer version; retrying (is a deploy in progress?)", "error", err)
+		http.Error(rw, "unsupported envelope version", StatusRetry)
+		return
+	}
+	if err != nil {
+		w.drop(rw, log, err)
+		return
+	}
+	d.Job, d.LockID, d.EnqueuedAt = env.Job, env.LockID, env.EnqueuedAt
+	d.Payload = env.Data
+	if env.Payload != nil {
+		d.Payload = env.Payload
+	}
+	log = log.With("job", d.Job, "lock_id", d.LockID)
+	j := w.job(env.Job)
+	if j == nil {
+		w.drop(rw, log, fmt.Errorf("unknown job %q", env.Job))
+		return
+	}
+	w.run(rw, r, log, j, d)
+}
+
+// run runs the job under its lock and answers.
+func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, j *job, d *Delivery) {
+	opts := append([]locking.Option{locking.Wait(false)}, j.lockOpts...)
+	if j.maxWait > 0 {
+		opts = append(opts, locking.Wait(true), locking.MaxWait(j.maxWait))
+	}
+	ran := false
+	var jobErr error
+	start := time.Now()
+	err := w.locker.With(r.Context(), d.LockID, func(ctx context.Context) (err error) {
+		ran = true
+		d.Lock = locking.FromContext(ctx)
+		d.Token = d.Lock.Token()
+		defer func() {
+			if p := recover(); p != nil {
+				log.Error("tasks: job panicked", "token", d.Token, "panic", p, "stack", string(debug.Stack()))
+				err = fmt.Errorf("%w: %v", errPanic, p)
+			}
+			jobErr = err
+		}()
+		return j.fn(context.WithValue(ctx, deliveryKey{}, d), d)
+	}, opts...)
+	log = log.With("token", d.Token)
+	if ran {
+		log = log.With("duration", time.Since(start))
+	}
+
+	var busy *locking.NotAcquiredError
+	switch {
+	case errors.Is(err, locking.ErrLockLost):
+		log.Error("tasks: lock lost while the job ran; retrying", "error", err)
+		http.Error(rw, "lock lost", StatusRetry)
+	case !ran && errors.As(err, &busy), ran && errors.As(jobErr, &busy):
+		// The task's own lock (not run), or a lock the job took itself.
+		secs := w.retryAfter(busy.Remaining)
+		log.Info("tasks: lock held; asking Cloud Tasks to retry later", "busy_lock", busy.ID,
+			"remaining", busy.Remaining, "retry_after_s", secs, "job_ran", ran)
+		rw.Header().Set("Retry-After", strconv.Itoa(secs))
+		http.Error(rw, "lock held", StatusBusy)
+	case !ran:
+		// Acquire failed: the lock store, or the request's context.
+		log.Error("tasks: could not take the lock; retrying", "error", err)
+		http.Error(rw, "lock unavailable", StatusRetry)
+	case jobErr == nil:
+		if err != nil {
+			// The job is done and the lock was not lost; only the release
+			// failed, and the lock expires with its lease. Running the job
+			// again would repeat finished work.
+			log.Warn("tasks: job done, but releasing its lock failed", "error", err)
+		} else {
+			log.Debug("tasks: job done")
+		}
+		rw.WriteHeader(StatusDone)
+	case errors.Is(jobErr, ErrPermanent):
+		w.drop(rw, log, jobErr)
+	default:
+		log.Error("tasks: job failed; Cloud Tasks will retry", "error", jobErr)
+		http.Error(rw, "job failed", StatusFailed)
+	}
+}
+
+// retryAfter is the Retry-After, in whole seconds, for a lock whose holder's
+// lease has remaining left (0 when unknown): rounded up, at least 1 s, at
+// most w.maxRetryAfter.
+func (w *Worker) retryAfter(remaining time.Duration) int {
+	d := min(max(remaining, time.Second), w.maxRetryAfter)
+	return int(math.Ceil(d.Seconds()))
+}
+
+// drop answers 200 for a task that can never succeed, and logs why at ERROR.
+func (w *Worker) drop(rw http.ResponseWriter, log *slog.Logger, err error) {
+	log.Error("tasks: dropping a task that cannot succeed", "error", err)
+	rw.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	rw.WriteHeader(StatusDropped)
+	_, _ = io.WriteString(rw, "dropped: not retried\n")
+}
+
+func atoiOr0(s string) int {
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		return 0
+	}
+	return n
+}
+
+// parseETA reads X-CloudTasks-TaskETA, seconds since the Unix epoch with a
+// fraction; the zero time when absent or malformed.
+func parseETA(s string) time.Time {
+	if s == "" {
+		return time.Time{}
+	}
+	sec, frac, _ := strings.Cut(s, ".")
+	whole, err := strconv.ParseInt(sec, 10, 64)
+	if err != nil {
+		return time.Time{}
+	}
+	var ns int64
+	if frac != "" {
+		frac = (frac + "000000000")[:9]
+		if ns, err = strconv.ParseInt(frac, 10, 64); err != nil {
+			return time.Time{}
+		}
+	}
+	return time.Unix(whole, ns).UTC()
+}
