@@ -15,6 +15,7 @@ import (
 	"cloud.google.com/go/cloudtasks/apiv2/cloudtaskspb"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/taskguard/taskguard/internal/cloudlog"
 	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/locking/dslock"
 	"github.com/taskguard/taskguard/locking/dslock/dstest"
@@ -225,5 +226,32 @@ func TestCleanupLocks(t *testing.T) {
 	}
 	if g, _ := b.Acquire(t.Context(), locking.Request{ID: "dead-holder", Owner: "o3", Lease: time.Second}); !g.Acquired || g.TookOver {
 		t.Errorf("after cleanup the dead holder's lock = %+v; want free (deleted, not taken over)", g)
+	}
+}
+
+// TestWorkerLogsCarryTrace checks that the Worker's log lines are
+// correlated with the request's trace in Cloud Logging and carry the task.
+func TestWorkerLogsCarryTrace(t *testing.T) {
+	var buf bytes.Buffer
+	a, err := NewApp(t.Context(), Config{ProjectID: "p1"}, slog.New(cloudlog.NewHandler(&buf, slog.LevelInfo, "p1")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := httptest.NewRequest("POST", "/Worker", strings.NewReader("not an envelope"))
+	req.Header.Set("X-CloudTasks-TaskName", "task-1")
+	req.Header.Set("X-CloudTasks-QueueName", "jobs")
+	req.Header.Set("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+	buf.Reset() // drop the client's start-up line
+	rec := httptest.NewRecorder()
+	a.Worker().ServeHTTP(rec, req)
+	if rec.Code != http.StatusOK {
+		t.Fatalf("malformed envelope answered %d; want 200 (dropped)", rec.Code)
+	}
+	var line map[string]any
+	if err := json.Unmarshal(bytes.TrimSpace(buf.Bytes()), &line); err != nil {
+		t.Fatalf("want one JSON log line: %v: %s", err, buf.String())
+	}
+	if line["severity"] != "ERROR" || line["task"] != "task-1" || line[cloudlog.TraceKey] != "projects/p1/traces/4bf92f3577b34da6a3ce929d0e0e4736" {
+		t.Errorf("log line = %v; want ERROR with the task and the trace", line)
 	}
 }
