@@ -118,12 +118,25 @@ type telemetry struct {
 	backendCalls    metric.Int64Counter
 	backendDuration metric.Float64Histogram
 
-	kindOnly  [2]metric.MeasurementOption
-	byOutcome [2][numOutcomes]metric.MeasurementOption
-	byResult  [2][numResults]metric.MeasurementOption
-	byReason  [2][numLossReasons]metric.MeasurementOption
-	byRenewal [2][2]metric.MeasurementOption // [kind][0: ok, 1: failed]
-	byOp      [2][numOperations][numResults]metric.MeasurementOption
+	kindOnly  [2]attrs
+	byOutcome [2][numOutcomes]attrs
+	byResult  [2][numResults]attrs
+	byReason  [2][numLossReasons]attrs
+	byRenewal [2][2]attrs // [kind][0: ok, 1: failed]
+	byOp      [2][numOperations][numResults]attrs
+}
+
+// attrs is one attribute set as ready-made option slices: passing an
+// existing slice to a variadic Add or Record allocates nothing, where
+// building the options on each call would.
+type attrs struct {
+	add []metric.AddOption
+	rec []metric.RecordOption
+}
+
+func newAttrs(kvs ...attribute.KeyValue) attrs {
+	o := metric.WithAttributeSet(attribute.NewSet(kvs...))
+	return attrs{add: []metric.AddOption{o}, rec: []metric.RecordOption{o}}
 }
 
 func newTelemetry(mp metric.MeterProvider, tp trace.TracerProvider) (*telemetry, error) {
@@ -188,20 +201,20 @@ func newTelemetry(mp metric.MeterProvider, tp trace.TracerProvider) (*telemetry,
 
 	for k := range LockKind(2) {
 		kind := attrKind.String(k.String())
-		t.kindOnly[k] = metric.WithAttributeSet(attribute.NewSet(kind))
+		t.kindOnly[k] = newAttrs(kind)
 		for o := range numOutcomes {
-			t.byOutcome[k][o] = metric.WithAttributeSet(attribute.NewSet(kind, attrOutcome.String(outcomeNames[o])))
+			t.byOutcome[k][o] = newAttrs(kind, attrOutcome.String(outcomeNames[o]))
 		}
 		for r := range numResults {
-			t.byResult[k][r] = metric.WithAttributeSet(attribute.NewSet(kind, attrOutcome.String(resultNames[r])))
+			t.byResult[k][r] = newAttrs(kind, attrOutcome.String(resultNames[r]))
 			for op := range numOperations {
-				t.byOp[k][op][r] = metric.WithAttributeSet(attribute.NewSet(kind, attrOperation.String(operationNames[op]), attrOutcome.String(resultNames[r])))
+				t.byOp[k][op][r] = newAttrs(kind, attrOperation.String(operationNames[op]), attrOutcome.String(resultNames[r]))
 			}
 		}
-		t.byRenewal[k][0] = metric.WithAttributeSet(attribute.NewSet(kind, attrOutcome.String("ok")))
-		t.byRenewal[k][1] = metric.WithAttributeSet(attribute.NewSet(kind, attrOutcome.String("failed")))
+		t.byRenewal[k][0] = newAttrs(kind, attrOutcome.String("ok"))
+		t.byRenewal[k][1] = newAttrs(kind, attrOutcome.String("failed"))
 		for r := range numLossReasons {
-			t.byReason[k][r] = metric.WithAttributeSet(attribute.NewSet(kind, attrReason.String(lossReasonNames[r])))
+			t.byReason[k][r] = newAttrs(kind, attrReason.String(lossReasonNames[r]))
 		}
 	}
 	return t, nil
@@ -219,20 +232,23 @@ type acquireStats struct {
 // startAcquire starts the span of an Acquire call, a child of the span in
 // ctx.
 func (t *telemetry) startAcquire(ctx context.Context, id string, o *options) (context.Context, trace.Span) {
-	return t.tracer.Start(ctx, "taskguard.lock.acquire", trace.WithSpanKind(trace.SpanKindInternal),
-		trace.WithAttributes(attrID.String(id), attrKind.String(o.kind.String())))
+	ctx, span := t.tracer.Start(ctx, "taskguard.lock.acquire")
+	if span.IsRecording() { // no attribute slices for a no-op tracer
+		span.SetAttributes(attrID.String(id), attrKind.String(o.kind.String()))
+	}
+	return ctx, span
 }
 
 // endAcquire records an Acquire call that started at start and ends its span.
 func (t *telemetry) endAcquire(ctx context.Context, span trace.Span, kind LockKind, start time.Time, st *acquireStats, err error) {
-	t.acquireDuration.Record(ctx, time.Since(start).Seconds(), t.byOutcome[kind][st.outcome])
+	t.acquireDuration.Record(ctx, time.Since(start).Seconds(), t.byOutcome[kind][st.outcome].rec...)
 	if st.waited > 0 {
-		t.waitDuration.Record(ctx, st.waited.Seconds(), t.byOutcome[kind][st.outcome])
+		t.waitDuration.Record(ctx, st.waited.Seconds(), t.byOutcome[kind][st.outcome].rec...)
 	}
 	if st.outcome == outcomeAcquired {
-		t.held.Add(ctx, 1, t.kindOnly[kind])
+		t.held.Add(ctx, 1, t.kindOnly[kind].add...)
 		if st.tookOver {
-			t.takeovers.Add(ctx, 1, t.kindOnly[kind])
+			t.takeovers.Add(ctx, 1, t.kindOnly[kind].add...)
 		}
 	}
 	if !span.IsRecording() {
@@ -259,13 +275,16 @@ func (t *telemetry) poll(ctx context.Context, kind LockKind, g Grant, err error)
 	case g.Acquired:
 		o = outcomeAcquired
 	}
-	t.polls.Add(ctx, 1, t.byOutcome[kind][o])
+	t.polls.Add(ctx, 1, t.byOutcome[kind][o].add...)
 }
 
 // startHold starts the span of With's function, a child of the span in ctx.
 func (t *telemetry) startHold(ctx context.Context, l *Lock) (context.Context, trace.Span) {
-	return t.tracer.Start(ctx, "taskguard.lock.hold", trace.WithSpanKind(trace.SpanKindInternal),
-		trace.WithAttributes(attrID.String(l.req.ID), attrKind.String(l.kind.String()), attrToken.Int64(int64(l.token))))
+	ctx, span := t.tracer.Start(ctx, "taskguard.lock.hold")
+	if span.IsRecording() {
+		span.SetAttributes(attrID.String(l.req.ID), attrKind.String(l.kind.String()), attrToken.Int64(int64(l.token)))
+	}
+	return ctx, span
 }
 
 // endHold ends the span of With's function, which returned err (or
@@ -288,15 +307,18 @@ func (t *telemetry) endHold(span trace.Span, err, lost error, panicked bool) {
 
 // startRelease starts the span of a Lock.Release call.
 func (t *telemetry) startRelease(ctx context.Context, l *Lock) (context.Context, trace.Span) {
-	return t.tracer.Start(ctx, "taskguard.lock.release", trace.WithSpanKind(trace.SpanKindInternal),
-		trace.WithAttributes(attrID.String(l.req.ID), attrKind.String(l.kind.String()), attrToken.Int64(int64(l.token))))
+	ctx, span := t.tracer.Start(ctx, "taskguard.lock.release")
+	if span.IsRecording() {
+		span.SetAttributes(attrID.String(l.req.ID), attrKind.String(l.kind.String()), attrToken.Int64(int64(l.token)))
+	}
+	return ctx, span
 }
 
 // release records a release that ended with err, and ends span if it is
 // not nil.
 func (t *telemetry) release(ctx context.Context, span trace.Span, kind LockKind, err error) {
 	r := resultOf(err)
-	t.releases.Add(ctx, 1, t.byResult[kind][r])
+	t.releases.Add(ctx, 1, t.byResult[kind][r].add...)
 	if span == nil {
 		return
 	}
@@ -316,15 +338,15 @@ func (t *telemetry) renewal(ctx context.Context, kind LockKind, err error) {
 	if err != nil {
 		i = 1
 	}
-	t.renewals.Add(ctx, 1, t.byRenewal[kind][i])
+	t.renewals.Add(ctx, 1, t.byRenewal[kind][i].add...)
 }
 
 // ended records that a lock stopped being held, lost for reason if lost.
 func (t *telemetry) ended(kind LockKind, lost bool, reason lossReason) {
 	ctx := context.Background()
-	t.held.Add(ctx, -1, t.kindOnly[kind])
+	t.held.Add(ctx, -1, t.kindOnly[kind].add...)
 	if lost {
-		t.lost.Add(ctx, 1, t.byReason[kind][reason])
+		t.lost.Add(ctx, 1, t.byReason[kind][reason].add...)
 	}
 }
 
@@ -336,9 +358,9 @@ type meteredBackend struct {
 }
 
 func (m *meteredBackend) record(ctx context.Context, op operation, start time.Time, err error) {
-	opt := m.t.byOp[m.kind][op][resultOf(err)]
-	m.t.backendCalls.Add(ctx, 1, opt)
-	m.t.backendDuration.Record(ctx, time.Since(start).Seconds(), opt)
+	a := &m.t.byOp[m.kind][op][resultOf(err)]
+	m.t.backendCalls.Add(ctx, 1, a.add...)
+	m.t.backendDuration.Record(ctx, time.Since(start).Seconds(), a.rec...)
 }
 
 func (m *meteredBackend) Acquire(ctx context.Context, r Request) (Grant, error) {

@@ -458,3 +458,33 @@ func TestTelemetryGlobalProviders(t *testing.T) {
 		t.Errorf("spans %q; want %q", names, want)
 	}
 }
+
+// BenchmarkWithTelemetry measures an uncontended With on the in-memory
+// backend with the no-op providers (the default) and with SDK providers.
+func BenchmarkWithTelemetry(b *testing.B) {
+	sdkTP := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(tracetest.NewSpanRecorder()))
+	for _, bc := range []struct {
+		name string
+		cfg  locking.Config
+	}{
+		{"noop", locking.Config{MeterProvider: metricnoop.NewMeterProvider(), TracerProvider: tracenoop.NewTracerProvider()}},
+		{"sdk-metrics", locking.Config{MeterProvider: sdkmetric.NewMeterProvider(sdkmetric.WithReader(sdkmetric.NewManualReader())), TracerProvider: tracenoop.NewTracerProvider()}},
+		{"sdk-metrics-and-traces", locking.Config{MeterProvider: sdkmetric.NewMeterProvider(sdkmetric.WithReader(sdkmetric.NewManualReader())), TracerProvider: sdkTP}},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			bc.cfg.Strong = memlock.New()
+			bc.cfg.Logger = slog.New(slog.DiscardHandler)
+			c, err := locking.New(bc.cfg)
+			if err != nil {
+				b.Fatal(err)
+			}
+			fn := func(context.Context) error { return nil }
+			b.ReportAllocs()
+			for b.Loop() {
+				if err := c.With(b.Context(), "job", fn); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
