@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -33,7 +34,15 @@ type emulatorOnce struct {
 	err   error
 }
 
+// runMainEnv makes the test binary run main instead of the tests: the
+// process tests exec it as the command.
+const runMainEnv = "TASKGUARD_TEST_RUN_MAIN"
+
 func TestMain(m *testing.M) {
+	if os.Getenv(runMainEnv) == "1" {
+		main()
+		return
+	}
 	for mode, eo := range emulators {
 		eo.ready = make(chan struct{})
 		go func() {
@@ -440,4 +449,42 @@ func TestTasksEnqueue(t *testing.T) {
 	if !strings.HasPrefix(r.stdout, "Already enqueued (duplicate name): "+out.Name) {
 		t.Errorf("second enqueue with the same name: %q", r.stdout)
 	}
+}
+
+// TestProcess runs the command as a process: exit statuses and the split
+// between standard output and standard error reach the shell.
+func TestProcess(t *testing.T) {
+	eachEmulator(t, func(t *testing.T, e *dstest.Emulator) {
+		acquire(t, holder(t, e), "held", time.Minute)
+		tests := []struct {
+			args         []string
+			code         int
+			stdout, errs string
+		}{
+			{[]string{"--help"}, exitOK, "GROUPS", ""},
+			{[]string{"locks", "show"}, exitUsage, "", "missing argument"},
+			{[]string{"locks", "show", "held", "--clock-skew=10ms"}, exitOK, "state: held", ""},
+			{[]string{"locks", "show", "missing"}, exitFailure, "", `lock "missing" not found`},
+		}
+		for _, tt := range tests {
+			t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
+				cmd := exec.CommandContext(t.Context(), os.Args[0], tt.args...)
+				cmd.Env = append(os.Environ(), runMainEnv+"=1")
+				var out, errb bytes.Buffer
+				cmd.Stdout, cmd.Stderr = &out, &errb
+				err := cmd.Run()
+				code := 0
+				var ee *exec.ExitError
+				if errors.As(err, &ee) {
+					code = ee.ExitCode()
+				} else if err != nil {
+					t.Fatal(err)
+				}
+				if code != tt.code || !strings.Contains(out.String(), tt.stdout) || !strings.Contains(errb.String(), tt.errs) ||
+					(tt.stdout == "" && out.Len() > 0) || (tt.errs == "" && errb.Len() > 0) {
+					t.Errorf("exit %d; want %d\nstdout:\n%s\nstderr:\n%s", code, tt.code, out.String(), errb.String())
+				}
+			})
+		}
+	})
 }
