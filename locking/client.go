@@ -28,12 +28,13 @@ const (
 	// DefaultMaxBackoff caps the pause between two tries of a waiting
 	// Acquire, so a waiter that has backed off all the way polls 20 to 50
 	// times a second (about 28 on average) and notices a release by another
-	// instance within DefaultMaxBackoff. It is chosen so that hand-off
-	// between instances is 10 times faster than djangae's uniform(0, 1) s
+	// instance within DefaultMaxBackoff. It was chosen to make hand-off
+	// between instances about 10 times faster than djangae's uniform(0, 1) s
 	// polling, measured on the Datastore emulator with 2 waiters that had
 	// backed off (BENCHMARKS.md and docs/bench/tuning.txt at the repository
 	// root): a 250 ms cap was 3 times faster than djangae, 100 ms 9 times,
-	// 50 ms 13 times, at 9, 16 and 24 polls a second per waiting instance.
+	// 50 ms 13 times (8 times in a later run), at 9, 16 and 24 polls a
+	// second per waiting instance.
 	DefaultMaxBackoff = 50 * time.Millisecond
 )
 
