@@ -394,3 +394,64 @@ func TestTortureClockSkew(t *testing.T) {
 		})
 	}
 }
+
+// TestTortureWeakRestart shows what a Weak store does when it loses its
+// data: the store restarts while a holder is inside its critical section, a
+// second owner acquires the lock at once, and the two overlap until the
+// first holder's next renewal fails and its context is cancelled (at most a
+// third of the lease, plus the renewal's round trip). The overlap is
+// expected for Weak locks; it is asserted and reported.
+func TestTortureWeakRestart(t *testing.T) {
+	const lease = 3 * time.Second
+	for _, name := range []string{torture.StoreMemcached, torture.StoreRedis} {
+		t.Run(name, func(t *testing.T) {
+			s := startStore(t, name)
+			cfg := s.config(t)
+			hb, closeH, err := torture.NewBackend(t.Context(), cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer closeH()
+			tb, closeT, err := torture.NewBackend(t.Context(), cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer closeT()
+			holder, taker := newClient(t, name, hb), newClient(t, name, tb)
+			entered := make(chan struct{})
+			var done time.Time
+			var lost bool
+			holderErr := make(chan error, 1)
+			go func() {
+				holderErr <- holder.With(t.Context(), "restart", func(ctx context.Context) error {
+					close(entered)
+					<-ctx.Done()
+					done, lost = time.Now(), errors.Is(context.Cause(ctx), locking.ErrLockLost)
+					return nil
+				}, locking.Kind(locking.Weak), locking.Lease(lease))
+			}()
+			<-entered
+			s.restart(t)
+			ctx, cancel := context.WithTimeout(t.Context(), 2*lease)
+			defer cancel()
+			l, err := taker.Acquire(ctx, "restart", locking.Kind(locking.Weak), locking.Lease(lease))
+			taken := time.Now()
+			if err != nil {
+				t.Fatalf("taker after the restart: %v", err)
+			}
+			if err := <-holderErr; !errors.Is(err, locking.ErrLockLost) {
+				t.Errorf("holder's With = %v; want ErrLockLost", err)
+			}
+			_ = l.Release(t.Context())
+			overlap := done.Sub(taken)
+			report(t, "after a restart the taker entered while the holder was inside; overlap %v until the holder's renewal failed (lease %v, renewal every %v); holder told: %v",
+				overlap.Round(time.Millisecond), lease, lease/3, lost)
+			if overlap <= 0 {
+				t.Errorf("no overlap (%v): the holder noticed the restart before the taker entered, which a Weak store cannot promise; has the test lost its point?", overlap)
+			}
+			if overlap > lease/3+time.Second || !lost {
+				t.Errorf("holder learned of the loss %v after the takeover (lost=%v); want within a renewal interval (%v) plus a second", overlap, lost, lease/3)
+			}
+		})
+	}
+}
