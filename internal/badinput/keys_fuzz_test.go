@@ -32,7 +32,7 @@ var (
 func seeds(f *testing.F) {
 	for _, id := range []string{
 		"", "user-42", " ", "a b", "\x00", "\r\nset x 0 0 1\r\n", "\xff\xfe", "{tag}", "}{", "__key__", "__",
-		"lock:x", "ünïcödé", "\u2028", strings.Repeat("x", 250), strings.Repeat("é", 1000), strings.Repeat("\x00", 1 << 16),
+		"lock:x", "ünïcödé", "\u2028", strings.Repeat("x", 250), strings.Repeat("é", 1000), strings.Repeat("\x00", 1<<16),
 	} {
 		f.Add(id)
 	}
