@@ -72,11 +72,18 @@ type store struct {
 	restart func(t testing.TB) // nil when the store cannot be restarted
 }
 
-// stores returns the four real stores, started (or skipped: locally when not
-// installed, never with CI=true).
-func eachStore(t *testing.T, fn func(t *testing.T, s store)) {
+// eachStore runs fn as a subtest against each of the four real stores,
+// started (or skipped: locally when not installed, never with CI=true). With
+// parallel set the subtests run at once: for tests whose checks do not
+// depend on timing margins, to keep the CI run short.
+func eachStore(t *testing.T, parallel bool, fn func(t *testing.T, s store)) {
 	for _, name := range []string{torture.StoreFirestore, torture.StoreLegacy, torture.StoreMemcached, torture.StoreRedis} {
-		t.Run(name, func(t *testing.T) { fn(t, startStore(t, name)) })
+		t.Run(name, func(t *testing.T) {
+			if parallel {
+				t.Parallel()
+			}
+			fn(t, startStore(t, name))
+		})
 	}
 }
 

@@ -24,7 +24,7 @@ type scale struct {
 
 func contention() scale {
 	if long {
-		return scale{procs: 4, clients: 2, goroutines: 4, ids: 3, duration: 60 * time.Second}
+		return scale{procs: 4, clients: 2, goroutines: 4, ids: 3, duration: 40 * time.Second}
 	}
 	return scale{procs: 3, clients: 2, goroutines: 3, ids: 3, duration: 3 * time.Second}
 }
@@ -67,7 +67,7 @@ func assertExclusive(t *testing.T, res torture.Result) {
 // matter) and by 1 s, within the 2 s margin, on the legacy emulator.
 func TestTortureContention(t *testing.T) {
 	sc := contention()
-	eachStore(t, func(t *testing.T, s store) {
+	eachStore(t, true, func(t *testing.T, s store) {
 		cfg := s.config(t)
 		cfg.IDs = ids(sc.ids)
 		cfg.Clients, cfg.Goroutines = sc.clients, sc.goroutines
@@ -110,9 +110,9 @@ const faultLease = 2 * time.Second
 func TestTortureFaults(t *testing.T) {
 	rounds := 1
 	if long {
-		rounds = 8
+		rounds = 6
 	}
-	eachStore(t, func(t *testing.T, s store) {
+	eachStore(t, true, func(t *testing.T, s store) {
 		proxy := faultproxy.Start(t, s.addr)
 		cfg := s.config(t)
 		cfg.Addr = proxy.Addr()
@@ -191,7 +191,7 @@ func TestTortureCrash(t *testing.T) {
 	if long {
 		rounds = 5
 	}
-	eachStore(t, func(t *testing.T, s store) {
+	eachStore(t, false, func(t *testing.T, s store) {
 		for r := range rounds {
 			cfg := s.config(t)
 			cfg.IDs = []string{fmt.Sprintf("crash-%d", r)}
@@ -328,11 +328,11 @@ func loseLock(t *testing.T, s store, proxy *faultproxy.Proxy, id string, lease, 
 // reported; the core promises at least a tenth of the lease, counted from
 // when each renewal was sent.
 func TestTortureLostLock(t *testing.T) {
-	rounds := 2
+	rounds := 1
 	if long {
 		rounds = 6
 	}
-	eachStore(t, func(t *testing.T, s store) {
+	eachStore(t, false, func(t *testing.T, s store) {
 		proxy := faultproxy.Start(t, s.addr)
 		detected := 0
 		var minMargin time.Duration = 1 << 62
