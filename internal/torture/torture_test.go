@@ -67,7 +67,7 @@ func assertExclusive(t *testing.T, res torture.Result) {
 // matter) and by 1 s, within the 2 s margin, on the legacy emulator.
 func TestTortureContention(t *testing.T) {
 	sc := contention()
-	eachStore(t, true, func(t *testing.T, s store) {
+	eachStore(t, !long, func(t *testing.T, s store) {
 		cfg := s.config(t)
 		cfg.IDs = ids(sc.ids)
 		cfg.Clients, cfg.Goroutines = sc.clients, sc.goroutines
@@ -112,7 +112,7 @@ func TestTortureFaults(t *testing.T) {
 	if long {
 		rounds = 6
 	}
-	eachStore(t, true, func(t *testing.T, s store) {
+	eachStore(t, !long, func(t *testing.T, s store) {
 		proxy := faultproxy.Start(t, s.addr)
 		cfg := s.config(t)
 		cfg.Addr = proxy.Addr()
@@ -373,7 +373,6 @@ func TestTortureClockSkew(t *testing.T) {
 		wantOverlap bool
 	}{
 		{torture.StoreFirestore, 10 * time.Second, false},
-		{torture.StoreLegacy, 0, false},
 		{torture.StoreLegacy, 2 * time.Second, false},
 		{torture.StoreLegacy, 3500 * time.Millisecond, true},
 	}
@@ -454,4 +453,70 @@ func TestTortureWeakRestart(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestTortureResetMidRequest resets the holder's connection after the first
+// n bytes of its Acquire (a Datastore commit, a memcached incr or add, a
+// redis script call), for several n. Whatever the outcome, the lock is
+// consistent: when Acquire reports the lock held, nobody else gets it until
+// it is released; when Acquire fails, nothing is left held.
+func TestTortureResetMidRequest(t *testing.T) {
+	cuts := []int64{10, 60, 150, 400}
+	eachStore(t, false, func(t *testing.T, s store) {
+		proxy := faultproxy.Start(t, s.addr)
+		cfg := s.config(t)
+		hcfg := cfg
+		hcfg.Addr = proxy.Addr()
+		hb, closeH, err := torture.NewBackend(t.Context(), hcfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer closeH()
+		ob, closeO, err := torture.NewBackend(t.Context(), cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer closeO()
+		holder, other := newClient(t, s.name, hb), newClient(t, s.name, ob)
+		kind := locking.Kind(torture.Kind(s.name))
+		// Warm the holder's connection, so the cut lands in the request.
+		if err := holder.With(t.Context(), "warm", func(context.Context) error { return nil }, kind); err != nil {
+			t.Fatal(err)
+		}
+		acquired, failed := 0, 0
+		for _, n := range cuts {
+			id := fmt.Sprintf("cut-%d", n)
+			proxy.ResetAfter(n)
+			// The lock lives no longer than the context it was acquired with.
+			ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+			defer cancel()
+			l, err := holder.Acquire(ctx, id, kind, locking.Lease(faultLease), locking.Wait(false))
+			ol, oerr := other.Acquire(t.Context(), id, kind, locking.Lease(faultLease), locking.Wait(false))
+			switch {
+			case err == nil:
+				acquired++
+				if oerr == nil {
+					t.Errorf("cut after %d bytes: both the holder (token %d) and another client (token %d) hold %q", n, l.Token(), ol.Token(), id)
+					_ = ol.Release(t.Context())
+				} else if !errors.Is(oerr, locking.ErrNotAcquired) {
+					t.Errorf("cut after %d bytes: other client: %v", n, oerr)
+				}
+				if err := l.Release(t.Context()); err != nil {
+					t.Errorf("cut after %d bytes: release: %v", n, err)
+				}
+			default:
+				failed++
+				if oerr != nil {
+					t.Errorf("cut after %d bytes: Acquire failed (%v) but left the lock held: %v", n, err, oerr)
+					continue
+				}
+				_ = ol.Release(t.Context())
+			}
+		}
+		report(t, "acquire cut after %v bytes: %d acquired (held exclusively), %d failed (nothing left held); proxy resets=%d",
+			cuts, acquired, failed, proxy.Stats().Reset)
+		if proxy.Stats().Reset < int64(len(cuts)) {
+			t.Errorf("only %d resets for %d cuts", proxy.Stats().Reset, len(cuts))
+		}
+	})
 }
