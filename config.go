@@ -82,6 +82,11 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 		problems = append(problems, fmt.Sprintf("%s=%q: %s", name, getenv(name), fmt.Sprintf(format, args...)))
 	}
 	cfg.ProjectID = getenv(EnvProject)
+	// On Cloud Run (K_SERVICE is set by the platform) in-memory locks would
+	// guard nothing across instances: refuse to start without Datastore.
+	if getenv("K_SERVICE") != "" && cfg.ProjectID == "" && getenv(EnvDatastoreEmulator) == "" {
+		bad(EnvProject, "running on Cloud Run (K_SERVICE=%s) without a project: Strong locks would be in-memory, one instance each", getenv("K_SERVICE"))
+	}
 
 	switch strings.ToLower(getenv(EnvDefaultKind)) {
 	case "", "strong":

@@ -10,6 +10,9 @@ import (
 	mrand "math/rand/v2"
 	"sync"
 	"time"
+
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Defaults used when Config leaves a field zero.
@@ -46,6 +49,13 @@ type Config struct {
 	// is being retried, a lock lost, a release that failed. slog.Default()
 	// when nil.
 	Logger *slog.Logger
+	// MeterProvider provides the meter of the client's metrics, and
+	// TracerProvider the tracer of its spans (see the package documentation,
+	// Observability). When nil, the OpenTelemetry global providers are used:
+	// no-ops until the program installs SDK providers with
+	// otel.SetMeterProvider and otel.SetTracerProvider (before or after New).
+	MeterProvider  metric.MeterProvider
+	TracerProvider trace.TracerProvider
 }
 
 // A Client acquires locks from its backends. It is safe for concurrent use;
@@ -53,7 +63,9 @@ type Config struct {
 // this process queue behind one another and only one of them polls the
 // backend (see Acquire).
 type Client struct {
-	backends   [2]Backend // indexed by LockKind
+	backends   [2]Backend // indexed by LockKind, as configured
+	metered    [2]Backend // backends wrapped to record every call; nil where backends is
+	tel        *telemetry
 	lease      time.Duration
 	minBackoff time.Duration
 	maxBackoff time.Duration
@@ -86,6 +98,16 @@ func New(cfg Config) (*Client, error) {
 	}
 	if c.log == nil {
 		c.log = slog.Default()
+	}
+	tel, err := newTelemetry(cfg.MeterProvider, cfg.TracerProvider)
+	if err != nil {
+		return nil, err
+	}
+	c.tel = tel
+	for k, b := range c.backends {
+		if b != nil {
+			c.metered[k] = &meteredBackend{b: b, t: tel, kind: LockKind(k)}
+		}
 	}
 	return c, nil
 }
@@ -126,6 +148,19 @@ func (c *Client) Acquire(ctx context.Context, id string, opts ...Option) (*Lock,
 	if err != nil {
 		return nil, err
 	}
+	start := time.Now()
+	sctx, span := c.tel.startAcquire(ctx, id, &o)
+	var st acquireStats
+	l, err := c.acquire(ctx, sctx, id, o, b, &st)
+	c.tel.endAcquire(sctx, span, o.kind, start, &st, err)
+	return l, err
+}
+
+// acquire is Acquire after its options are resolved. It calls the backend
+// with sctx, the context of the acquire span, and ties the lock's life to
+// ctx; it reports what it saw in st.
+func (c *Client) acquire(ctx, sctx context.Context, id string, o options, b Backend, st *acquireStats) (*Lock, error) {
+	st.outcome = outcomeCanceled
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("locking: acquire %q: %w", id, err)
 	}
@@ -136,27 +171,34 @@ func (c *Client) Acquire(ctx context.Context, id string, opts ...Option) (*Lock,
 
 	var g *gate
 	if o.stealAfter == 0 {
-		g, err = c.enter(ctx, o.kind, id, o.wait, deadline)
+		var err error
+		g, err = c.enter(ctx, o.kind, id, o.wait, deadline, &st.waited)
 		if err != nil {
+			st.outcome = outcomeOf(err)
 			return nil, err
 		}
 	}
 	req := Request{ID: id, Owner: newOwner(), Lease: o.lease, StealAfter: o.stealAfter}
 	for attempt := 0; ; attempt++ {
 		sent := time.Now()
-		grant, err := b.Acquire(ctx, req)
+		grant, err := b.Acquire(sctx, req)
+		st.polls++
+		c.tel.poll(sctx, o.kind, grant, err)
 		if err == nil && grant.Acquired {
-			return c.newLock(ctx, b, req, grant.Token, sent, g), nil
+			st.outcome, st.token, st.tookOver = outcomeAcquired, grant.Token, grant.TookOver
+			return c.newLock(ctx, b, o.kind, req, grant.Token, sent, g), nil
 		}
 		if err != nil {
 			g.leave()
 			if ctx.Err() != nil {
 				return nil, fmt.Errorf("locking: acquire %q: %w", id, ctx.Err())
 			}
+			st.outcome = outcomeError
 			return nil, fmt.Errorf("locking: acquire %q: %w", id, err)
 		}
 		if !o.wait {
 			g.leave()
+			st.outcome = outcomeBusy
 			return nil, &NotAcquiredError{ID: id, Remaining: grant.Remaining}
 		}
 		pause := c.backoff(attempt)
@@ -164,15 +206,32 @@ func (c *Client) Acquire(ctx context.Context, id string, opts ...Option) (*Lock,
 			left := time.Until(deadline)
 			if left <= 0 {
 				g.leave()
+				st.outcome = outcomeTimeout
 				return nil, &NotAcquiredError{ID: id, Remaining: grant.Remaining, TimedOut: true}
 			}
 			pause = min(pause, left)
 		}
-		if err := sleep(ctx, pause); err != nil {
+		paused := time.Now()
+		err = sleep(ctx, pause)
+		st.waited += time.Since(paused)
+		if err != nil {
 			g.leave()
 			return nil, fmt.Errorf("locking: acquire %q: %w", id, err)
 		}
 	}
+}
+
+// outcomeOf classifies an error of the local gate: not acquired (busy or
+// timed out) or the context ended.
+func outcomeOf(err error) outcome {
+	var na *NotAcquiredError
+	switch {
+	case errors.As(err, &na) && na.TimedOut:
+		return outcomeTimeout
+	case na != nil:
+		return outcomeBusy
+	}
+	return outcomeCanceled
 }
 
 // With acquires the lock id, runs fn while holding it, and releases it when
@@ -194,7 +253,8 @@ func (c *Client) With(ctx context.Context, id string, fn func(ctx context.Contex
 	if err != nil {
 		return err
 	}
-	fctx, cancel := context.WithCancelCause(context.WithValue(ctx, lockKey{}, l))
+	bctx, span := c.tel.startHold(ctx, l)
+	fctx, cancel := context.WithCancelCause(context.WithValue(bctx, lockKey{}, l))
 	watcherDone := make(chan struct{})
 	go func() {
 		defer close(watcherDone)
@@ -206,9 +266,11 @@ func (c *Client) With(ctx context.Context, id string, fn func(ctx context.Contex
 		case <-fctx.Done():
 		}
 	}()
+	returned := false
 	defer func() {
 		cancel(nil)
 		<-watcherDone
+		c.tel.endHold(span, err, l.lostErr(), !returned)
 		rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), releaseTimeout)
 		defer rcancel()
 		rerr := l.Release(rctx)
@@ -219,7 +281,9 @@ func (c *Client) With(ctx context.Context, id string, fn func(ctx context.Contex
 			err = errors.Join(err, rerr)
 		}
 	}()
-	return fn(fctx)
+	err = fn(fctx)
+	returned = true
+	return err
 }
 
 type lockKey struct{}
@@ -253,7 +317,7 @@ func (c *Client) resolve(id string, opts []Option) (options, Backend, error) {
 	if o.lease == 0 {
 		o.lease = c.lease
 	}
-	b := c.backends[o.kind]
+	b := c.metered[o.kind]
 	if b == nil {
 		return o, nil, fmt.Errorf("%w: %v", ErrNoBackend, o.kind)
 	}

@@ -64,6 +64,23 @@
 // ErrNotAcquired), whose Remaining hints how long the holder's lease runs:
 // the tasks package turns that into a Retry-After.
 //
+// # Observability
+//
+// A Client records OpenTelemetry metrics and spans through
+// Config.MeterProvider and Config.TracerProvider, or the global providers
+// when those are nil (no-ops until the program installs an SDK). Metric
+// names start with "taskguard.lock.": acquire.duration and wait.duration
+// (histograms, seconds, by outcome: acquired, busy, timeout, canceled,
+// error), polls, renewals, takeovers, lost, releases, held, and
+// backend.calls and backend.duration (every Backend call, by operation).
+// Their attributes are the lock kind and a small set of outcomes, never the
+// lock id, so the number of time series stays bounded however many ids are
+// used. Spans "taskguard.lock.acquire", "taskguard.lock.hold" (With's
+// function) and "taskguard.lock.release" are children of the span in the
+// caller's context, and do carry the lock id and token as attributes. See
+// docs/observability.md for the full list and for exporting to Cloud
+// Monitoring and Cloud Trace.
+//
 // # Not guaranteed
 //
 //   - Mutual exclusion is only as strong as the backend: Weak locks can

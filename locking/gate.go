@@ -28,8 +28,9 @@ type gateKey struct {
 }
 
 // enter waits for the gate of (kind, id) until it is free, deadline (if not
-// zero) passes or ctx is done. With wait false it does not wait.
-func (c *Client) enter(ctx context.Context, kind LockKind, id string, wait bool, deadline time.Time) (*gate, error) {
+// zero) passes or ctx is done. With wait false it does not wait. It adds the
+// time it waited to *waited.
+func (c *Client) enter(ctx context.Context, kind LockKind, id string, wait bool, deadline time.Time, waited *time.Duration) (*gate, error) {
 	key := gateKey{kind, id}
 	c.mu.Lock()
 	g := c.gates[key]
@@ -49,6 +50,8 @@ func (c *Client) enter(ctx context.Context, kind LockKind, id string, wait bool,
 		g.unref()
 		return nil, &NotAcquiredError{ID: id, Remaining: g.remaining()}
 	}
+	start := time.Now()
+	defer func() { *waited += time.Since(start) }()
 	var timeout <-chan time.Time
 	if !deadline.IsZero() {
 		t := time.NewTimer(time.Until(deadline))

@@ -8,8 +8,13 @@ import (
 	"time"
 )
 
-// errReleased is the cause with which Release ends a lock's life.
-var errReleased = errors.New("locking: released")
+var (
+	// errReleased is the cause with which Release ends a lock's life.
+	errReleased = errors.New("locking: released")
+	// errLeaseRanOut tells a loss by failed renewals from a loss to another
+	// owner.
+	errLeaseRanOut = errors.New("lease ran out before a renewal succeeded")
+)
 
 type lockState int
 
@@ -26,6 +31,7 @@ const (
 type Lock struct {
 	c     *Client
 	b     Backend
+	kind  LockKind
 	req   Request
 	token uint64
 	g     *gate // nil for locks acquired with StealAfter
@@ -87,21 +93,23 @@ func (l *Lock) lostErr() error {
 // as well). Any other error is the backend's; the lock then expires at the end
 // of its lease. Done is closed when Release returns.
 func (l *Lock) Release(ctx context.Context) error {
+	ctx, span := l.c.tel.startRelease(ctx, l)
+	var err error
 	l.mu.Lock()
 	if l.state != held {
 		l.mu.Unlock()
-		<-l.done // a release on the holder's behalf may be under way
-		l.mu.Lock()
-		err, lossy := l.err, l.lossy
+		err = l.releaseEnded()
+	} else {
+		l.state = releasing
 		l.mu.Unlock()
-		if lossy && !errors.Is(err, ErrNotHeld) {
-			return fmt.Errorf("locking: release %q: %w (%w)", l.req.ID, ErrNotHeld, err)
-		}
-		return fmt.Errorf("locking: release %q: %w", l.req.ID, err)
+		err = l.release(ctx)
 	}
-	l.state = releasing
-	l.mu.Unlock()
+	l.c.tel.release(ctx, span, l.kind, err)
+	return err
+}
 
+// release stops the renewals and removes the lock from the backend.
+func (l *Lock) release(ctx context.Context) error {
 	l.endLife(errReleased)
 	<-l.exited
 	err := l.b.Release(ctx, l.req.ID, l.req.Owner)
@@ -119,6 +127,19 @@ func (l *Lock) Release(ctx context.Context) error {
 	}
 }
 
+// releaseEnded is Release of a lock that is no longer held, or is being
+// released on the holder's behalf.
+func (l *Lock) releaseEnded() error {
+	<-l.done // a release on the holder's behalf may be under way
+	l.mu.Lock()
+	err, lossy := l.err, l.lossy
+	l.mu.Unlock()
+	if lossy && !errors.Is(err, ErrNotHeld) {
+		return fmt.Errorf("locking: release %q: %w (%w)", l.req.ID, ErrNotHeld, err)
+	}
+	return fmt.Errorf("locking: release %q: %w", l.req.ID, err)
+}
+
 // end moves the lock to a final state once, closes Done and lets the next
 // local waiter in.
 func (l *Lock) end(state lockState, err error, lossy bool) bool {
@@ -131,15 +152,20 @@ func (l *Lock) end(state lockState, err error, lossy bool) bool {
 	close(l.done)
 	l.mu.Unlock()
 	l.gateOnce.Do(l.g.leave)
+	reason := lossNotHeld
+	if errors.Is(err, errLeaseRanOut) {
+		reason = lossExpired
+	}
+	l.c.tel.ended(l.kind, lossy, reason)
 	return true
 }
 
 // newLock returns a held lock acquired at sent (when the acquiring request
 // was sent) and starts renewing it.
-func (c *Client) newLock(ctx context.Context, b Backend, req Request, token uint64, sent time.Time, g *gate) *Lock {
+func (c *Client) newLock(ctx context.Context, b Backend, kind LockKind, req Request, token uint64, sent time.Time, g *gate) *Lock {
 	life, endLife := context.WithCancelCause(ctx)
 	l := &Lock{
-		c: c, b: b, req: req, token: token, g: g,
+		c: c, b: b, kind: kind, req: req, token: token, g: g,
 		done:    make(chan struct{}),
 		exited:  make(chan struct{}),
 		endLife: endLife,
@@ -165,7 +191,7 @@ func (l *Lock) renew(life context.Context, acquired time.Time) {
 	for attempt := 0; ; {
 		wait := min(next, time.Until(lostAt))
 		if wait <= 0 {
-			l.loseTo(fmt.Errorf("%w: %q: lease ran out before a renewal succeeded", ErrLockLost, l.req.ID))
+			l.loseTo(fmt.Errorf("%w: %q: %w", ErrLockLost, l.req.ID, errLeaseRanOut))
 			return
 		}
 		t := time.NewTimer(wait)
@@ -184,9 +210,15 @@ func (l *Lock) renew(life context.Context, acquired time.Time) {
 		pending, err := l.renewBy(rctx, lostAt)
 		cancel()
 		if pending != nil {
-			l.loseTo(fmt.Errorf("%w: %q: lease ran out while a renewal was under way", ErrLockLost, l.req.ID))
+			if life.Err() == nil {
+				l.c.tel.renewal(life, l.kind, context.DeadlineExceeded)
+			}
+			l.loseTo(fmt.Errorf("%w: %q: %w (a renewal was still under way)", ErrLockLost, l.req.ID, errLeaseRanOut))
 			<-pending // the call outlives the lock by no more than the backend's own timeouts
 			return
+		}
+		if life.Err() == nil {
+			l.c.tel.renewal(life, l.kind, err)
 		}
 		switch {
 		case err == nil:
@@ -263,6 +295,7 @@ func (l *Lock) endWithContext(life context.Context) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(life), releaseTimeout)
 	defer cancel()
 	err := l.b.Release(ctx, l.req.ID, l.req.Owner)
+	l.c.tel.release(ctx, nil, l.kind, err)
 	if err != nil && !errors.Is(err, ErrNotHeld) {
 		l.c.log.Warn("locking: release after context end failed; the lease will expire", "lock_id", l.req.ID, "token", l.token, "error", err)
 	}

@@ -1,12 +1,8 @@
-//go:build ignore
-
 package tasks_test
 
 // This file runs the end-to-end tests on locks in a real Datastore emulator
-// (locking/dslock). It is excluded from builds (ignore tag) while
-// locking/dslock is not on main, so that go mod tidy and go vet pass; once
-// both are merged, delete the build line and the end-to-end tests use
-// Datastore (skipped locally without the emulator, failing with CI=true).
+// (locking/dslock): skipped locally without the emulator, failing with
+// CI=true.
 //
 // TASKS_E2E_DATASTORE selects the emulator: "firestore" (the default:
 // pessimistic concurrency, like new production databases) or "legacy".

@@ -313,12 +313,12 @@ func (w *Worker) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 	}
 	log := w.log.With("task", d.TaskName, "queue", d.QueueName)
 	if d.TaskName == "" || d.QueueName == "" {
-		log.Warn("tasks: rejected a request without Cloud Tasks headers", "remote", r.RemoteAddr)
+		log.WarnContext(r.Context(), "tasks: rejected a request without Cloud Tasks headers", "remote", r.RemoteAddr)
 		http.Error(rw, "not a Cloud Tasks request", StatusRejected)
 		return
 	}
 	if w.queue != "" && d.QueueName != w.queue {
-		log.Warn("tasks: rejected a delivery from another queue", "want_queue", w.queue)
+		log.WarnContext(r.Context(), "tasks: rejected a delivery from another queue", "want_queue", w.queue)
 		http.Error(rw, "wrong queue", StatusRejected)
 		return
 	}
@@ -329,28 +329,28 @@ func (w *Worker) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 	log = log.With("retry_count", d.RetryCount)
 
 	if r.Method != http.MethodPost {
-		w.drop(rw, log, fmt.Errorf("%w: method %s", errMalformed, r.Method))
+		w.drop(rw, r, log, fmt.Errorf("%w: method %s", errMalformed, r.Method))
 		return
 	}
 	body, err := io.ReadAll(http.MaxBytesReader(rw, r.Body, w.maxBody))
 	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
-			w.drop(rw, log, fmt.Errorf("%w: body larger than %d bytes", errMalformed, w.maxBody))
+			w.drop(rw, r, log, fmt.Errorf("%w: body larger than %d bytes", errMalformed, w.maxBody))
 			return
 		}
-		log.Warn("tasks: reading the task body failed", "error", err)
+		log.WarnContext(r.Context(), "tasks: reading the task body failed", "error", err)
 		http.Error(rw, "reading body failed", StatusRetry)
 		return
 	}
 	env, err := decodeEnvelope(body)
 	if errors.Is(err, errVersion) {
-		log.Error("tasks: envelope of a newer version; retrying (is a deploy in progress?)", "error", err)
+		log.ErrorContext(r.Context(), "tasks: envelope of a newer version; retrying (is a deploy in progress?)", "error", err)
 		http.Error(rw, "unsupported envelope version", StatusRetry)
 		return
 	}
 	if err != nil {
-		w.drop(rw, log, err)
+		w.drop(rw, r, log, err)
 		return
 	}
 	d.Job, d.LockID, d.EnqueuedAt = env.Job, env.LockID, env.EnqueuedAt
@@ -361,7 +361,7 @@ func (w *Worker) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 	log = log.With("job", d.Job, "lock_id", d.LockID)
 	j := w.job(env.Job)
 	if j == nil {
-		w.drop(rw, log, fmt.Errorf("unknown job %q", env.Job))
+		w.drop(rw, r, log, fmt.Errorf("unknown job %q", env.Job))
 		return
 	}
 	w.run(rw, r, log, j, d)
@@ -382,7 +382,7 @@ func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, 
 		d.Token = d.Lock.Token()
 		defer func() {
 			if p := recover(); p != nil {
-				log.Error("tasks: job panicked", "token", d.Token, "panic", p, "stack", string(debug.Stack()))
+				log.ErrorContext(r.Context(), "tasks: job panicked", "token", d.Token, "panic", p, "stack", string(debug.Stack()))
 				err = fmt.Errorf("%w: %v", errPanic, p)
 			}
 			jobErr = err
@@ -397,33 +397,33 @@ func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, 
 	var busy *locking.NotAcquiredError
 	switch {
 	case errors.Is(err, locking.ErrLockLost):
-		log.Error("tasks: lock lost while the job ran; retrying", "error", err)
+		log.ErrorContext(r.Context(), "tasks: lock lost while the job ran; retrying", "error", err)
 		http.Error(rw, "lock lost", StatusRetry)
 	case !ran && errors.As(err, &busy), ran && errors.As(jobErr, &busy):
 		// The task's own lock (not run), or a lock the job took itself.
 		secs := w.retryAfter(busy.Remaining)
-		log.Info("tasks: lock held; asking Cloud Tasks to retry later", "busy_lock", busy.ID,
+		log.InfoContext(r.Context(), "tasks: lock held; asking Cloud Tasks to retry later", "busy_lock", busy.ID,
 			"remaining", busy.Remaining, "retry_after_s", secs, "job_ran", ran)
 		rw.Header().Set("Retry-After", strconv.Itoa(secs))
 		http.Error(rw, "lock held", StatusBusy)
 	case !ran:
 		// Acquire failed: the lock store, or the request's context.
-		log.Error("tasks: could not take the lock; retrying", "error", err)
+		log.ErrorContext(r.Context(), "tasks: could not take the lock; retrying", "error", err)
 		http.Error(rw, "lock unavailable", StatusRetry)
 	case jobErr == nil:
 		if err != nil {
 			// The job is done and the lock was not lost; only the release
 			// failed, and the lock expires with its lease. Running the job
 			// again would repeat finished work.
-			log.Warn("tasks: job done, but releasing its lock failed", "error", err)
+			log.WarnContext(r.Context(), "tasks: job done, but releasing its lock failed", "error", err)
 		} else {
-			log.Debug("tasks: job done")
+			log.DebugContext(r.Context(), "tasks: job done")
 		}
 		rw.WriteHeader(StatusDone)
 	case errors.Is(jobErr, ErrPermanent):
-		w.drop(rw, log, jobErr)
+		w.drop(rw, r, log, jobErr)
 	default:
-		log.Error("tasks: job failed; Cloud Tasks will retry", "error", jobErr)
+		log.ErrorContext(r.Context(), "tasks: job failed; Cloud Tasks will retry", "error", jobErr)
 		http.Error(rw, "job failed", StatusFailed)
 	}
 }
@@ -437,8 +437,8 @@ func (w *Worker) retryAfter(remaining time.Duration) int {
 }
 
 // drop answers 200 for a task that can never succeed, and logs why at ERROR.
-func (w *Worker) drop(rw http.ResponseWriter, log *slog.Logger, err error) {
-	log.Error("tasks: dropping a task that cannot succeed", "error", err)
+func (w *Worker) drop(rw http.ResponseWriter, r *http.Request, log *slog.Logger, err error) {
+	log.ErrorContext(r.Context(), "tasks: dropping a task that cannot succeed", "error", err)
 	rw.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	rw.WriteHeader(StatusDropped)
 	_, _ = io.WriteString(rw, "dropped: not retried\n")

@@ -84,7 +84,7 @@ func runDemo(ctx context.Context, out io.Writer, base string, rec *recorder, emu
 		defer resp.Body.Close()
 		if resp.StatusCode != http.StatusOK {
 			msg, _ := io.ReadAll(resp.Body)
-			return fmt.Errorf("Enqueue %s/%s: %s: %s", job, lockID, resp.Status, msg)
+			return fmt.Errorf("enqueue %s/%s: %s: %s", job, lockID, resp.Status, msg)
 		}
 		enqueued++
 		return nil
@@ -190,7 +190,7 @@ func printTimeline(out io.Writer, origin time.Time, secs []section, want int) []
 	col := func(t time.Time) int { return int(float64(width-1) * float64(t.Sub(origin)) / float64(span)) }
 	fmt.Fprintf(out, "%-9s %6s  %-*s %s\n", "lock id", "token", width, "timeline (0 … "+span.Round(time.Millisecond).String()+")", "ran")
 	for i, s := range secs {
-		bar := []byte(strings.Repeat("·", 0) + strings.Repeat(" ", width))
+		bar := []byte(strings.Repeat(" ", width))
 		for c := col(s.Start); c <= col(s.End) && c < width; c++ {
 			bar[c] = '#'
 		}

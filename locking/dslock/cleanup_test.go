@@ -110,7 +110,10 @@ func TestCleanup(t *testing.T) {
 				if method == "Commit" && n == 0 {
 					// Between the cleaner's read and its delete: the holder of
 					// race-0 renews; race-1 is released and acquired anew.
+					// A long lease: should the cleaner retry its commit and
+					// read again, the renewed lock must not have expired anew.
 					renewed = held[0]
+					renewed.Lease = time.Minute
 					if _, err := other.Renew(ctx, renewed); err != nil {
 						return fmt.Errorf("hook renew: %w", err)
 					}
@@ -131,7 +134,6 @@ func TestCleanup(t *testing.T) {
 			if rep.Deleted != 2 || rep.Skipped != 2 || !rep.Finished {
 				t.Errorf("report %+v; want 2 deleted, 2 skipped", rep)
 			}
-			renewed.Lease = time.Minute
 			if _, err := other.Renew(t.Context(), renewed); err != nil {
 				t.Errorf("lock renewed during cleanup was deleted: %v", err)
 			}

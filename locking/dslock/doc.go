@@ -115,6 +115,15 @@
 // clock; a holder whose clock ran hours behind could lose a live lock to it
 // (it would notice at its next renewal).
 //
+// # Operations
+//
+// List, Inspect and ForceRelease serve operators (the taskguard command's
+// "locks" group): List reads every lock entity, held or expired; Inspect
+// reads one; ForceRelease deletes one whoever holds it, with a delete
+// conditional on the version it read, and reports the deletion's version as
+// a fence between the removed holder's token and the next one. The removed
+// holder finds out at its next renewal.
+//
 // # Emulators
 //
 // Both emulators of the Google Cloud CLI pass the same tests; package dstest

@@ -32,10 +32,10 @@ func transient(c codes.Code) bool {
 	return false
 }
 
-// applied reports whether a failed write with code c may nevertheless have
-// been applied. Aborted and ResourceExhausted are refusals decided before
-// the write; Unavailable, DeadlineExceeded and Canceled may come after the
-// server received it.
+// mayHaveApplied reports whether a failed write with code c may nevertheless
+// have been applied. Aborted and ResourceExhausted are refusals decided
+// before the write; Unavailable, DeadlineExceeded, Canceled, Internal and
+// Unknown may come after the server received it.
 func mayHaveApplied(c codes.Code) bool {
 	switch c {
 	case codes.Unavailable, codes.DeadlineExceeded, codes.Canceled, codes.Internal, codes.Unknown:
@@ -97,7 +97,7 @@ func read[T any](ctx context.Context, b *Backend, op string, call func(context.C
 // errAmbiguous and is not repeated here: repeating a conditional write could
 // fail on the version its own first attempt created, so the caller reads the
 // entity back instead. Other errors (AlreadyExists, FailedPrecondition,
-// NotFound, ...) are returned as gRPC status errors for the caller to judge.
+// NotFound, ...) are returned wrapped; status.Code still reads them.
 func (b *Backend) commit(ctx context.Context, op string, muts ...*pb.Mutation) (*pb.CommitResponse, error) {
 	req := &pb.CommitRequest{
 		ProjectId:  b.project,
@@ -127,7 +127,7 @@ func (b *Backend) commit(ctx context.Context, op string, muts ...*pb.Mutation) (
 				return nil, ctxErr(ctx, op)
 			}
 		default:
-			return nil, err
+			return nil, fmt.Errorf("dslock: %s: %w", op, err)
 		}
 	}
 }

@@ -1,0 +1,257 @@
+package taskguard
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"cloud.google.com/go/cloudtasks/apiv2/cloudtaskspb"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/taskguard/taskguard/internal/cloudlog"
+	"github.com/taskguard/taskguard/locking"
+	"github.com/taskguard/taskguard/locking/dslock"
+	"github.com/taskguard/taskguard/locking/dslock/dstest"
+	"github.com/taskguard/taskguard/tasks"
+	"github.com/taskguard/taskguard/tasks/taskstest"
+)
+
+const testQueue = "projects/test-project/locations/here/queues/jobs"
+
+// newTestApp builds an App whose Enqueue goes to an in-process Cloud Tasks
+// emulator that delivers to the App's own Worker over HTTP.
+func newTestApp(t *testing.T, extra map[string]string) (*App, *httptest.Server, *taskstest.Server) {
+	t.Helper()
+	emu := taskstest.Start(t, taskstest.Options{})
+	_, err := emu.CreateQueue(t.Context(), &cloudtaskspb.CreateQueueRequest{
+		Parent: "projects/test-project/locations/here",
+		Queue: &cloudtaskspb.Queue{Name: testQueue, RetryConfig: &cloudtaskspb.RetryConfig{
+			MaxAttempts: -1, MinBackoff: durationpb.New(10 * time.Millisecond), MaxBackoff: durationpb.New(time.Second),
+		}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	srv := httptest.NewServer(mux)
+	t.Cleanup(srv.Close)
+	vars := map[string]string{
+		EnvQueue: testQueue, EnvWorkerURL: srv.URL + "/Worker", EnvTaskServiceAccount: "w@test-project.iam.gserviceaccount.com",
+		EnvTasksEmulator: emu.Addr(),
+	}
+	for k, v := range extra {
+		vars[k] = v
+	}
+	cfg, err := ConfigFromEnv(env(vars))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := NewApp(t.Context(), cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = a.Close() })
+	mux.Handle("/Worker", a.Worker())
+	mux.Handle("/Enqueue", a.Enqueue())
+	mux.Handle("/CleanupLocks", a.CleanupLocks())
+	return a, srv, emu
+}
+
+func post(t *testing.T, url, body string) (int, map[string]any) {
+	t.Helper()
+	resp, err := http.Post(url, "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var out map[string]any
+	raw, _ := io.ReadAll(resp.Body)
+	if err := json.Unmarshal(raw, &out); err != nil {
+		t.Fatalf("answer is not JSON: %v: %s", err, raw)
+	}
+	return resp.StatusCode, out
+}
+
+func TestEnqueueAnswers(t *testing.T) {
+	a, srv, emu := newTestApp(t, nil)
+	ran := make(chan string, 10)
+	a.worker.Handle("echo", func(ctx context.Context, d *tasks.Delivery) error { ran <- d.LockID; return nil })
+
+	code, out := post(t, srv.URL+"/Enqueue", `{"job":"echo","lockId":"user-1","payload":{"x":1}}`)
+	if code != http.StatusOK || !strings.HasPrefix(out["task"].(string), testQueue+"/tasks/") {
+		t.Fatalf("enqueue = %d %v; want 200 with the task name", code, out)
+	}
+	select {
+	case id := <-ran:
+		if id != "user-1" {
+			t.Errorf("job ran with lock id %q", id)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the enqueued task did not run")
+	}
+
+	code, out = post(t, srv.URL+"/Enqueue", `{"job":"echo","lockId":"user-1","name":"once"}`)
+	if code != http.StatusOK || out["duplicate"] != nil {
+		t.Fatalf("named enqueue = %d %v", code, out)
+	}
+	first := out["task"]
+	code, out = post(t, srv.URL+"/Enqueue", `{"job":"echo","lockId":"user-1","name":"once"}`)
+	if code != http.StatusOK || out["duplicate"] != true || out["task"] != first {
+		t.Errorf("duplicate enqueue = %d %v; want 200, duplicate, the same task", code, out)
+	}
+
+	bad := []struct {
+		name, body string
+		want       int
+	}{
+		{"not JSON", `{"job":`, http.StatusBadRequest},
+		{"unknown field", `{"job":"echo","lockId":"a","colour":"red"}`, http.StatusBadRequest},
+		{"unknown job", `{"job":"nope","lockId":"a"}`, http.StatusBadRequest},
+		{"empty job", `{"lockId":"a"}`, http.StatusBadRequest},
+		{"empty lock id", `{"job":"echo"}`, http.StatusBadRequest},
+		{"negative delay", `{"job":"echo","lockId":"a","delaySeconds":-1}`, http.StatusBadRequest},
+		{"delay past 30 days", `{"job":"echo","lockId":"a","delaySeconds":2600000}`, http.StatusBadRequest},
+		{"trailing data", `{"job":"echo","lockId":"a"} {}`, http.StatusBadRequest},
+		{"oversized", `{"job":"echo","lockId":"a","payload":"` + strings.Repeat("x", 2<<20) + `"}`, http.StatusRequestEntityTooLarge},
+	}
+	for _, tc := range bad {
+		if code, out := post(t, srv.URL+"/Enqueue", tc.body); code != tc.want || out["error"] == nil {
+			t.Errorf("%s: %d %v; want %d with an error", tc.name, code, out, tc.want)
+		}
+	}
+	resp, err := http.Get(srv.URL + "/Enqueue")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusMethodNotAllowed {
+		t.Errorf("GET /Enqueue = %d; want 405", resp.StatusCode)
+	}
+	if err := emu.WaitIdle(t.Context(), testQueue); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestEnqueueWithoutQueue(t *testing.T) {
+	a, err := NewApp(t.Context(), Config{}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := httptest.NewRecorder()
+	a.Enqueue().ServeHTTP(rec, httptest.NewRequest("POST", "/Enqueue", strings.NewReader(`{"job":"x","lockId":"y"}`)))
+	if rec.Code != http.StatusServiceUnavailable || !strings.Contains(rec.Body.String(), EnvQueue) {
+		t.Errorf("Enqueue without a queue = %d %s; want 503 naming %s", rec.Code, rec.Body, EnvQueue)
+	}
+}
+
+// TestExampleJobRefreshesOnce runs the OAuth example through the real
+// path: five tasks on distinct lock ids refresh one user's token at once;
+// the lock on the token lets one refresh happen and the others find the new
+// token fresh.
+func TestExampleJobRefreshesOnce(t *testing.T) {
+	endpoint := newTokenEndpoint(t)
+	_, srv, emu := newTestApp(t, map[string]string{EnvTokenURL: endpoint.url})
+	for i := range 5 {
+		code, out := post(t, srv.URL+"/Enqueue", `{"job":"refresh-token","lockId":"refresh-`+string(rune('a'+i))+`","payload":{"user":"42"}}`)
+		if code != http.StatusOK {
+			t.Fatalf("enqueue: %d %v", code, out)
+		}
+	}
+	if err := emu.WaitIdle(t.Context(), testQueue); err != nil {
+		t.Fatal(err)
+	}
+	if n := endpoint.CallCount(); n != 1 {
+		t.Errorf("token endpoint refreshed %d times for one expired token; want 1", n)
+	}
+	for _, at := range emu.Attempts() {
+		if at.Status >= 500 {
+			t.Errorf("an attempt failed with %d (a refresh collided?)", at.Status)
+		}
+	}
+}
+
+// TestCleanupLocks runs CleanupLocks on locks in the real Datastore
+// emulator: an expired lock is deleted, a live one survives, a dry run only
+// counts.
+func TestCleanupLocks(t *testing.T) {
+	e := dstest.New(t, dstest.Firestore)
+	t.Setenv(EnvDatastoreEmulator, e.Host)
+	t.Setenv("DATASTORE_PROJECT_ID", e.ProjectID)
+	a, err := NewApp(t.Context(), Config{CleanupGrace: time.Millisecond}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = a.Close() })
+	b, ok := a.Locks().Backend(locking.Strong).(*dslock.Backend)
+	if !ok {
+		t.Fatalf("Strong backend is %T; want *dslock.Backend with DATASTORE_EMULATOR_HOST set", a.Locks().Backend(locking.Strong))
+	}
+	for _, r := range []locking.Request{
+		{ID: "dead-holder", Owner: "o1", Lease: 100 * time.Millisecond},
+		{ID: "live-holder", Owner: "o2", Lease: time.Hour},
+	} {
+		if g, err := b.Acquire(t.Context(), r); err != nil || !g.Acquired {
+			t.Fatalf("acquire %s: %v %v", r.ID, g, err)
+		}
+	}
+	time.Sleep(time.Second)
+
+	run := func(query string) CleanupReport {
+		rec := httptest.NewRecorder()
+		a.CleanupLocks().ServeHTTP(rec, httptest.NewRequest("POST", "/CleanupLocks"+query, nil))
+		if rec.Code != http.StatusOK {
+			t.Fatalf("CleanupLocks%s = %d %s", query, rec.Code, rec.Body)
+		}
+		var rep CleanupReport
+		if err := json.NewDecoder(bytes.NewReader(rec.Body.Bytes())).Decode(&rep); err != nil {
+			t.Fatal(err)
+		}
+		return rep
+	}
+	if rep := run("?dryRun=true"); !rep.DryRun || rep.Expired != 1 || rep.Deleted != 0 || !rep.Finished || rep.Backend != "datastore" {
+		t.Errorf("dry run report = %+v; want 1 expired, 0 deleted, finished", rep)
+	}
+	if rep := run(""); rep.Deleted != 1 || !rep.Finished {
+		t.Errorf("cleanup report = %+v; want 1 deleted, finished", rep)
+	}
+	if g, _ := b.Acquire(t.Context(), locking.Request{ID: "live-holder", Owner: "o3", Lease: time.Second}); g.Acquired {
+		t.Errorf("cleanup deleted a live lock")
+	}
+	if g, _ := b.Acquire(t.Context(), locking.Request{ID: "dead-holder", Owner: "o3", Lease: time.Second}); !g.Acquired || g.TookOver {
+		t.Errorf("after cleanup the dead holder's lock = %+v; want free (deleted, not taken over)", g)
+	}
+}
+
+// TestWorkerLogsCarryTrace checks that the Worker's log lines are
+// correlated with the request's trace in Cloud Logging and carry the task.
+func TestWorkerLogsCarryTrace(t *testing.T) {
+	var buf bytes.Buffer
+	a, err := NewApp(t.Context(), Config{ProjectID: "p1"}, slog.New(cloudlog.NewHandler(&buf, slog.LevelInfo, "p1")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := httptest.NewRequest("POST", "/Worker", strings.NewReader("not an envelope"))
+	req.Header.Set("X-CloudTasks-TaskName", "task-1")
+	req.Header.Set("X-CloudTasks-QueueName", "jobs")
+	req.Header.Set("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+	buf.Reset() // drop the client's start-up line
+	rec := httptest.NewRecorder()
+	a.Worker().ServeHTTP(rec, req)
+	if rec.Code != http.StatusOK {
+		t.Fatalf("malformed envelope answered %d; want 200 (dropped)", rec.Code)
+	}
+	var line map[string]any
+	if err := json.Unmarshal(bytes.TrimSpace(buf.Bytes()), &line); err != nil {
+		t.Fatalf("want one JSON log line: %v: %s", err, buf.String())
+	}
+	if line["severity"] != "ERROR" || line["task"] != "task-1" || line[cloudlog.TraceKey] != "projects/p1/traces/4bf92f3577b34da6a3ce929d0e0e4736" {
+		t.Errorf("log line = %v; want ERROR with the task and the trace", line)
+	}
+}

@@ -1,0 +1,60 @@
+package lockingtest
+
+import (
+	"errors"
+	"log/slog"
+	"testing"
+	"time"
+
+	"github.com/taskguard/taskguard/locking"
+)
+
+// RunRestart checks what a restart of the store does to a held lock, for
+// stores that lose their data when they restart (memcached, a Valkey without
+// persistence): the holder is told at its next renewal (Done closes, Err
+// wraps ErrLockLost), another instance can acquire the lock at once, and the
+// old holder's Release returns ErrNotHeld. restart must restart the store
+// and return once it answers again. newBackend is as for Run.
+func RunRestart(t *testing.T, newBackend NewBackend, restart func(tb testing.TB)) {
+	t.Helper()
+	const lease = 3 * time.Second // renewed every second
+	newClient := func() *locking.Client {
+		b := newBackend(t)
+		c, err := locking.New(locking.Config{Strong: b, Weak: b, Lease: lease, Logger: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	holder, other := newClient(), newClient()
+	ctx := t.Context()
+	lockID := id(t, "restart")
+	l, err := holder.Acquire(ctx, lockID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := other.Acquire(ctx, lockID, locking.Wait(false)); !errors.Is(err, locking.ErrNotAcquired) {
+		t.Fatalf("second Acquire before the restart = %v, want ErrNotAcquired", err)
+	}
+	restart(t)
+	restarted := time.Now()
+	select {
+	case <-l.Done():
+	case <-time.After(lease + 2*time.Second):
+		t.Fatalf("Done not closed within %v of the restart (renewals every %v)", lease+2*time.Second, lease/3)
+	}
+	t.Logf("holder told %v after the restart", time.Since(restarted).Round(time.Millisecond))
+	if err := l.Err(); !errors.Is(err, locking.ErrLockLost) {
+		t.Errorf("Err() = %v, want ErrLockLost", err)
+	}
+	l2, err := other.Acquire(ctx, lockID, locking.Wait(false))
+	if err != nil {
+		t.Fatalf("Acquire after the restart: %v", err)
+	}
+	if err := l.Release(ctx); !errors.Is(err, locking.ErrNotHeld) {
+		t.Errorf("Release of the lost lock = %v, want ErrNotHeld", err)
+	}
+	if err := l2.Release(ctx); err != nil {
+		t.Errorf("Release: %v", err)
+	}
+}
