@@ -6,7 +6,7 @@ export PATH := $(GOBIN):$(PATH)
 # emulators, memcached, redis-server) on free loopback ports.
 GOTEST_FLAGS ?= -race -count=1 -timeout=20m
 
-.PHONY: run demo test deps lint vet bench torture clean
+.PHONY: run demo test deps lint vet bench torture fuzz-short clean
 
 run: ## serve every function locally on embedded defaults
 	go run ./cmd/taskguard-local
@@ -22,8 +22,19 @@ lint: deps ## gofmt, go vet, staticcheck
 	go vet ./...
 	staticcheck ./...
 
-test: lint ## the full suite, race detector on
+test: lint fuzz-short ## the full suite, race detector on
 	go test $(GOTEST_FLAGS) ./...
+
+# Fuzz targets: the seed corpora (testdata/fuzz) run with every go test;
+# this fuzzes each target for FUZZTIME more.
+FUZZTIME ?= 5s
+FUZZ_TARGETS := FuzzLockKeys:./internal/badinput FuzzWith:./internal/badinput \
+	FuzzDecodeEnvelope:./tasks FuzzWorker:./tasks
+
+fuzz-short: ## fuzz every target for FUZZTIME (5s) each
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		go test -run='^$$' -fuzz="^$${t%%:*}$$" -fuzztime=$(FUZZTIME) "$${t#*:}"; \
+	done
 
 # The benchmarks (internal/bench) run once each (-benchtime=1x: every one
 # takes its own fixed number of samples) against the real servers, and
@@ -46,4 +57,4 @@ bench: deps ## benchmarks against the real servers; rewrites BENCHMARKS.md and d
 	go run ./internal/benchplot -in $(BENCH_OUT) -md BENCHMARKS.md -svg docs/bench/handoff.svg
 
 torture: deps ## the long reliability run (minutes)
-	TASKGUARD_TORTURE=long go test -race -count=1 -timeout=30m -run=Torture -v ./...
+	TASKGUARD_TORTURE=long go test -race -count=1 -timeout=30m -run=Torture -v ./internal/torture/

@@ -207,8 +207,16 @@ func (l *Lock) renew(life context.Context, acquired time.Time) {
 		}
 		rctx, cancel := context.WithDeadline(life, lostAt)
 		sent := time.Now()
-		_, err := l.b.Renew(rctx, l.req)
+		pending, err := l.renewBy(rctx, lostAt)
 		cancel()
+		if pending != nil {
+			if life.Err() == nil {
+				l.c.tel.renewal(life, l.kind, context.DeadlineExceeded)
+			}
+			l.loseTo(fmt.Errorf("%w: %q: %w (a renewal was still under way)", ErrLockLost, l.req.ID, errLeaseRanOut))
+			<-pending // the call outlives the lock by no more than the backend's own timeouts
+			return
+		}
 		if life.Err() == nil {
 			l.c.tel.renewal(life, l.kind, err)
 		}
@@ -227,6 +235,32 @@ func (l *Lock) renew(life context.Context, acquired time.Time) {
 			l.c.log.Warn("locking: renewal failed; retrying", "lock_id", l.req.ID, "token", l.token, "error", err)
 			next = l.c.backoff(attempt)
 			attempt++
+		}
+	}
+}
+
+// renewBy runs one Renew and returns its error, or, when lostAt passes
+// first, a channel on which the call's error will come. A backend should
+// return when ctx ends, but not every client library can (gomemcache takes
+// no context; go-redis ignores deadlines unless told otherwise), and the
+// loss must be declared on time whatever the backend does.
+func (l *Lock) renewBy(ctx context.Context, lostAt time.Time) (pending <-chan error, err error) {
+	res := make(chan error, 1)
+	go func() {
+		_, err := l.b.Renew(ctx, l.req)
+		res <- err
+	}()
+	t := time.NewTimer(time.Until(lostAt))
+	defer t.Stop()
+	select {
+	case err := <-res:
+		return nil, err
+	case <-t.C:
+		select {
+		case err := <-res: // returned just in time
+			return nil, err
+		default:
+			return res, nil
 		}
 	}
 }

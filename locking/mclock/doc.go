@@ -50,7 +50,11 @@
 //
 // # Fencing tokens
 //
-// Tokens come from a per-id counter item (incr). It lives 7 days from its
+// Tokens come from a per-id counter item (incr). Acquire draws one before
+// writing the lock item; when the item it then replaces (a tombstone or a
+// stolen holder's) carries a token as high, someone was granted the lock in
+// between, and Acquire draws a new token before its cas, so tokens increase
+// in the order the lock is granted. It lives 7 days from its
 // creation and, like any item, can be evicted or lost on restart; it is then
 // created again holding the current time in microseconds, so tokens usually
 // keep increasing across such a reset. That depends on the instances'

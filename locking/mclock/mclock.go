@@ -61,6 +61,9 @@ type Backend struct {
 	// beforeCAS, when set (by tests only), runs between the gets and the
 	// cas of Renew and Release, to interleave another instance there.
 	beforeCAS func()
+	// afterToken, when set (by tests only), runs in Acquire between taking
+	// a token and writing the lock item.
+	afterToken func()
 }
 
 var _ locking.Backend = (*Backend)(nil)
@@ -115,7 +118,19 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 	mine := record{token: token, stamp: now, lease: r.Lease, owner: r.Owner}
 	exp := expiry(r.Lease, now)
 
-	for range maxAttempts {
+	for attempt := range maxAttempts {
+		if attempt > 0 {
+			// The lock item vanished since the last try (its lease ran
+			// out): its holder's token may be above ours, so take a new
+			// one, drawn after that holding was written.
+			if mine.token, err = b.refreshToken(ctx, r.ID); err != nil {
+				return locking.Grant{}, err
+			}
+			token = mine.token
+		}
+		if b.afterToken != nil {
+			b.afterToken()
+		}
 		_, err := b.do(ctx, func() error {
 			return b.c.Add(&memcache.Item{Key: key, Value: mine.encode(), Expiration: exp})
 		})
@@ -149,6 +164,22 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 				return locking.Grant{}, nil
 			}
 			return locking.Grant{Remaining: held.remaining(now)}, nil
+		}
+		// A token is a fence only if it is above every token granted
+		// before. The item read holds the latest granted one (a holder's,
+		// or a tombstone's); ours was drawn before that read and may be
+		// lower, when someone acquired and released in between. A token
+		// drawn now is above it, and the cas fails if anyone is granted
+		// the lock after the read.
+		prev := held.token
+		if t, ok := tombstoneToken(it.Value); ok {
+			prev = t
+		}
+		if token <= prev {
+			if token, err = b.refreshToken(ctx, r.ID); err != nil {
+				return locking.Grant{}, err
+			}
+			mine.token = token
 		}
 		mine.stamp = now
 		it.Value = mine.encode()
@@ -298,6 +329,15 @@ func (b *Backend) nextToken(ctx context.Context, key string) (token uint64, seed
 		// Someone else created it in between: incr again.
 	}
 	return 0, false, ErrContended
+}
+
+// refreshToken draws a new token for id.
+func (b *Backend) refreshToken(ctx context.Context, id string) (uint64, error) {
+	token, _, err := b.nextToken(ctx, b.FenceKey(id))
+	if err != nil {
+		return 0, fmt.Errorf("mclock: acquire %q: fence: %w", id, err)
+	}
+	return token, nil
 }
 
 // gets reads key with its cas id.
