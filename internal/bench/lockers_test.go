@@ -81,7 +81,7 @@ func conflicted(err error) bool {
 }
 
 // djangae reimplements djangae.contrib.locking's STRONG lock from its
-// described behaviour (shared/reference/djangae.md): entity kind
+// described behaviour (djangae's contrib.locking): entity kind
 // locking_datastorelock keyed by md5(identifier); acquire is one transaction
 // that reads the key and creates it when absent, or overwrites its timestamp
 // when older than steal_after; a conflict counts as not acquired; a waiter
@@ -147,7 +147,7 @@ func (d *djangae) acquire(ctx context.Context, id string) (func(context.Context)
 func (d *djangae) polls() int64 { return d.n.Load() }
 
 // googleLock reimplements Google's datastore-lock (Node) from its described
-// behaviour (shared/reference/peers.md): acquire is a transaction (begin,
+// behaviour (Google's datastore-lock for Node.js): acquire is a transaction (begin,
 // lookup, commit) that writes {owner, expiresAt = now + lease} when the
 // entity is absent or expired; release is a transaction that deletes it if
 // the owner matches; a waiter polls with pauses growing from 2 s to 10 s
