@@ -149,14 +149,16 @@ func (l *Lock) end(state lockState, err error, lossy bool) bool {
 		return false
 	}
 	l.state, l.err, l.lossy = state, err, lossy
-	close(l.done)
 	l.mu.Unlock()
-	l.gateOnce.Do(l.g.leave)
+	// Count the end before Done closes, so that whoever waits on Done sees
+	// it in the metrics; let the next local waiter in only after.
 	reason := lossNotHeld
 	if errors.Is(err, errLeaseRanOut) {
 		reason = lossExpired
 	}
 	l.c.tel.ended(l.kind, lossy, reason)
+	close(l.done)
+	l.gateOnce.Do(l.g.leave)
 	return true
 }
 
