@@ -37,22 +37,12 @@ func (b *Backend) judge(rec record, readTime time.Time) age {
 	return age{since: since, remaining: rec.lease - since, server: server}
 }
 
-// hints remembers ids this Backend recently found held, and until when the
-// holder's lease was known to run, so that the next Acquire of such an id
-// can skip the create-then-read of an unknown id: while that lease runs, a
-// poll is the create alone (1 RPC: it fails while the lock is held and takes
-// it at once when the holder has released); once it may have ended, the
-// poll starts with a read (to judge expiry and take over).
+// hints remembers ids this Backend recently found held, so that the next
+// Acquire of such an id starts with a read (1 RPC for a poll of a held lock)
+// instead of a create (1 RPC for a free lock, 2 when held).
 type hints struct {
 	mu sync.Mutex
-	m  map[string]hint // key name -> hint; guarded by mu
-}
-
-// hint is what one read of a held lock taught: both times are on the local
-// monotonic clock.
-type hint struct {
-	expires time.Time // no later than the end of the holder's lease as read
-	until   time.Time // when to forget the hint
+	m  map[string]time.Time // key name -> monotonic deadline of the hint; guarded by mu
 }
 
 const (
@@ -60,34 +50,27 @@ const (
 	hintLinger = time.Minute // beyond the holder's remaining lease: it may expire, not vanish
 )
 
-// expectHeld reports whether name was recently found held and, if so, how
-// much of the holder's lease was then known to remain (<= 0 when it may
-// have ended).
-func (h *hints) expectHeld(name string) (held bool, left time.Duration) {
-	now := time.Now()
+func (h *hints) expectHeld(name string) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	e, ok := h.m[name]
-	if ok && now.After(e.until) {
+	until, ok := h.m[name]
+	if ok && time.Now().After(until) {
 		delete(h.m, name)
-		return false, 0
+		return false
 	}
-	return ok, e.expires.Sub(now)
+	return ok
 }
 
-// held records name as held with remaining lease as judged by a read sent
-// at readSent (local clock), so the remembered end is never later than the
-// lease's end.
-func (h *hints) held(name string, readSent time.Time, remaining time.Duration) {
+func (h *hints) held(name string, remaining time.Duration) {
 	now := time.Now()
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.m == nil {
-		h.m = make(map[string]hint)
+		h.m = make(map[string]time.Time)
 	}
 	if len(h.m) >= maxHints {
-		for k, e := range h.m {
-			if now.After(e.until) {
+		for k, until := range h.m {
+			if now.After(until) {
 				delete(h.m, k)
 			}
 		}
@@ -95,7 +78,7 @@ func (h *hints) held(name string, readSent time.Time, remaining time.Duration) {
 			clear(h.m)
 		}
 	}
-	h.m[name] = hint{expires: readSent.Add(remaining), until: now.Add(max(remaining, 0) + hintLinger)}
+	h.m[name] = now.Add(max(remaining, 0) + hintLinger)
 }
 
 func (h *hints) forget(name string) {

@@ -42,12 +42,11 @@
 //
 // Round trips: acquiring a free lock is 1 RPC (Insert); a held lock found by
 // that Insert costs 1 more (a Lookup, to judge expiry and report how long the
-// holder's lease runs). The Backend then remembers the id as held, and until
-// when the holder's lease was read to run. While it runs, each further poll
-// is the Insert alone (1 RPC), which takes the lock at once when the holder
-// has released it. Once it may have ended (or with StealAfter), a poll starts
-// with the Lookup: 1 RPC while held, 2 for a takeover (Lookup, conditional
-// Update).
+// holder's lease runs). The Backend then remembers the id as held, and each
+// further poll starts with the Lookup: 1 RPC while held, 2 when the lock is
+// free again (Lookup, Insert) or expired (Lookup, conditional Update). Polls
+// read rather than attempt a write, so that waiters never add writes to the
+// one entity the holder renews (a store limits sustained writes per entity).
 //
 // Renew and Release are 1 RPC each when this Backend made the holding's last
 // write (its Acquire or last Renew): it remembers that write's version and

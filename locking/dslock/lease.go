@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"time"
 	"unicode/utf8"
 
 	pb "cloud.google.com/go/datastore/apiv1/datastorepb"
@@ -44,14 +43,9 @@ func validate(id, owner string, lease bool, r locking.Request) error {
 //
 // A free lock costs one RPC: a non-transactional commit inserting the
 // entity, which fails with AlreadyExists when it exists. A held lock is then
-// read (2 RPCs); after that, this Backend remembers the id as held and how
-// long the holder's lease was read to run. While that lease runs (and
-// r.StealAfter is zero) the next Acquire of the id is the insert alone: a
-// poll of a held lock costs 1 RPC, reports the remembered remaining lease,
-// and takes the lock at once when the holder has released it. Once the
-// remembered lease may have ended, or with r.StealAfter set, Acquire reads
-// first: 1 RPC for a poll of a held lock, 2 for a takeover (read, then an
-// update conditional on the version read).
+// read (2 RPCs); after that, this Backend remembers the id as held and the
+// next Acquire of it reads first, so a poll of a held lock costs 1 RPC and a
+// takeover 2 (read, then an update conditional on the version read).
 //
 // Two takers of one expired lock cannot both win: each update is
 // conditional on the version both read, and only the first commit keeps it.
@@ -70,11 +64,7 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 	}
 	k := b.key(r.ID)
 	name := k.GetPath()[0].GetName()
-	hinted, left := b.hints.expectHeld(name)
-	// quick: the holder's lease is known to run on, and only a release (not
-	// expiry, not StealAfter) could free the lock, so a create alone tells.
-	quick := hinted && left > 0 && r.StealAfter == 0
-	create := !hinted || quick
+	create := !b.hints.expectHeld(name)
 	unsure := false   // a write of ours may have applied unseen
 	tookOver := false // that write was a takeover
 	var lastErr error // why the last write failed, if it did not conflict
@@ -89,15 +79,11 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 			case errors.Is(err, errAmbiguous):
 				unsure, lastErr = true, err
 			case status.Code(err) == codes.AlreadyExists:
-				if quick && writes == 0 {
-					return locking.Grant{Remaining: left}, nil
-				}
 			default:
 				return locking.Grant{}, b.abandon(ctx, k, r.Owner, unsure, err)
 			}
 		}
 
-		readSent := time.Now()
 		rec, found, readTime, err := b.lookup(ctx, "acquire", k)
 		if err != nil {
 			return locking.Grant{}, b.abandon(ctx, k, r.Owner, unsure, err)
@@ -123,7 +109,7 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 		a := b.judge(rec, readTime)
 		stealable := r.StealAfter > 0 && a.since >= r.StealAfter
 		if (a.remaining > 0 && !stealable) || writes >= maxWrites {
-			b.hints.held(name, readSent, a.remaining)
+			b.hints.held(name, a.remaining)
 			return locking.Grant{Remaining: max(a.remaining, 0)}, nil
 		}
 		res, err := b.commit(ctx, "take over", conditional(&pb.Mutation{Operation: &pb.Mutation_Update{Update: b.entity(k, r.ID, r.Owner, r.Lease, 0)}}, rec.version))
