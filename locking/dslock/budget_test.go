@@ -15,41 +15,80 @@ import (
 // TestRPCBudget counts the RPCs of each operation with a gRPC interceptor.
 func TestRPCBudget(t *testing.T) {
 	eachEmulator(t, func(t *testing.T, e *dstest.Emulator) {
-		var logA, logB, logC rpcLog
+		var logA, logB, logC, logD rpcLog
 		a := newBackend(t, e, Options{}, logA.intercept)
 		b := newBackend(t, e, Options{}, logB.intercept)
 		c := newBackend(t, e, Options{}, logC.intercept)
+		d := newBackend(t, e, Options{}, logD.intercept) // a second instance of a's owner, with nothing cached
+		admin := newBackend(t, e, Options{})
 		const id = "budget"
 		ra, rb, rc := req(id, time.Minute), req(id, 200*time.Millisecond), req(id, time.Minute)
 
+		var tokenA uint64
+		renew := func(be *Backend, r locking.Request) func() (bool, error) {
+			return func() (bool, error) {
+				g, err := be.Renew(t.Context(), r)
+				if err == nil && g.Token != tokenA {
+					t.Errorf("renew returned token %d; want the acquisition's %d", g.Token, tokenA)
+				}
+				return err == nil, err
+			}
+		}
+		release := func(be *Backend, r locking.Request) func() (bool, error) {
+			return func() (bool, error) { return true, be.Release(t.Context(), r.ID, r.Owner) }
+		}
+
 		steps := []struct {
-			name string
-			log  *rpcLog
-			do   func() (acquired bool, err error)
-			want []string
-			held bool // want acquired (or success)
+			name    string
+			log     *rpcLog
+			do      func() (acquired bool, err error)
+			want    []string
+			held    bool // want acquired (or success)
+			notHeld bool // want an error wrapping locking.ErrNotHeld
 		}{
-			{"acquire free", &logA, acq(t, a, ra), []string{"Commit"}, true},
-			{"acquire held, first try", &logB, acq(t, b, rb), []string{"Commit", "Lookup"}, false},
-			{"poll held", &logB, acq(t, b, rb), []string{"Lookup"}, false},
-			{"poll held again", &logB, acq(t, b, rb), []string{"Lookup"}, false},
-			{"renew", &logA, func() (bool, error) { _, err := a.Renew(t.Context(), ra); return err == nil, err }, []string{"Lookup", "Commit"}, true},
-			{"release", &logA, func() (bool, error) { return true, a.Release(t.Context(), id, ra.Owner) }, []string{"Lookup", "Commit"}, true},
-			{"acquire after release, polling", &logB, acq(t, b, rb), []string{"Lookup", "Commit"}, true},
-			{"acquire expired, first try", &logC, func() (bool, error) {
+			{name: "acquire free", log: &logA, do: func() (bool, error) {
+				g, err := a.Acquire(t.Context(), ra)
+				tokenA = g.Token
+				return g.Acquired, err
+			}, want: []string{"Commit"}, held: true},
+			{name: "acquire held, first try", log: &logB, do: acq(t, b, rb), want: []string{"Commit", "Lookup"}},
+			{name: "poll held", log: &logB, do: acq(t, b, rb), want: []string{"Lookup"}},
+			{name: "poll held again", log: &logB, do: acq(t, b, rb), want: []string{"Lookup"}},
+			{name: "renew", log: &logA, do: renew(a, ra), want: []string{"Commit"}, held: true},
+			{name: "renew again", log: &logA, do: renew(a, ra), want: []string{"Commit"}, held: true},
+			{name: "renew, nothing cached", log: &logD, do: renew(d, ra), want: []string{"Lookup", "Commit"}, held: true},
+			{name: "renew, cached version stale", log: &logA, do: renew(a, ra), want: []string{"Commit", "Lookup", "Commit"}, held: true},
+			{name: "renew, cached version current", log: &logA, do: renew(a, ra), want: []string{"Commit"}, held: true},
+			{name: "release", log: &logA, do: release(a, ra), want: []string{"Commit"}, held: true},
+			{name: "release, released", log: &logA, do: release(a, ra), want: []string{"Lookup"}, notHeld: true},
+			{name: "acquire after release, polling", log: &logB, do: acq(t, b, rb), want: []string{"Lookup", "Commit"}, held: true},
+			{name: "acquire expired, first try", log: &logC, do: func() (bool, error) {
 				time.Sleep(rb.Lease + 3*testSkew)
 				return acq(t, c, rc)()
-			}, []string{"Commit", "Lookup", "Commit"}, true},
-			{"release after takeover", &logC, func() (bool, error) { return true, c.Release(t.Context(), id, rc.Owner) }, []string{"Lookup", "Commit"}, true},
+			}, want: []string{"Commit", "Lookup", "Commit"}, held: true},
+			{name: "renew, taken over", log: &logB, do: func() (bool, error) { _, err := b.Renew(t.Context(), rb); return false, err },
+				want: []string{"Commit", "Lookup"}, notHeld: true},
+			{name: "release after takeover", log: &logC, do: release(c, rc), want: []string{"Commit"}, held: true},
+			{name: "acquire again", log: &logC, do: acq(t, c, rc), want: []string{"Commit"}, held: true},
+			{name: "release, force-released", log: &logC, do: func() (bool, error) {
+				if _, err := admin.ForceRelease(t.Context(), id, 0); err != nil {
+					t.Fatalf("ForceRelease: %v", err)
+				}
+				return false, c.Release(t.Context(), id, rc.Owner)
+			}, want: []string{"Commit", "Lookup"}, notHeld: true},
 		}
 		for _, s := range steps {
 			s.log.take()
 			ok, err := s.do()
 			got := s.log.take()
-			if err != nil {
+			switch {
+			case s.notHeld:
+				if !errors.Is(err, locking.ErrNotHeld) {
+					t.Fatalf("%s: %v; want ErrNotHeld", s.name, err)
+				}
+			case err != nil:
 				t.Fatalf("%s: %v", s.name, err)
-			}
-			if ok != s.held {
+			case ok != s.held:
 				t.Fatalf("%s: succeeded=%v; want %v", s.name, ok, s.held)
 			}
 			t.Logf("%-32s %d RPC: %v", s.name, len(got), got)

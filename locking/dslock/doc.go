@@ -12,16 +12,19 @@
 //
 // Every operation is a single-entity read or a single non-transactional
 // commit whose mutation is either an Insert (fails if the entity exists) or
-// conditional on the entity version just read (base_version with the FAIL
-// conflict strategy). So:
+// conditional on an entity version (base_version with the FAIL conflict
+// strategy): the version just read, or the version this Backend's own last
+// write of the caller's holding produced. So:
 //
 //   - at most one owner holds a lock id at a time: a free lock is created by
 //     exactly one Insert; an expired or stolen one is taken over by exactly
 //     one of any number of concurrent takers (the others' commits fail with
 //     FailedPrecondition and they see the lock held);
 //   - Renew and Release act only while the entity still names the caller's
-//     owner token and has not changed since it was read: they never extend or
-//     delete another owner's lock;
+//     owner token and has not changed since it was read, or since the
+//     caller's own last write of it (versions only grow, so an entity still
+//     at that version holds exactly what that write stored): they never
+//     extend or delete another owner's lock;
 //   - a write whose outcome is unknown (timeout, lost connection) is resolved
 //     by reading the entity back: success is reported only when the entity
 //     names the caller; an Acquire whose caller gave up (ctx ended) deletes
@@ -39,11 +42,20 @@
 //
 // Round trips: acquiring a free lock is 1 RPC (Insert); a held lock found by
 // that Insert costs 1 more (a Lookup, to judge expiry and report how long the
-// holder's lease runs). The Backend then remembers the id as held for a while,
-// so its next Acquire of the id starts with the Lookup: each further poll of a
-// held lock is 1 RPC and a takeover 2 (Lookup, conditional Update). Renew and
-// Release are 2 each (Lookup, conditional Update or Delete). A free lock polled
-// after being seen held costs 2 (Lookup, Insert).
+// holder's lease runs). The Backend then remembers the id as held, and each
+// further poll starts with the Lookup: 1 RPC while held, 2 when the lock is
+// free again (Lookup, Insert) or expired (Lookup, conditional Update). Polls
+// read rather than attempt a write, so that waiters never add writes to the
+// one entity the holder renews (a store limits sustained writes per entity).
+//
+// Renew and Release are 1 RPC each when this Backend made the holding's last
+// write (its Acquire or last Renew): it remembers that write's version and
+// sends the Update or Delete conditional on it. When nothing is remembered
+// (another Backend acquired or renewed with the same owner token, or the
+// bounded memory dropped it) they are 2 (Lookup, conditional Update or
+// Delete); when the remembered version is no longer current, or the direct
+// write's outcome is unknown, the read follows the failed write: 3, or 2 when
+// that read finds the lock lost.
 //
 // # Whose clock
 //

@@ -119,6 +119,7 @@ type Backend struct {
 	now       func() time.Time
 	md        []string // routing metadata, key-value pairs
 	hints     hints
+	held      holdings
 }
 
 var _ locking.Backend = (*Backend)(nil)

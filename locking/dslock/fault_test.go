@@ -192,6 +192,9 @@ func TestFaults(t *testing.T) {
 					log.setHook(failFirst(tc.method, 2, tc.code))
 					log.take()
 					g := mustAcquire(t, b, r)
+					if g2, err := b.Acquire(t.Context(), req(id, time.Minute)); err != nil || g2.Acquired {
+						t.Fatalf("second Acquire through %v = %+v, %v; want held", tc.code, g2, err)
+					}
 					if _, err := b.Renew(t.Context(), r); err != nil {
 						t.Fatalf("Renew through %v: %v", tc.code, err)
 					}
@@ -201,9 +204,10 @@ func TestFaults(t *testing.T) {
 					if g.Token == 0 {
 						t.Errorf("zero token")
 					}
-					// Without faults: 3 commits (acquire, renew, release) and
-					// 2 lookups (renew, release); each fault adds one retry.
-					normal := map[string]int{"Commit": 3, "Lookup": 2}[tc.method]
+					// Without faults: 4 commits (acquire, the other owner's
+					// insert, renew, release) and 1 lookup (the other owner's
+					// Acquire finding it held); each fault adds one retry.
+					normal := map[string]int{"Commit": 4, "Lookup": 1}[tc.method]
 					n := 0
 					for _, m := range log.take() {
 						if m == tc.method {
