@@ -26,13 +26,7 @@ import (
 
 // emulators holds each Datastore emulator, started once per test binary in
 // the background from TestMain and stopped after all tests.
-var emulators = map[dstest.Mode]*emulatorOnce{dstest.Legacy: {}, dstest.Firestore: {}}
-
-type emulatorOnce struct {
-	ready chan struct{} // closed when e or err is set
-	e     *dstest.Emulator
-	err   error
-}
+var emulators *dstest.Set
 
 // runMainEnv makes the test binary run main instead of the tests: the
 // process tests exec it as the command.
@@ -43,24 +37,9 @@ func TestMain(m *testing.M) {
 		main()
 		return
 	}
-	for mode, eo := range emulators {
-		eo.ready = make(chan struct{})
-		go func() {
-			defer close(eo.ready)
-			ctx, cancel := context.WithTimeout(context.Background(), dstest.StartTimeout)
-			defer cancel()
-			eo.e, eo.err = dstest.Start(ctx, mode)
-		}()
-	}
+	emulators = dstest.StartSet(dstest.Legacy, dstest.Firestore)
 	code := m.Run()
-	for _, eo := range emulators {
-		<-eo.ready
-		if eo.e != nil {
-			if err := eo.e.Close(); err != nil {
-				fmt.Fprintln(os.Stderr, "stopping emulator:", err)
-			}
-		}
-	}
+	emulators.Close()
 	if code == 0 {
 		if err := goleak.Find(); err != nil {
 			fmt.Fprintln(os.Stderr, "goleak:", err)
@@ -75,15 +54,10 @@ func TestMain(m *testing.M) {
 func eachEmulator(t *testing.T, fn func(t *testing.T, e *dstest.Emulator)) {
 	for _, m := range []dstest.Mode{dstest.Legacy, dstest.Firestore} {
 		t.Run(m.String(), func(t *testing.T) {
-			eo := emulators[m]
-			<-eo.ready
-			dstest.Require(t, eo.err)
-			if err := eo.e.Reset(t.Context()); err != nil {
-				t.Fatal(err)
-			}
-			t.Setenv("DATASTORE_EMULATOR_HOST", eo.e.Host)
-			t.Setenv("DATASTORE_PROJECT_ID", eo.e.ProjectID)
-			fn(t, eo.e)
+			e := emulators.Get(t, m, true)
+			t.Setenv("DATASTORE_EMULATOR_HOST", e.Host)
+			t.Setenv("DATASTORE_PROJECT_ID", e.ProjectID)
+			fn(t, e)
 		})
 	}
 }

@@ -3,7 +3,6 @@ package torture_test
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -27,34 +26,13 @@ import (
 var long = os.Getenv("TASKGUARD_TORTURE") == "long"
 
 // emulators are started once, in the background, by TestMain.
-var emulators = map[dstest.Mode]*emulatorOnce{dstest.Legacy: {}, dstest.Firestore: {}}
-
-type emulatorOnce struct {
-	ready chan struct{} // closed when e or err is set
-	e     *dstest.Emulator
-	err   error
-}
+var emulators *dstest.Set
 
 func TestMain(m *testing.M) {
 	torture.Main() // a re-executed worker process never returns from here
-	for mode, eo := range emulators {
-		eo.ready = make(chan struct{})
-		go func() {
-			defer close(eo.ready)
-			ctx, cancel := context.WithTimeout(context.Background(), dstest.StartTimeout)
-			defer cancel()
-			eo.e, eo.err = dstest.Start(ctx, mode)
-		}()
-	}
+	emulators = dstest.StartSet(dstest.Legacy, dstest.Firestore)
 	code := m.Run()
-	for _, eo := range emulators {
-		<-eo.ready
-		if eo.e != nil {
-			if err := eo.e.Close(); err != nil {
-				fmt.Fprintln(os.Stderr, "stopping emulator:", err)
-			}
-		}
-	}
+	emulators.Close()
 	if code == 0 {
 		if err := goleak.Find(); err != nil {
 			fmt.Fprintln(os.Stderr, "goleak:", err)
@@ -95,10 +73,8 @@ func startStore(t *testing.T, name string) store {
 		if name == torture.StoreFirestore {
 			mode = dstest.Firestore
 		}
-		eo := emulators[mode]
-		<-eo.ready
-		dstest.Require(t, eo.err)
-		return store{name: name, addr: eo.e.Host, project: eo.e.ProjectID}
+		e := emulators.Get(t, mode, false)
+		return store{name: name, addr: e.Host, project: e.ProjectID}
 	case torture.StoreMemcached:
 		s := mctest.Start(t)
 		return store{name: name, addr: s.Addr, restart: s.Restart}

@@ -24,36 +24,15 @@ const testSkew = 10 * time.Millisecond
 
 // emulators holds each emulator, started at most once per test binary (in
 // the background from TestMain) and stopped after all tests.
-var emulators = map[dstest.Mode]*emulatorOnce{dstest.Legacy: {}, dstest.Firestore: {}}
-
-type emulatorOnce struct {
-	ready chan struct{} // closed when e or err is set
-	e     *dstest.Emulator
-	err   error
-}
+var emulators *dstest.Set
 
 func TestMain(m *testing.M) {
 	if os.Getenv(workerEnv) != "" {
 		os.Exit(worker())
 	}
-	for mode, eo := range emulators {
-		eo.ready = make(chan struct{})
-		go func() {
-			defer close(eo.ready)
-			ctx, cancel := context.WithTimeout(context.Background(), dstest.StartTimeout)
-			defer cancel()
-			eo.e, eo.err = dstest.Start(ctx, mode)
-		}()
-	}
+	emulators = dstest.StartSet(dstest.Legacy, dstest.Firestore)
 	code := m.Run()
-	for _, eo := range emulators {
-		<-eo.ready
-		if eo.e != nil {
-			if err := eo.e.Close(); err != nil {
-				fmt.Fprintln(os.Stderr, "stopping emulator:", err)
-			}
-		}
-	}
+	emulators.Close()
 	if code == 0 {
 		if err := goleak.Find(); err != nil {
 			fmt.Fprintln(os.Stderr, "goleak:", err)
@@ -67,13 +46,7 @@ func TestMain(m *testing.M) {
 // the test (skip locally, fail with CI=true) when it is not available.
 func emulator(t *testing.T, m dstest.Mode) *dstest.Emulator {
 	t.Helper()
-	eo := emulators[m]
-	<-eo.ready
-	dstest.Require(t, eo.err)
-	if err := eo.e.Reset(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	return eo.e
+	return emulators.Get(t, m, true)
 }
 
 // eachEmulator runs fn as a subtest against each emulator.
