@@ -34,13 +34,19 @@ func addDatastoreFlags(fs *flag.FlagSet, env *environment) *dsFlags {
 	return d
 }
 
-// backend connects to the lock store (no I/O until the first call).
-func (d *dsFlags) backend(ctx context.Context) (*dslock.Backend, error) {
+// open bounds ctx by --timeout and connects to the lock store (no I/O until
+// the first call); done closes both.
+func (d *dsFlags) open(ctx context.Context) (context.Context, *dslock.Backend, func(), error) {
+	ctx, cancel := context.WithTimeout(ctx, d.timeout)
 	b, err := dslock.New(ctx, dslock.Options{ProjectID: d.project, DatabaseID: d.database, Namespace: d.namespace, Kind: d.kind, ClockSkew: d.skew})
-	if errors.Is(err, dslock.ErrBadOptions) {
-		return nil, usagef("%v (use --project)", err)
+	if err != nil {
+		cancel()
+		if errors.Is(err, dslock.ErrBadOptions) {
+			return nil, nil, nil, usagef("%v (use --project)", err)
+		}
+		return nil, nil, nil, err
 	}
-	return b, err
+	return ctx, b, func() { b.Close(); cancel() }, nil
 }
 
 // lockJSON is the --json form of one lock.
@@ -114,13 +120,11 @@ To list the held locks of user jobs as JSON:
 		heldOnly := fs.Bool("held-only", false, "Only locks whose lease has not expired.")
 		asJSON := fs.Bool("json", false, "Print a JSON array instead of a table.")
 		return func(ctx context.Context, _ []string) error {
-			ctx, cancel := context.WithTimeout(ctx, ds.timeout)
-			defer cancel()
-			b, err := ds.backend(ctx)
+			ctx, b, done, err := ds.open(ctx)
 			if err != nil {
 				return err
 			}
-			defer b.Close()
+			defer done()
 			locks, err := b.List(ctx, dslock.ListOptions{Prefix: *prefix, HeldOnly: *heldOnly})
 			if err != nil {
 				return err
@@ -183,13 +187,11 @@ released, or was cleaned up.`,
 		ds := addDatastoreFlags(fs, env)
 		asJSON := fs.Bool("json", false, "Print a JSON object.")
 		return func(ctx context.Context, args []string) error {
-			ctx, cancel := context.WithTimeout(ctx, ds.timeout)
-			defer cancel()
-			b, err := ds.backend(ctx)
+			ctx, b, done, err := ds.open(ctx)
 			if err != nil {
 				return err
 			}
-			defer b.Close()
+			defer done()
 			in, err := b.Inspect(ctx, args[0])
 			if errors.Is(err, dslock.ErrNotFound) {
 				return fmt.Errorf("lock %q not found: it is free, released or cleaned up", args[0])
@@ -251,13 +253,11 @@ changed hands since you looked is left alone (exit status 1).`,
 			if !*force {
 				return usagef("refusing to release %q without --force: its holder may still be working", args[0])
 			}
-			ctx, cancel := context.WithTimeout(ctx, ds.timeout)
-			defer cancel()
-			b, err := ds.backend(ctx)
+			ctx, b, done, err := ds.open(ctx)
 			if err != nil {
 				return err
 			}
-			defer b.Close()
+			defer done()
 			at := time.Now().UTC()
 			rel, err := b.ForceRelease(ctx, args[0], *token)
 			switch {
@@ -331,13 +331,11 @@ To delete every lock expired for more than a minute:
 			if *grace <= 0 {
 				return usagef("--grace must be positive, not %v", *grace)
 			}
-			ctx, cancel := context.WithTimeout(ctx, ds.timeout)
-			defer cancel()
-			b, err := ds.backend(ctx)
+			ctx, b, done, err := ds.open(ctx)
 			if err != nil {
 				return err
 			}
-			defer b.Close()
+			defer done()
 			rep, err := b.Cleanup(ctx, dslock.CleanupOptions{Grace: *grace, DryRun: *dryRun})
 			if *asJSON {
 				if jerr := writeJSON(env.stdout, struct {
