@@ -314,33 +314,6 @@ func TestRoundTrips(t *testing.T) {
 	})
 }
 
-// TestServerRestart: a restart without persistence loses every lock. The
-// holder finds out at its next renewal, a new owner can acquire, and the
-// fencing token still grows (it is seeded from the server's clock).
-func TestServerRestart(t *testing.T) {
-	srv := redistest.Start(t)
-	bs := sameStore(t, srv.Addr, 2)
-	ctx := t.Context()
-	g1, err := bs[0].Acquire(ctx, req("restart", "a", time.Minute))
-	if err != nil || !g1.Acquired {
-		t.Fatalf("Acquire = %+v, %v", g1, err)
-	}
-	if g, _ := bs[1].Acquire(ctx, req("restart", "b", time.Minute)); g.Acquired {
-		t.Fatal("acquired a held lock")
-	}
-	srv.Restart(t)
-	if _, err := bs[0].Renew(ctx, req("restart", "a", time.Minute)); !errors.Is(err, locking.ErrNotHeld) {
-		t.Fatalf("Renew after restart = %v, want ErrNotHeld", err)
-	}
-	g2, err := bs[1].Acquire(ctx, req("restart", "b", time.Minute))
-	if err != nil || !g2.Acquired {
-		t.Fatalf("Acquire after restart = %+v, %v", g2, err)
-	}
-	if g2.Token <= g1.Token {
-		t.Errorf("token after restart %d <= token before %d", g2.Token, g1.Token)
-	}
-}
-
 func TestServerDown(t *testing.T) {
 	srv := redistest.Start(t)
 	b := newBackend(t, srv.Addr, uniquePrefix(), nil)

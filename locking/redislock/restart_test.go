@@ -8,10 +8,11 @@ import (
 	"github.com/taskguard/taskguard/locking/redislock/redistest"
 )
 
-// TestRestartThroughClient restarts the real server under a held lock, with
-// the core client on top: the holder is told at its next renewal and
-// another instance can acquire the lock at once.
-func TestRestartThroughClient(t *testing.T) {
+// TestServerRestart restarts the real server under held locks: a restart
+// loses every lock; the holder finds out at its next renewal, a new owner
+// can acquire at once, and the fencing token still grows (its counter is
+// seeded from a clock).
+func TestServerRestart(t *testing.T) {
 	srv := redistest.Start(t)
 	prefix := uniquePrefix()
 	lockingtest.RunRestart(t, func(t *testing.T) locking.Backend {
