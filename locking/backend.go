@@ -71,3 +71,31 @@ type Grant struct {
 	// lease still runs, if the backend knows it (0 when unknown).
 	Remaining time.Duration
 }
+
+// MaxLease is the longest duration a lock accepts: for Lease (Config.Lease
+// and the Lease option), StealAfter and MaxWait. A longer one is refused with
+// ErrInvalid before any I/O. A day is far beyond the longest request Cloud
+// Run or Cloud Tasks serves (60 and 30 minutes), yet short enough that
+// "now + lease" never overflows on any store.
+const MaxLease = 24 * time.Hour
+
+// Validate reports whether r is a request a Backend serves: a non-empty ID
+// and Owner, 0 < Lease <= MaxLease and 0 <= StealAfter <= MaxLease. The
+// error it returns wraps ErrInvalid and names the bad field. The core never
+// sends an invalid request; backends call Validate first so that a direct
+// caller is refused the same way by every store. A positive duration below a
+// store's resolution (1 ns, say) is valid: the store rounds it up, never down
+// to zero.
+func (r Request) Validate() error {
+	switch {
+	case r.ID == "":
+		return invalid("request: empty lock id")
+	case r.Owner == "":
+		return invalid("request %q: empty owner", r.ID)
+	case r.Lease <= 0 || r.Lease > MaxLease:
+		return invalid("request %q: lease %v is not in (0, %v]", r.ID, r.Lease, MaxLease)
+	case r.StealAfter < 0 || r.StealAfter > MaxLease:
+		return invalid("request %q: StealAfter %v is not in [0, %v]", r.ID, r.StealAfter, MaxLease)
+	}
+	return nil
+}
