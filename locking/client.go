@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	mrand "math/rand/v2"
+	"reflect"
 	"sync"
 	"time"
 
@@ -37,10 +38,6 @@ const (
 	// second per waiting instance.
 	DefaultMaxBackoff = 50 * time.Millisecond
 )
-
-// releaseTimeout bounds a Release run on behalf of a caller whose context is
-// already done (With returning, a lock whose Acquire context ended).
-const releaseTimeout = 10 * time.Second
 
 // Config configures a Client. Only the backends are required.
 type Config struct {
@@ -92,8 +89,13 @@ func New(cfg Config) (*Client, error) {
 	if cfg.Strong == nil && cfg.Weak == nil {
 		return nil, invalid("Config: no backend: set Strong, Weak or both")
 	}
-	if cfg.Lease < 0 || cfg.MinBackoff < 0 || cfg.MaxBackoff < 0 {
-		return nil, invalid("Config: negative duration (Lease %v, MinBackoff %v, MaxBackoff %v)", cfg.Lease, cfg.MinBackoff, cfg.MaxBackoff)
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{{"Lease", cfg.Lease}, {"MinBackoff", cfg.MinBackoff}, {"MaxBackoff", cfg.MaxBackoff}} {
+		if d.v < 0 || d.v > MaxLease {
+			return nil, invalid("Config: %s %v is not in [0, %v] (0: the default)", d.name, d.v, MaxLease)
+		}
 	}
 	c := &Client{
 		backends:   [2]Backend{cfg.Strong, cfg.Weak},
@@ -139,8 +141,10 @@ func (c *Client) Backend(k LockKind) Backend {
 
 // Acquire acquires the lock id and returns it held, renewed in the
 // background until Release. The lock lives no longer than ctx: when ctx is
-// done the renewals stop, the lock is released and Done closes. (To bound only
-// the wait, use MaxWait, not a shorter ctx.)
+// done the renewals stop, the lock is released (on a detached context) and
+// Done closes; code that goes on after that runs unguarded, so watch
+// ctx.Done() or Lock.Done(), or use With, which keeps the lock until its
+// function returns. (To bound only the wait, use MaxWait, not a shorter ctx.)
 //
 // While the lock is held by someone else Acquire waits (unless Wait(false)),
 // polling the backend with exponential backoff and jitter, until it acquires
@@ -150,26 +154,64 @@ func (c *Client) Backend(k LockKind) Backend {
 // release here hands the lock on without waiting for a poll. Callers that
 // pass StealAfter do not queue, since they may take the lock from a holder.
 //
+// Locks are not re-entrant: an Acquire of an id that a With in ctx's chain
+// already holds (same id and store) fails at once with an error wrapping
+// ErrReentrant, instead of waiting for itself.
+//
 // Bad input (an empty id, an invalid option, a kind with no backend) fails
 // before any I/O with an error wrapping ErrInvalid or ErrNoBackend. A backend
-// failure ends the call with that error; nothing is left held.
+// failure ends the call with that error, and a grant that arrives after ctx
+// is done is given back: when Acquire returns an error, nothing is left held
+// (a backend call whose outcome is unknown is followed by a release of the
+// owner it tried to take the lock for).
 func (c *Client) Acquire(ctx context.Context, id string, opts ...Option) (*Lock, error) {
+	return c.acquireFor(ctx, ctx, id, opts)
+}
+
+// acquireFor acquires id, waiting with ctx, for a lock whose life is bound
+// to life.
+func (c *Client) acquireFor(ctx, life context.Context, id string, opts []Option) (*Lock, error) {
 	o, b, err := c.resolve(id, opts)
 	if err != nil {
+		return nil, err
+	}
+	parent := FromContext(ctx)
+	if err := c.reentrant(parent, o.kind, id); err != nil {
 		return nil, err
 	}
 	start := time.Now()
 	sctx, span := c.tel.startAcquire(ctx, id, &o)
 	var st acquireStats
-	l, err := c.acquire(ctx, sctx, id, o, b, &st)
+	l, err := c.acquire(ctx, sctx, life, id, o, b, parent, &st)
 	c.tel.endAcquire(sctx, span, o.kind, start, &st, err)
 	return l, err
 }
 
+// reentrant returns an error wrapping ErrReentrant when a lock that With
+// holds in the chain that ends with held is the lock (kind, id) of this
+// client's store.
+func (c *Client) reentrant(held *Lock, kind LockKind, id string) error {
+	for h := held; h != nil; h = h.parent {
+		if h.req.ID == id && sameBackend(h.c.backends[h.kind], c.backends[kind]) {
+			return fmt.Errorf("locking: acquire %q: %w", id, ErrReentrant)
+		}
+	}
+	return nil
+}
+
+// sameBackend reports whether a and b are the same store value. Values of
+// types that cannot be compared are never the same.
+func sameBackend(a, b Backend) bool {
+	if a == nil || b == nil || !reflect.TypeOf(a).Comparable() || !reflect.TypeOf(b).Comparable() {
+		return false
+	}
+	return a == b
+}
+
 // acquire is Acquire after its options are resolved. It calls the backend
-// with sctx, the context of the acquire span, and ties the lock's life to
-// ctx; it reports what it saw in st.
-func (c *Client) acquire(ctx, sctx context.Context, id string, o options, b Backend, st *acquireStats) (*Lock, error) {
+// with sctx, the context of the acquire span, waits with ctx, and ties the
+// lock's life to life; it reports what it saw in st.
+func (c *Client) acquire(ctx, sctx, life context.Context, id string, o options, b Backend, parent *Lock, st *acquireStats) (*Lock, error) {
 	st.outcome = outcomeCanceled
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("locking: acquire %q: %w", id, err)
@@ -191,14 +233,30 @@ func (c *Client) acquire(ctx, sctx context.Context, id string, o options, b Back
 	req := Request{ID: id, Owner: newOwner(), Lease: o.lease, StealAfter: o.stealAfter}
 	for attempt := 0; ; attempt++ {
 		sent := time.Now()
+		g.ask()
 		grant, err := b.Acquire(sctx, req)
+		if err != nil || grant.Acquired {
+			g.answered(0)
+		} else {
+			g.answered(grant.Remaining)
+		}
 		st.polls++
 		c.tel.poll(sctx, o.kind, grant, err)
 		if err == nil && grant.Acquired {
+			if ctx.Err() != nil {
+				// The caller gave up while the grant was on its way.
+				c.giveBack(ctx, b, req)
+				g.leave()
+				return nil, fmt.Errorf("locking: acquire %q: %w", id, ctx.Err())
+			}
 			st.outcome, st.token, st.tookOver = outcomeAcquired, grant.Token, grant.TookOver
-			return c.newLock(ctx, b, o.kind, req, grant.Token, sent, g), nil
+			return c.newLock(life, b, o.kind, req, grant.Token, sent, g, parent), nil
 		}
 		if err != nil {
+			if !errors.Is(err, ErrInvalid) {
+				// The store may have applied the acquire and lost the reply.
+				c.giveBack(ctx, b, req)
+			}
 			g.leave()
 			if ctx.Err() != nil {
 				return nil, fmt.Errorf("locking: acquire %q: %w", id, ctx.Err())
@@ -231,6 +289,19 @@ func (c *Client) acquire(ctx, sctx context.Context, id string, o options, b Back
 	}
 }
 
+// giveBack releases req's owner on a context detached from ctx: a grant
+// nobody will hold, or an acquire whose outcome is unknown. The owner is
+// unique to the request, so this never removes another owner's lock.
+func (c *Client) giveBack(ctx context.Context, b Backend, req Request) {
+	rctx, cancel := detached(ctx)
+	defer cancel()
+	err := b.Release(rctx, req.ID, req.Owner)
+	if err != nil && !errors.Is(err, ErrNotHeld) {
+		c.log.Warn("locking: could not give back an acquire nobody holds; it expires with its lease",
+			"lock_id", req.ID, "lease", req.Lease, "error", err)
+	}
+}
+
 // outcomeOf classifies an error of the local gate: not acquired (busy or
 // timed out) or the context ended.
 func outcomeOf(err error) outcome {
@@ -246,44 +317,50 @@ func outcomeOf(err error) outcome {
 
 // With acquires the lock id, runs fn while holding it, and releases it when
 // fn returns or panics (the panic goes on). It is djangae's lock() decorator
-// and context manager. fn's context is cancelled, with cause ErrLockLost, if
-// the lock is lost while fn runs; With then returns an error wrapping
-// ErrLockLost, joined with fn's own error if any.
+// and context manager.
+//
+// The lock is held for as long as fn runs, never less: fn's context is
+// cancelled when ctx ends (a request timeout, a client that went away), but
+// the lock stays held, and renewed, until fn returns, so that no other owner
+// can start the same work while fn is still running a step that does not
+// watch its context. While fn outlives ctx, With logs a warning at once and
+// then at most every 10 seconds. If ctx is done before fn would start, fn is
+// not run.
+//
+// fn's context is cancelled, with cause ErrLockLost, if the lock is lost
+// while fn runs; With then returns an error wrapping ErrLockLost, joined
+// with fn's own error if any. The release after fn runs on a detached
+// context, like Release.
 //
 // When the lock cannot be acquired fn is not run and With returns Acquire's
-// error: with Wait(false), a *NotAcquiredError. An ErrNotAcquired that fn
-// itself returns (from a nested lock) comes back unchanged; its
-// NotAcquiredError.ID names the inner lock. FromContext(ctx) in fn returns
-// the held lock, for its fencing token.
+// error: with Wait(false), a *NotAcquiredError; for an id that an enclosing
+// With already holds, an error wrapping ErrReentrant (locks are not
+// re-entrant). An ErrNotAcquired that fn itself returns (from a nested lock)
+// comes back unchanged; its NotAcquiredError.ID names the inner lock.
+// FromContext(ctx) in fn returns the held lock, for its fencing token.
 func (c *Client) With(ctx context.Context, id string, fn func(ctx context.Context) error, opts ...Option) (err error) {
 	if fn == nil {
 		return invalid("With(%q): nil function", id)
 	}
-	l, err := c.Acquire(ctx, id, opts...)
+	l, err := c.acquireFor(ctx, context.WithoutCancel(ctx), id, opts)
 	if err != nil {
 		return err
 	}
+	if ctx.Err() != nil { // ended just after the grant: do not start fn
+		_ = l.Release(ctx)
+		return fmt.Errorf("locking: acquire %q: %w", id, ctx.Err())
+	}
 	bctx, span := c.tel.startHold(ctx, l)
 	fctx, cancel := context.WithCancelCause(context.WithValue(bctx, lockKey{}, l))
-	watcherDone := make(chan struct{})
-	go func() {
-		defer close(watcherDone)
-		select {
-		case <-l.Done():
-			if lost := l.lostErr(); lost != nil {
-				cancel(lost)
-			}
-		case <-fctx.Done():
-		}
-	}()
+	l.cancelOnLoss(cancel)
+	stopWatch := context.AfterFunc(ctx, l.startOverrun)
 	returned := false
 	defer func() {
+		stopWatch()
+		l.stopOverrun()
 		cancel(nil)
-		<-watcherDone
 		c.tel.endHold(span, err, l.lostErr(), !returned)
-		rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), releaseTimeout)
-		defer rcancel()
-		rerr := l.Release(rctx)
+		rerr := l.Release(ctx)
 		switch lost := l.lostErr(); {
 		case lost != nil:
 			err = errors.Join(err, lost)
@@ -294,6 +371,20 @@ func (c *Client) With(ctx context.Context, id string, fn func(ctx context.Contex
 	err = fn(fctx)
 	returned = true
 	return err
+}
+
+// cancelOnLoss makes a loss of the lock cancel fn's context with the loss
+// error as its cause, at once if the lock is lost already.
+func (l *Lock) cancelOnLoss(cancel context.CancelCauseFunc) {
+	l.mu.Lock()
+	if l.lossy {
+		err := l.err
+		l.mu.Unlock()
+		cancel(err)
+		return
+	}
+	l.onLoss = cancel
+	l.mu.Unlock()
 }
 
 type lockKey struct{}
@@ -338,8 +429,8 @@ func (c *Client) resolve(id string, opts []Option) (options, Backend, error) {
 // [minBackoff, min(maxBackoff, minBackoff·2^attempt)].
 func (c *Client) backoff(attempt int) time.Duration {
 	ceil := c.maxBackoff
-	if attempt < 30 {
-		ceil = min(c.maxBackoff, c.minBackoff<<attempt)
+	if attempt < 62 && c.minBackoff <= c.maxBackoff>>attempt {
+		ceil = c.minBackoff << attempt // no overflow: at most maxBackoff
 	}
 	if ceil <= c.minBackoff {
 		return c.minBackoff

@@ -23,11 +23,18 @@ var (
 	// more): it was released already, lost, or taken over.
 	ErrNotHeld = errors.New("locking: lock not held")
 
+	// ErrReentrant reports an Acquire or With of a lock that an enclosing
+	// With in the same context chain already holds: the same id in the same
+	// store. Locks are not re-entrant; waiting would wait for itself until
+	// the caller's context or MaxWait ends. It is returned at once, before
+	// any I/O, wrapped in an error that names the id.
+	ErrReentrant = errors.New("locking: lock already held by this context (locks are not re-entrant)")
+
 	// ErrNoBackend reports a lock kind for which the client has no backend.
 	ErrNoBackend = errors.New("locking: no backend for this lock kind")
 
 	// ErrInvalid reports bad input: an empty id, a duration that is not
-	// positive, an unknown kind. It is returned before any I/O.
+	// positive or is above MaxLease, an unknown kind. It is returned before any I/O.
 	ErrInvalid = errors.New("locking: invalid argument")
 )
 

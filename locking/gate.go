@@ -3,7 +3,7 @@ package locking
 import (
 	"context"
 	"fmt"
-	"sync/atomic"
+	"sync"
 	"time"
 )
 
@@ -11,15 +11,20 @@ import (
 // that only one of them (the one in the gate) polls the backend, and a
 // release in this process lets the next caller in at once. The caller in the
 // gate keeps it while it holds the lock.
+//
+// The gate also remembers what this process last learnt of the lock's
+// holder, so that a caller that does not wait is told how long the holder's
+// lease still runs even when another local caller asked the backend.
 type gate struct {
 	c    *Client
 	key  gateKey
 	slot chan struct{} // capacity 1: full while a caller is in the gate
 	refs int           // callers using the gate; guarded by c.mu
-	// expires is when the lease of the lock held through this gate runs out
-	// (Unix nanoseconds, 0 when none is held): the Remaining reported to
-	// local callers that do not wait.
-	expires atomic.Int64
+
+	mu      sync.Mutex
+	expires time.Time     // when the known holder's lease runs out; zero when unknown or free
+	held    bool          // expires is the lease of a lock held through this gate
+	asking  chan struct{} // closed when the backend call in flight returns; nil when none
 }
 
 type gateKey struct {
@@ -28,8 +33,10 @@ type gateKey struct {
 }
 
 // enter waits for the gate of (kind, id) until it is free, deadline (if not
-// zero) passes or ctx is done. With wait false it does not wait. It adds the
-// time it waited to *waited.
+// zero) passes or ctx is done. With wait false it does not wait for the
+// gate, only for the answer of a backend call another caller has in flight
+// (so that it can report the holder's remaining lease). It adds the time it
+// waited to *waited.
 func (c *Client) enter(ctx context.Context, kind LockKind, id string, wait bool, deadline time.Time, waited *time.Duration) (*gate, error) {
 	key := gateKey{kind, id}
 	c.mu.Lock()
@@ -46,12 +53,22 @@ func (c *Client) enter(ctx context.Context, kind LockKind, id string, wait bool,
 		return g, nil
 	default:
 	}
-	if !wait {
-		g.unref()
-		return nil, &NotAcquiredError{ID: id, Remaining: g.remaining()}
-	}
 	start := time.Now()
 	defer func() { *waited += time.Since(start) }()
+	if !wait {
+		g.mu.Lock()
+		asking := g.asking
+		g.mu.Unlock()
+		if asking != nil {
+			select {
+			case <-asking:
+			case <-ctx.Done():
+			}
+		}
+		rem := g.remaining()
+		g.unref()
+		return nil, &NotAcquiredError{ID: id, Remaining: rem}
+	}
 	var timeout <-chan time.Time
 	if !deadline.IsZero() {
 		t := time.NewTimer(time.Until(deadline))
@@ -75,7 +92,11 @@ func (g *gate) leave() {
 	if g == nil {
 		return
 	}
-	g.expires.Store(0)
+	g.mu.Lock()
+	if g.held { // released or lost: this process no longer knows a holder
+		g.expires, g.held = time.Time{}, false
+	}
+	g.mu.Unlock()
 	<-g.slot
 	g.unref()
 }
@@ -88,16 +109,48 @@ func (g *gate) unref() {
 	}
 }
 
-func (g *gate) setExpiry(t time.Time) {
-	if g != nil {
-		g.expires.Store(t.UnixNano())
+// holding records that the lock is held through the gate until t.
+func (g *gate) holding(t time.Time) {
+	if g == nil {
+		return
 	}
+	g.mu.Lock()
+	g.expires, g.held = t, true
+	g.mu.Unlock()
+}
+
+// ask marks a backend call in flight; answered(remaining) ends it, with
+// the holder's remaining lease when the lock was busy (0 otherwise).
+func (g *gate) ask() {
+	if g == nil {
+		return
+	}
+	g.mu.Lock()
+	g.asking = make(chan struct{})
+	g.mu.Unlock()
+}
+
+func (g *gate) answered(remaining time.Duration) {
+	if g == nil {
+		return
+	}
+	g.mu.Lock()
+	if remaining > 0 {
+		g.expires, g.held = time.Now().Add(remaining), false
+	}
+	if g.asking != nil {
+		close(g.asking)
+		g.asking = nil
+	}
+	g.mu.Unlock()
 }
 
 func (g *gate) remaining() time.Duration {
-	exp := g.expires.Load()
-	if exp == 0 {
+	g.mu.Lock()
+	exp := g.expires
+	g.mu.Unlock()
+	if exp.IsZero() {
 		return 0
 	}
-	return max(0, time.Until(time.Unix(0, exp)))
+	return max(0, time.Until(exp))
 }

@@ -16,6 +16,18 @@ var (
 	errLeaseRanOut = errors.New("lease ran out before a renewal succeeded")
 )
 
+// releaseTimeout bounds every call that gives a lock back on a context
+// detached from the caller's: Release, a release when the context a lock
+// was acquired with ends, the return of a grant that arrived after its
+// caller gave up, and the return of a holding whose renewal outlived it.
+const releaseTimeout = 10 * time.Second
+
+// warnEvery is the shortest gap between two repeats of one lock's warning
+// (a renewal failing again, a function still running after its context
+// ended): the first is logged at once, repeats at most this often, with how
+// many were left out.
+const warnEvery = 10 * time.Second
+
 type lockState int
 
 const (
@@ -27,24 +39,29 @@ const (
 
 // A Lock is a held lock. Its lease is renewed in the background until
 // Release, until it is lost, or until the context it was acquired with is
-// done. Its methods are safe for concurrent use.
+// done (With detaches the lock from its context; see With). Its methods are
+// safe for concurrent use.
 type Lock struct {
-	c     *Client
-	b     Backend
-	kind  LockKind
-	req   Request
-	token uint64
-	g     *gate // nil for locks acquired with StealAfter
+	c      *Client
+	b      Backend
+	kind   LockKind
+	req    Request
+	token  uint64
+	g      *gate // nil for locks acquired with StealAfter
+	parent *Lock // the lock With held in the context this one was taken in
 
-	done     chan struct{}           // closed when the lock stops being held
-	exited   chan struct{}           // closed when the renewer returns
-	endLife  context.CancelCauseFunc // stops the renewer
-	gateOnce sync.Once
+	done    chan struct{}           // closed when the lock stops being held
+	exited  chan struct{}           // closed when the renewer returns
+	endLife context.CancelCauseFunc // stops the renewer
+	onLoss  context.CancelCauseFunc // With's function context; nil outside With
 
-	mu    sync.Mutex
-	state lockState // guarded by mu
-	err   error     // why the lock is no longer held; guarded by mu
-	lossy bool      // err reports a loss (wraps ErrLockLost); guarded by mu
+	mu      sync.Mutex
+	state   lockState // guarded by mu
+	err     error     // why the lock is no longer held; guarded by mu
+	lossy   bool      // err reports a loss (wraps ErrLockLost); guarded by mu
+	overrun time.Time // when With's context ended while its function ran; guarded by mu
+
+	renewWarn, overrunWarn rareWarn
 }
 
 // ID returns the lock id.
@@ -85,13 +102,19 @@ func (l *Lock) lostErr() error {
 	return nil
 }
 
-// Release releases the lock, first stopping its renewals and waiting for
-// them to stop. It returns an error wrapping ErrNotHeld when the lock is no
-// longer held: released before, lost (then it wraps ErrLockLost too), or taken
-// over by another owner without this holder having noticed yet (the backend
-// refuses to remove a lock it does not hold, and the error wraps ErrLockLost
-// as well). Any other error is the backend's; the lock then expires at the end
-// of its lease. Done is closed when Release returns.
+// Release stops the lock's renewals and gives it back to the store. It runs
+// on a context detached from ctx (ctx's values are kept, its cancellation
+// and deadline are not) and bounded by 10 seconds, so that a Release
+// deferred with a context that has ended by then, as after a request
+// timeout, still releases the lock.
+//
+// It returns nil once the store has removed this holding. It returns an
+// error wrapping ErrNotHeld when the lock is no longer held: released
+// before, lost (then it wraps ErrLockLost too), or taken over by another
+// owner without this holder having noticed yet (the backend refuses to
+// remove a lock it does not hold, and the error wraps ErrLockLost as well).
+// Any other error is the backend's; the lock then expires at the end of its
+// lease. Done is closed when Release returns.
 func (l *Lock) Release(ctx context.Context) error {
 	ctx, span := l.c.tel.startRelease(ctx, l)
 	var err error
@@ -108,11 +131,19 @@ func (l *Lock) Release(ctx context.Context) error {
 	return err
 }
 
+// detached returns a context with ctx's values that ends after
+// releaseTimeout, whatever ctx does.
+func detached(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), releaseTimeout)
+}
+
 // release stops the renewals and removes the lock from the backend.
 func (l *Lock) release(ctx context.Context) error {
 	l.endLife(errReleased)
 	<-l.exited
-	err := l.b.Release(ctx, l.req.ID, l.req.Owner)
+	rctx, cancel := detached(ctx)
+	defer cancel()
+	err := l.b.Release(rctx, l.req.ID, l.req.Owner)
 	switch {
 	case err == nil:
 		l.end(released, fmt.Errorf("%w: %q was released", ErrNotHeld, l.req.ID), false)
@@ -140,8 +171,8 @@ func (l *Lock) releaseEnded() error {
 	return fmt.Errorf("locking: release %q: %w", l.req.ID, err)
 }
 
-// end moves the lock to a final state once, closes Done and lets the next
-// local waiter in.
+// end moves the lock to a final state once, cancels With's function on a
+// loss, closes Done and lets the next local waiter in.
 func (l *Lock) end(state lockState, err error, lossy bool) bool {
 	l.mu.Lock()
 	if l.state == released || l.state == lost {
@@ -149,7 +180,11 @@ func (l *Lock) end(state lockState, err error, lossy bool) bool {
 		return false
 	}
 	l.state, l.err, l.lossy = state, err, lossy
+	onLoss := l.onLoss
 	l.mu.Unlock()
+	if lossy && onLoss != nil {
+		onLoss(err)
+	}
 	// Count the end before Done closes, so that whoever waits on Done sees
 	// it in the metrics; let the next local waiter in only after.
 	reason := lossNotHeld
@@ -158,21 +193,22 @@ func (l *Lock) end(state lockState, err error, lossy bool) bool {
 	}
 	l.c.tel.ended(l.kind, lossy, reason)
 	close(l.done)
-	l.gateOnce.Do(l.g.leave)
+	l.g.leave()
 	return true
 }
 
 // newLock returns a held lock acquired at sent (when the acquiring request
-// was sent) and starts renewing it.
-func (c *Client) newLock(ctx context.Context, b Backend, kind LockKind, req Request, token uint64, sent time.Time, g *gate) *Lock {
-	life, endLife := context.WithCancelCause(ctx)
+// was sent) and starts renewing it until life ends or the lock is released
+// or lost.
+func (c *Client) newLock(life context.Context, b Backend, kind LockKind, req Request, token uint64, sent time.Time, g *gate, parent *Lock) *Lock {
+	life, endLife := context.WithCancelCause(life)
 	l := &Lock{
-		c: c, b: b, kind: kind, req: req, token: token, g: g,
+		c: c, b: b, kind: kind, req: req, token: token, g: g, parent: parent,
 		done:    make(chan struct{}),
 		exited:  make(chan struct{}),
 		endLife: endLife,
 	}
-	g.setExpiry(sent.Add(req.Lease))
+	g.holding(sent.Add(req.Lease))
 	go l.renew(life, sent)
 	return l
 }
@@ -184,6 +220,12 @@ func (c *Client) newLock(ctx context.Context, b Backend, kind LockKind, req Requ
 // declared lost a tenth of a lease before that count runs out. So Done closes
 // before any other owner can take the lock over, unless clocks run at rates
 // more than 10% apart or the backend itself misjudges time.
+//
+// Renewals run on a context of their own, bounded by that count: when life
+// ends during one (Release, or the context the lock was acquired with), the
+// renewal is abandoned and the lock released, never declared lost. A renewal
+// still pending when the count runs out is waited for in the background and
+// the holding it may have extended is given back.
 func (l *Lock) renew(life context.Context, acquired time.Time) {
 	defer close(l.exited)
 	lease := l.req.Lease
@@ -191,78 +233,69 @@ func (l *Lock) renew(life context.Context, acquired time.Time) {
 	lostAt := acquired.Add(lease - lease/10)
 	next := interval
 	for attempt := 0; ; {
-		wait := min(next, time.Until(lostAt))
-		if wait <= 0 {
+		t := time.NewTimer(max(0, min(next, time.Until(lostAt))))
+		select {
+		case <-life.Done():
+		case <-t.C:
+		}
+		t.Stop()
+		if life.Err() != nil {
+			l.endWithContext(life)
+			return
+		}
+		if !time.Now().Before(lostAt) {
 			l.loseTo(fmt.Errorf("%w: %q: %w", ErrLockLost, l.req.ID, errLeaseRanOut))
 			return
 		}
-		t := time.NewTimer(wait)
+		l.warnOverrun()
+		sent := time.Now()
+		rctx, cancel := context.WithDeadline(context.WithoutCancel(life), lostAt)
+		res := make(chan error, 1)
+		go func() {
+			_, err := l.b.Renew(rctx, l.req)
+			res <- err
+		}()
+		var err error
+		t = time.NewTimer(time.Until(lostAt))
 		select {
+		case err = <-res:
 		case <-life.Done():
+			// Released, or the lock's context ended: the renewal no longer
+			// matters, and the release below removes what it may extend.
 			t.Stop()
+			cancel()
 			l.endWithContext(life)
 			return
 		case <-t.C:
-		}
-		if !time.Now().Before(lostAt) {
-			continue // reported at the top
-		}
-		rctx, cancel := context.WithDeadline(life, lostAt)
-		sent := time.Now()
-		pending, err := l.renewBy(rctx, lostAt)
-		cancel()
-		if pending != nil {
-			if life.Err() == nil {
+			select {
+			case err = <-res: // returned just in time
+			default:
 				l.c.tel.renewal(life, l.kind, context.DeadlineExceeded)
+				l.loseTo(fmt.Errorf("%w: %q: %w (a renewal was still under way)", ErrLockLost, l.req.ID, errLeaseRanOut))
+				<-res // the call outlives the lock by no more than the backend's own timeouts
+				cancel()
+				l.giveBack(life)
+				return
 			}
-			l.loseTo(fmt.Errorf("%w: %q: %w (a renewal was still under way)", ErrLockLost, l.req.ID, errLeaseRanOut))
-			<-pending // the call outlives the lock by no more than the backend's own timeouts
-			return
 		}
-		if life.Err() == nil {
-			l.c.tel.renewal(life, l.kind, err)
-		}
+		t.Stop()
+		cancel()
+		l.c.tel.renewal(life, l.kind, err)
 		switch {
 		case err == nil:
 			lostAt = sent.Add(lease - lease/10)
-			l.g.setExpiry(sent.Add(lease))
+			l.g.holding(sent.Add(lease))
 			next, attempt = interval, 0
-		case life.Err() != nil:
-			// Released or ended while renewing: handled at the top.
-			next = 0
+			l.renewWarn.reset()
 		case errors.Is(err, ErrNotHeld):
 			l.loseTo(fmt.Errorf("%w: %q: %w", ErrLockLost, l.req.ID, err))
 			return
 		default:
-			l.c.log.Warn("locking: renewal failed; retrying", "lock_id", l.req.ID, "token", l.token, "error", err)
+			if ok, left := l.renewWarn.allow(); ok {
+				l.c.log.Warn("locking: renewal failed; retrying", "lock_id", l.req.ID, "token", l.token, "error", err, "failures_not_logged", left)
+			}
 			next = l.c.backoff(attempt)
 			attempt++
-		}
-	}
-}
-
-// renewBy runs one Renew and returns its error, or, when lostAt passes
-// first, a channel on which the call's error will come. A backend should
-// return when ctx ends, but not every client library can (gomemcache takes
-// no context; go-redis ignores deadlines unless told otherwise), and the
-// loss must be declared on time whatever the backend does.
-func (l *Lock) renewBy(ctx context.Context, lostAt time.Time) (pending <-chan error, err error) {
-	res := make(chan error, 1)
-	go func() {
-		_, err := l.b.Renew(ctx, l.req)
-		res <- err
-	}()
-	t := time.NewTimer(time.Until(lostAt))
-	defer t.Stop()
-	select {
-	case err := <-res:
-		return nil, err
-	case <-t.C:
-		select {
-		case err := <-res: // returned just in time
-			return nil, err
-		default:
-			return res, nil
 		}
 	}
 }
@@ -280,9 +313,20 @@ func (l *Lock) loseTo(err error) {
 	}
 }
 
+// giveBack removes this owner's holding from the store, if it still has
+// one: after a loss declared while a renewal was pending, which may have
+// extended the holding after all. It never removes another owner's lock.
+func (l *Lock) giveBack(life context.Context) {
+	ctx, cancel := detached(life)
+	defer cancel()
+	if err := l.b.Release(ctx, l.req.ID, l.req.Owner); err == nil {
+		l.c.log.Warn("locking: a renewal applied after the lock was given up; released it", "lock_id", l.req.ID, "token", l.token)
+	}
+}
+
 // endWithContext handles the end of the lock's life: by Release (nothing to
-// do here) or because the context it was acquired with is done, when the lock
-// is released on the holder's behalf.
+// do here) or because the context it was acquired with is done, when the
+// lock is released on the holder's behalf, on a detached context.
 func (l *Lock) endWithContext(life context.Context) {
 	if context.Cause(life) == errReleased {
 		return
@@ -294,7 +338,7 @@ func (l *Lock) endWithContext(life context.Context) {
 	}
 	l.state = releasing
 	l.mu.Unlock()
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(life), releaseTimeout)
+	ctx, cancel := detached(life)
 	defer cancel()
 	err := l.b.Release(ctx, l.req.ID, l.req.Owner)
 	l.c.tel.release(ctx, nil, l.kind, err)
@@ -302,4 +346,69 @@ func (l *Lock) endWithContext(life context.Context) {
 		l.c.log.Warn("locking: release after context end failed; the lease will expire", "lock_id", l.req.ID, "token", l.token, "error", err)
 	}
 	l.end(released, fmt.Errorf("%w: %q was released when its context ended: %w", ErrNotHeld, l.req.ID, life.Err()), false)
+}
+
+// startOverrun records that With's context ended while its function still
+// runs, and warns once; the renewer repeats the warning rarely after.
+func (l *Lock) startOverrun() {
+	l.mu.Lock()
+	if l.state != held || !l.overrun.IsZero() {
+		l.mu.Unlock()
+		return
+	}
+	l.overrun = time.Now()
+	l.mu.Unlock()
+	l.overrunWarn.allow()
+	l.c.log.Warn("locking: the context of With ended while its function still runs; the lock stays held until the function returns",
+		"lock_id", l.req.ID, "token", l.token)
+}
+
+// stopOverrun records that With's function returned.
+func (l *Lock) stopOverrun() {
+	l.mu.Lock()
+	l.overrun = time.Time{}
+	l.mu.Unlock()
+}
+
+// warnOverrun repeats the warning of startOverrun, rarely.
+func (l *Lock) warnOverrun() {
+	l.mu.Lock()
+	since := l.overrun
+	l.mu.Unlock()
+	if since.IsZero() {
+		return
+	}
+	if ok, left := l.overrunWarn.allow(); ok {
+		l.c.log.Warn("locking: the function of With still runs after its context ended; the lock stays held",
+			"lock_id", l.req.ID, "token", l.token, "overrun", time.Since(since).Round(time.Millisecond), "warnings_not_logged", left)
+	}
+}
+
+// rareWarn lets one kind of warning through at once, then at most once
+// every warnEvery, counting those it holds back.
+type rareWarn struct {
+	mu   sync.Mutex
+	last time.Time
+	held int
+}
+
+// allow reports whether to log now, and how many were held back since the
+// last one logged.
+func (w *rareWarn) allow() (ok bool, heldBack int) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	now := time.Now()
+	if !w.last.IsZero() && now.Sub(w.last) < warnEvery {
+		w.held++
+		return false, 0
+	}
+	w.last, heldBack, w.held = now, w.held, 0
+	return true, heldBack
+}
+
+// reset forgets the last warning, so that the next one is logged at once.
+func (w *rareWarn) reset() {
+	w.mu.Lock()
+	w.last, w.held = time.Time{}, 0
+	w.mu.Unlock()
 }

@@ -13,11 +13,17 @@ import (
 type memory struct{ s *memstore.Store }
 
 func (m memory) Acquire(_ context.Context, r Request) (Grant, error) {
+	if err := r.Validate(); err != nil {
+		return Grant{}, err
+	}
 	res := m.s.Acquire(r.ID, r.Owner, r.Lease, r.StealAfter)
 	return Grant(res), nil
 }
 
 func (m memory) Renew(_ context.Context, r Request) (Grant, error) {
+	if err := r.Validate(); err != nil {
+		return Grant{}, err
+	}
 	tok, ok := m.s.Renew(r.ID, r.Owner, r.Lease)
 	if !ok {
 		return Grant{}, fmt.Errorf("%w: %q", ErrNotHeld, r.ID)

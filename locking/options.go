@@ -56,11 +56,11 @@ func Wait(wait bool) Option {
 
 // MaxWait bounds how long Acquire waits for a held lock: once d has passed it
 // fails with ErrNotAcquired. Without it Acquire waits until ctx is done.
-// d must be positive.
+// d must be positive and at most MaxLease.
 func MaxWait(d time.Duration) Option {
 	return func(o *options) {
-		if d <= 0 {
-			o.fail(invalid("MaxWait(%v): must be positive", d))
+		if d <= 0 || d > MaxLease {
+			o.fail(invalid("MaxWait(%v): must be positive and at most MaxLease (%v)", d, MaxLease))
 		}
 		o.maxWait = d
 	}
@@ -71,11 +71,11 @@ func MaxWait(d time.Duration) Option {
 // steal_after_ms. Holders renew every third of their lease, so a d shorter
 // than that can take a lock from a live holder, who then finds out at its
 // next renewal (Done closes). d must be positive: there is no "never steal",
-// since an expired lease is always taken over.
+// since an expired lease is always taken over. It must be at most MaxLease.
 func StealAfter(d time.Duration) Option {
 	return func(o *options) {
-		if d <= 0 {
-			o.fail(invalid("StealAfter(%v): must be positive", d))
+		if d <= 0 || d > MaxLease {
+			o.fail(invalid("StealAfter(%v): must be positive and at most MaxLease (%v)", d, MaxLease))
 		}
 		o.stealAfter = d
 	}
@@ -95,11 +95,13 @@ func Kind(k LockKind) Option {
 // (the holder crashed, or lost its network). While held it is renewed
 // automatically every third of d. A longer lease makes a dead holder's lock
 // wait longer before it is taken over; a shorter one costs more renewals.
-// The default is the client's Config.Lease. d must be positive.
+// The default is the client's Config.Lease. d must be positive and at most
+// MaxLease; a lease shorter than the store's resolution is rounded up by the
+// store (to a millisecond on Valkey/Redis, to whole seconds on memcached).
 func Lease(d time.Duration) Option {
 	return func(o *options) {
-		if d <= 0 {
-			o.fail(invalid("Lease(%v): must be positive", d))
+		if d <= 0 || d > MaxLease {
+			o.fail(invalid("Lease(%v): must be positive and at most MaxLease (%v)", d, MaxLease))
 		}
 		o.lease = d
 	}

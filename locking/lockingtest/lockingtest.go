@@ -10,7 +10,10 @@
 // contract of package locking on top of it: mutual exclusion, not waiting,
 // waiting with MaxWait and cancellation, leases and renewal, takeover of
 // expired and stolen locks, loss signalled through Done and With, owner-checked
-// release, fencing tokens, input validation and nested locks. Time-dependent
+// release, fencing tokens, input validation and nested locks, and the edges
+// of a lock's life (lifecycle.go): With holding its lock until its function
+// returns, grants and replies that arrive too late, re-entrancy, Release and
+// renewals after the context ended, durations at their extremes. Time-dependent
 // checks use real time in multiples of Options.Granularity.
 package lockingtest
 
@@ -18,6 +21,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"strings"
 	"sync"
@@ -68,6 +72,7 @@ func Run(t *testing.T, newBackend NewBackend, opts Options) {
 		{"Backend/StealAfter", s.backendSteal},
 		{"Backend/OneWinnerPerTakeover", s.backendTakeoverRace},
 		{"Backend/AnyID", s.backendAnyID},
+		{"Backend/DurationExtremes", s.backendDurations},
 		{"MutualExclusion", s.mutualExclusion},
 		{"NoWait", s.noWait},
 		{"WaitUntilReleased", s.waitUntilReleased},
@@ -83,6 +88,12 @@ func Run(t *testing.T, newBackend NewBackend, opts Options) {
 		{"InvalidInput", s.invalidInput},
 		{"Nested", s.nested},
 		{"Contention", s.contention},
+		{"Life/WithHoldsUntilFnReturns", s.withOutlivesContext},
+		{"Life/GrantAfterContextEnd", s.grantAfterContextEnd},
+		{"Life/NotReentrant", s.notReentrant},
+		{"Life/ReleaseWithEndedContext", s.releaseWithEndedContext},
+		{"Life/ContextEndsDuringRenewal", s.contextEndsDuringRenewal},
+		{"Life/AmbiguousAcquire", s.ambiguousAcquire},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -663,6 +674,10 @@ func (s *suite) invalidInput(t *testing.T) {
 		{"negative MaxWait", lockID, []locking.Option{locking.MaxWait(-1)}, locking.ErrInvalid},
 		{"zero StealAfter", lockID, []locking.Option{locking.StealAfter(0)}, locking.ErrInvalid},
 		{"negative StealAfter", lockID, []locking.Option{locking.StealAfter(-time.Second)}, locking.ErrInvalid},
+		{"lease above MaxLease", lockID, []locking.Option{locking.Lease(locking.MaxLease + 1)}, locking.ErrInvalid},
+		{"lease MaxInt64", lockID, []locking.Option{locking.Lease(math.MaxInt64)}, locking.ErrInvalid},
+		{"MaxWait MaxInt64", lockID, []locking.Option{locking.MaxWait(math.MaxInt64)}, locking.ErrInvalid},
+		{"StealAfter MaxInt64", lockID, []locking.Option{locking.StealAfter(math.MaxInt64)}, locking.ErrInvalid},
 		{"unknown kind", lockID, []locking.Option{locking.Kind(7)}, locking.ErrInvalid},
 		{"nil option", lockID, []locking.Option{nil}, locking.ErrInvalid},
 		{"kind without backend", lockID, []locking.Option{locking.Kind(locking.Weak)}, locking.ErrNoBackend},

@@ -34,6 +34,9 @@ type flawedEntry struct {
 }
 
 func (b *flawed) Acquire(_ context.Context, r locking.Request) (locking.Grant, error) {
+	if err := r.Validate(); err != nil {
+		return locking.Grant{}, err
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	now := time.Now()
@@ -57,6 +60,9 @@ func (b *flawed) Acquire(_ context.Context, r locking.Request) (locking.Grant, e
 }
 
 func (b *flawed) Renew(_ context.Context, r locking.Request) (locking.Grant, error) {
+	if err := r.Validate(); err != nil {
+		return locking.Grant{}, err
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	e, ok := b.entries[r.ID]

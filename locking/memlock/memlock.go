@@ -54,11 +54,17 @@ func New(opts ...Option) *Backend {
 
 // Acquire implements locking.Backend. It never fails.
 func (b *Backend) Acquire(_ context.Context, r locking.Request) (locking.Grant, error) {
+	if err := r.Validate(); err != nil {
+		return locking.Grant{}, fmt.Errorf("memlock: acquire: %w", err)
+	}
 	return locking.Grant(b.s.Acquire(r.ID, r.Owner, r.Lease, r.StealAfter)), nil
 }
 
 // Renew implements locking.Backend.
 func (b *Backend) Renew(_ context.Context, r locking.Request) (locking.Grant, error) {
+	if err := r.Validate(); err != nil {
+		return locking.Grant{}, fmt.Errorf("memlock: renew: %w", err)
+	}
 	tok, ok := b.s.Renew(r.ID, r.Owner, r.Lease)
 	if !ok {
 		return locking.Grant{}, fmt.Errorf("memlock: renew %q: %w", r.ID, locking.ErrNotHeld)
