@@ -175,6 +175,70 @@ func TestFaults(t *testing.T) {
 			}
 		})
 
+		t.Run("release not applied, another took over meanwhile", func(t *testing.T) {
+			// The delete never reaches the store; by the time the caller
+			// reads back, its lease ran out and another owner took the
+			// entity over (an update, not a delete and re-create).
+			log.setHook(nil)
+			r := req("f-release-lost-lock", 50*time.Millisecond)
+			mustAcquire(t, b, r)
+			rival := req(r.ID, time.Minute)
+			log.setHook(func(ctx context.Context, m string, k int, invoke func(context.Context) error) error {
+				if m == "Commit" && k == 0 {
+					time.Sleep(r.Lease + 3*testSkew)
+					if g := mustAcquire(t, other, rival); !g.TookOver {
+						t.Errorf("rival's Acquire = %+v; want a takeover", g)
+					}
+					return status.Error(codes.Unavailable, "injected: not sent")
+				}
+				return invoke(ctx)
+			})
+			if err := b.Release(t.Context(), r.ID, r.Owner); !errors.Is(err, locking.ErrNotHeld) {
+				t.Fatalf("Release = %v; want ErrNotHeld: the delete did not land and the lock was another's", err)
+			}
+			held(t, r.ID, rival.Owner)
+		})
+
+		t.Run("release applied, response lost, another acquired meanwhile", func(t *testing.T) {
+			log.setHook(nil)
+			r := req("f-release-lost-reacquired", time.Minute)
+			mustAcquire(t, b, r)
+			rival := req(r.ID, time.Minute)
+			log.setHook(func(ctx context.Context, m string, k int, invoke func(context.Context) error) error {
+				if m == "Commit" && k == 0 {
+					if err := invoke(ctx); err != nil {
+						return err
+					}
+					mustAcquire(t, other, rival)
+					return status.Error(codes.Unavailable, "injected: response lost after the write applied")
+				}
+				return invoke(ctx)
+			})
+			if err := b.Release(t.Context(), r.ID, r.Owner); err != nil {
+				t.Fatalf("Release = %v; want nil: the delete landed before the rival's acquire", err)
+			}
+			held(t, r.ID, rival.Owner)
+		})
+
+		t.Run("renew not applied, another took over meanwhile", func(t *testing.T) {
+			log.setHook(nil)
+			r := req("f-renew-lost-lock", 50*time.Millisecond)
+			mustAcquire(t, b, r)
+			rival := req(r.ID, time.Minute)
+			log.setHook(func(ctx context.Context, m string, k int, invoke func(context.Context) error) error {
+				if m == "Commit" && k == 0 {
+					time.Sleep(r.Lease + 3*testSkew)
+					mustAcquire(t, other, rival)
+					return status.Error(codes.DeadlineExceeded, "injected: not sent")
+				}
+				return invoke(ctx)
+			})
+			if _, err := b.Renew(t.Context(), r); !errors.Is(err, locking.ErrNotHeld) {
+				t.Fatalf("Renew = %v; want ErrNotHeld", err)
+			}
+			held(t, r.ID, rival.Owner)
+		})
+
 		t.Run("transient errors retried", func(t *testing.T) {
 			for _, tc := range []struct {
 				method string

@@ -3,10 +3,12 @@ package dslock
 import "sync"
 
 // holding is what a Backend knows about a lock it holds: the entity version
-// its own last successful write produced, and the holding's fencing token.
+// its own last successful write produced, the holding's fencing token, and
+// the incarnation of the entity it lives in (see record.incarnation).
 type holding struct {
 	version int64
 	token   uint64
+	origin  uint64
 }
 
 // heldKey names one holding: a lock (by key name) and its owner token.
