@@ -59,12 +59,16 @@
 //
 // Renew and Release are 1 RPC each when this Backend made the holding's last
 // write (its Acquire or last Renew): it remembers that write's version and
-// sends the Update or Delete conditional on it. When nothing is remembered
-// (another Backend acquired or renewed with the same owner token, or the
-// bounded memory dropped it) they are 2 (Lookup, conditional Update or
-// Delete); when the remembered version is no longer current, or the direct
-// write's outcome is unknown, the read follows the failed write: 3, or 2 when
-// that read finds the lock lost.
+// sends the Update or Delete conditional on it. This memory has no fixed
+// cap, so it holds for any number of locks held at once: an entry (about 200
+// bytes with its key) lives as long as its holding, and is freed when the
+// holding is released or found lost, or a minute after its lease ended
+// unrenewed.
+// When nothing is remembered (another Backend acquired or renewed with the
+// same owner token, or the holder renewed over a minute late) they are 2
+// (Lookup, conditional Update or Delete); when the remembered version is no
+// longer current, or the direct write's outcome is unknown, the read follows
+// the failed write: 3, or 2 when that read finds the lock lost.
 //
 // # Whose clock
 //

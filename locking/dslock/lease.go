@@ -79,7 +79,7 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 			switch {
 			case err == nil:
 				b.hints.forget(name)
-				b.held.put(name, r.Owner, holding{version: int64(version(res)), token: version(res), origin: version(res)})
+				b.held.put(name, r.Owner, holding{version: int64(version(res)), token: version(res), origin: version(res)}, r.Lease)
 				return locking.Grant{Acquired: true, Token: version(res)}, nil
 			case errors.Is(err, errAmbiguous):
 				unsure, lastErr = true, err
@@ -97,7 +97,7 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 			// Only a write of ours stores our owner token: one whose
 			// response was lost, or an earlier Acquire with this owner.
 			b.hints.forget(name)
-			b.held.put(name, r.Owner, holding{version: rec.version, token: rec.fencing(), origin: rec.incarnation()})
+			b.held.put(name, r.Owner, holding{version: rec.version, token: rec.fencing(), origin: rec.incarnation()}, r.Lease)
 			return locking.Grant{Acquired: true, Token: rec.fencing(), TookOver: tookOver}, nil
 		}
 		if !found {
@@ -123,7 +123,7 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 		switch {
 		case err == nil:
 			b.hints.forget(name)
-			b.held.put(name, r.Owner, holding{version: int64(version(res)), token: version(res), origin: rec.incarnation()})
+			b.held.put(name, r.Owner, holding{version: int64(version(res)), token: version(res), origin: rec.incarnation()}, r.Lease)
 			return locking.Grant{Acquired: true, Token: version(res), TookOver: true}, nil
 		case errors.Is(err, errAmbiguous):
 			unsure, tookOver, lastErr = true, true, err
@@ -186,7 +186,7 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 		res, err := b.commit(ctx, "renew", conditional(&pb.Mutation{Operation: &pb.Mutation_Update{Update: b.entityOf(k, r.ID, r.Owner, r.Lease, h.token, h.origin)}}, h.version))
 		switch {
 		case err == nil:
-			b.held.put(name, r.Owner, holding{version: int64(version(res)), token: h.token, origin: h.origin})
+			b.held.put(name, r.Owner, holding{version: int64(version(res)), token: h.token, origin: h.origin}, r.Lease)
 			return locking.Grant{Acquired: true, Token: h.token}, nil
 		case errors.Is(err, errAmbiguous), conflict(err):
 			// Read and decide below.
@@ -211,7 +211,7 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 		res, err := b.commit(ctx, "renew", conditional(&pb.Mutation{Operation: &pb.Mutation_Update{Update: b.entityOf(k, r.ID, r.Owner, r.Lease, token, origin)}}, rec.version))
 		switch {
 		case err == nil:
-			b.held.put(name, r.Owner, holding{version: int64(version(res)), token: token, origin: origin})
+			b.held.put(name, r.Owner, holding{version: int64(version(res)), token: token, origin: origin}, r.Lease)
 			return locking.Grant{Acquired: true, Token: token}, nil
 		case errors.Is(err, errAmbiguous), conflict(err):
 			// Read again: if it is still ours (our own write landed
@@ -233,9 +233,9 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 // documentation): it was taken over, never deleted, so the delete did not
 // land either and the lock was lost: ErrNotHeld. Gone, or created anew since:
 // the delete is taken to have landed, and Release returns nil. (That is
-// wrong only if, within the read-back's round trip, the lock expired, was
-// taken over and was released again; it is free or another's then, as after
-// a release.)
+// wrong only if, between the delete and the read-back, the lock expired or
+// was stolen and the new holder's entity was deleted too; the lock is free
+// or another's then, as after a release.)
 //
 // When this Backend made the last write of the holding, Release sends the
 // delete conditional on that write's version at once: 1 RPC. Otherwise, or
