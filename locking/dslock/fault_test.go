@@ -147,6 +147,38 @@ func TestFaults(t *testing.T) {
 			held(t, r.ID, r.Owner)
 		})
 
+		t.Run("takeover not applied, released meanwhile, insert's response lost", func(t *testing.T) {
+			// TookOver is read from the entity our write left, not from
+			// which write we sent last: here the takeover never lands, the
+			// old holder releases, and our Insert of the free lock lands
+			// unseen.
+			old := req("f-takeover-then-insert", 50*time.Millisecond)
+			mustAcquire(t, other, old)
+			time.Sleep(old.Lease + 3*testSkew)
+			r := req(old.ID, time.Minute)
+			log.setHook(func(ctx context.Context, m string, k int, invoke func(context.Context) error) error {
+				switch {
+				case m != "Commit":
+				case k == 1: // the takeover (Commit 0 is the Insert that finds the entity)
+					if err := other.Release(ctx, old.ID, old.Owner); err != nil {
+						t.Errorf("old holder's Release: %v", err)
+					}
+					return status.Error(codes.Unavailable, "injected: not sent")
+				case k == 2: // the Insert of the now free lock
+					if err := invoke(ctx); err != nil {
+						return err
+					}
+					return status.Error(codes.Unavailable, "injected: response lost after the write applied")
+				}
+				return invoke(ctx)
+			})
+			g, err := b.Acquire(t.Context(), r)
+			if err != nil || !g.Acquired || g.TookOver {
+				t.Fatalf("Acquire = %+v, %v; want acquired, not a takeover (the lock was released first)", g, err)
+			}
+			held(t, r.ID, r.Owner)
+		})
+
 		t.Run("renew applied, response lost", func(t *testing.T) {
 			log.setHook(nil)
 			r := req("f-renew-lost", time.Minute)

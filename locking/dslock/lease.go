@@ -71,7 +71,6 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 	name := k.GetPath()[0].GetName()
 	create := !b.hints.expectHeld(name)
 	unsure := false   // a write of ours may have applied unseen
-	tookOver := false // that write was a takeover
 	var lastErr error // why the last write failed, if it did not conflict
 	for writes := 0; ; writes++ {
 		if create {
@@ -96,9 +95,11 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 		if found && rec.owner == r.Owner {
 			// Only a write of ours stores our owner token: one whose
 			// response was lost, or an earlier Acquire with this owner.
+			// A takeover, unlike an Insert, stored an incarnation older
+			// than its own token.
 			b.hints.forget(name)
 			b.held.put(name, r.Owner, holding{version: rec.version, token: rec.fencing(), origin: rec.incarnation()}, r.Lease)
-			return locking.Grant{Acquired: true, Token: rec.fencing(), TookOver: tookOver}, nil
+			return locking.Grant{Acquired: true, Token: rec.fencing(), TookOver: rec.incarnation() != rec.fencing()}, nil
 		}
 		if !found {
 			if writes >= maxWrites {
@@ -126,7 +127,7 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 			b.held.put(name, r.Owner, holding{version: int64(version(res)), token: version(res), origin: rec.incarnation()}, r.Lease)
 			return locking.Grant{Acquired: true, Token: version(res), TookOver: true}, nil
 		case errors.Is(err, errAmbiguous):
-			unsure, tookOver, lastErr = true, true, err
+			unsure, lastErr = true, err
 		case conflict(err):
 			// Another writer changed or deleted the entity since our read:
 			// read again and judge afresh.
