@@ -63,12 +63,11 @@
 // cap, so it holds for any number of locks held at once: an entry (about 200
 // bytes with its key) lives as long as its holding, and is freed when the
 // holding is released or found lost, or a minute after its lease ended
-// unrenewed.
-// When nothing is remembered (another Backend acquired or renewed with the
-// same owner token, or the holder renewed over a minute late) they are 2
-// (Lookup, conditional Update or Delete); when the remembered version is no
-// longer current, or the direct write's outcome is unknown, the read follows
-// the failed write: 3, or 2 when that read finds the lock lost.
+// unrenewed. When nothing is remembered (another Backend acquired or renewed
+// with the same owner token, or the holder renewed over a minute late) they
+// are 2 (Lookup, conditional Update or Delete); when the remembered version
+// is no longer current, or the direct write's outcome is unknown, the read
+// follows the failed write: 3, or 2 when that read finds the lock lost.
 //
 // # Whose clock
 //
