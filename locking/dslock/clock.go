@@ -1,6 +1,7 @@
 package dslock
 
 import (
+	"math"
 	"sync"
 	"time"
 )
@@ -32,9 +33,34 @@ func (b *Backend) judge(rec record, readTime time.Time) age {
 	if server {
 		since = readTime.Sub(rec.updated)
 	} else {
-		since = b.now().Sub(rec.renewedAt) - b.skew
+		since = subSat(b.now().Sub(rec.renewedAt), b.skew)
 	}
-	return age{since: since, remaining: rec.lease - since, server: server}
+	return age{since: since, remaining: subSat(rec.lease, since), server: server}
+}
+
+// addSat returns a+b, held at the bounds of time.Duration instead of
+// wrapping around: a lease judged from a broken clock or a huge stored value
+// stays huge, never turns negative (expired) or the other way round.
+func addSat(a, b time.Duration) time.Duration {
+	s := a + b
+	switch {
+	case a > 0 && b > 0 && s < 0:
+		return math.MaxInt64
+	case a < 0 && b < 0 && s >= 0:
+		return math.MinInt64
+	}
+	return s
+}
+
+// subSat returns a-b, held at the bounds of time.Duration.
+func subSat(a, b time.Duration) time.Duration {
+	if b == math.MinInt64 {
+		if a >= 0 {
+			return math.MaxInt64
+		}
+		return a - b // a < 0: a + 2⁶³ fits
+	}
+	return addSat(a, -b)
 }
 
 // hints remembers ids this Backend recently found held, so that the next
@@ -78,7 +104,7 @@ func (h *hints) held(name string, remaining time.Duration) {
 			clear(h.m)
 		}
 	}
-	h.m[name] = now.Add(max(remaining, 0) + hintLinger)
+	h.m[name] = now.Add(addSat(max(remaining, 0), hintLinger))
 }
 
 func (h *hints) forget(name string) {

@@ -26,11 +26,20 @@
 //     at that version holds exactly what that write stored): they never
 //     extend or delete another owner's lock;
 //   - a write whose outcome is unknown (timeout, lost connection) is resolved
-//     by reading the entity back: success is reported only when the entity
-//     names the caller; an Acquire whose caller gave up (ctx ended) deletes
-//     the lock it turns out to have written, so nothing is left held for
-//     nobody; every entity carries a lease, so no failure leaves one held for
-//     ever;
+//     by reading the entity back: an Acquire or Renew succeeds only when the
+//     entity names the caller; a Release succeeds when the entity is gone or
+//     was created anew, and reports ErrNotHeld when it names another owner
+//     who took it over (same incarnation, see Entities), since the delete
+//     cannot have landed then; an Acquire whose caller gave up (ctx ended)
+//     deletes the lock it turns out to have written, so nothing is left held
+//     for nobody; every entity carries a lease, so no failure leaves one held
+//     for ever;
+//   - every request is checked with locking.Request.Validate before any RPC:
+//     0 < Lease <= locking.MaxLease and 0 <= StealAfter <= locking.MaxLease,
+//     or an error wrapping locking.ErrInvalid; the lease is stored in whole
+//     milliseconds rounded up (1 ns is held for 1 ms, never 0), and the
+//     arithmetic of expiry saturates instead of wrapping around, so no
+//     stored or skewed value turns a held lease into an expired one;
 //   - transient errors (Unavailable, DeadlineExceeded, Aborted,
 //     ResourceExhausted, Internal) are retried with capped, jittered
 //     exponential backoff inside the caller's ctx; each attempt is bounded by
@@ -50,12 +59,15 @@
 //
 // Renew and Release are 1 RPC each when this Backend made the holding's last
 // write (its Acquire or last Renew): it remembers that write's version and
-// sends the Update or Delete conditional on it. When nothing is remembered
-// (another Backend acquired or renewed with the same owner token, or the
-// bounded memory dropped it) they are 2 (Lookup, conditional Update or
-// Delete); when the remembered version is no longer current, or the direct
-// write's outcome is unknown, the read follows the failed write: 3, or 2 when
-// that read finds the lock lost.
+// sends the Update or Delete conditional on it. This memory has no fixed
+// cap, so it holds for any number of locks held at once: an entry (about 200
+// bytes with its key) lives as long as its holding, and is freed when the
+// holding is released or found lost, or a minute after its lease ended
+// unrenewed. When nothing is remembered (another Backend acquired or renewed
+// with the same owner token, or the holder renewed over a minute late) they
+// are 2 (Lookup, conditional Update or Delete); when the remembered version
+// is no longer current, or the direct write's outcome is unknown, the read
+// follows the failed write: 3, or 2 when that read finds the lock lost.
 //
 // # Whose clock
 //
@@ -99,6 +111,14 @@
 //	renewedAt  timestamp  unindexed  writer's clock at the last acquire or renewal
 //	leaseMs    integer    unindexed  the lease granted then, in milliseconds (rounded up)
 //	token      integer    unindexed  the fencing token, present once the holding was renewed
+//	origin     integer    unindexed  the entity's incarnation, present once renewed or taken over
+//
+// The incarnation of an entity is the token of the holding whose Insert
+// created it; takeovers and renewals copy it into origin, a delete ends it
+// and the next Insert starts a higher one. Release uses it to tell a lock
+// taken over from the caller (same incarnation) from one deleted by the
+// caller's own delete and created again (see Backend.Release). An entity
+// without origin is its holding's own incarnation.
 //
 // Only expiresAt is indexed; the query Cleanup runs (one inequality on one
 // property of one kind) needs no composite index.

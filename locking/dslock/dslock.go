@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"math"
 	"net/url"
 	"os"
 	"strings"
@@ -55,6 +56,7 @@ const (
 	propRenewedAt = "renewedAt"
 	propLeaseMs   = "leaseMs"
 	propToken     = "token"
+	propOrigin    = "origin"
 )
 
 // ErrBadOptions is wrapped by New and Cleanup when their options are invalid
@@ -254,6 +256,7 @@ type record struct {
 	renewedAt time.Time     // writer's clock at the last acquire or renew
 	lease     time.Duration // lease granted by the last acquire or renew
 	token     uint64        // fencing token, written by renewals; 0 before the first
+	origin    uint64        // token of the holding whose Insert created the entity; 0 when not stored
 	version   int64         // entity version on the server
 	updated   time.Time     // server time of the last write; zero when the server gives none
 }
@@ -267,9 +270,29 @@ func (r record) fencing() uint64 {
 	return uint64(r.version)
 }
 
+// incarnation names the life of the entity from the Insert that created it to
+// its deletion: the token of that Insert's holding. Takeovers and renewals
+// keep it (they store it as the origin property); a delete ends it, and the
+// next Insert starts one with a higher version. So an entity found with the
+// incarnation of a holding has not been deleted since that holding wrote it.
+// An entity without the property (written before it existed, or by an Insert
+// not yet renewed) is taken to be its holding's own incarnation.
+func (r record) incarnation() uint64 {
+	if r.origin != 0 {
+		return r.origin
+	}
+	return r.fencing()
+}
+
 // entity builds the entity written by an acquire (token 0) or a renewal
-// (token of the holding).
+// (token of the holding), without an origin.
 func (b *Backend) entity(k *pb.Key, id, owner string, lease time.Duration, token uint64) *pb.Entity {
+	return b.entityOf(k, id, owner, lease, token, 0)
+}
+
+// entityOf builds the entity written by an acquire (token 0) or a renewal
+// (token of the holding) of the incarnation origin (0: an Insert's own).
+func (b *Backend) entityOf(k *pb.Key, id, owner string, lease time.Duration, token, origin uint64) *pb.Entity {
 	now := b.now()
 	props := map[string]*pb.Value{
 		propID:        {ValueType: &pb.Value_StringValue{StringValue: readable(id)}, ExcludeFromIndexes: true},
@@ -281,21 +304,43 @@ func (b *Backend) entity(k *pb.Key, id, owner string, lease time.Duration, token
 	if token != 0 {
 		props[propToken] = &pb.Value{ValueType: &pb.Value_IntegerValue{IntegerValue: int64(token)}, ExcludeFromIndexes: true}
 	}
+	if origin != 0 {
+		props[propOrigin] = &pb.Value{ValueType: &pb.Value_IntegerValue{IntegerValue: int64(origin)}, ExcludeFromIndexes: true}
+	}
 	return &pb.Entity{Key: k, Properties: props}
 }
 
 // leaseMillis rounds a lease up to whole milliseconds, so a stored lease is
-// never shorter than the granted one.
+// never shorter than the granted one (1 ns is stored as 1 ms, never 0). It
+// cannot overflow, even for math.MaxInt64.
 func leaseMillis(d time.Duration) int64 {
-	return int64((d + time.Millisecond - 1) / time.Millisecond)
+	ms := d / time.Millisecond
+	if d%time.Millisecond > 0 {
+		ms++
+	}
+	return int64(ms)
+}
+
+// millisLease is the inverse of leaseMillis: a stored lease below zero is
+// zero (expired), and one beyond what a Duration holds is the longest
+// Duration, never a wrapped-around negative one.
+func millisLease(ms int64) time.Duration {
+	switch {
+	case ms <= 0:
+		return 0
+	case ms > int64(math.MaxInt64/time.Millisecond):
+		return math.MaxInt64
+	}
+	return time.Duration(ms) * time.Millisecond
 }
 
 func decode(er *pb.EntityResult) (record, error) {
 	p := er.GetEntity().GetProperties()
 	r := record{
 		owner:   p[propOwner].GetStringValue(),
-		lease:   time.Duration(p[propLeaseMs].GetIntegerValue()) * time.Millisecond,
+		lease:   millisLease(p[propLeaseMs].GetIntegerValue()),
 		token:   uint64(p[propToken].GetIntegerValue()),
+		origin:  uint64(p[propOrigin].GetIntegerValue()),
 		version: er.GetVersion(),
 		updated: serverTime(er.GetUpdateTime()),
 	}

@@ -147,6 +147,38 @@ func TestFaults(t *testing.T) {
 			held(t, r.ID, r.Owner)
 		})
 
+		t.Run("takeover not applied, released meanwhile, insert's response lost", func(t *testing.T) {
+			// TookOver is read from the entity our write left, not from
+			// which write we sent last: here the takeover never lands, the
+			// old holder releases, and our Insert of the free lock lands
+			// unseen.
+			old := req("f-takeover-then-insert", 50*time.Millisecond)
+			mustAcquire(t, other, old)
+			time.Sleep(old.Lease + 3*testSkew)
+			r := req(old.ID, time.Minute)
+			log.setHook(func(ctx context.Context, m string, k int, invoke func(context.Context) error) error {
+				switch {
+				case m != "Commit":
+				case k == 1: // the takeover (Commit 0 is the Insert that finds the entity)
+					if err := other.Release(ctx, old.ID, old.Owner); err != nil {
+						t.Errorf("old holder's Release: %v", err)
+					}
+					return status.Error(codes.Unavailable, "injected: not sent")
+				case k == 2: // the Insert of the now free lock
+					if err := invoke(ctx); err != nil {
+						return err
+					}
+					return status.Error(codes.Unavailable, "injected: response lost after the write applied")
+				}
+				return invoke(ctx)
+			})
+			g, err := b.Acquire(t.Context(), r)
+			if err != nil || !g.Acquired || g.TookOver {
+				t.Fatalf("Acquire = %+v, %v; want acquired, not a takeover (the lock was released first)", g, err)
+			}
+			held(t, r.ID, r.Owner)
+		})
+
 		t.Run("renew applied, response lost", func(t *testing.T) {
 			log.setHook(nil)
 			r := req("f-renew-lost", time.Minute)
@@ -173,6 +205,70 @@ func TestFaults(t *testing.T) {
 			if _, found := stored(t, other, r.ID); found {
 				t.Errorf("still held after release")
 			}
+		})
+
+		t.Run("release not applied, another took over meanwhile", func(t *testing.T) {
+			// The delete never reaches the store; by the time the caller
+			// reads back, its lease ran out and another owner took the
+			// entity over (an update, not a delete and re-create).
+			log.setHook(nil)
+			r := req("f-release-lost-lock", 50*time.Millisecond)
+			mustAcquire(t, b, r)
+			rival := req(r.ID, time.Minute)
+			log.setHook(func(ctx context.Context, m string, k int, invoke func(context.Context) error) error {
+				if m == "Commit" && k == 0 {
+					time.Sleep(r.Lease + 3*testSkew)
+					if g := mustAcquire(t, other, rival); !g.TookOver {
+						t.Errorf("rival's Acquire = %+v; want a takeover", g)
+					}
+					return status.Error(codes.Unavailable, "injected: not sent")
+				}
+				return invoke(ctx)
+			})
+			if err := b.Release(t.Context(), r.ID, r.Owner); !errors.Is(err, locking.ErrNotHeld) {
+				t.Fatalf("Release = %v; want ErrNotHeld: the delete did not land and the lock was another's", err)
+			}
+			held(t, r.ID, rival.Owner)
+		})
+
+		t.Run("release applied, response lost, another acquired meanwhile", func(t *testing.T) {
+			log.setHook(nil)
+			r := req("f-release-lost-reacquired", time.Minute)
+			mustAcquire(t, b, r)
+			rival := req(r.ID, time.Minute)
+			log.setHook(func(ctx context.Context, m string, k int, invoke func(context.Context) error) error {
+				if m == "Commit" && k == 0 {
+					if err := invoke(ctx); err != nil {
+						return err
+					}
+					mustAcquire(t, other, rival)
+					return status.Error(codes.Unavailable, "injected: response lost after the write applied")
+				}
+				return invoke(ctx)
+			})
+			if err := b.Release(t.Context(), r.ID, r.Owner); err != nil {
+				t.Fatalf("Release = %v; want nil: the delete landed before the rival's acquire", err)
+			}
+			held(t, r.ID, rival.Owner)
+		})
+
+		t.Run("renew not applied, another took over meanwhile", func(t *testing.T) {
+			log.setHook(nil)
+			r := req("f-renew-lost-lock", 50*time.Millisecond)
+			mustAcquire(t, b, r)
+			rival := req(r.ID, time.Minute)
+			log.setHook(func(ctx context.Context, m string, k int, invoke func(context.Context) error) error {
+				if m == "Commit" && k == 0 {
+					time.Sleep(r.Lease + 3*testSkew)
+					mustAcquire(t, other, rival)
+					return status.Error(codes.DeadlineExceeded, "injected: not sent")
+				}
+				return invoke(ctx)
+			})
+			if _, err := b.Renew(t.Context(), r); !errors.Is(err, locking.ErrNotHeld) {
+				t.Fatalf("Renew = %v; want ErrNotHeld", err)
+			}
+			held(t, r.ID, rival.Owner)
 		})
 
 		t.Run("transient errors retried", func(t *testing.T) {

@@ -12,21 +12,45 @@ import (
 	"github.com/taskguard/taskguard/locking/dslock/dstest"
 )
 
-// TestHoldingsBoundedAndMonotonic checks that the holdings cache stays
-// bounded, keeps the newest version under racing writers, and drops an entry
-// only when it is still the one the caller saw.
-func TestHoldingsBoundedAndMonotonic(t *testing.T) {
+// TestHoldingsFollowTheirLeases checks the holdings table: no fixed cap
+// (every live holding keeps its entry, so Renew and Release stay 1 RPC
+// however many locks are held), entries of leases that ended long ago are
+// swept, the newest version wins under racing writers, and an entry is
+// dropped only when it is still the one the caller saw.
+func TestHoldingsFollowTheirLeases(t *testing.T) {
 	var h holdings
-	for i := range 3 * maxHoldings {
-		h.put(fmt.Sprint(i), "o", holding{version: int64(i), token: 1})
-		if n := len(h.m); n > maxHoldings {
-			t.Fatalf("%d entries after %d puts; want at most %d", n, i+1, maxHoldings)
+	const live = 3 * 4096 // three times the former cap
+	for i := range live {
+		h.put(fmt.Sprint(i), "o", holding{version: int64(i + 1), token: 1}, time.Minute)
+	}
+	if n := h.len(); n != live {
+		t.Fatalf("%d entries after %d puts of live holdings; want all kept", n, live)
+	}
+	for i := range live {
+		if _, ok := h.get(fmt.Sprint(i), "o"); !ok {
+			t.Fatalf("entry %d of a live holding forgotten", i)
 		}
+	}
+	// Holdings whose leases ended long ago (their holders stopped renewing
+	// without releasing) do not accumulate.
+	for i := range 3 * live {
+		h.put(fmt.Sprint("dead-", i), "o", holding{version: 1, token: 1}, -2*heldLinger)
+	}
+	if n := h.len(); n > 2*live+minSweep {
+		t.Fatalf("%d entries after %d dead holdings; want them swept", n, 3*live)
+	}
+	for i := range live {
+		if _, ok := h.get(fmt.Sprint(i), "o"); !ok {
+			t.Fatalf("sweep dropped the entry of live holding %d", i)
+		}
+	}
+	for i := range live {
+		h.drop(fmt.Sprint(i), "o", holding{})
 	}
 
 	var wg sync.WaitGroup
 	for v := range 64 {
-		wg.Go(func() { h.put("x", "o", holding{version: int64(v + 1), token: 7}) })
+		wg.Go(func() { h.put("x", "o", holding{version: int64(v + 1), token: 7}, time.Minute) })
 	}
 	wg.Wait()
 	if got, ok := h.get("x", "o"); !ok || got.version != 64 {
@@ -43,6 +67,35 @@ func TestHoldingsBoundedAndMonotonic(t *testing.T) {
 	if _, ok := h.get("x", "o"); ok {
 		t.Fatal("drop of any version left the entry")
 	}
+}
+
+// TestRenewOneRPCAmongManyHoldings holds a lock while the Backend remembers
+// 20,000 other live holdings (five times the former cap of 4,096, beyond
+// which entries were evicted at random): its Renew and Release still take 1
+// RPC each, and the release frees its entry.
+func TestRenewOneRPCAmongManyHoldings(t *testing.T) {
+	eachEmulator(t, func(t *testing.T, e *dstest.Emulator) {
+		var log rpcLog
+		b := newBackend(t, e, Options{}, log.intercept)
+		r := req("many-holdings", time.Minute)
+		mustAcquire(t, b, r)
+		for i := range 20000 {
+			b.held.put(fmt.Sprint("other-", i), "o", holding{version: int64(i + 1), token: 1}, time.Minute)
+		}
+		log.take()
+		if _, err := b.Renew(t.Context(), r); err != nil {
+			t.Fatal(err)
+		}
+		if err := b.Release(t.Context(), r.ID, r.Owner); err != nil {
+			t.Fatal(err)
+		}
+		if calls := log.take(); len(calls) != 2 {
+			t.Errorf("Renew and Release sent %v; want one Commit each", calls)
+		}
+		if _, ok := b.held.get(KeyName(r.ID), r.Owner); ok {
+			t.Error("the released holding is still remembered")
+		}
+	})
 }
 
 // TestConcurrentRenewals renews one holding from many goroutines of one

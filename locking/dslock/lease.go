@@ -22,16 +22,21 @@ var errContended = errors.New("dslock: lock entity kept changing")
 // keep winning; Acquire then reports the lock as not acquired.
 const maxWrites = 4
 
-func validate(id, owner string, lease bool, r locking.Request) error {
+// validate refuses what no Backend serves: it wraps locking.ErrInvalid. A
+// request (Acquire, Renew) must pass locking.Request.Validate (non-empty id
+// and owner, 0 < Lease <= locking.MaxLease, 0 <= StealAfter <=
+// locking.MaxLease); every owner must be UTF-8, as Datastore strings are.
+func validate(id, owner string, r *locking.Request) error {
+	if r != nil {
+		if err := r.Validate(); err != nil {
+			return fmt.Errorf("dslock: %w", err)
+		}
+	}
 	switch {
 	case id == "":
 		return fmt.Errorf("dslock: %w: empty id", locking.ErrInvalid)
 	case owner == "" || !utf8.ValidString(owner):
 		return fmt.Errorf("dslock: %w: owner %q is empty or not UTF-8", locking.ErrInvalid, owner)
-	case lease && r.Lease <= 0:
-		return fmt.Errorf("dslock: %w: lease %v <= 0", locking.ErrInvalid, r.Lease)
-	case r.StealAfter < 0:
-		return fmt.Errorf("dslock: %w: StealAfter %v < 0", locking.ErrInvalid, r.StealAfter)
 	}
 	return nil
 }
@@ -56,7 +61,7 @@ func validate(id, owner string, lease bool, r locking.Request) error {
 // is left held for a caller that was told it failed; it then returns an
 // error wrapping ctx's error.
 func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant, error) {
-	if err := validate(r.ID, r.Owner, true, r); err != nil {
+	if err := validate(r.ID, r.Owner, &r); err != nil {
 		return locking.Grant{}, err
 	}
 	if ctx.Err() != nil {
@@ -66,7 +71,6 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 	name := k.GetPath()[0].GetName()
 	create := !b.hints.expectHeld(name)
 	unsure := false   // a write of ours may have applied unseen
-	tookOver := false // that write was a takeover
 	var lastErr error // why the last write failed, if it did not conflict
 	for writes := 0; ; writes++ {
 		if create {
@@ -74,7 +78,7 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 			switch {
 			case err == nil:
 				b.hints.forget(name)
-				b.held.put(name, r.Owner, holding{version: int64(version(res)), token: version(res)})
+				b.held.put(name, r.Owner, holding{version: int64(version(res)), token: version(res), origin: version(res)}, r.Lease)
 				return locking.Grant{Acquired: true, Token: version(res)}, nil
 			case errors.Is(err, errAmbiguous):
 				unsure, lastErr = true, err
@@ -91,9 +95,11 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 		if found && rec.owner == r.Owner {
 			// Only a write of ours stores our owner token: one whose
 			// response was lost, or an earlier Acquire with this owner.
+			// A takeover, unlike an Insert, stored an incarnation older
+			// than its own token.
 			b.hints.forget(name)
-			b.held.put(name, r.Owner, holding{version: rec.version, token: rec.fencing()})
-			return locking.Grant{Acquired: true, Token: rec.fencing(), TookOver: tookOver}, nil
+			b.held.put(name, r.Owner, holding{version: rec.version, token: rec.fencing(), origin: rec.incarnation()}, r.Lease)
+			return locking.Grant{Acquired: true, Token: rec.fencing(), TookOver: rec.incarnation() != rec.fencing()}, nil
 		}
 		if !found {
 			if writes >= maxWrites {
@@ -112,14 +118,16 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 			b.hints.held(name, a.remaining)
 			return locking.Grant{Remaining: max(a.remaining, 0)}, nil
 		}
-		res, err := b.commit(ctx, "take over", conditional(&pb.Mutation{Operation: &pb.Mutation_Update{Update: b.entity(k, r.ID, r.Owner, r.Lease, 0)}}, rec.version))
+		// The takeover keeps the entity's incarnation: it replaces the
+		// holder without a delete.
+		res, err := b.commit(ctx, "take over", conditional(&pb.Mutation{Operation: &pb.Mutation_Update{Update: b.entityOf(k, r.ID, r.Owner, r.Lease, 0, rec.incarnation())}}, rec.version))
 		switch {
 		case err == nil:
 			b.hints.forget(name)
-			b.held.put(name, r.Owner, holding{version: int64(version(res)), token: version(res)})
+			b.held.put(name, r.Owner, holding{version: int64(version(res)), token: version(res), origin: rec.incarnation()}, r.Lease)
 			return locking.Grant{Acquired: true, Token: version(res), TookOver: true}, nil
 		case errors.Is(err, errAmbiguous):
-			unsure, tookOver, lastErr = true, true, err
+			unsure, lastErr = true, err
 		case conflict(err):
 			// Another writer changed or deleted the entity since our read:
 			// read again and judge afresh.
@@ -165,7 +173,7 @@ func (b *Backend) abandon(ctx context.Context, k *pb.Key, owner string, unsure b
 // it conditionally on the version read: 2 RPCs (3 after a failed direct
 // write).
 func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, error) {
-	if err := validate(r.ID, r.Owner, true, r); err != nil {
+	if err := validate(r.ID, r.Owner, &r); err != nil {
 		return locking.Grant{}, err
 	}
 	if ctx.Err() != nil {
@@ -176,10 +184,10 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 	if h, ok := b.held.get(name, r.Owner); ok {
 		// The entity is still at h.version only if no write followed ours,
 		// so it still names r.Owner with token h.token.
-		res, err := b.commit(ctx, "renew", conditional(&pb.Mutation{Operation: &pb.Mutation_Update{Update: b.entity(k, r.ID, r.Owner, r.Lease, h.token)}}, h.version))
+		res, err := b.commit(ctx, "renew", conditional(&pb.Mutation{Operation: &pb.Mutation_Update{Update: b.entityOf(k, r.ID, r.Owner, r.Lease, h.token, h.origin)}}, h.version))
 		switch {
 		case err == nil:
-			b.held.put(name, r.Owner, holding{version: int64(version(res)), token: h.token})
+			b.held.put(name, r.Owner, holding{version: int64(version(res)), token: h.token, origin: h.origin}, r.Lease)
 			return locking.Grant{Acquired: true, Token: h.token}, nil
 		case errors.Is(err, errAmbiguous), conflict(err):
 			// Read and decide below.
@@ -200,11 +208,11 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 		if writes >= maxWrites {
 			return locking.Grant{}, fmt.Errorf("dslock: renew %q: %w", r.ID, errContended)
 		}
-		token := rec.fencing()
-		res, err := b.commit(ctx, "renew", conditional(&pb.Mutation{Operation: &pb.Mutation_Update{Update: b.entity(k, r.ID, r.Owner, r.Lease, token)}}, rec.version))
+		token, origin := rec.fencing(), rec.incarnation()
+		res, err := b.commit(ctx, "renew", conditional(&pb.Mutation{Operation: &pb.Mutation_Update{Update: b.entityOf(k, r.ID, r.Owner, r.Lease, token, origin)}}, rec.version))
 		switch {
 		case err == nil:
-			b.held.put(name, r.Owner, holding{version: int64(version(res)), token: token})
+			b.held.put(name, r.Owner, holding{version: int64(version(res)), token: token, origin: origin}, r.Lease)
 			return locking.Grant{Acquired: true, Token: token}, nil
 		case errors.Is(err, errAmbiguous), conflict(err):
 			// Read again: if it is still ours (our own write landed
@@ -217,10 +225,18 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 
 // Release deletes the entity of id if, and only if, it names owner. It
 // returns an error wrapping locking.ErrNotHeld when the entity is gone or
-// names another owner, and never deletes another owner's entity. When a
-// delete's outcome was unknown and a read-back then finds the lock gone or
-// someone else's, the delete is taken to have landed and Release returns nil.
-// It implements locking.Backend.
+// names another owner, and never deletes another owner's entity. It
+// implements locking.Backend.
+//
+// A delete whose outcome is unknown (timeout, lost connection) is resolved
+// by reading the entity back. Still owner's: the delete did not land, and is
+// sent again. Another owner's entity of the same incarnation (see the package
+// documentation): it was taken over, never deleted, so the delete did not
+// land either and the lock was lost: ErrNotHeld. Gone, or created anew since:
+// the delete is taken to have landed, and Release returns nil. (That is
+// wrong only if, between the delete and the read-back, the lock expired or
+// was stolen and the new holder's entity was deleted too; the lock is free
+// or another's then, as after a release.)
 //
 // When this Backend made the last write of the holding, Release sends the
 // delete conditional on that write's version at once: 1 RPC. Otherwise, or
@@ -229,7 +245,7 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 // read: 2 RPCs (3 after a failed direct delete, 2 when that read finds the
 // lock no longer ours).
 func (b *Backend) Release(ctx context.Context, id, owner string) error {
-	if err := validate(id, owner, false, locking.Request{}); err != nil {
+	if err := validate(id, owner, nil); err != nil {
 		return err
 	}
 	if ctx.Err() != nil {
@@ -237,8 +253,10 @@ func (b *Backend) Release(ctx context.Context, id, owner string) error {
 	}
 	k := b.key(id)
 	name := k.GetPath()[0].GetName()
-	unsure := false
+	unsure := false // a delete of ours may have landed unseen
+	var mine uint64 // incarnation of owner's holding, once known
 	if h, ok := b.held.get(name, owner); ok {
+		mine = h.origin
 		_, err := b.commit(ctx, "release", conditional(&pb.Mutation{Operation: &pb.Mutation_Delete{Delete: k}}, h.version))
 		switch {
 		case err == nil:
@@ -260,11 +278,15 @@ func (b *Backend) Release(ctx context.Context, id, owner string) error {
 		}
 		if !found || rec.owner != owner {
 			b.held.drop(name, owner, holding{})
-			if unsure {
-				return nil
+			if !unsure {
+				return fmt.Errorf("dslock: release %q: %w", id, locking.ErrNotHeld)
 			}
-			return fmt.Errorf("dslock: release %q: %w", id, locking.ErrNotHeld)
+			if found && mine != 0 && rec.incarnation() == mine {
+				return fmt.Errorf("dslock: release %q: %w (taken over before the delete landed)", id, locking.ErrNotHeld)
+			}
+			return nil
 		}
+		mine = rec.incarnation()
 		if writes >= maxWrites {
 			return fmt.Errorf("dslock: release %q: %w", id, errContended)
 		}

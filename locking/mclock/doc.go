@@ -28,6 +28,15 @@
 //     memcached's delete takes no cas, so a delete after the owner check
 //     could delete a lock stolen in between; the cas cannot.
 //
+// A command whose reply is lost (timeout, reset connection) is sent again,
+// and a write that then conflicts is resolved by reading the item: an add
+// or cas of ours that landed is recognised by our owner in the item; a
+// release that landed by its tombstone, or, when another owner acquired the
+// lock in between, by the new holder's record, which names the token of the
+// last release before it. So a release that happened is not reported as
+// ErrNotHeld, and one that did not (the lock was stolen or expired first)
+// is.
+//
 // # Clocks
 //
 // memcached's own clock decides when a lease ends. Its expiry field is
@@ -36,9 +45,17 @@
 // memcached 1.6.18: 0.11 to 0.96 s for n = 1). Leases are therefore rounded
 // up to whole seconds plus one: a lock is held for at least its lease and at
 // most two seconds longer. A lease is never sent as 0 ("never expires") or
-// below (already expired), which is what truncating 999 ms gives. Leases
-// over 30 days are sent as absolute Unix times from this machine's clock, as
-// memcached requires, capped at January 2038.
+// below (already expired), which is what truncating 999 ms gives; 1 ns is
+// held for one to two seconds.
+//
+// Leases and StealAfter are at most locking.MaxLease (a day): a request
+// beyond it, or otherwise refused by locking.Request.Validate, fails with an
+// error wrapping ErrInvalidRequest and locking.ErrInvalid before any
+// command. A day is far under memcached's 30-day limit of relative expiries
+// (longer ones would be sent as absolute Unix times from this machine's
+// clock, capped at January 2038), and the arithmetic on stored leases
+// saturates rather than wraps around. StealAfter of 1 ns steals a lock not
+// renewed within 1 ns on the taker's clock.
 //
 // StealAfter and Grant.Remaining compare the acquire or renewal time that
 // the holder wrote into the item with the taker's wall clock: memcached does
@@ -72,8 +89,11 @@
 // 250 bytes, no spaces or control characters): the lock item is
 // Prefix+"lock:"+H and the counter Prefix+"fence:"+H, where H is the
 // unpadded base64url SHA-256 of the id (43 bytes) and Prefix defaults to
-// "taskguard:". A lock item holds "1 <token> <time µs> <lease µs> <owner>";
-// after a release it holds "released <token>" for 7 days.
+// "taskguard:". A lock item holds "1 <token> <time µs> <lease µs> <owner>",
+// or "2 <token> <time µs> <lease µs> <released> <owner>" when the lock was
+// acquired over a release tombstone (released is the tombstone's token;
+// versions before the second form read such an item as foreign, held since
+// the epoch); after a release it holds "released <token>" for 7 days.
 //
 // With several servers, gomemcache spreads keys over them by hash: every
 // instance must list the same servers in the same order, or two instances

@@ -50,5 +50,8 @@ func expiryDuration(lease time.Duration) time.Duration {
 	if lease%time.Second != 0 {
 		secs++
 	}
+	if secs+1 > int64(math.MaxInt64/time.Second) {
+		return math.MaxInt64
+	}
 	return time.Duration(secs+1) * time.Second
 }

@@ -23,8 +23,10 @@ const MaxPrefixLen = 250 - len("fence:") - lockkey.HashLen
 // ErrInvalidOptions is returned by New for a nil client or a bad prefix.
 var ErrInvalidOptions = errors.New("mclock: invalid options")
 
-// ErrInvalidRequest is returned for a request without id, owner or
-// positive lease (the locking core never sends one).
+// ErrInvalidRequest is returned (wrapped, together with locking.ErrInvalid)
+// for a request that locking.Request.Validate refuses: no id or owner, a
+// lease outside (0, locking.MaxLease], or StealAfter outside [0,
+// locking.MaxLease]. The locking core never sends one; nothing is written.
 var ErrInvalidRequest = errors.New("mclock: invalid request")
 
 // ErrContended is returned (wrapped) when an owner-checked update kept losing
@@ -128,6 +130,7 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 			}
 			token = mine.token
 		}
+		mine.released = 0 // no item, so no release known to precede this holding
 		if b.afterToken != nil {
 			b.afterToken()
 		}
@@ -154,6 +157,7 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 		case isTombstone(it.Value):
 			// Released: take it, as a fresh acquisition.
 			tookOver = false
+			mine.released, _ = tombstoneToken(it.Value)
 		case ok && held.owner == r.Owner:
 			// Our own add, whose reply was lost and which do retried.
 			return locking.Grant{Acquired: true, Token: held.token}, nil
@@ -180,6 +184,11 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 				return locking.Grant{}, err
 			}
 			mine.token = token
+		}
+		if !isTombstone(it.Value) {
+			// A steal is no release: the last release stays the one
+			// before the stolen holding.
+			mine.released = held.released
 		}
 		mine.stamp = now
 		it.Value = mine.encode()
@@ -250,9 +259,15 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 // and learns from it that the lock was released rather than left to expire.
 // Tombstones expire after 7 days, like fence counters, and are evicted like
 // any item.
+//
+// A cas whose reply is lost is sent again; when it then conflicts, the item
+// is read again. Finding the tombstone of the released token, or a new
+// holder whose record names that token as the last release before it (it
+// acquired the lock after the tombstone landed), the release is known to
+// have landed and Release returns nil; anything else is ErrNotHeld.
 func (b *Backend) Release(ctx context.Context, id, owner string) error {
 	if id == "" || owner == "" {
-		return fmt.Errorf("%w: release needs an id and an owner", ErrInvalidRequest)
+		return fmt.Errorf("%w: %w: release needs an id and an owner", ErrInvalidRequest, locking.ErrInvalid)
 	}
 	key := b.LockKey(id)
 	var releasing uint64 // token of owner's holding, once seen
@@ -272,6 +287,11 @@ func (b *Backend) Release(ctx context.Context, id, owner string) error {
 			return fmt.Errorf("mclock: release %q: %w (released already)", id, locking.ErrNotHeld)
 		}
 		held, ok := decodeRecord(it.Value)
+		if ok && releasing != 0 && held.owner != owner && held.released == releasing {
+			// Our cas succeeded, its reply was lost, and another owner
+			// acquired the lock after it.
+			return nil
+		}
 		if !ok || held.owner != owner {
 			return fmt.Errorf("mclock: release %q: %w (another owner holds it)", id, locking.ErrNotHeld)
 		}
@@ -393,10 +413,11 @@ func transient(err error) bool {
 	return true
 }
 
-// checkRequest rejects requests the core never sends.
+// checkRequest rejects requests the core never sends, before any command:
+// the error wraps both ErrInvalidRequest and locking.ErrInvalid.
 func checkRequest(r locking.Request) error {
-	if r.ID == "" || r.Owner == "" || r.Lease <= 0 {
-		return fmt.Errorf("%w: it needs an id, an owner and a positive lease", ErrInvalidRequest)
+	if err := r.Validate(); err != nil {
+		return fmt.Errorf("%w: %w", ErrInvalidRequest, err)
 	}
 	return nil
 }

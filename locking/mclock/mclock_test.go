@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"strconv"
 	"strings"
@@ -129,19 +130,19 @@ func req(id, owner string, lease time.Duration) locking.Request {
 // reports as having t seconds left is only sure to live t-1 more seconds:
 // that must cover the whole lease. A naive int(lease.Seconds()) stores 0
 // ("never expires", t = -1) for 1 ms and 999 ms, 1 s for 1500 ms, and sends
-// 31 days as a relative value that memcached reads as a Unix time in 1970
-// (the item is gone at once).
+// 0 for 1 ns. Leases go up to locking.MaxLease.
 func TestLeaseRoundingOnServer(t *testing.T) {
 	srv := mctest.Start(t)
 	b := newBackend(t, srv.Addr, uniquePrefix(), nil)
 	for _, tc := range []struct {
 		lease time.Duration
 	}{
+		{time.Nanosecond},
 		{time.Millisecond},
 		{999 * time.Millisecond},
 		{time.Second},
 		{1500 * time.Millisecond},
-		{31 * 24 * time.Hour},
+		{locking.MaxLease},
 	} {
 		t.Run(tc.lease.String(), func(t *testing.T) {
 			id := "rounding-" + tc.lease.String()
@@ -186,10 +187,11 @@ func TestShortLeasesExclude(t *testing.T) {
 		lease time.Duration
 		probe time.Duration // when a second owner tries
 	}{
+		{"1ns-immediately", time.Nanosecond, 0},
 		{"1ms-immediately", time.Millisecond, 0},
 		{"999ms-at-900ms", 999 * time.Millisecond, 900 * time.Millisecond},
 		{"1500ms-at-1400ms", 1500 * time.Millisecond, 1400 * time.Millisecond},
-		{"31days-after-1s", 31 * 24 * time.Hour, time.Second},
+		{"MaxLease-after-1s", locking.MaxLease, time.Second},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -504,4 +506,69 @@ func TestNewValidates(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestDurationBounds checks the limits of Lease and StealAfter: beyond
+// locking.MaxLease a request is refused with ErrInvalid (and
+// ErrInvalidRequest) before any command; StealAfter of 1 ns steals a lock
+// not renewed within 1 ns, and StealAfter of MaxLease does not steal a fresh
+// one.
+func TestDurationBounds(t *testing.T) {
+	srv := mctest.Start(t)
+	var cnt counter
+	prefix := uniquePrefix()
+	a := newBackend(t, srv.Addr, prefix, &cnt)
+	b := newBackend(t, srv.Addr, prefix, nil)
+	ctx := t.Context()
+
+	for name, r := range map[string]locking.Request{
+		"lease MaxLease+1ns":      {Lease: locking.MaxLease + 1},
+		"lease MaxInt64":          {Lease: math.MaxInt64},
+		"StealAfter MaxLease+1ns": {Lease: time.Minute, StealAfter: locking.MaxLease + 1},
+		"StealAfter MaxInt64":     {Lease: time.Minute, StealAfter: math.MaxInt64},
+	} {
+		t.Run(name, func(t *testing.T) {
+			r.ID, r.Owner = "bounds-"+name, "a"
+			before := cnt.n.Load()
+			for op, err := range map[string]error{
+				"Acquire": func() error { _, err := a.Acquire(ctx, r); return err }(),
+				"Renew":   func() error { _, err := a.Renew(ctx, r); return err }(),
+			} {
+				if !errors.Is(err, locking.ErrInvalid) || !errors.Is(err, mclock.ErrInvalidRequest) {
+					t.Errorf("%s = %v; want ErrInvalid and ErrInvalidRequest", op, err)
+				}
+			}
+			if n := cnt.n.Load() - before; n != 0 {
+				t.Errorf("%d commands sent for an invalid request", n)
+			}
+			if _, ok := serverTTL(t, srv.Addr, a.LockKey(r.ID)); ok {
+				t.Errorf("a lock item was written for an invalid request")
+			}
+		})
+	}
+	if err := a.Release(ctx, "", "a"); !errors.Is(err, locking.ErrInvalid) || !errors.Is(err, mclock.ErrInvalidRequest) {
+		t.Errorf("Release without id = %v; want ErrInvalid and ErrInvalidRequest", err)
+	}
+
+	t.Run("StealAfter", func(t *testing.T) {
+		for _, tc := range []struct {
+			steal time.Duration
+			want  bool
+		}{
+			{locking.MaxLease, false},
+			{time.Nanosecond, true},
+		} {
+			id := "bounds-steal-" + tc.steal.String()
+			if g, err := a.Acquire(ctx, req(id, "a", time.Minute)); err != nil || !g.Acquired {
+				t.Fatalf("Acquire = %+v, %v", g, err)
+			}
+			time.Sleep(5 * time.Millisecond)
+			r := req(id, "b", time.Minute)
+			r.StealAfter = tc.steal
+			g, err := b.Acquire(ctx, r)
+			if err != nil || g.Acquired != tc.want || g.TookOver != tc.want {
+				t.Errorf("Acquire with StealAfter %v of a lock renewed 5ms ago = %+v, %v; want acquired and TookOver: %v", tc.steal, g, err, tc.want)
+			}
+		}
+	})
 }

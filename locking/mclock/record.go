@@ -2,35 +2,48 @@ package mclock
 
 import (
 	"fmt"
+	"math"
 	"strconv"
 	"strings"
 	"time"
 )
 
 // record is the value of a lock item: who holds it, the fencing token of the
-// holding, and when and for how long it was last acquired or renewed, on the
-// writer's clock.
+// holding, when and for how long it was last acquired or renewed, on the
+// writer's clock, and the token of the last release before the holding.
 //
-// Encoding: "1 <token> <stamp µs since epoch> <lease µs> <owner>", owner last
-// so that it may contain any byte.
+// Encoding: "1 <token> <stamp µs since epoch> <lease µs> <owner>" when no
+// release is known, else "2 <token> <stamp> <lease> <released> <owner>";
+// owner last so that it may contain any byte.
 type record struct {
 	token uint64
 	stamp time.Time
 	lease time.Duration
 	owner string
+	// released is the token of the last holding released (by a tombstone)
+	// before this one; 0 when unknown. Acquire copies it from the tombstone
+	// it replaces, a steal and Renew keep it. Release reads it back to learn
+	// that its own tombstone landed when a new holder replaced it before the
+	// release saw it.
+	released uint64
 }
 
-const recordVersion = "1"
-
 func (r record) encode() []byte {
-	return fmt.Appendf(nil, "%s %d %d %d %s", recordVersion, r.token, r.stamp.UnixMicro(), r.lease.Microseconds(), r.owner)
+	if r.released == 0 {
+		return fmt.Appendf(nil, "1 %d %d %d %s", r.token, r.stamp.UnixMicro(), r.lease.Microseconds(), r.owner)
+	}
+	return fmt.Appendf(nil, "2 %d %d %d %d %s", r.token, r.stamp.UnixMicro(), r.lease.Microseconds(), r.released, r.owner)
 }
 
 // decodeRecord parses a lock item. It reports false for a value this package
 // did not write.
 func decodeRecord(b []byte) (record, bool) {
-	f := strings.SplitN(string(b), " ", 5)
-	if len(f) != 5 || f[0] != recordVersion {
+	n := 5
+	if strings.HasPrefix(string(b), "2 ") {
+		n = 6
+	}
+	f := strings.SplitN(string(b), " ", n)
+	if len(f) != n || (f[0] != "1" && f[0] != "2") {
 		return record{}, false
 	}
 	tok, err1 := strconv.ParseUint(f[1], 10, 64)
@@ -39,7 +52,27 @@ func decodeRecord(b []byte) (record, bool) {
 	if err1 != nil || err2 != nil || err3 != nil {
 		return record{}, false
 	}
-	return record{token: tok, stamp: time.UnixMicro(stamp), lease: time.Duration(lease) * time.Microsecond, owner: f[4]}, true
+	r := record{token: tok, stamp: time.UnixMicro(stamp), lease: micros(lease), owner: f[n-1]}
+	if n == 6 {
+		rel, err := strconv.ParseUint(f[4], 10, 64)
+		if err != nil {
+			return record{}, false
+		}
+		r.released = rel
+	}
+	return r, true
+}
+
+// micros converts a stored lease in microseconds: negative is 0, and beyond
+// what a Duration holds is the longest Duration, never a wrapped-around one.
+func micros(us int64) time.Duration {
+	switch {
+	case us <= 0:
+		return 0
+	case us > int64(math.MaxInt64/time.Microsecond):
+		return math.MaxInt64
+	}
+	return time.Duration(us) * time.Microsecond
 }
 
 // remaining estimates how long the holder of r still holds the lock at now:

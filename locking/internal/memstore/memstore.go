@@ -46,8 +46,14 @@ type Result struct {
 	Remaining time.Duration
 }
 
-// Acquire takes id for owner when it is free, expired, or (stealAfter > 0)
-// not renewed within stealAfter.
+// Acquire takes id for owner when it is free, expired (lease has passed
+// since the last acquire or renewal), or (stealAfter > 0) stealAfter has
+// passed since then: the same boundary for both, as on the other backends.
+//
+// Any lease and stealAfter are safe, up to math.MaxInt64: expiry times
+// saturate at the largest time instead of wrapping around (time.Time.Add),
+// so a huge lease is held, never turned into an expired one. A 1 ns lease
+// or stealAfter ends 1 ns later on the store's clock.
 func (s *Store) Acquire(id, owner string, lease, stealAfter time.Duration) Result {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -56,7 +62,7 @@ func (s *Store) Acquire(id, owner string, lease, stealAfter time.Duration) Resul
 	tookOver := false
 	if held {
 		live := now.Before(e.expires)
-		fresh := stealAfter <= 0 || now.Sub(e.renewed) <= stealAfter
+		fresh := stealAfter <= 0 || now.Sub(e.renewed) < stealAfter
 		if live && fresh {
 			return Result{Remaining: e.expires.Sub(now)}
 		}
