@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/url"
+	"strconv"
 	"sync"
 	"time"
 
@@ -57,8 +59,8 @@ type App struct {
 	log     *slog.Logger
 	locks   *locking.Client
 	worker  *tasks.Worker
-	enqueue *tasks.Client   // nil when Enqueue is not configured
-	cleaner *dslock.Backend // nil when Strong locks are not on Datastore
+	enqueue *tasks.Client // nil when Enqueue is not configured
+	cleaner cleaner       // nil when Strong locks are not on Datastore
 	oauth   *oauthdemo.Refresher
 }
 
@@ -71,7 +73,9 @@ func NewApp(ctx context.Context, cfg Config, log *slog.Logger) (*App, error) {
 		return nil, err
 	}
 	a := &App{cfg: cfg, log: log, locks: locks}
-	a.cleaner, _ = locks.Backend(locking.Strong).(*dslock.Backend)
+	if b, ok := locks.Backend(locking.Strong).(*dslock.Backend); ok {
+		a.cleaner = b
+	}
 
 	wopts := []tasks.WorkerOption{tasks.WithLogger(log)}
 	if cfg.Queue != "" {
@@ -110,6 +114,12 @@ func NewApp(ctx context.Context, cfg Config, log *slog.Logger) (*App, error) {
 		}
 	}
 	return a, nil
+}
+
+// cleaner is what CleanupLocks needs of a *dslock.Backend.
+type cleaner interface {
+	Cleanup(context.Context, dslock.CleanupOptions) (dslock.Report, error)
+	Close() error
 }
 
 // workerTimeout is the Worker function's --timeout in deploy/ (1800 s); the
@@ -217,6 +227,7 @@ type CleanupReport struct {
 	Deleted   int     `json:"deleted"`
 	Skipped   int     `json:"skipped"`
 	Errors    int     `json:"errors"`
+	Unknown   int     `json:"unknown"`
 	ElapsedMS float64 `json:"elapsedMs"`
 	Finished  bool    `json:"finished"`
 	DryRun    bool    `json:"dryRun"`
@@ -226,10 +237,16 @@ type CleanupReport struct {
 // CleanupLocks is the Cloud Scheduler target: it deletes Datastore lock
 // entities whose lease ended more than the grace period ago (never a live
 // one), stopping before the request's deadline, and answers a JSON
-// CleanupReport. ?dryRun=true only counts. A run cut short answers 200 with
-// "finished": false and the next run goes on; an error answers 500 so that
-// the scheduler retries. Other backends need no cleanup: their report is
-// empty and finished.
+// CleanupReport (dslock.Report says what each count means). The one query
+// parameter is dryRun, a boolean as strconv.ParseBool reads it (1, t, true,
+// TRUE, True, 0, f, false, ...): when true the run only counts. Any other
+// parameter, a repeated one or a value ParseBool refuses answers 400 before
+// anything is read or deleted, so a mistyped safety flag never runs a
+// deleting cleanup. A run cut short by its time budget alone answers 200
+// with "finished": false and the next run goes on; any error (a page's, even
+// when the budget also ran out) answers 500 with the error in the report, so
+// that the scheduler retries. Other backends need no cleanup: their report
+// is empty and finished.
 func (a *App) CleanupLocks() http.Handler {
 	return cloudlog.Middleware(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx := r.Context()
@@ -238,7 +255,11 @@ func (a *App) CleanupLocks() http.Handler {
 			writeJSON(w, http.StatusMethodNotAllowed, map[string]string{"error": "use POST"})
 			return
 		}
-		dry := r.URL.Query().Get("dryRun") == "true"
+		dry, err := parseCleanupQuery(r.URL.RawQuery)
+		if err != nil {
+			writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
+			return
+		}
 		if a.cleaner == nil {
 			writeJSON(w, http.StatusOK, CleanupReport{Backend: "none (expired locks in memory, memcached and Valkey vanish by themselves)", Finished: true, DryRun: dry})
 			return
@@ -254,18 +275,53 @@ func (a *App) CleanupLocks() http.Handler {
 		rep, err := a.cleaner.Cleanup(cctx, dslock.CleanupOptions{Grace: a.cfg.CleanupGrace, DryRun: dry})
 		out := CleanupReport{
 			Backend: "datastore", Scanned: rep.Scanned, Expired: rep.Expired, Deleted: rep.Deleted,
-			Skipped: rep.Skipped, Errors: rep.Errors, ElapsedMS: float64(rep.Elapsed.Microseconds()) / 1000,
+			Skipped: rep.Skipped, Errors: rep.Errors, Unknown: rep.Unknown, ElapsedMS: float64(rep.Elapsed.Microseconds()) / 1000,
 			Finished: rep.Finished, DryRun: rep.DryRun,
 		}
 		status := http.StatusOK
 		level := slog.LevelInfo
-		if err != nil && !(errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil) {
+		if err != nil && !(ctx.Err() == nil && onlyDeadline(err)) {
 			out.Error, status, level = err.Error(), http.StatusInternalServerError, slog.LevelError
 		}
 		a.log.Log(ctx, level, "lock cleanup", "scanned", out.Scanned, "deleted", out.Deleted, "skipped", out.Skipped,
-			"errors", out.Errors, "finished", out.Finished, "dry_run", out.DryRun, "elapsed_ms", out.ElapsedMS, "error", out.Error)
+			"errors", out.Errors, "unknown", out.Unknown, "finished", out.Finished, "dry_run", out.DryRun, "elapsed_ms", out.ElapsedMS, "error", out.Error)
 		writeJSON(w, status, out)
 	}))
+}
+
+// parseCleanupQuery reads CleanupLocks' query: at most one dryRun, a
+// strconv.ParseBool boolean, and nothing else.
+func parseCleanupQuery(raw string) (dryRun bool, err error) {
+	q, err := url.ParseQuery(raw)
+	if err != nil {
+		return false, fmt.Errorf("query %q does not parse: %v", raw, err)
+	}
+	for k, vs := range q {
+		switch {
+		case k != "dryRun":
+			return false, fmt.Errorf("unknown query parameter %q: the only one is dryRun", k)
+		case len(vs) != 1:
+			return false, fmt.Errorf("dryRun given %d times", len(vs))
+		}
+		if dryRun, err = strconv.ParseBool(vs[0]); err != nil {
+			return false, fmt.Errorf("dryRun=%q is not a boolean (true, false, 1, 0, ...)", vs[0])
+		}
+	}
+	return dryRun, nil
+}
+
+// onlyDeadline reports whether err is a run's time budget running out and
+// nothing else: every error it joins is a context.DeadlineExceeded.
+func onlyDeadline(err error) bool {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		for _, e := range j.Unwrap() {
+			if !onlyDeadline(e) {
+				return false
+			}
+		}
+		return len(j.Unwrap()) > 0
+	}
+	return errors.Is(err, context.DeadlineExceeded)
 }
 
 // refreshToken is the example job: it refreshes the user's OAuth token

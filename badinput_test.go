@@ -119,7 +119,7 @@ func TestBadRequests(t *testing.T) {
 		{"enqueue: oversized", "enqueue", false, "POST", `{"job":"job","lockId":"x","payload":"` + huge + `"}`, nil, http.StatusRequestEntityTooLarge, -1},
 		{"enqueue: no queue configured", "enqueue", true, "POST", `{"job":"job","lockId":"x"}`, nil, http.StatusServiceUnavailable, 1},
 		{"cleanup: wrong method", "cleanup", false, "DELETE", "", bearer, http.StatusMethodNotAllowed, -1},
-		{"cleanup: junk body and query", "cleanup", false, "POST", "\x00junk", bearer, http.StatusOK, -1},
+		{"cleanup: junk body and query", "cleanup", false, "POST", "\x00junk", bearer, http.StatusBadRequest, -1},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -345,16 +345,17 @@ To delete every lock expired for more than a minute:
 					Deleted   int   `json:"deleted"`
 					Skipped   int   `json:"skipped"`
 					Errors    int   `json:"errors"`
+					Unknown   int   `json:"unknown"`
 					Finished  bool  `json:"finished"`
 					ElapsedMs int64 `json:"elapsedMs"`
-				}{rep.DryRun, rep.Scanned, rep.Expired, rep.Deleted, rep.Skipped, rep.Errors, rep.Finished, rep.Elapsed.Milliseconds()}); jerr != nil {
+				}{rep.DryRun, rep.Scanned, rep.Expired, rep.Deleted, rep.Skipped, rep.Errors, rep.Unknown, rep.Finished, rep.Elapsed.Milliseconds()}); jerr != nil {
 					return jerr
 				}
 			} else if *dryRun {
 				fmt.Fprintf(env.stdout, "Dry run: %d expired lock entities would be deleted (%d scanned, %d skipped).\n", rep.Expired, rep.Scanned, rep.Skipped)
 			} else {
-				fmt.Fprintf(env.stdout, "Deleted %d expired lock entities (%d scanned, %d expired, %d skipped, %d errors) in %s.\n",
-					rep.Deleted, rep.Scanned, rep.Expired, rep.Skipped, rep.Errors, rep.Elapsed.Round(time.Millisecond))
+				fmt.Fprintf(env.stdout, "Deleted %d expired lock entities (%d scanned, %d expired, %d skipped, %d errors, %d unknown) in %s.\n",
+					rep.Deleted, rep.Scanned, rep.Expired, rep.Skipped, rep.Errors, rep.Unknown, rep.Elapsed.Round(time.Millisecond))
 			}
 			if err == nil && rep.Errors > 0 {
 				err = fmt.Errorf("%d expired entities could not be deleted", rep.Errors)
