@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/taskguard/taskguard/internal/cloudlog"
+	"github.com/taskguard/taskguard/internal/ident"
 	"github.com/taskguard/taskguard/internal/oauthdemo"
 	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/locking/dslock"
@@ -46,7 +47,15 @@ type jobReg struct {
 // HandleJob registers a job for the Worker function of every App created
 // afterwards (the deployed functions build theirs on the first request), the
 // way functions.HTTP registers a function. Call it from an init function.
+// Like tasks.Worker.Handle it panics, at once, when name is empty or not
+// valid UTF-8 (the panic quotes it) or fn is nil.
 func HandleJob(name string, fn tasks.JobFunc, opts ...tasks.JobOption) {
+	if name == "" || fn == nil {
+		panic("taskguard: HandleJob with an empty name or a nil function")
+	}
+	if err := ident.Check("job", name); err != nil {
+		panic("taskguard: HandleJob: " + err.Error())
+	}
 	jobsMu.Lock()
 	defer jobsMu.Unlock()
 	jobs = append(jobs, jobReg{name, fn, opts})
@@ -146,19 +155,22 @@ func (a *App) Locks() *locking.Client { return a.locks }
 func (a *App) Worker() http.Handler { return cloudlog.Middleware(a.worker) }
 
 // enqueueRequest is the Enqueue function's JSON body.
+// Its strings decode only when they decode byte for byte (ident.String).
 type enqueueRequest struct {
-	Job          string          `json:"job"`
-	LockID       string          `json:"lockId"`
+	Job          ident.String    `json:"job"`
+	LockID       ident.String    `json:"lockId"`
 	Payload      json.RawMessage `json:"payload,omitempty"`
 	DelaySeconds float64         `json:"delaySeconds,omitempty"`
-	Name         string          `json:"name,omitempty"`
+	Name         ident.String    `json:"name,omitempty"`
 }
 
 // Enqueue is an HTTP endpoint that enqueues one task: POST a JSON body
 // {"job", "lockId", "payload" (any JSON), "delaySeconds", "name" (to
 // de-duplicate)}. It answers 200 {"task": NAME} — with "duplicate": true when
-// a task of that name exists or ran recently —, 400 for a bad request or an
-// unknown job, 405 for another method, 413 for a body over 1 MB, 503 when the
+// a task of that name exists or ran recently —, 400 for a bad request (among
+// others a job, lock id or name that is not valid UTF-8 or has an unpaired
+// surrogate escape, which would not arrive byte for byte; the error quotes
+// it) or an unknown job, 405 for another method, 413 for a body over 1 MB, 503 when the
 // function has no queue configured and 502 when Cloud Tasks fails. Deploy it
 // with --no-allow-unauthenticated: only callers granted run.invoker may
 // enqueue.
@@ -191,7 +203,7 @@ func (a *App) Enqueue() http.Handler {
 			writeJSON(w, http.StatusBadRequest, map[string]string{"error": "body has data after the JSON object"})
 			return
 		}
-		if req.Job != "" && !a.worker.Has(req.Job) {
+		if req.Job != "" && !a.worker.Has(string(req.Job)) {
 			writeJSON(w, http.StatusBadRequest, map[string]string{"error": fmt.Sprintf("unknown job %q", req.Job)})
 			return
 		}
@@ -199,7 +211,7 @@ func (a *App) Enqueue() http.Handler {
 			writeJSON(w, http.StatusBadRequest, map[string]string{"error": "delaySeconds must be between 0 and 30 days"})
 			return
 		}
-		t := tasks.Task{Job: req.Job, LockID: req.LockID, Name: req.Name, Delay: time.Duration(req.DelaySeconds * float64(time.Second))}
+		t := tasks.Task{Job: string(req.Job), LockID: string(req.LockID), Name: string(req.Name), Delay: time.Duration(req.DelaySeconds * float64(time.Second))}
 		if len(req.Payload) > 0 {
 			t.Payload = req.Payload
 		}

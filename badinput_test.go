@@ -3,6 +3,8 @@ package taskguard
 import (
 	"bytes"
 	"context"
+	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -197,4 +199,40 @@ func truncate(s string) string {
 		return s[:200] + "..."
 	}
 	return s
+}
+
+// TestEnqueueRefusesIdentitiesJSONCannotCarry posts job names, lock ids and
+// dedup names that JSON decoding would change (invalid UTF-8 bytes, unpaired
+// surrogate escapes): each is refused with 400 quoting it, before any task
+// is created.
+func TestEnqueueRefusesIdentitiesJSONCannotCarry(t *testing.T) {
+	a, _ := badInputApp(t, true)
+	a.worker.Handle("\uFFFD", func(context.Context, *tasks.Delivery) error { return nil })
+	for _, tc := range []struct{ body, quoted string }{
+		{"{\"job\":\"job\",\"lockId\":\"user-\xff42\"}", `"user-\xff42"`},
+		{"{\"job\":\"job\",\"lockId\":\"\xfe\"}", `"\xfe"`},
+		{"{\"job\":\"resize-\xe9\",\"lockId\":\"x\"}", `"resize-\xe9"`},
+		{"{\"job\":\"job\",\"lockId\":\"x\",\"name\":\"\xff\"}", `"\xff"`},
+		{`{"job":"job","lockId":"user-\ud800"}`, `user-\ud800`},
+		{`{"job":"\udfff","lockId":"x"}`, `\udfff`},
+	} {
+		w := httptest.NewRecorder()
+		a.Enqueue().ServeHTTP(w, httptest.NewRequest(http.MethodPost, "/", strings.NewReader(tc.body)))
+		var out struct{ Error string }
+		_ = json.Unmarshal(w.Body.Bytes(), &out)
+		if w.Code != http.StatusBadRequest || !strings.Contains(out.Error, tc.quoted) {
+			t.Errorf("body %q: %d %q; want 400 naming %s", tc.body, w.Code, out.Error, tc.quoted)
+		}
+	}
+}
+
+// TestHandleJobRefusesNamesJSONCannotCarry checks that a job no task could
+// name byte for byte is refused where it is registered.
+func TestHandleJobRefusesNamesJSONCannotCarry(t *testing.T) {
+	defer func() {
+		if p := recover(); p == nil || !strings.Contains(fmt.Sprint(p), `"resize-\xe9"`) {
+			t.Errorf("HandleJob(\"resize-\\xe9\") panicked with %v; want a panic quoting the name", p)
+		}
+	}()
+	HandleJob("resize-\xe9", func(context.Context, *tasks.Delivery) error { return nil })
 }

@@ -12,6 +12,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -422,6 +423,27 @@ func TestTasksEnqueue(t *testing.T) {
 	r = taskguard(t, "tasks", "enqueue", "--job=refresh", "--lock-id=user-42", "--name=once").want(t, exitOK)
 	if !strings.HasPrefix(r.stdout, "Already enqueued (duplicate name): "+out.Name) {
 		t.Errorf("second enqueue with the same name: %q", r.stdout)
+	}
+}
+
+// TestTasksEnqueueRefusesIdentitiesJSONCannotCarry checks that a job or lock
+// id the task's JSON body would change is refused as a usage error quoting
+// it (tasks.Client refuses it before any RPC; the worker URL is dead).
+func TestTasksEnqueueRefusesIdentitiesJSONCannotCarry(t *testing.T) {
+	srv := taskstest.Start(t, taskstest.Options{AutoCreateQueues: true})
+	t.Setenv("CLOUD_TASKS_EMULATOR_HOST", srv.Addr())
+	t.Setenv("TASKGUARD_QUEUE", "projects/p/locations/l/queues/q")
+	t.Setenv("TASKGUARD_WORKER_URL", "http://127.0.0.1:1/")
+	t.Setenv("TASKGUARD_TASK_SERVICE_ACCOUNT", "worker@p.iam.gserviceaccount.com")
+	for _, tc := range []struct{ job, lockID, bad string }{
+		{"refresh", "user-\xff42", "user-\xff42"},
+		{"refresh", "\xfe", "\xfe"},
+		{"resize-\xe9", "x", "resize-\xe9"},
+	} {
+		r := taskguard(t, "tasks", "enqueue", "--job="+tc.job, "--lock-id="+tc.lockID).want(t, exitUsage)
+		if !strings.Contains(r.stderr, strconv.Quote(tc.bad)+" is not valid UTF-8") {
+			t.Errorf("tasks enqueue --job=%q --lock-id=%q: stderr %q; want %q quoted", tc.job, tc.lockID, r.stderr, tc.bad)
+		}
 	}
 }
 
