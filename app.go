@@ -1,6 +1,7 @@
 package taskguard
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -19,6 +20,7 @@ import (
 	"github.com/taskguard/taskguard/internal/cloudlog"
 	"github.com/taskguard/taskguard/internal/ident"
 	"github.com/taskguard/taskguard/internal/oauthdemo"
+	"github.com/taskguard/taskguard/internal/reqbody"
 	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/locking/dslock"
 	"github.com/taskguard/taskguard/tasks"
@@ -170,8 +172,10 @@ type enqueueRequest struct {
 // a task of that name exists or ran recently —, 400 for a bad request (among
 // others a job, lock id or name that is not valid UTF-8 or has an unpaired
 // surrogate escape, which would not arrive byte for byte; the error quotes
-// it) or an unknown job, 405 for another method, 413 for a body over 1 MB, 503 when the
-// function has no queue configured and 502 when Cloud Tasks fails. Deploy it
+// it) or an unknown job, 405 for another method, 408 when the body has not
+// arrived whole when the request's context ends (the read stops then), 413
+// for a body over 1 MB, 503 when the function has no queue configured and
+// 502 when Cloud Tasks fails. Deploy it
 // with --no-allow-unauthenticated: only callers granted run.invoker may
 // enqueue.
 func (a *App) Enqueue() http.Handler {
@@ -187,15 +191,23 @@ func (a *App) Enqueue() http.Handler {
 			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": "no queue configured: set " + EnvQueue + ", " + EnvWorkerURL + " and " + EnvTaskServiceAccount})
 			return
 		}
+		body, err := reqbody.ReadAll(w, r, maxEnqueueBody)
+		var tooBig *http.MaxBytesError
+		switch {
+		case errors.As(err, &tooBig):
+			writeJSON(w, http.StatusRequestEntityTooLarge, map[string]string{"error": "body over 1 MB"})
+			return
+		case err != nil && ctx.Err() != nil:
+			writeJSON(w, http.StatusRequestTimeout, map[string]string{"error": "the body did not arrive before the request's deadline"})
+			return
+		case err != nil:
+			writeJSON(w, http.StatusBadRequest, map[string]string{"error": "reading the body: " + err.Error()})
+			return
+		}
 		var req enqueueRequest
-		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxEnqueueBody))
+		dec := json.NewDecoder(bytes.NewReader(body))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&req); err != nil {
-			var tooBig *http.MaxBytesError
-			if errors.As(err, &tooBig) {
-				writeJSON(w, http.StatusRequestEntityTooLarge, map[string]string{"error": "body over 1 MB"})
-				return
-			}
 			writeJSON(w, http.StatusBadRequest, map[string]string{"error": "body is not a JSON enqueue request: " + err.Error()})
 			return
 		}

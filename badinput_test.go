@@ -1,12 +1,14 @@
 package taskguard
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -235,4 +237,60 @@ func TestHandleJobRefusesNamesJSONCannotCarry(t *testing.T) {
 		}
 	}()
 	HandleJob("resize-\xe9", func(context.Context, *tasks.Delivery) error { return nil })
+}
+
+// TestStalledBodyEndsWithTheRequest sends the headers and part of a body over
+// a real connection, then stalls, to Worker and Enqueue behind a server that
+// gives each request a 300 ms deadline. Each handler stops reading when the
+// deadline passes and answers (Worker 503 retry, Enqueue 408) while the
+// client still holds the connection open; no lock is left held.
+func TestStalledBodyEndsWithTheRequest(t *testing.T) {
+	a, _ := badInputApp(t, true)
+	for _, tc := range []struct {
+		fn   string
+		h    http.Handler
+		want int
+	}{
+		{"Worker", a.Worker(), tasks.StatusRetry},
+		{"Enqueue", a.Enqueue(), http.StatusRequestTimeout},
+	} {
+		t.Run(tc.fn, func(t *testing.T) {
+			returned := make(chan struct{})
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				defer close(returned)
+				ctx, cancel := context.WithTimeout(r.Context(), 300*time.Millisecond)
+				defer cancel()
+				tc.h.ServeHTTP(w, r.WithContext(ctx))
+			}))
+			t.Cleanup(srv.Close)
+			conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			part := `{"v":1,"job":"job","lockId":"bad-input"`
+			fmt.Fprintf(conn, "POST /%s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n"+
+				"X-CloudTasks-TaskName: t1\r\nX-CloudTasks-QueueName: jobs\r\n\r\n%s", tc.fn, part)
+			// The client stalls; it never closes the connection before the
+			// handler answers. A handler still reading after 20 s is blocked.
+			select {
+			case <-returned:
+			case <-time.After(20 * time.Second):
+				t.Fatal("the handler is still reading a stalled body 20 s after its 300 ms deadline")
+			}
+			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			if err != nil {
+				t.Fatalf("no answer: %v", err)
+			}
+			_ = resp.Body.Close()
+			if resp.StatusCode != tc.want {
+				t.Errorf("status %d; want %d", resp.StatusCode, tc.want)
+			}
+			l, err := a.Locks().Acquire(t.Context(), "bad-input", locking.Wait(false))
+			if err != nil {
+				t.Fatalf("lock left held: %v", err)
+			}
+			_ = l.Release(t.Context())
+		})
+	}
 }

@@ -152,6 +152,19 @@ func (l *lazyApp) failure() error {
 	return fmt.Errorf("%w: %w", errStarting, l.err)
 }
 
+// Handler serves the three functions at /Worker, /Enqueue and
+// /CleanupLocks, as the Functions Framework does when FUNCTION_TARGET is
+// unset, sharing the App the registered functions build. It is for a local
+// server that sets its own timeouts (cmd/taskguard-local): the Functions
+// Framework's own local server sets none.
+func Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/Worker", serve((*App).Worker))
+	mux.HandleFunc("/Enqueue", serve((*App).Enqueue))
+	mux.HandleFunc("/CleanupLocks", serve((*App).CleanupLocks))
+	return mux
+}
+
 // serve adapts one of the App's handlers into a function.
 func serve(h func(*App) http.Handler) func(http.ResponseWriter, *http.Request) {
 	return serveFrom(theApp, h)

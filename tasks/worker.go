@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/taskguard/taskguard/internal/ident"
+	"github.com/taskguard/taskguard/internal/reqbody"
 	"github.com/taskguard/taskguard/locking"
 )
 
@@ -85,8 +86,11 @@ type JobFunc func(ctx context.Context, d *Delivery) error
 //     gets the same answer, with that lock's remaining lease.
 //   - 500 Internal Server Error: the job failed or panicked; retried.
 //   - 503 Service Unavailable: the lock was lost while the job ran (the job's
-//     context was cancelled), the lock store failed, or the envelope has a
-//     newer version than this worker reads (a deploy in progress); retried.
+//     context was cancelled), the lock store failed, the body could not be
+//     read whole (the client stalled until the request's context ended, or
+//     went away), or the envelope has a newer version than this worker reads
+//     (a deploy in progress); retried. No lock is taken before the body is
+//     read.
 //   - 200 OK with an ERROR log: the task can never succeed, so it is
 //     dropped rather than retried until the queue gives up: the job
 //     returned Permanent(err), the body is not a valid envelope (among
@@ -339,7 +343,8 @@ func (w *Worker) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 		w.drop(rw, r, log, fmt.Errorf("%w: method %s", errMalformed, r.Method))
 		return
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(rw, r.Body, w.maxBody))
+	// Read before any lock is taken, and only while the request lasts.
+	body, err := reqbody.ReadAll(rw, r, w.maxBody)
 	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
