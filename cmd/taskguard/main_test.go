@@ -12,6 +12,8 @@ import (
 	"net/http/httptest"
 	"os"
 	"os/exec"
+	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -182,6 +184,25 @@ func TestLocksList(t *testing.T) {
 		if r.stdout != "" || !strings.Contains(r.stderr, "Listed 0 items") {
 			t.Errorf("empty list: stdout %q, stderr %q", r.stdout, r.stderr)
 		}
+
+		// Bounded: --limit=2 reads two of the three and names the cursor
+		// that reads the third.
+		first := locks(t, "list", "--limit=2").want(t, exitOK)
+		m := regexp.MustCompile(`Read 2 lock entities; more remain. Continue with --cursor=(\S+)`).FindStringSubmatch(first.stderr)
+		if m == nil {
+			t.Fatalf("list --limit=2: stderr %q; want the cursor of the rest", first.stderr)
+		}
+		rest := locks(t, "list", "--limit=2", "--cursor="+m[1]).want(t, exitOK)
+		if strings.Contains(rest.stderr, "more remain") {
+			t.Errorf("second page: stderr %q; want the end", rest.stderr)
+		}
+		got := append(rows(t, first.stdout), rows(t, rest.stdout)...)
+		slices.Sort(got)
+		if want := []string{"job/1 held " + tok(l1), "job/2 expired " + dead, "other held " + tok(l3)}; fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("two pages: rows %q; want %q", got, want)
+		}
+		locks(t, "list", "--limit=0").want(t, exitUsage)
+		locks(t, "list", "--cursor=not a cursor!").want(t, exitUsage)
 	})
 }
 
