@@ -132,7 +132,8 @@
 // # Operations
 //
 // List, Inspect and ForceRelease serve operators (the taskguard command's
-// "locks" group): List reads every lock entity, held or expired; Inspect
+// "locks" group): List reads lock entities, held or expired, at most
+// ListOptions.Limit per call, and returns the cursor that continues; Inspect
 // reads one; ForceRelease deletes one whoever holds it, with a delete
 // conditional on the version it read, and reports the deletion's version as
 // a fence between the removed holder's token and the next one. The removed
