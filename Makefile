@@ -29,7 +29,8 @@ test: lint fuzz-short ## the full suite, race detector on
 # this fuzzes each target for FUZZTIME more.
 FUZZTIME ?= 5s
 FUZZ_TARGETS := FuzzLockKeys:./internal/badinput FuzzWith:./internal/badinput \
-	FuzzDecodeEnvelope:./tasks FuzzWorker:./tasks
+	FuzzDecodeEnvelope:./tasks FuzzWorker:./tasks FuzzIdentityRoundTrip:./tasks \
+	FuzzString:./internal/ident
 
 fuzz-short: ## fuzz every target for FUZZTIME (5s) each
 	@set -e; for t in $(FUZZ_TARGETS); do \

@@ -1,12 +1,15 @@
 package taskguard
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/url"
+	"strconv"
 	"sync"
 	"time"
 
@@ -15,7 +18,9 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/taskguard/taskguard/internal/cloudlog"
+	"github.com/taskguard/taskguard/internal/ident"
 	"github.com/taskguard/taskguard/internal/oauthdemo"
+	"github.com/taskguard/taskguard/internal/reqbody"
 	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/locking/dslock"
 	"github.com/taskguard/taskguard/tasks"
@@ -44,7 +49,15 @@ type jobReg struct {
 // HandleJob registers a job for the Worker function of every App created
 // afterwards (the deployed functions build theirs on the first request), the
 // way functions.HTTP registers a function. Call it from an init function.
+// Like tasks.Worker.Handle it panics, at once, when name is empty or not
+// valid UTF-8 (the panic quotes it) or fn is nil.
 func HandleJob(name string, fn tasks.JobFunc, opts ...tasks.JobOption) {
+	if name == "" || fn == nil {
+		panic("taskguard: HandleJob with an empty name or a nil function")
+	}
+	if err := ident.Check("job", name); err != nil {
+		panic("taskguard: HandleJob: " + err.Error())
+	}
 	jobsMu.Lock()
 	defer jobsMu.Unlock()
 	jobs = append(jobs, jobReg{name, fn, opts})
@@ -57,8 +70,8 @@ type App struct {
 	log     *slog.Logger
 	locks   *locking.Client
 	worker  *tasks.Worker
-	enqueue *tasks.Client   // nil when Enqueue is not configured
-	cleaner *dslock.Backend // nil when Strong locks are not on Datastore
+	enqueue *tasks.Client // nil when Enqueue is not configured
+	cleaner cleaner       // nil when Strong locks are not on Datastore
 	oauth   *oauthdemo.Refresher
 }
 
@@ -71,7 +84,9 @@ func NewApp(ctx context.Context, cfg Config, log *slog.Logger) (*App, error) {
 		return nil, err
 	}
 	a := &App{cfg: cfg, log: log, locks: locks}
-	a.cleaner, _ = locks.Backend(locking.Strong).(*dslock.Backend)
+	if b, ok := locks.Backend(locking.Strong).(*dslock.Backend); ok {
+		a.cleaner = b
+	}
 
 	wopts := []tasks.WorkerOption{tasks.WithLogger(log)}
 	if cfg.Queue != "" {
@@ -112,6 +127,12 @@ func NewApp(ctx context.Context, cfg Config, log *slog.Logger) (*App, error) {
 	return a, nil
 }
 
+// cleaner is what CleanupLocks needs of a *dslock.Backend.
+type cleaner interface {
+	Cleanup(context.Context, dslock.CleanupOptions) (dslock.Report, error)
+	Close() error
+}
+
 // workerTimeout is the Worker function's --timeout in deploy/ (1800 s); the
 // tasks' dispatch deadline is derived from it.
 const workerTimeout = 30 * time.Minute
@@ -136,20 +157,25 @@ func (a *App) Locks() *locking.Client { return a.locks }
 func (a *App) Worker() http.Handler { return cloudlog.Middleware(a.worker) }
 
 // enqueueRequest is the Enqueue function's JSON body.
+// Its strings decode only when they decode byte for byte (ident.String).
 type enqueueRequest struct {
-	Job          string          `json:"job"`
-	LockID       string          `json:"lockId"`
+	Job          ident.String    `json:"job"`
+	LockID       ident.String    `json:"lockId"`
 	Payload      json.RawMessage `json:"payload,omitempty"`
 	DelaySeconds float64         `json:"delaySeconds,omitempty"`
-	Name         string          `json:"name,omitempty"`
+	Name         ident.String    `json:"name,omitempty"`
 }
 
 // Enqueue is an HTTP endpoint that enqueues one task: POST a JSON body
 // {"job", "lockId", "payload" (any JSON), "delaySeconds", "name" (to
 // de-duplicate)}. It answers 200 {"task": NAME} — with "duplicate": true when
-// a task of that name exists or ran recently —, 400 for a bad request or an
-// unknown job, 405 for another method, 413 for a body over 1 MB, 503 when the
-// function has no queue configured and 502 when Cloud Tasks fails. Deploy it
+// a task of that name exists or ran recently —, 400 for a bad request (among
+// others a job, lock id or name that is not valid UTF-8 or has an unpaired
+// surrogate escape, which would not arrive byte for byte; the error quotes
+// it) or an unknown job, 405 for another method, 408 when the body has not
+// arrived whole when the request's context ends (the read stops then), 413
+// for a body over 1 MB, 503 when the function has no queue configured and
+// 502 when Cloud Tasks fails. Deploy it
 // with --no-allow-unauthenticated: only callers granted run.invoker may
 // enqueue.
 func (a *App) Enqueue() http.Handler {
@@ -165,15 +191,23 @@ func (a *App) Enqueue() http.Handler {
 			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": "no queue configured: set " + EnvQueue + ", " + EnvWorkerURL + " and " + EnvTaskServiceAccount})
 			return
 		}
+		body, err := reqbody.ReadAll(w, r, maxEnqueueBody)
+		var tooBig *http.MaxBytesError
+		switch {
+		case errors.As(err, &tooBig):
+			writeJSON(w, http.StatusRequestEntityTooLarge, map[string]string{"error": "body over 1 MB"})
+			return
+		case err != nil && ctx.Err() != nil:
+			writeJSON(w, http.StatusRequestTimeout, map[string]string{"error": "the body did not arrive before the request's deadline"})
+			return
+		case err != nil:
+			writeJSON(w, http.StatusBadRequest, map[string]string{"error": "reading the body: " + err.Error()})
+			return
+		}
 		var req enqueueRequest
-		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxEnqueueBody))
+		dec := json.NewDecoder(bytes.NewReader(body))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&req); err != nil {
-			var tooBig *http.MaxBytesError
-			if errors.As(err, &tooBig) {
-				writeJSON(w, http.StatusRequestEntityTooLarge, map[string]string{"error": "body over 1 MB"})
-				return
-			}
 			writeJSON(w, http.StatusBadRequest, map[string]string{"error": "body is not a JSON enqueue request: " + err.Error()})
 			return
 		}
@@ -181,7 +215,7 @@ func (a *App) Enqueue() http.Handler {
 			writeJSON(w, http.StatusBadRequest, map[string]string{"error": "body has data after the JSON object"})
 			return
 		}
-		if req.Job != "" && !a.worker.Has(req.Job) {
+		if req.Job != "" && !a.worker.Has(string(req.Job)) {
 			writeJSON(w, http.StatusBadRequest, map[string]string{"error": fmt.Sprintf("unknown job %q", req.Job)})
 			return
 		}
@@ -189,7 +223,7 @@ func (a *App) Enqueue() http.Handler {
 			writeJSON(w, http.StatusBadRequest, map[string]string{"error": "delaySeconds must be between 0 and 30 days"})
 			return
 		}
-		t := tasks.Task{Job: req.Job, LockID: req.LockID, Name: req.Name, Delay: time.Duration(req.DelaySeconds * float64(time.Second))}
+		t := tasks.Task{Job: string(req.Job), LockID: string(req.LockID), Name: string(req.Name), Delay: time.Duration(req.DelaySeconds * float64(time.Second))}
 		if len(req.Payload) > 0 {
 			t.Payload = req.Payload
 		}
@@ -217,6 +251,7 @@ type CleanupReport struct {
 	Deleted   int     `json:"deleted"`
 	Skipped   int     `json:"skipped"`
 	Errors    int     `json:"errors"`
+	Unknown   int     `json:"unknown"`
 	ElapsedMS float64 `json:"elapsedMs"`
 	Finished  bool    `json:"finished"`
 	DryRun    bool    `json:"dryRun"`
@@ -226,10 +261,16 @@ type CleanupReport struct {
 // CleanupLocks is the Cloud Scheduler target: it deletes Datastore lock
 // entities whose lease ended more than the grace period ago (never a live
 // one), stopping before the request's deadline, and answers a JSON
-// CleanupReport. ?dryRun=true only counts. A run cut short answers 200 with
-// "finished": false and the next run goes on; an error answers 500 so that
-// the scheduler retries. Other backends need no cleanup: their report is
-// empty and finished.
+// CleanupReport (dslock.Report says what each count means). The one query
+// parameter is dryRun, a boolean as strconv.ParseBool reads it (1, t, true,
+// TRUE, True, 0, f, false, ...): when true the run only counts. Any other
+// parameter, a repeated one or a value ParseBool refuses answers 400 before
+// anything is read or deleted, so a mistyped safety flag never runs a
+// deleting cleanup. A run cut short by its time budget alone answers 200
+// with "finished": false and the next run goes on; any error (a page's, even
+// when the budget also ran out) answers 500 with the error in the report, so
+// that the scheduler retries. Other backends need no cleanup: their report
+// is empty and finished.
 func (a *App) CleanupLocks() http.Handler {
 	return cloudlog.Middleware(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx := r.Context()
@@ -238,7 +279,11 @@ func (a *App) CleanupLocks() http.Handler {
 			writeJSON(w, http.StatusMethodNotAllowed, map[string]string{"error": "use POST"})
 			return
 		}
-		dry := r.URL.Query().Get("dryRun") == "true"
+		dry, err := parseCleanupQuery(r.URL.RawQuery)
+		if err != nil {
+			writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
+			return
+		}
 		if a.cleaner == nil {
 			writeJSON(w, http.StatusOK, CleanupReport{Backend: "none (expired locks in memory, memcached and Valkey vanish by themselves)", Finished: true, DryRun: dry})
 			return
@@ -254,18 +299,53 @@ func (a *App) CleanupLocks() http.Handler {
 		rep, err := a.cleaner.Cleanup(cctx, dslock.CleanupOptions{Grace: a.cfg.CleanupGrace, DryRun: dry})
 		out := CleanupReport{
 			Backend: "datastore", Scanned: rep.Scanned, Expired: rep.Expired, Deleted: rep.Deleted,
-			Skipped: rep.Skipped, Errors: rep.Errors, ElapsedMS: float64(rep.Elapsed.Microseconds()) / 1000,
+			Skipped: rep.Skipped, Errors: rep.Errors, Unknown: rep.Unknown, ElapsedMS: float64(rep.Elapsed.Microseconds()) / 1000,
 			Finished: rep.Finished, DryRun: rep.DryRun,
 		}
 		status := http.StatusOK
 		level := slog.LevelInfo
-		if err != nil && !(errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil) {
+		if err != nil && !(ctx.Err() == nil && onlyDeadline(err)) {
 			out.Error, status, level = err.Error(), http.StatusInternalServerError, slog.LevelError
 		}
 		a.log.Log(ctx, level, "lock cleanup", "scanned", out.Scanned, "deleted", out.Deleted, "skipped", out.Skipped,
-			"errors", out.Errors, "finished", out.Finished, "dry_run", out.DryRun, "elapsed_ms", out.ElapsedMS, "error", out.Error)
+			"errors", out.Errors, "unknown", out.Unknown, "finished", out.Finished, "dry_run", out.DryRun, "elapsed_ms", out.ElapsedMS, "error", out.Error)
 		writeJSON(w, status, out)
 	}))
+}
+
+// parseCleanupQuery reads CleanupLocks' query: at most one dryRun, a
+// strconv.ParseBool boolean, and nothing else.
+func parseCleanupQuery(raw string) (dryRun bool, err error) {
+	q, err := url.ParseQuery(raw)
+	if err != nil {
+		return false, fmt.Errorf("query %q does not parse: %v", raw, err)
+	}
+	for k, vs := range q {
+		switch {
+		case k != "dryRun":
+			return false, fmt.Errorf("unknown query parameter %q: the only one is dryRun", k)
+		case len(vs) != 1:
+			return false, fmt.Errorf("dryRun given %d times", len(vs))
+		}
+		if dryRun, err = strconv.ParseBool(vs[0]); err != nil {
+			return false, fmt.Errorf("dryRun=%q is not a boolean (true, false, 1, 0, ...)", vs[0])
+		}
+	}
+	return dryRun, nil
+}
+
+// onlyDeadline reports whether err is a run's time budget running out and
+// nothing else: every error it joins is a context.DeadlineExceeded.
+func onlyDeadline(err error) bool {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		for _, e := range j.Unwrap() {
+			if !onlyDeadline(e) {
+				return false
+			}
+		}
+		return len(j.Unwrap()) > 0
+	}
+	return errors.Is(err, context.DeadlineExceeded)
 }
 
 // refreshToken is the example job: it refreshes the user's OAuth token

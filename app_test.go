@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -253,5 +255,109 @@ func TestWorkerLogsCarryTrace(t *testing.T) {
 	}
 	if line["severity"] != "ERROR" || line["task"] != "task-1" || line[cloudlog.TraceKey] != "projects/p1/traces/4bf92f3577b34da6a3ce929d0e0e4736" {
 		t.Errorf("log line = %v; want ERROR with the task and the trace", line)
+	}
+}
+
+// TestCleanupLocksFlagsFailClosed checks that a safety flag that is
+// misspelt, repeated or not a boolean is refused with 400 before anything is
+// deleted, and that every spelling of a true boolean makes a dry run.
+func TestCleanupLocksFlagsFailClosed(t *testing.T) {
+	e := dstest.New(t, dstest.Firestore)
+	t.Setenv(EnvDatastoreEmulator, e.Host)
+	t.Setenv("DATASTORE_PROJECT_ID", e.ProjectID)
+	a, err := NewApp(t.Context(), Config{CleanupGrace: time.Millisecond}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = a.Close() })
+	b := a.Locks().Backend(locking.Strong).(*dslock.Backend)
+	if g, err := b.Acquire(t.Context(), locking.Request{ID: "expired", Owner: "o1", Lease: 50 * time.Millisecond}); err != nil || !g.Acquired {
+		t.Fatalf("acquire: %v %v", g, err)
+	}
+	time.Sleep(500 * time.Millisecond)
+	stillThere := func(t *testing.T) {
+		t.Helper()
+		if _, err := b.Inspect(t.Context(), "expired"); err != nil {
+			t.Fatalf("the expired lock was deleted: %v", err)
+		}
+	}
+	call := func(query string) (int, CleanupReport, string) {
+		rec := httptest.NewRecorder()
+		r := httptest.NewRequest("POST", "/CleanupLocks", nil)
+		r.URL.RawQuery = query
+		a.CleanupLocks().ServeHTTP(rec, r)
+		var rep CleanupReport
+		_ = json.Unmarshal(rec.Body.Bytes(), &rep)
+		return rec.Code, rep, rec.Body.String()
+	}
+	for _, q := range []string{"dryRun=yes", "dryRun=", "dryRun", "dryRun=on", "dryrun=true", "dry-run=true", "dryRun=true&dryRun=false",
+		"dryRun=true&force=1", "dryRun=%E2%80", "dryRun=true;x", "dryRun=%zz"} {
+		t.Run("refused "+q, func(t *testing.T) {
+			code, _, body := call(q)
+			if code != http.StatusBadRequest {
+				t.Errorf("?%s answered %d %s; want 400", q, code, body)
+			}
+			stillThere(t)
+		})
+	}
+	for _, q := range []string{"dryRun=1", "dryRun=TRUE", "dryRun=True", "dryRun=t", "dryRun=true"} {
+		t.Run("dry run "+q, func(t *testing.T) {
+			code, rep, body := call(q)
+			if code != http.StatusOK || !rep.DryRun || rep.Expired != 1 || rep.Deleted != 0 {
+				t.Errorf("?%s answered %d %s; want 200, a dry run counting 1 expired", q, code, body)
+			}
+			stillThere(t)
+		})
+	}
+	if code, rep, body := call("dryRun=false"); code != http.StatusOK || rep.DryRun || rep.Deleted != 1 {
+		t.Errorf("?dryRun=false answered %d %s; want 200, 1 deleted", code, body)
+	}
+}
+
+// fakeCleaner answers CleanupLocks' call with a fixed report and error.
+type fakeCleaner struct {
+	rep dslock.Report
+	err error
+}
+
+func (f fakeCleaner) Cleanup(context.Context, dslock.CleanupOptions) (dslock.Report, error) {
+	return f.rep, f.err
+}
+func (fakeCleaner) Close() error { return nil }
+
+// TestCleanupLocksErrors checks the status of a run by what went wrong:
+// the budget alone running out is 200 (the next run goes on); page errors
+// are 500 with the errors in the report, also when the budget ran out too.
+func TestCleanupLocksErrors(t *testing.T) {
+	budget := fmt.Errorf("dslock: cleanup: %w", context.DeadlineExceeded)
+	page := errors.New("dslock: cleanup: delete: rpc error: code = PermissionDenied desc = no")
+	cases := []struct {
+		name string
+		rep  dslock.Report
+		err  error
+		want int
+	}{
+		{"finished", dslock.Report{Scanned: 10, Deleted: 10, Finished: true}, nil, http.StatusOK},
+		{"budget ran out", dslock.Report{Scanned: 500, Deleted: 300, Unknown: 200}, errors.Join(budget), http.StatusOK},
+		{"page errors, finished", dslock.Report{Scanned: 500, Errors: 500, Finished: true}, errors.Join(page), http.StatusInternalServerError},
+		{"page errors and budget ran out", dslock.Report{Scanned: 1000, Deleted: 500, Errors: 500}, errors.Join(page, budget), http.StatusInternalServerError},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			a, _ := badInputApp(t, false)
+			a.cleaner = fakeCleaner{tc.rep, tc.err}
+			rec := httptest.NewRecorder()
+			a.CleanupLocks().ServeHTTP(rec, httptest.NewRequest("POST", "/CleanupLocks", nil))
+			var rep CleanupReport
+			if err := json.Unmarshal(rec.Body.Bytes(), &rep); err != nil {
+				t.Fatal(err)
+			}
+			if rec.Code != tc.want || rep.Errors != tc.rep.Errors || rep.Unknown != tc.rep.Unknown {
+				t.Errorf("answered %d %+v; want %d with the report's counts", rec.Code, rep, tc.want)
+			}
+			if tc.want == http.StatusInternalServerError && !strings.Contains(rep.Error, "PermissionDenied") {
+				t.Errorf("500 report's error = %q; want the page errors", rep.Error)
+			}
+		})
 	}
 }

@@ -1,10 +1,14 @@
 package taskguard
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -119,14 +123,15 @@ func TestBadRequests(t *testing.T) {
 		{"enqueue: oversized", "enqueue", false, "POST", `{"job":"job","lockId":"x","payload":"` + huge + `"}`, nil, http.StatusRequestEntityTooLarge, -1},
 		{"enqueue: no queue configured", "enqueue", true, "POST", `{"job":"job","lockId":"x"}`, nil, http.StatusServiceUnavailable, 1},
 		{"cleanup: wrong method", "cleanup", false, "DELETE", "", bearer, http.StatusMethodNotAllowed, -1},
-		{"cleanup: junk body and query", "cleanup", false, "POST", "\x00junk", bearer, http.StatusOK, -1},
+		{"cleanup: junk body", "cleanup", false, "POST", "\x00junk", bearer, http.StatusOK, -1},
+		{"cleanup: junk query", "cleanup", false, "POST", "", bearer, http.StatusBadRequest, -1},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			a, logs := badInputApp(t, !tc.noQueue)
 			h := map[string]http.Handler{"worker": a.Worker(), "enqueue": a.Enqueue(), "cleanup": a.CleanupLocks()}[tc.fn]
-			target := "/"
-			if tc.fn == "cleanup" {
+			target := "/?"
+			if strings.HasPrefix(tc.name, "cleanup: junk query") {
 				target = "/?dryRun=%E2%80&x=\x7f"
 			}
 			r := httptest.NewRequest(tc.method, "/", bytes.NewReader([]byte(tc.body)))
@@ -197,4 +202,96 @@ func truncate(s string) string {
 		return s[:200] + "..."
 	}
 	return s
+}
+
+// TestEnqueueRefusesIdentitiesJSONCannotCarry posts job names, lock ids and
+// dedup names that JSON decoding would change (invalid UTF-8 bytes, unpaired
+// surrogate escapes): each is refused with 400 quoting it, before any task
+// is created.
+func TestEnqueueRefusesIdentitiesJSONCannotCarry(t *testing.T) {
+	a, _ := badInputApp(t, true)
+	a.worker.Handle("\uFFFD", func(context.Context, *tasks.Delivery) error { return nil })
+	for _, tc := range []struct{ body, quoted string }{
+		{"{\"job\":\"job\",\"lockId\":\"user-\xff42\"}", `"user-\xff42"`},
+		{"{\"job\":\"job\",\"lockId\":\"\xfe\"}", `"\xfe"`},
+		{"{\"job\":\"resize-\xe9\",\"lockId\":\"x\"}", `"resize-\xe9"`},
+		{"{\"job\":\"job\",\"lockId\":\"x\",\"name\":\"\xff\"}", `"\xff"`},
+		{`{"job":"job","lockId":"user-\ud800"}`, `user-\ud800`},
+		{`{"job":"\udfff","lockId":"x"}`, `\udfff`},
+	} {
+		w := httptest.NewRecorder()
+		a.Enqueue().ServeHTTP(w, httptest.NewRequest(http.MethodPost, "/", strings.NewReader(tc.body)))
+		var out struct{ Error string }
+		_ = json.Unmarshal(w.Body.Bytes(), &out)
+		if w.Code != http.StatusBadRequest || !strings.Contains(out.Error, tc.quoted) {
+			t.Errorf("body %q: %d %q; want 400 naming %s", tc.body, w.Code, out.Error, tc.quoted)
+		}
+	}
+}
+
+// TestHandleJobRefusesNamesJSONCannotCarry checks that a job no task could
+// name byte for byte is refused where it is registered.
+func TestHandleJobRefusesNamesJSONCannotCarry(t *testing.T) {
+	defer func() {
+		if p := recover(); p == nil || !strings.Contains(fmt.Sprint(p), `"resize-\xe9"`) {
+			t.Errorf("HandleJob(\"resize-\\xe9\") panicked with %v; want a panic quoting the name", p)
+		}
+	}()
+	HandleJob("resize-\xe9", func(context.Context, *tasks.Delivery) error { return nil })
+}
+
+// TestStalledBodyEndsWithTheRequest sends the headers and part of a body over
+// a real connection, then stalls, to Worker and Enqueue behind a server that
+// gives each request a 300 ms deadline. Each handler stops reading when the
+// deadline passes and answers (Worker 503 retry, Enqueue 408) while the
+// client still holds the connection open; no lock is left held.
+func TestStalledBodyEndsWithTheRequest(t *testing.T) {
+	a, _ := badInputApp(t, true)
+	for _, tc := range []struct {
+		fn   string
+		h    http.Handler
+		want int
+	}{
+		{"Worker", a.Worker(), tasks.StatusRetry},
+		{"Enqueue", a.Enqueue(), http.StatusRequestTimeout},
+	} {
+		t.Run(tc.fn, func(t *testing.T) {
+			returned := make(chan struct{})
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				defer close(returned)
+				ctx, cancel := context.WithTimeout(r.Context(), 300*time.Millisecond)
+				defer cancel()
+				tc.h.ServeHTTP(w, r.WithContext(ctx))
+			}))
+			t.Cleanup(srv.Close)
+			conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			part := `{"v":1,"job":"job","lockId":"bad-input"`
+			fmt.Fprintf(conn, "POST /%s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n"+
+				"X-CloudTasks-TaskName: t1\r\nX-CloudTasks-QueueName: jobs\r\n\r\n%s", tc.fn, part)
+			// The client stalls; it never closes the connection before the
+			// handler answers. A handler still reading after 20 s is blocked.
+			select {
+			case <-returned:
+			case <-time.After(20 * time.Second):
+				t.Fatal("the handler is still reading a stalled body 20 s after its 300 ms deadline")
+			}
+			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			if err != nil {
+				t.Fatalf("no answer: %v", err)
+			}
+			_ = resp.Body.Close()
+			if resp.StatusCode != tc.want {
+				t.Errorf("status %d; want %d", resp.StatusCode, tc.want)
+			}
+			l, err := a.Locks().Acquire(t.Context(), "bad-input", locking.Wait(false))
+			if err != nil {
+				t.Fatalf("lock left held: %v", err)
+			}
+			_ = l.Release(t.Context())
+		})
+	}
 }

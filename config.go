@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/taskguard/taskguard/locking"
+	"github.com/taskguard/taskguard/locking/dslock"
 )
 
 // Environment variables the functions read. Empty means unset.
@@ -111,6 +112,19 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 	cfg.Lease = duration(EnvLease)
 	cfg.CleanupGrace = duration(EnvCleanupGrace)
 
+	// Names Datastore would refuse: every lock call would fail.
+	for _, c := range []struct {
+		name  string
+		check func(string) error
+	}{
+		{EnvDatastoreDatabase, dslock.CheckDatabaseID},
+		{EnvDatastoreNamespace, dslock.CheckNamespace},
+		{EnvDatastoreKind, dslock.CheckKind},
+	} {
+		if err := c.check(getenv(c.name)); err != nil {
+			bad(c.name, "%s", strings.TrimPrefix(err.Error(), dslock.ErrBadOptions.Error()+": "))
+		}
+	}
 	for _, name := range []string{EnvDatastoreEmulator, EnvTasksEmulator, EnvValkey} {
 		if v := getenv(name); v != "" && !hostPort.MatchString(v) && !strings.Contains(v, "://") {
 			bad(name, "want host:port")

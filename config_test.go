@@ -2,6 +2,7 @@ package taskguard
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -75,5 +76,45 @@ func TestConfigFromEnv(t *testing.T) {
 	}
 	if _, err := ConfigFromEnv(env(local)); err != nil {
 		t.Errorf("http worker URL with a tasks emulator refused: %v", err)
+	}
+}
+
+// TestConfigRefusesStoreNames checks that names Datastore would refuse are
+// refused at start, all of them in the one error.
+func TestConfigRefusesStoreNames(t *testing.T) {
+	cases := []struct {
+		name, env, value string
+	}{
+		{"reserved namespace", EnvDatastoreNamespace, "__x__"},
+		{"namespace with a slash", EnvDatastoreNamespace, "tenant/a"},
+		{"namespace with NUL", EnvDatastoreNamespace, "a\x00b"},
+		{"kind over 1500 bytes", EnvDatastoreKind, strings.Repeat("k", 1501)},
+		{"kind with NUL", EnvDatastoreKind, "Lock\x00"},
+		{"reserved kind", EnvDatastoreKind, "__Lock__"},
+		{"database id with capitals", EnvDatastoreDatabase, "MyDatabase"},
+		{"database id too short", EnvDatastoreDatabase, "abc"},
+		{"database id ending in a hyphen", EnvDatastoreDatabase, "locks-"},
+		{"database id shaped like a UUID", EnvDatastoreDatabase, "a0000000-0000-0000-0000-000000000000"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := ConfigFromEnv(env(map[string]string{EnvProject: "p", tc.env: tc.value}))
+			if !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), tc.env+"=") {
+				t.Errorf("%s=%.50q: err = %v; want ErrConfig naming %s", tc.env, tc.value, err, tc.env)
+			}
+		})
+	}
+	all := map[string]string{EnvProject: "p", EnvDatastoreNamespace: "__x__", EnvDatastoreKind: "a\x00", EnvDatastoreDatabase: "X"}
+	_, err := ConfigFromEnv(env(all))
+	if n := strings.Count(fmt.Sprint(err), "\n"); n != 3 {
+		t.Errorf("three bad names: %d problem lines; want 3:\n%v", n, err)
+	}
+	for _, ok := range []map[string]string{
+		{EnvDatastoreNamespace: "tenant-a.b_c", EnvDatastoreKind: "TaskguardLock", EnvDatastoreDatabase: "locks-db1"},
+		{EnvDatastoreDatabase: "(default)", EnvDatastoreKind: "Lock_ü"},
+	} {
+		if _, err := ConfigFromEnv(env(ok)); err != nil {
+			t.Errorf("valid names %q refused: %v", ok, err)
+		}
 	}
 }

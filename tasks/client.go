@@ -11,6 +11,8 @@ import (
 	"regexp"
 	"time"
 
+	"github.com/taskguard/taskguard/internal/ident"
+
 	cloudtasks "cloud.google.com/go/cloudtasks/apiv2"
 	"cloud.google.com/go/cloudtasks/apiv2/cloudtaskspb"
 	"google.golang.org/api/option"
@@ -140,10 +142,11 @@ func (c *Client) DispatchDeadline() time.Duration { return c.deadline }
 // Task is one unit of work to enqueue.
 type Task struct {
 	// Job names the function registered with Worker.Handle that runs the
-	// task. Required.
+	// task. Required; valid UTF-8, at most 256 bytes.
 	Job string
 	// LockID is the lock the task runs under: two tasks with the same LockID
-	// never run at the same time. Required.
+	// never run at the same time. Required; valid UTF-8. The worker takes
+	// the lock of exactly these bytes.
 	LockID string
 	// Payload is the job's input: []byte is delivered as these bytes,
 	// json.RawMessage as this JSON, anything else as its encoding/json
@@ -163,7 +166,8 @@ type Task struct {
 // Enqueue creates the task in the queue and returns its full task name.
 //
 // Bad input fails before any RPC with an error wrapping ErrInvalidTask: an
-// empty job or lock id, both Delay and ScheduleTime, a negative delay, a
+// empty job or lock id, a job or lock id that is not valid UTF-8 (the task's
+// JSON body cannot carry it byte for byte; the error quotes it), both Delay and ScheduleTime, a negative delay, a
 // schedule more than 30 days ahead, a payload that does not encode, or a
 // task over MaxTaskSize (that error wraps ErrTooLarge too). When a task of
 // the same Name exists or ran recently, Enqueue returns the name and an error
@@ -198,6 +202,10 @@ func (c *Client) request(t Task) (*cloudtaskspb.CreateTaskRequest, error) {
 		return nil, bad("job name longer than %d bytes", maxJobLength)
 	case t.LockID == "":
 		return nil, bad("empty lock id (job %q)", t.Job)
+	case ident.Check("job", t.Job) != nil:
+		return nil, bad("%v", ident.Check("job", t.Job))
+	case ident.Check("lock id", t.LockID) != nil:
+		return nil, bad("%v", ident.Check("lock id", t.LockID))
 	case t.Delay < 0:
 		return nil, bad("negative delay %v", t.Delay)
 	case t.Delay > 0 && !t.ScheduleTime.IsZero():
@@ -215,7 +223,7 @@ func (c *Client) request(t Task) (*cloudtaskspb.CreateTaskRequest, error) {
 		return nil, bad("scheduled %v ahead, more than 30 days", when.Sub(now).Round(time.Second))
 	}
 
-	env := envelope{V: envelopeVersion, Job: t.Job, LockID: t.LockID, EnqueuedAt: now.UTC()}
+	env := envelope{V: envelopeVersion, Job: ident.String(t.Job), LockID: ident.String(t.LockID), EnqueuedAt: now.UTC()}
 	if err := env.encodePayload(t.Payload); err != nil {
 		return nil, err
 	}

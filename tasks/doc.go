@@ -14,6 +14,16 @@
 // de-duplicates: it is hashed into the task id, and a second Enqueue within
 // Cloud Tasks' window fails with ErrDuplicate.
 //
+// # Identities
+//
+// A job name or a lock id either arrives at the job byte for byte, or is
+// refused where it enters: the envelope is JSON, which carries only UTF-8,
+// so Enqueue refuses a job or lock id that is not valid UTF-8 (ErrInvalidTask,
+// quoting it), Handle panics on such a job name, and the Worker drops (200)
+// a hand-made body whose job or lock id would decode to other bytes (invalid
+// UTF-8, an unpaired surrogate escape such as "\ud800") before taking any
+// lock. The lock the Worker takes is the lock of exactly Task.LockID.
+//
 // # Worker side
 //
 // NewWorker takes a *locking.Client; Handle registers jobs by name. A

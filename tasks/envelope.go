@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"time"
+
+	"github.com/taskguard/taskguard/internal/ident"
 )
 
 // envelopeVersion is the version of the task body this package writes and
@@ -18,11 +20,13 @@ const envelopeVersion = 1
 //	{"v":1,"job":"resize","lockId":"user-42","payload":{...},"enqueuedAt":"2026-..."}
 //
 // A payload given as bytes travels base64-encoded in "data" instead of
-// "payload", so that the worker hands back exactly those bytes.
+// "payload", so that the worker hands back exactly those bytes. The job and
+// the lock id decode only when they decode exactly (ident.String): JSON
+// cannot carry bytes that are not UTF-8, and Enqueue refuses them.
 type envelope struct {
 	V          int             `json:"v"`
-	Job        string          `json:"job"`
-	LockID     string          `json:"lockId"`
+	Job        ident.String    `json:"job"`
+	LockID     ident.String    `json:"lockId"`
 	Payload    json.RawMessage `json:"payload,omitempty"`
 	Data       []byte          `json:"data,omitempty"`
 	EnqueuedAt time.Time       `json:"enqueuedAt"`
@@ -58,7 +62,9 @@ var errMalformed = errors.New("malformed task body")
 var errVersion = errors.New("unsupported envelope version")
 
 // decodeEnvelope reads one envelope from body strictly: unknown fields,
-// trailing data, a missing job or lock id are errors wrapping errMalformed.
+// trailing data, a missing job or lock id, a job or lock id that would not
+// decode byte for byte (invalid UTF-8, an unpaired surrogate escape) are
+// errors wrapping errMalformed.
 // An envelope of a newer version is an error wrapping errVersion (checked
 // first, since a newer envelope may carry fields this version does not know).
 func decodeEnvelope(body []byte) (envelope, error) {

@@ -16,6 +16,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/taskguard/taskguard/internal/ident"
+	"github.com/taskguard/taskguard/internal/reqbody"
 	"github.com/taskguard/taskguard/locking"
 )
 
@@ -84,12 +86,17 @@ type JobFunc func(ctx context.Context, d *Delivery) error
 //     gets the same answer, with that lock's remaining lease.
 //   - 500 Internal Server Error: the job failed or panicked; retried.
 //   - 503 Service Unavailable: the lock was lost while the job ran (the job's
-//     context was cancelled), the lock store failed, or the envelope has a
-//     newer version than this worker reads (a deploy in progress); retried.
+//     context was cancelled), the lock store failed, the body could not be
+//     read whole (the client stalled until the request's context ended, or
+//     went away), or the envelope has a newer version than this worker reads
+//     (a deploy in progress); retried. No lock is taken before the body is
+//     read.
 //   - 200 OK with an ERROR log: the task can never succeed, so it is
 //     dropped rather than retried until the queue gives up: the job
-//     returned Permanent(err), the body is not a valid envelope, is larger
-//     than the body limit, or names a job that is not registered.
+//     returned Permanent(err), the body is not a valid envelope (among
+//     others: its job or lock id would not decode byte for byte, being
+//     invalid UTF-8 or an unpaired surrogate escape), is larger than the body
+//     limit, or names a job that is not registered. No lock is taken.
 //   - 403 Forbidden: the request has no X-CloudTasks-TaskName or
 //     X-CloudTasks-QueueName header, or names another queue than the one set
 //     with WithQueue.
@@ -207,11 +214,15 @@ func LockOptions(opts ...locking.Option) JobOption {
 }
 
 // Handle registers fn as the job called name. Like http.ServeMux.Handle it
-// panics when name is empty, fn is nil or name is already registered, since
-// those are programming errors.
+// panics when name is empty or not valid UTF-8 (no task could name it byte
+// for byte; the panic quotes it), fn is nil or name is already registered,
+// since those are programming errors.
 func (w *Worker) Handle(name string, fn JobFunc, opts ...JobOption) {
 	if name == "" || fn == nil {
 		panic("tasks: Handle with an empty name or a nil function")
+	}
+	if err := ident.Check("job", name); err != nil {
+		panic("tasks: Handle: " + err.Error())
 	}
 	j := &job{fn: fn}
 	for _, o := range opts {
@@ -332,7 +343,8 @@ func (w *Worker) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 		w.drop(rw, r, log, fmt.Errorf("%w: method %s", errMalformed, r.Method))
 		return
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(rw, r.Body, w.maxBody))
+	// Read before any lock is taken, and only while the request lasts.
+	body, err := reqbody.ReadAll(rw, r, w.maxBody)
 	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
@@ -353,15 +365,15 @@ func (w *Worker) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 		w.drop(rw, r, log, err)
 		return
 	}
-	d.Job, d.LockID, d.EnqueuedAt = env.Job, env.LockID, env.EnqueuedAt
+	d.Job, d.LockID, d.EnqueuedAt = string(env.Job), string(env.LockID), env.EnqueuedAt
 	d.Payload = env.Data
 	if env.Payload != nil {
 		d.Payload = env.Payload
 	}
 	log = log.With("job", d.Job, "lock_id", d.LockID)
-	j := w.job(env.Job)
+	j := w.job(d.Job)
 	if j == nil {
-		w.drop(rw, r, log, fmt.Errorf("unknown job %q", env.Job))
+		w.drop(rw, r, log, fmt.Errorf("unknown job %q", d.Job))
 		return
 	}
 	w.run(rw, r, log, j, d)

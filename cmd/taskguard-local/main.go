@@ -1,6 +1,7 @@
 // Command taskguard-local serves the three functions (Worker, Enqueue,
-// CleanupLocks) on this machine with the Functions Framework, as Cloud Run
-// would, on embedded defaults: in-memory locks, an in-process Cloud Tasks
+// CleanupLocks) on this machine at /Worker, /Enqueue and /CleanupLocks, as
+// the Functions Framework would, on a server with read timeouts, on embedded
+// defaults: in-memory locks, an in-process Cloud Tasks
 // emulator that delivers to the local Worker, and a fake OAuth token endpoint
 // for the example job. No cloud account, no Docker.
 //
@@ -34,7 +35,6 @@ import (
 	"time"
 
 	"cloud.google.com/go/cloudtasks/apiv2/cloudtaskspb"
-	"github.com/GoogleCloudPlatform/functions-framework-go/funcframework"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/taskguard/taskguard"
@@ -103,13 +103,13 @@ func run() error {
 		return err
 	}
 
-	// The Functions Framework serves every registered function at /<Name>
-	// when FUNCTION_TARGET is unset; it listens itself, so hand it the port
-	// we reserved.
-	host, p, _ := net.SplitHostPort(ln.Addr().String())
-	ln.Close()
+	// Every function at /<Name>, as the Functions Framework serves them
+	// when FUNCTION_TARGET is unset, but on a server with read timeouts
+	// (the framework's own sets none).
+	srv := newServer(taskguard.Handler(), defaultTimeouts)
+	defer srv.Close()
 	serveErr := make(chan error, 1)
-	go func() { serveErr <- funcframework.StartHostPort(host, p) }()
+	go func() { serveErr <- srv.Serve(ln) }()
 	if err := waitListening(ctx, ln.Addr().String(), serveErr); err != nil {
 		return err
 	}
@@ -163,13 +163,37 @@ func startEmulator(ctx context.Context) (*taskstest.Server, error) {
 	return emu, nil
 }
 
+// serverTimeouts bound how long a client may take to send a request.
+type serverTimeouts struct {
+	// header bounds reading a request's headers; read, its headers and
+	// body; idle, the wait for the next request on a kept-alive connection.
+	header, read, idle time.Duration
+}
+
+// defaultTimeouts: a task body is at most 1 MB, over loopback or a LAN.
+// There is no write timeout: a Worker's job may run for 30 minutes.
+var defaultTimeouts = serverTimeouts{header: 10 * time.Second, read: time.Minute, idle: 2 * time.Minute}
+
+// newServer returns a server of h whose reads are bounded by t: a client
+// that stalls in its headers or body is cut off, and the handler's read
+// fails, when the timeout passes.
+func newServer(h http.Handler, t serverTimeouts) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: t.header,
+		ReadTimeout:       t.read,
+		IdleTimeout:       t.idle,
+		MaxHeaderBytes:    64 << 10,
+	}
+}
+
 // serveLoopback serves h on a free loopback port.
 func serveLoopback(h http.Handler) (string, func(), error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return "", nil, err
 	}
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	srv := newServer(h, defaultTimeouts)
 	go srv.Serve(ln)
 	return "http://" + ln.Addr().String(), func() { srv.Close() }, nil
 }

@@ -232,3 +232,47 @@ func waitUp(t *testing.T, url string) {
 	}
 	t.Fatalf("%s did not answer within a minute", url)
 }
+
+// TestServerCutsStalledClients sends the runner's server a request that
+// stalls in its body and one that stalls in its headers: the handler's read
+// fails when the read timeout passes, and the stalled headers are cut off,
+// while each client still holds its connection open.
+func TestServerCutsStalledClients(t *testing.T) {
+	readErr := make(chan error, 1)
+	srv := newServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, err := io.ReadAll(r.Body)
+		readErr <- err
+	}), serverTimeouts{header: 200 * time.Millisecond, read: 300 * time.Millisecond, idle: time.Second})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(func() { _ = srv.Close() })
+	dial := func() net.Conn {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Close() })
+		return c
+	}
+
+	body := dial()
+	fmt.Fprint(body, "POST /Worker HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"v\":1,")
+	select {
+	case err := <-readErr:
+		if err == nil {
+			t.Error("the read of a stalled body succeeded")
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the handler is still reading a stalled body 20 s after the 300 ms read timeout")
+	}
+
+	headers := dial()
+	fmt.Fprint(headers, "POST /Worker HTTP/1.1\r\nHost: x\r\n")
+	_ = headers.SetReadDeadline(time.Now().Add(20 * time.Second))
+	if _, err := io.ReadAll(headers); err != nil {
+		t.Errorf("a client stalled in its headers was not cut off: %v", err)
+	}
+}

@@ -98,18 +98,24 @@ func writeJSON(w io.Writer, v any) error {
 var cmdLocksList = &command{
 	path:     "locks list",
 	summary:  "list locks, held and expired",
-	synopsis: "[--prefix=PREFIX] [--held-only] [--json] [--project=PROJECT] [--database=DATABASE] [--namespace=NAMESPACE] [--kind=KIND]",
-	desc: `Lists the lock entities in Datastore, sorted by lock id: locks held now
-and locks whose lease has expired but whose entity is still stored (their
-holder died without releasing; the next acquire or 'locks cleanup' removes
-them). Expiry is judged as the lock backend judges it, on the server's clock
-where the server reports one.
+	synopsis: "[--prefix=PREFIX] [--held-only] [--limit=N] [--cursor=CURSOR] [--json] [--project=PROJECT] [--database=DATABASE] [--namespace=NAMESPACE] [--kind=KIND]",
+	desc: `Lists the lock entities in Datastore: locks held now and locks whose
+lease has expired but whose entity is still stored (their holder died
+without releasing; the next acquire or 'locks cleanup' removes them). Expiry
+is judged as the lock backend judges it, on the server's clock where the
+server reports one.
 
-The id is not indexed, so --prefix filters after reading: the command reads
-every lock entity of the kind.`,
-	examples: `To list every lock:
+One run reads at most --limit entities, in pages, so that a large kind
+neither takes minutes nor loads the store the live locks renew in; the
+rows it prints are sorted by lock id. When more remain, it says so on
+standard error with the --cursor that continues after them.
+
+The id is not indexed, so --prefix filters after reading: entities that do
+not match count against --limit too.`,
+	examples: `To list the first 1000 locks, then the next ones:
 
     $ taskguard locks list
+    $ taskguard locks list --cursor=CURSOR
 
 To list the held locks of user jobs as JSON:
 
@@ -118,16 +124,28 @@ To list the held locks of user jobs as JSON:
 		ds := addDatastoreFlags(fs, env)
 		prefix := fs.String("prefix", "", "Only locks whose id starts with `PREFIX`.")
 		heldOnly := fs.Bool("held-only", false, "Only locks whose lease has not expired.")
+		limit := fs.Int("limit", dslock.DefaultListLimit, "Read at most `N` lock entities (at most 100000).")
+		cursor := fs.String("cursor", "", "Continue after the entities an earlier run read (the `CURSOR` it printed).")
 		asJSON := fs.Bool("json", false, "Print a JSON array instead of a table.")
 		return func(ctx context.Context, _ []string) error {
+			if *limit <= 0 || *limit > maxListLimit {
+				return usagef("--limit must be between 1 and %d, not %d", maxListLimit, *limit)
+			}
 			ctx, b, done, err := ds.open(ctx)
 			if err != nil {
 				return err
 			}
 			defer done()
-			locks, err := b.List(ctx, dslock.ListOptions{Prefix: *prefix, HeldOnly: *heldOnly})
+			listing, err := b.List(ctx, dslock.ListOptions{Prefix: *prefix, HeldOnly: *heldOnly, Limit: *limit, Cursor: *cursor})
+			if errors.Is(err, dslock.ErrBadCursor) {
+				return usagef("%v", err)
+			}
 			if err != nil {
 				return err
+			}
+			locks := listing.Locks
+			if listing.Next != "" {
+				defer fmt.Fprintf(env.stderr, "Read %d lock entities; more remain. Continue with --cursor=%s\n", listing.Read, listing.Next)
 			}
 			if *asJSON {
 				out := make([]lockJSON, 0, len(locks))
@@ -150,6 +168,9 @@ To list the held locks of user jobs as JSON:
 		}
 	},
 }
+
+// maxListLimit bounds --limit of locks list.
+const maxListLimit = 100000
 
 // printable quotes an id that holds spaces or control characters, so that a
 // table row stays one row.
@@ -345,16 +366,17 @@ To delete every lock expired for more than a minute:
 					Deleted   int   `json:"deleted"`
 					Skipped   int   `json:"skipped"`
 					Errors    int   `json:"errors"`
+					Unknown   int   `json:"unknown"`
 					Finished  bool  `json:"finished"`
 					ElapsedMs int64 `json:"elapsedMs"`
-				}{rep.DryRun, rep.Scanned, rep.Expired, rep.Deleted, rep.Skipped, rep.Errors, rep.Finished, rep.Elapsed.Milliseconds()}); jerr != nil {
+				}{rep.DryRun, rep.Scanned, rep.Expired, rep.Deleted, rep.Skipped, rep.Errors, rep.Unknown, rep.Finished, rep.Elapsed.Milliseconds()}); jerr != nil {
 					return jerr
 				}
 			} else if *dryRun {
 				fmt.Fprintf(env.stdout, "Dry run: %d expired lock entities would be deleted (%d scanned, %d skipped).\n", rep.Expired, rep.Scanned, rep.Skipped)
 			} else {
-				fmt.Fprintf(env.stdout, "Deleted %d expired lock entities (%d scanned, %d expired, %d skipped, %d errors) in %s.\n",
-					rep.Deleted, rep.Scanned, rep.Expired, rep.Skipped, rep.Errors, rep.Elapsed.Round(time.Millisecond))
+				fmt.Fprintf(env.stdout, "Deleted %d expired lock entities (%d scanned, %d expired, %d skipped, %d errors, %d unknown) in %s.\n",
+					rep.Deleted, rep.Scanned, rep.Expired, rep.Skipped, rep.Errors, rep.Unknown, rep.Elapsed.Round(time.Millisecond))
 			}
 			if err == nil && rep.Errors > 0 {
 				err = fmt.Errorf("%d expired entities could not be deleted", rep.Errors)

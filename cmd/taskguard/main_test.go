@@ -12,6 +12,9 @@ import (
 	"net/http/httptest"
 	"os"
 	"os/exec"
+	"regexp"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -181,6 +184,25 @@ func TestLocksList(t *testing.T) {
 		if r.stdout != "" || !strings.Contains(r.stderr, "Listed 0 items") {
 			t.Errorf("empty list: stdout %q, stderr %q", r.stdout, r.stderr)
 		}
+
+		// Bounded: --limit=2 reads two of the three and names the cursor
+		// that reads the third.
+		first := locks(t, "list", "--limit=2").want(t, exitOK)
+		m := regexp.MustCompile(`Read 2 lock entities; more remain. Continue with --cursor=(\S+)`).FindStringSubmatch(first.stderr)
+		if m == nil {
+			t.Fatalf("list --limit=2: stderr %q; want the cursor of the rest", first.stderr)
+		}
+		rest := locks(t, "list", "--limit=2", "--cursor="+m[1]).want(t, exitOK)
+		if strings.Contains(rest.stderr, "more remain") {
+			t.Errorf("second page: stderr %q; want the end", rest.stderr)
+		}
+		got := append(rows(t, first.stdout), rows(t, rest.stdout)...)
+		slices.Sort(got)
+		if want := []string{"job/1 held " + tok(l1), "job/2 expired " + dead, "other held " + tok(l3)}; fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("two pages: rows %q; want %q", got, want)
+		}
+		locks(t, "list", "--limit=0").want(t, exitUsage)
+		locks(t, "list", "--cursor=not a cursor!").want(t, exitUsage)
 	})
 }
 
@@ -422,6 +444,27 @@ func TestTasksEnqueue(t *testing.T) {
 	r = taskguard(t, "tasks", "enqueue", "--job=refresh", "--lock-id=user-42", "--name=once").want(t, exitOK)
 	if !strings.HasPrefix(r.stdout, "Already enqueued (duplicate name): "+out.Name) {
 		t.Errorf("second enqueue with the same name: %q", r.stdout)
+	}
+}
+
+// TestTasksEnqueueRefusesIdentitiesJSONCannotCarry checks that a job or lock
+// id the task's JSON body would change is refused as a usage error quoting
+// it (tasks.Client refuses it before any RPC; the worker URL is dead).
+func TestTasksEnqueueRefusesIdentitiesJSONCannotCarry(t *testing.T) {
+	srv := taskstest.Start(t, taskstest.Options{AutoCreateQueues: true})
+	t.Setenv("CLOUD_TASKS_EMULATOR_HOST", srv.Addr())
+	t.Setenv("TASKGUARD_QUEUE", "projects/p/locations/l/queues/q")
+	t.Setenv("TASKGUARD_WORKER_URL", "http://127.0.0.1:1/")
+	t.Setenv("TASKGUARD_TASK_SERVICE_ACCOUNT", "worker@p.iam.gserviceaccount.com")
+	for _, tc := range []struct{ job, lockID, bad string }{
+		{"refresh", "user-\xff42", "user-\xff42"},
+		{"refresh", "\xfe", "\xfe"},
+		{"resize-\xe9", "x", "resize-\xe9"},
+	} {
+		r := taskguard(t, "tasks", "enqueue", "--job="+tc.job, "--lock-id="+tc.lockID).want(t, exitUsage)
+		if !strings.Contains(r.stderr, strconv.Quote(tc.bad)+" is not valid UTF-8") {
+			t.Errorf("tasks enqueue --job=%q --lock-id=%q: stderr %q; want %q quoted", tc.job, tc.lockID, r.stderr, tc.bad)
+		}
 	}
 }
 

@@ -2,6 +2,7 @@ package dslock
 
 import (
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"slices"
@@ -9,6 +10,8 @@ import (
 	"time"
 
 	pb "cloud.google.com/go/datastore/apiv1/datastorepb"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
@@ -84,46 +87,91 @@ func (b *Backend) info(er *pb.EntityResult, readTime time.Time) (LockInfo, error
 	return in, nil
 }
 
-// ListOptions select the locks List returns.
+// ListOptions select the locks List returns and bound what it reads.
 type ListOptions struct {
 	// Prefix keeps only locks whose stored id starts with it. The id is not
-	// indexed, so the filter runs on this side: List reads every entity.
+	// indexed, so the filter runs on this side: List reads entities that do
+	// not match too, and they count against Limit.
 	Prefix string
 	// HeldOnly drops locks whose lease has expired.
 	HeldOnly bool
+	// Limit is the most entities one List call reads; zero means
+	// DefaultListLimit. It bounds the call's time and its load on the store.
+	Limit int
+	// Cursor resumes a listing after the entities an earlier call read: its
+	// Listing.Next. Empty starts at the beginning.
+	Cursor string
 }
 
-// listPage is how many entities one List query page asks for.
+// DefaultListLimit is ListOptions.Limit when zero.
+const DefaultListLimit = 1000
+
+// listPage is how many entities one List query page asks for at most.
 const listPage = 300
 
-// List returns every lock entity of the Backend's kind and namespace, held
-// or expired, sorted by id. It pages through one query; each page costs one
-// RPC. Entities this package did not write (no owner) are skipped. It
-// returns early with ctx's error when ctx ends.
-func (b *Backend) List(ctx context.Context, opts ListOptions) ([]LockInfo, error) {
-	var (
-		out    []LockInfo
-		cursor []byte
-	)
-	for {
+// Listing is what one List call read.
+type Listing struct {
+	// Locks are the locks read that match the options, sorted by id.
+	Locks []LockInfo
+	// Read is how many entities the call read, matching or not.
+	Read int
+	// Next, when not empty, is the cursor (ListOptions.Cursor) of the
+	// entities after those read: the call stopped at its Limit. Empty when
+	// the end was reached.
+	Next string
+}
+
+// ErrBadCursor is wrapped by List for a ListOptions.Cursor that is not one
+// List returned. It wraps ErrBadOptions.
+var ErrBadCursor = fmt.Errorf("%w: bad list cursor", ErrBadOptions)
+
+// List reads the lock entities of the Backend's kind and namespace, held or
+// expired, in key order (the keys are hashes of the ids, so in no order of
+// the ids), at most opts.Limit of them, from opts.Cursor on. It pages
+// through one query, one RPC per page of up to 300 entities. Entities this
+// package did not write (no owner) are skipped. Page through every lock with
+// the returned Listing.Next. It returns what it read so far and ctx's error
+// when ctx ends.
+func (b *Backend) List(ctx context.Context, opts ListOptions) (Listing, error) {
+	var out Listing
+	limit := opts.Limit
+	if limit < 0 {
+		return out, fmt.Errorf("%w: negative list limit %d", ErrBadOptions, limit)
+	}
+	if limit == 0 {
+		limit = DefaultListLimit
+	}
+	cursor, err := base64.RawURLEncoding.DecodeString(opts.Cursor)
+	if err != nil {
+		return out, fmt.Errorf("%w %q: %v", ErrBadCursor, opts.Cursor, err)
+	}
+	defer func() {
+		slices.SortFunc(out.Locks, func(x, y LockInfo) int { return strings.Compare(x.ID, y.ID) })
+	}()
+	for out.Read < limit {
 		req := &pb.RunQueryRequest{
 			ProjectId:   b.project,
 			DatabaseId:  b.database,
 			PartitionId: &pb.PartitionId{ProjectId: b.project, DatabaseId: b.database, NamespaceId: b.namespace},
 			QueryType: &pb.RunQueryRequest_Query{Query: &pb.Query{
 				Kind:        []*pb.KindExpression{{Name: b.kind}},
+				Order:       []*pb.PropertyOrder{{Property: &pb.PropertyReference{Name: "__key__"}}},
 				StartCursor: cursor,
-				Limit:       wrapperspb.Int32(listPage),
+				Limit:       wrapperspb.Int32(int32(min(listPage, limit-out.Read))),
 			}},
 		}
 		res, err := read(ctx, b, "list", func(ctx context.Context, c pb.DatastoreClient) (*pb.RunQueryResponse, error) {
 			return c.RunQuery(ctx, req)
 		})
 		if err != nil {
+			if status.Code(err) == codes.InvalidArgument && len(cursor) > 0 {
+				return out, fmt.Errorf("%w %q: %w", ErrBadCursor, opts.Cursor, err)
+			}
 			return out, err
 		}
 		bt := res.GetBatch()
 		readTime := serverTime(bt.GetReadTime())
+		out.Read += len(bt.GetEntityResults())
 		for _, er := range bt.GetEntityResults() {
 			in, err := b.info(er, readTime)
 			if err != nil {
@@ -132,16 +180,16 @@ func (b *Backend) List(ctx context.Context, opts ListOptions) ([]LockInfo, error
 			if !strings.HasPrefix(in.ID, opts.Prefix) || (opts.HeldOnly && !in.Held) {
 				continue
 			}
-			out = append(out, in)
+			out.Locks = append(out.Locks, in)
 		}
 		// An empty page ends the query; the legacy emulator reports
 		// MORE_RESULTS_AFTER_LIMIT even on its last page.
 		if len(bt.GetEntityResults()) == 0 || bt.GetMoreResults() == pb.QueryResultBatch_NO_MORE_RESULTS {
-			break
+			return out, nil
 		}
 		cursor = bt.GetEndCursor()
 	}
-	slices.SortFunc(out, func(x, y LockInfo) int { return strings.Compare(x.ID, y.ID) })
+	out.Next = base64.RawURLEncoding.EncodeToString(cursor)
 	return out, nil
 }
 

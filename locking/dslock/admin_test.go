@@ -27,8 +27,42 @@ func TestListAndInspect(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if len(all) != listPage+23 {
-			t.Fatalf("List returned %d locks; want %d", len(all), listPage+23)
+		if len(all.Locks) != listPage+23 || all.Read != listPage+23 || all.Next != "" {
+			t.Fatalf("List read %d, returned %d locks, next %q; want %d, all, no next", all.Read, len(all.Locks), all.Next, listPage+23)
+		}
+
+		// Bounded: pages of at most Limit entities, resumed by cursor, read
+		// every lock exactly once.
+		seen := map[string]int{}
+		calls := 0
+		for cursor := ""; ; calls++ {
+			l, err := a.List(t.Context(), ListOptions{Limit: 100, Cursor: cursor})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if l.Read > 100 || len(l.Locks) != l.Read {
+				t.Fatalf("List with Limit 100 read %d, returned %d", l.Read, len(l.Locks))
+			}
+			for _, in := range l.Locks {
+				seen[in.ID]++
+			}
+			if l.Next == "" {
+				break
+			}
+			cursor = l.Next
+		}
+		if len(seen) != listPage+23 || calls < (listPage+23)/100 {
+			t.Errorf("paging by 100 saw %d locks in %d calls; want all %d, each once", len(seen), calls+1, listPage+23)
+		}
+		for id, n := range seen {
+			if n != 1 {
+				t.Errorf("lock %q listed %d times", id, n)
+			}
+		}
+		for _, o := range []ListOptions{{Limit: -1}, {Cursor: "not base64!"}} {
+			if _, err := a.List(t.Context(), o); !errors.Is(err, ErrBadOptions) {
+				t.Errorf("List(%+v) = %v; want ErrBadOptions", o, err)
+			}
 		}
 		tests := []struct {
 			name string
@@ -52,7 +86,7 @@ func TestListAndInspect(t *testing.T) {
 					t.Fatal(err)
 				}
 				var lines []string
-				for _, in := range got {
+				for _, in := range got.Locks {
 					lines = append(lines, fmt.Sprintf("%s %s %d %t", in.ID, in.Owner, in.Token, in.Held))
 				}
 				if fmt.Sprint(lines) != fmt.Sprint(tt.want) {

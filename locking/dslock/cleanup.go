@@ -42,15 +42,24 @@ type Report struct {
 	// Expired is how many of those were, when read back, past their lease
 	// by more than the grace period (what a dry run would delete).
 	Expired int
-	// Deleted is how many entities were deleted.
+	// Deleted is how many entities were deleted. It includes expired
+	// entities found gone when a page is read again after a commit that
+	// failed part-way (see Cleanup): the store applied their deletes, unless
+	// their holders released them in the same instant, which is the same
+	// outcome.
 	Deleted int
 	// Skipped is how many scanned entities were left in place: renewed,
 	// re-acquired or released since the query, or not yet expired by the
 	// authoritative clock.
 	Skipped int
 	// Errors is how many expired entities could not be deleted because of
-	// errors (see the error Cleanup returned).
+	// errors (see the error Cleanup returned); none of them was deleted.
 	Errors int
+	// Unknown is how many expired entities were sent in a delete whose
+	// outcome is unknown: the run ended (or the connection failed) after the
+	// commit was sent and before it could be read back. Some or all of them
+	// may be deleted; a later run deletes those that remain.
+	Unknown int
 	// Elapsed is the run's wall time.
 	Elapsed time.Duration
 	// Finished reports that the query was run to its end; false when ctx
@@ -68,9 +77,17 @@ type Report struct {
 // times where the server gives them) plus the grace period, and the expired
 // ones are deleted in one commit per page, each delete conditional on the
 // version just read. An entity renewed, re-acquired or released after the
-// read makes the conditional commit fail as a whole; the page is then read
-// and judged again, so such an entity survives and the others are deleted.
-// A live lease is never deleted.
+// read makes the conditional commit fail with FailedPrecondition, naming no
+// key; the deletes ahead of that entity in the commit may nevertheless have
+// been applied (both emulators apply them, and the rest not). The page is
+// then read and judged again: an entity found gone counts as Deleted, the
+// changed one survives and counts as Skipped, and the others are deleted by
+// the next commit. A live lease is never deleted.
+//
+// Each expired entity is counted once: in Deleted, Skipped (it changed, or
+// kept changing past the retries), Errors (a read or commit failed and it was
+// not deleted) or Unknown (its delete was sent but the outcome could not be
+// read back, as when ctx ends during the commit).
 //
 // Cleanup is idempotent and safe to run from several places at once. It
 // stops when ctx ends and returns the Report so far (Finished false) with an
@@ -170,7 +187,12 @@ func (b *Backend) cleanPage(ctx context.Context, keys []*pb.Key, grace time.Dura
 	for attempt := 0; ; attempt++ {
 		found, readTime, err := b.lookupMany(ctx, pending)
 		if err != nil {
-			rep.Errors += len(pending)
+			if unsure {
+				// The deletes just sent may have been applied.
+				rep.Unknown += len(pending)
+			} else {
+				rep.Errors += len(pending)
+			}
 			return err
 		}
 		var muts []*pb.Mutation
@@ -179,7 +201,7 @@ func (b *Backend) cleanPage(ctx context.Context, keys []*pb.Key, grace time.Dura
 			er, ok := found[k.GetPath()[0].GetName()]
 			if !ok {
 				if unsure {
-					rep.Deleted++ // most likely our own delete, applied unseen
+					rep.Deleted++ // our own delete, applied unseen (or a release just as it)
 				} else {
 					rep.Skipped++
 				}
@@ -216,9 +238,10 @@ func (b *Backend) cleanPage(ctx context.Context, keys []*pb.Key, grace time.Dura
 		case errors.Is(err, errAmbiguous):
 			unsure = true
 		case conflict(err):
-			// At least one entity changed since the read; the whole commit
-			// was refused. Read the candidates again.
-			unsure = false
+			// At least one entity changed since the read. The commit was
+			// refused from that entity on, but the deletes ahead of it may
+			// have been applied: read the candidates again.
+			unsure = true
 		default:
 			rep.Errors += len(cands)
 			return err

@@ -207,6 +207,80 @@ func TestCleanup(t *testing.T) {
 			}
 		})
 
+		t.Run("a commit refused part-way is counted as the store applied it", func(t *testing.T) {
+			if err := e.Reset(t.Context()); err != nil {
+				t.Fatal(err)
+			}
+			var log rpcLog
+			cleaner := newBackend(t, e, Options{}, log.intercept)
+			other := newBackend(t, e, Options{})
+			held := make([]locking.Request, 5)
+			for i := range held {
+				held[i] = req(fmt.Sprintf("partial-%d", i), staleLease)
+				mustAcquire(t, other, held[i])
+				time.Sleep(2 * time.Millisecond) // distinct expiresAt: the query returns them in this order
+			}
+			time.Sleep(staleWait)
+			renewed := held[2]
+			renewed.Lease = time.Minute
+			log.setHook(func(ctx context.Context, method string, n int, invoke func(context.Context) error) error {
+				if method == "Commit" && n == 0 {
+					// Between the read and the delete the middle lock is
+					// renewed: the commit fails on its delete, after the
+					// deletes ahead of it were applied.
+					if _, err := other.Renew(ctx, renewed); err != nil {
+						return fmt.Errorf("hook renew: %w", err)
+					}
+				}
+				return invoke(ctx)
+			})
+			rep, err := cleaner.Cleanup(t.Context(), CleanupOptions{Grace: testGrace})
+			if err != nil {
+				t.Fatal(err)
+			}
+			left := countKind(t, cleaner)
+			if left != 1 {
+				t.Errorf("%d entities left; want the renewed one", left)
+			}
+			if rep.Deleted != len(held)-left || rep.Skipped != 1 || rep.Errors != 0 || rep.Unknown != 0 {
+				t.Errorf("report %+v; want %d deleted (what the store deleted), 1 skipped", rep, len(held)-left)
+			}
+		})
+
+		t.Run("a run cut during its commit counts the page as unknown, not errors", func(t *testing.T) {
+			if err := e.Reset(t.Context()); err != nil {
+				t.Fatal(err)
+			}
+			var log rpcLog
+			b := newBackend(t, e, Options{}, log.intercept)
+			const n = 700
+			insertStale(t, b, "cut", n)
+			time.Sleep(staleWait)
+			ctx, cancel := context.WithCancel(t.Context())
+			defer cancel()
+			log.setHook(func(cctx context.Context, method string, k int, invoke func(context.Context) error) error {
+				if method == "Commit" && k == 0 {
+					// The commit reaches the store; the run's deadline
+					// arrives before its answer does.
+					if err := invoke(cctx); err != nil {
+						return err
+					}
+					cancel()
+					return status.Error(codes.Canceled, "injected: answer lost at the deadline")
+				}
+				return invoke(cctx)
+			})
+			rep, err := b.Cleanup(ctx, CleanupOptions{Grace: testGrace})
+			if !errors.Is(err, context.Canceled) || rep.Finished {
+				t.Fatalf("Cleanup cut during its commit = %+v, %v; want unfinished and context.Canceled", rep, err)
+			}
+			log.setHook(nil)
+			gone := n - countKind(t, b)
+			if gone == 0 || rep.Errors != 0 || rep.Deleted+rep.Unknown != gone || rep.Unknown == 0 {
+				t.Errorf("report %+v with %d entities deleted by the store; want them counted as deleted or unknown, no errors", rep, gone)
+			}
+		})
+
 		t.Run("errors counted, transient ones retried", func(t *testing.T) {
 			if err := e.Reset(t.Context()); err != nil {
 				t.Fatal(err)

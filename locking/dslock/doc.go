@@ -132,7 +132,9 @@
 // each page back, judges each lease as Acquire does, and deletes the expired
 // ones with deletes conditional on the version read, so a lock renewed or
 // re-acquired in between survives. It stops when its ctx ends and resumes on
-// the next run; it is idempotent; DryRun only counts. Each page costs three
+// the next run; it is idempotent; DryRun only counts. Its Report counts each
+// expired entity once, as deleted, skipped, failed, or unknown when the run
+// ended while its delete was in flight. Each page costs three
 // RPCs (query, lookup, commit) and holds up to 500 keys (the legacy emulator
 // returns at most 300 per query batch). Run it from a scheduled function,
 // daily or hourly.
@@ -150,7 +152,8 @@
 // # Operations
 //
 // List, Inspect and ForceRelease serve operators (the taskguard command's
-// "locks" group): List reads every lock entity, held or expired; Inspect
+// "locks" group): List reads lock entities, held or expired, at most
+// ListOptions.Limit per call, and returns the cursor that continues; Inspect
 // reads one; ForceRelease deletes one whoever holds it, with a delete
 // conditional on the version it read, and reports the deletion's version as
 // a fence between the removed holder's token and the next one. The removed
@@ -163,6 +166,11 @@
 // default conflict strategy the Firestore emulator applies a mutation whose
 // base_version is stale (the legacy emulator and the API's documentation say
 // it is skipped and flagged), but with the FAIL strategy both refuse it with
-// FailedPrecondition, as the API documents for production ("the whole commit
-// request fails"); so this package always uses FAIL.
+// FailedPrecondition, as the API documents for production; so this package
+// always uses FAIL. A refused non-transactional commit of several mutations
+// is not undone, though: on both emulators the mutations ahead of the refused
+// one are applied and the rest are not, and the error names no key. Every
+// write of this package but Cleanup's is a single mutation; Cleanup reads
+// its page back after such a failure and counts what the store did (see
+// Report).
 package dslock

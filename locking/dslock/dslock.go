@@ -128,7 +128,10 @@ var _ locking.Backend = (*Backend)(nil)
 
 // New returns a Backend configured by opts. It validates opts and does no
 // network I/O: connections are made on first use, and credentials for Cloud
-// Datastore are looked up then, so New fails only on bad options.
+// Datastore are looked up then, so New fails only on bad options: with one
+// error wrapping ErrBadOptions that names every problem, among them a
+// DatabaseID, Namespace or Kind Datastore would refuse (see CheckDatabaseID,
+// CheckNamespace and CheckKind).
 func New(ctx context.Context, opts Options) (*Backend, error) {
 	b := &Backend{
 		project:   opts.ProjectID,
@@ -151,11 +154,13 @@ func New(ctx context.Context, opts Options) (*Backend, error) {
 	if b.kind == "" {
 		b.kind = DefaultKind
 	}
-	if strings.HasPrefix(b.kind, "__") {
-		return nil, fmt.Errorf("%w: kind %q is reserved", ErrBadOptions, b.kind)
-	}
+	// Every problem at once: a deployment fixes them in one go.
+	errs := []error{checkNames(b.database, b.namespace, b.kind)}
 	if b.skew < 0 || b.timeout < 0 {
-		return nil, fmt.Errorf("%w: negative ClockSkew or RPCTimeout", ErrBadOptions)
+		errs = append(errs, fmt.Errorf("%w: negative ClockSkew or RPCTimeout", ErrBadOptions))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
 	}
 	if b.skew == 0 {
 		b.skew = DefaultClockSkew

@@ -2,6 +2,8 @@ package dslock
 
 import (
 	"errors"
+	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/taskguard/taskguard/locking"
@@ -76,14 +78,38 @@ func TestNewValidates(t *testing.T) {
 	t.Setenv("DATASTORE_PROJECT_ID", "")
 	t.Setenv("GOOGLE_CLOUD_PROJECT", "")
 	for name, o := range map[string]Options{
-		"no project":    {},
-		"reserved kind": {ProjectID: "p", Kind: "__kind__"},
-		"negative skew": {ProjectID: "p", ClockSkew: -1},
-		"negative rpc":  {ProjectID: "p", RPCTimeout: -1},
+		"no project":                {},
+		"reserved kind":             {ProjectID: "p", Kind: "__kind__"},
+		"kind over 1500 bytes":      {ProjectID: "p", Kind: strings.Repeat("k", MaxKindBytes+1)},
+		"kind with NUL":             {ProjectID: "p", Kind: "Lock\x00"},
+		"reserved namespace":        {ProjectID: "p", Namespace: "__x__"},
+		"namespace with a slash":    {ProjectID: "p", Namespace: "a/b"},
+		"database id with capitals": {ProjectID: "p", DatabaseID: "Locks"},
+		"database id like a UUID":   {ProjectID: "p", DatabaseID: "a0000000-0000-0000-0000-000000000000"},
+		"negative skew":             {ProjectID: "p", ClockSkew: -1},
+		"negative rpc":              {ProjectID: "p", RPCTimeout: -1},
 	} {
 		if _, err := New(t.Context(), o); !errors.Is(err, ErrBadOptions) || !errors.Is(err, locking.ErrInvalid) {
 			t.Errorf("%s: New = %v; want ErrBadOptions", name, err)
 		}
+	}
+	// Every problem in the one error.
+	_, err := New(t.Context(), Options{ProjectID: "p", Namespace: "__x__", Kind: "a\x00", DatabaseID: "X", ClockSkew: -1})
+	for _, want := range []string{`namespace "__x__"`, `kind "a\x00"`, `database id "X"`, "ClockSkew"} {
+		if !strings.Contains(fmt.Sprint(err), want) {
+			t.Errorf("New with four problems: %v; want %s named", err, want)
+		}
+	}
+	for _, o := range []Options{
+		{ProjectID: "p", Namespace: "tenant-a", Kind: "Lock", DatabaseID: "locks-db"},
+		{ProjectID: "p", DatabaseID: "(default)"},
+	} {
+		b, err := New(t.Context(), o)
+		if err != nil {
+			t.Errorf("New(%+v) = %v; want valid", o, err)
+			continue
+		}
+		_ = b.Close()
 	}
 }
 
