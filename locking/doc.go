@@ -22,13 +22,34 @@
 // # Leases
 //
 // Every lock has a lease (DefaultLease unless Config.Lease or the Lease
-// option says otherwise). While the lock is held it is renewed in the
-// background every third of the lease, so work may run as long as it needs
-// to; if the holder dies, the lease runs out and another owner may take the
-// lock over. Renewal stops on Release, when the lock is lost, or when the
-// context the lock was acquired with is done: a lock never outlives the
-// request that took it. StealAfter keeps djangae's steal_after_ms for callers
-// that want to take over a lock whose holder has not renewed it recently.
+// option says otherwise, at most MaxLease). While the lock is held it is
+// renewed in the background every third of the lease, so work may run as
+// long as it needs to; if the holder dies, the lease runs out and another
+// owner may take the lock over. StealAfter keeps djangae's steal_after_ms
+// for callers that want to take over a lock whose holder has not renewed it
+// recently.
+//
+// # The life of a lock
+//
+// A lock ends with Release, when With's function returns, when the context
+// it was acquired with by Acquire ends, or when it is lost. With holds its
+// lock for as long as its function runs, never less: when With's context
+// ends, the function's context is cancelled but the lock stays held and
+// renewed until the function returns, and a warning is logged while it
+// overruns. A lock from Acquire is released when its context ends; code that
+// goes on running after that is unguarded.
+//
+// Every end-of-life call (Release, the release when a context ends, the
+// return of a grant nobody will hold) runs on a context detached from the
+// caller's and bounded by 10 seconds, so a Release deferred with a context
+// that has ended still releases. An Acquire that returns an error leaves
+// nothing held, even when the store applied it and the reply was lost or the
+// context ended as the grant arrived. A context that ends while a renewal is
+// in flight ends the lock as released, not lost; a renewal still pending when
+// the lease ran out is given back once it returns.
+//
+// Locks are not re-entrant: taking an id that an enclosing With in the same
+// context chain holds fails at once with ErrReentrant.
 //
 // # Loss
 //
