@@ -45,14 +45,15 @@ func (s *suite) withOutlivesContext(t *testing.T) {
 	c1, _ := s.client(t)
 	c2, _ := s.client(t)
 	lockID := id(t, "x")
-	lease := 6 * s.u // renewed every 2u; the step outlasts the first lease
-	step := 9 * s.u
+	// Renewed every lease/3; the step outlasts the first lease.
+	lease := max(6*s.u, time.Second)
+	step := lease * 3 / 2
 	ctx, cancel := context.WithCancel(t.Context())
-	time.AfterFunc(s.u, cancel)
+	time.AfterFunc(lease/6, cancel)
 	probes := make(chan error, 2)
 	var fnCtxErr error
 	err := c1.With(ctx, lockID, func(fctx context.Context) error {
-		for _, at := range []time.Duration{3 * s.u, 15 * s.u / 2} {
+		for _, at := range []time.Duration{lease / 2, lease * 5 / 4} {
 			time.AfterFunc(at, func() {
 				_, err := c2.Acquire(t.Context(), lockID, locking.Wait(false))
 				probes <- err
