@@ -165,10 +165,7 @@ func runWorkers(t *testing.T, procs int, cfg torture.Config, mutate func(i int, 
 	}
 	var sum torture.Stats
 	for _, w := range ws {
-		st := w.wait(t)
-		sum.Acquired += st.Acquired
-		sum.Errors += st.Errors
-		sum.Lost += st.Lost
+		sum.Add(w.wait(t))
 	}
 	sections, err := torture.ReadSections(dir)
 	if err != nil {

@@ -183,6 +183,45 @@ func TestTortureFaults(t *testing.T) {
 	})
 }
 
+// TestTortureLifeCycle attacks the edges of a lock's life on every store:
+// contexts cancelled at random points of acquire and hold, bodies that run
+// on after their context ended, and replies lost after the store applied an
+// Acquire, Renew or Release. No two sections may overlap (With holds the
+// lock until its body returns), and when the workers are done no lock may be
+// left held (a grant nobody holds is given back).
+func TestTortureLifeCycle(t *testing.T) {
+	sc := contention()
+	eachStore(t, !long, func(t *testing.T, s store) {
+		cfg := s.config(t)
+		cfg.IDs = ids(sc.ids)
+		cfg.Clients, cfg.Goroutines = sc.clients, sc.goroutines
+		cfg.Duration, cfg.Lease, cfg.MaxHold = sc.duration, 3*time.Second, 20*time.Millisecond
+		cfg.LifeFaults, cfg.DropReply = true, 0.05
+		start := time.Now()
+		st, sections := runWorkers(t, sc.procs, cfg, nil, nil)
+		res := torture.Check(sections, checkTimeout)
+		report(t, "%s; processes=%d acquired=%d errors=%d lost=%d cancelled while acquiring=%d while holding=%d (ran on after it: %d) replies dropped=%d in %v",
+			res, sc.procs, st.Acquired, st.Errors, st.Lost, st.CancelledAcquiring, st.CancelledHolding, st.Overran, st.DroppedReplies,
+			time.Since(start).Round(time.Millisecond))
+		if st.CancelledAcquiring == 0 || st.CancelledHolding == 0 || st.Overran == 0 || st.DroppedReplies == 0 {
+			t.Errorf("the faults did not bite: %+v", st)
+		}
+		assertExclusive(t, res)
+		// Nothing left held: every id is free once the workers are gone.
+		b, closeB, err := torture.NewBackend(t.Context(), cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer closeB()
+		for _, id := range cfg.IDs {
+			g, err := b.Acquire(t.Context(), locking.Request{ID: id, Owner: "torture-check", Lease: time.Second})
+			if err != nil || !g.Acquired {
+				t.Errorf("lock %q left held after the run: %+v, %v", id, g, err)
+			}
+		}
+	})
+}
+
 // TestTortureCrash kills a holder process with SIGKILL inside its critical
 // section. Another holder takes the lock over only after the lease counted
 // from the holder's last renewal (never before), and gets a higher token.

@@ -62,6 +62,13 @@ type Config struct {
 	// RenewLog, when set, is a file to which every successful Renew's send
 	// time (Unix ns) is appended, one line each.
 	RenewLog string
+	// LifeFaults attacks the edges of a lock's life: each section's context
+	// is cancelled at a random point of its acquire or of its hold (or not at
+	// all), half of the bodies ignore their context (they stop only if the
+	// lock is lost), and DropReply of the store's replies are lost after the
+	// store applied the write (Acquire, Renew and Release alike).
+	LifeFaults bool
+	DropReply  float64
 }
 
 // Stats are what a worker process counts besides its sections.
@@ -69,6 +76,66 @@ type Stats struct {
 	Acquired int64 `json:"acquired"`
 	Errors   int64 `json:"errors"` // With returned an error other than a loss
 	Lost     int64 `json:"lost"`
+	// Under LifeFaults: contexts cancelled while acquiring and while holding,
+	// sections that ran on after their context ended, replies dropped.
+	CancelledAcquiring int64 `json:"cancelled_acquiring"`
+	CancelledHolding   int64 `json:"cancelled_holding"`
+	Overran            int64 `json:"overran"`
+	DroppedReplies     int64 `json:"dropped_replies"`
+}
+
+// Add adds o's counts to s.
+func (s *Stats) Add(o Stats) {
+	s.Acquired += o.Acquired
+	s.Errors += o.Errors
+	s.Lost += o.Lost
+	s.CancelledAcquiring += o.CancelledAcquiring
+	s.CancelledHolding += o.CancelledHolding
+	s.Overran += o.Overran
+	s.DroppedReplies += o.DroppedReplies
+}
+
+// errReplyDropped is the error of a call whose reply dropReplies lost.
+var errReplyDropped = errors.New("torture: reply dropped after the store applied the write")
+
+// dropReplies loses a share of the store's replies after the store applied
+// the call: the ambiguous outcome of a connection cut on the way back.
+type dropReplies struct {
+	locking.Backend
+	p       float64
+	dropped *int64
+}
+
+func (d *dropReplies) drop() bool {
+	if rand.Float64() < d.p {
+		atomic.AddInt64(d.dropped, 1)
+		return true
+	}
+	return false
+}
+
+func (d *dropReplies) Acquire(ctx context.Context, r locking.Request) (locking.Grant, error) {
+	g, err := d.Backend.Acquire(ctx, r)
+	if err == nil && d.drop() {
+		return locking.Grant{}, errReplyDropped
+	}
+	return g, err
+}
+
+func (d *dropReplies) Renew(ctx context.Context, r locking.Request) (locking.Grant, error) {
+	g, err := d.Backend.Renew(ctx, r)
+	if err == nil && d.drop() {
+		return locking.Grant{}, errReplyDropped
+	}
+	return g, err
+}
+
+func (d *dropReplies) Release(ctx context.Context, id, owner string) error {
+	err := d.Backend.Release(ctx, id, owner)
+	if err == nil && d.drop() {
+		return errReplyDropped
+	}
+	return err
 }
 
 // NewBackend returns a locking.Backend for cfg's store, and a function that
@@ -177,6 +244,9 @@ func Run(ctx context.Context, cfg Config) (Stats, error) {
 		if renewLog != nil {
 			b = &renewLogger{Backend: b, w: renewLog}
 		}
+		if cfg.DropReply > 0 {
+			b = &dropReplies{Backend: b, p: cfg.DropReply, dropped: &stats.DroppedReplies}
+		}
 		cfgL := locking.Config{Logger: log, Lease: cfg.Lease}
 		if kind == locking.Strong {
 			cfgL.Strong = b
@@ -195,33 +265,67 @@ func Run(ctx context.Context, cfg Config) (Stats, error) {
 					id := cfg.IDs[rand.N(len(cfg.IDs))]
 					s := Section{ID: id, Owner: fmt.Sprintf("%d/%d.%d/%d", pid, c, g, seq.Add(1)), Start: time.Now().UnixNano()}
 					wctx, cancel := context.WithDeadline(ctx, deadline.Add(cfg.Lease))
+					hold := time.Duration(0)
+					if cfg.MaxHold > 0 {
+						hold = rand.N(cfg.MaxHold)
+					}
+					if cfg.HoldForever {
+						hold = 24 * time.Hour
+					}
+					// Under LifeFaults: where the context ends (0: never,
+					// 1: while acquiring, 2: while holding), and whether the
+					// body watches it.
+					cut, ignores := 0, false
+					if cfg.LifeFaults {
+						cut, ignores = rand.N(3), rand.N(2) == 0
+						if cut == 1 {
+							time.AfterFunc(rand.N(2*time.Millisecond), cancel)
+						}
+					}
 					err := client.With(wctx, id, func(fctx context.Context) error {
 						s.Enter = time.Now().UnixNano()
-						s.Token = locking.FromContext(fctx).Token()
+						l := locking.FromContext(fctx)
+						s.Token = l.Token()
 						if err := rec.Entered(s); err != nil {
 							return err
 						}
-						hold := time.Duration(0)
-						if cfg.MaxHold > 0 {
-							hold = rand.N(cfg.MaxHold)
-						}
-						if cfg.HoldForever {
-							hold = 24 * time.Hour
+						if cut == 2 {
+							time.AfterFunc(rand.N(hold+1), cancel)
 						}
 						t := time.NewTimer(hold)
 						defer t.Stop()
-						select {
-						case <-t.C:
-						case <-fctx.Done():
+						if ignores {
+							// A step that does not watch its context: it
+							// stops early only if the lock is lost.
+							select {
+							case <-t.C:
+							case <-l.Done():
+							}
+						} else {
+							select {
+							case <-t.C:
+							case <-fctx.Done():
+							}
 						}
 						s.Lost = errors.Is(context.Cause(fctx), locking.ErrLockLost)
 						s.Exit = time.Now().UnixNano()
+						if wctx.Err() != nil && !s.Lost {
+							atomic.AddInt64(&stats.CancelledHolding, 1)
+							if ignores {
+								atomic.AddInt64(&stats.Overran, 1)
+							}
+						}
 						return nil
 					}, locking.Kind(kind), locking.Lease(cfg.Lease))
+					cancelled := wctx.Err() != nil
 					cancel()
 					if s.Enter == 0 {
-						// Not acquired: the deadline, or a store failure under faults.
-						if err != nil && ctx.Err() == nil && time.Now().Before(deadline) {
+						// Not acquired: the deadline, a store failure under
+						// faults, or a context cut while acquiring.
+						switch {
+						case cancelled && cut == 1:
+							atomic.AddInt64(&stats.CancelledAcquiring, 1)
+						case err != nil && ctx.Err() == nil && time.Now().Before(deadline):
 							atomic.AddInt64(&stats.Errors, 1)
 						}
 						continue
