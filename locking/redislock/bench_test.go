@@ -77,9 +77,10 @@ func BenchmarkAcquireRelease(b *testing.B) {
 				op(ctx)
 			}
 			b.StopTimer()
-			calls, cmds := commandStats(b, admin)
-			b.ReportMetric(float64(calls)/float64(b.N), "calls/op")
-			b.ReportMetric(float64(cmds)/float64(b.N), "cmds/op")
+			st := commandStats(b, admin)
+			b.ReportMetric(float64(st.calls)/float64(b.N), "calls/op")
+			b.ReportMetric(float64(st.cmds)/float64(b.N), "cmds/op")
+			b.ReportMetric(float64(st.scriptUsec)*1000/float64(b.N), "server-ns/op")
 		}
 	}
 	b.Run("taskguard", alone(tg))
@@ -116,15 +117,22 @@ func BenchmarkAcquireRelease(b *testing.B) {
 	})
 }
 
-// commandStats returns, from INFO commandstats, how many script calls
-// (EVAL, EVALSHA) the server ran and how many other commands (those the
-// scripts ran inside, as the benchmarks send nothing else).
-func commandStats(tb testing.TB, c *redis.Client) (calls, cmds int64) {
+// stats are a server's INFO commandstats, summed.
+type stats struct {
+	calls      int64 // script calls (EVAL, EVALSHA)
+	scriptUsec int64 // the server's time in them, µs
+	cmds       int64 // other commands: those the scripts ran, as the callers send nothing else
+}
+
+// commandStats reads INFO commandstats (since the last CONFIG RESETSTAT),
+// leaving out the commands of connection setup and of the statistics.
+func commandStats(tb testing.TB, c *redis.Client) stats {
 	tb.Helper()
 	info, err := c.Info(context.Background(), "commandstats").Result()
 	if err != nil {
 		tb.Fatal(err)
 	}
+	var s stats
 	sc := bufio.NewScanner(strings.NewReader(info))
 	for sc.Scan() {
 		// cmdstat_get:calls=5,usec=...
@@ -133,18 +141,27 @@ func commandStats(tb testing.TB, c *redis.Client) (calls, cmds int64) {
 		if !ok || !isCmd {
 			continue
 		}
-		v, _, _ := strings.Cut(strings.TrimPrefix(rest, "calls="), ",")
-		n, err := strconv.ParseInt(v, 10, 64)
-		if err != nil {
-			tb.Fatalf("commandstats line %q: %v", sc.Text(), err)
+		field := func(key string) int64 {
+			for kv := range strings.SplitSeq(rest, ",") {
+				if v, ok := strings.CutPrefix(kv, key+"="); ok {
+					n, err := strconv.ParseInt(v, 10, 64)
+					if err != nil {
+						tb.Fatalf("commandstats line %q: %v", sc.Text(), err)
+					}
+					return n
+				}
+			}
+			tb.Fatalf("commandstats line %q: no %s", sc.Text(), key)
+			return 0
 		}
 		switch name {
 		case "evalsha", "eval":
-			calls += n
+			s.calls += field("calls")
+			s.scriptUsec += field("usec")
 		case "config|resetstat", "info", "hello", "client|setinfo", "ping", "select", "auth":
 		default:
-			cmds += n
+			s.cmds += field("calls")
 		}
 	}
-	return calls, cmds
+	return s
 }

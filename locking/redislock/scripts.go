@@ -3,90 +3,115 @@ package redislock
 import "github.com/redis/go-redis/v9"
 
 // The scripts below run atomically on the server: nothing else touches the
-// keys between their reads and writes. All time comes from the server's TIME.
+// key between their reads and writes. Each touches one key, KEYS[1], the
+// record of one id (so any key layout works in cluster mode).
 //
-// Keys: KEYS[1] is the lock, KEYS[2] the fence record of the same id; both
-// carry the same hash tag, so they live in one cluster slot.
+// The record is a string "<state> <token> <lease ms> <released> <owner>":
 //
-// The lock value is "<token> <stamp µs> <owner>": the fencing token of the
-// holding, the server time of its last acquire or renewal, and the owner
-// (last, so it may hold any byte). Its TTL is the lease.
+//   - state: "h" while a holding is out (held, or its lease ran out and
+//     nobody took over yet), "r" once it was released;
+//   - token: the fencing token of the last holding;
+//   - lease ms: the lease of its last acquire or renewal;
+//   - released: the nonces of the last (up to) four Release calls that
+//     released a holding of this id, newest first, comma-separated, or "-";
+//     carried from holding to holding so that a retried Release can tell
+//     that its own earlier attempt released the lock;
+//   - owner: the owner of the last holding (last, so it may hold any byte).
 //
-// The fence value is "<token> <state> <owner>": the last token issued for the
-// id, whether that holding is still out ("h") or was released ("r"), and its
-// owner. It outlives the lock (lease + 1 day, refreshed on every acquisition)
-// so that Acquire can tell a lease that ran out from a release, and so that
-// tokens keep growing.
+// Its TTL says the rest, on the server's clock, without TIME: an acquire or
+// renewal sets it to lease + G (G = one day), a release to G. So
+//
+//   - a holding is held while PTTL >= G: its lease has not run out (like a
+//     key with PX lease, it is held through the lease's last millisecond);
+//   - its remaining lease is PTTL - G (plus under 1 ms);
+//   - the time since its last acquire or renewal is lease + G - PTTL
+//     whole milliseconds of the server's clock (the true time is up to 1 ms
+//     more or less), which is what StealAfter compares: a steal needs more
+//     than StealAfter ms, so that at least StealAfter has truly passed;
+//   - the record outlives every holding by G, so tokens keep growing and
+//     TookOver can tell an expired holding from a released one.
+//
+// TIME is read once, when Acquire issues a token: a new token is the larger
+// of the last token plus one and the server's time in microseconds, so that
+// tokens still grow when the record was lost (a restart without persistence,
+// an eviction) or is older than the last one issued (a failover to a replica
+// that missed the latest writes), given a server clock that does not go back.
+// Lua numbers are doubles: exact up to 2^53, some 285 years of microseconds.
+//
+// Commands per call: Acquire: GET + TIME + SET when the record is absent or
+// released; GET + PTTL (+ TIME + SET when it takes over) when it is held or
+// expired. Renew: GET + PTTL + SET. Release: GET + PTTL + SET; GET (+ PTTL)
+// when the owner does not hold it.
 
-// acquireScript: ARGV[1] owner, ARGV[2] lease ms, ARGV[3] StealAfter µs
-// (0: never steal), ARGV[4] fence TTL ms.
-// Returns {1, token, tookOver} when acquired, {0, pttl} when busy.
-//
-// The token is max(last token + 1, server time in µs): strictly increasing
-// while the fence record lasts, and still increasing (given a server clock
-// that does not run backwards) when the record was lost to a restart, an
-// eviction or a failover to a replica that had not seen the latest writes.
+// acquireScript: ARGV[1] owner, ARGV[2] lease ms, ARGV[3] StealAfter ms
+// (0: never steal; steals when more than that many whole milliseconds have
+// passed since the holder's last acquire or renewal).
+// Replies: a bulk string, the token: acquired; an array {token}: acquired,
+// taking over an expired or stolen holding; an integer: busy, the holder's
+// remaining lease in whole ms (0 in its last millisecond).
 var acquireScript = redis.NewScript(`
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local cur = redis.call('GET', KEYS[1])
-local took = 0
-if cur then
-  local tok, stamp, owner = string.match(cur, '^(%d+) (%d+) (.*)$')
-  if owner == ARGV[1] then
-    -- Our own earlier try, whose reply was lost and which the client retried.
-    redis.call('SET', KEYS[1], tok .. ' ' .. string.format('%d', now) .. ' ' .. owner, 'PX', ARGV[2])
-    return {1, tok, 0}
-  end
-  local steal = tonumber(ARGV[3])
-  if steal == 0 or (stamp and now - tonumber(stamp) < steal) then
-    return {0, redis.call('PTTL', KEYS[1])}
-  end
-  took = 1
-end
-local last = 0
-local f = redis.call('GET', KEYS[2])
-if f then
-  local ftok, state = string.match(f, '^(%d+) (%a)')
-  if ftok then
-    last = tonumber(ftok)
-    if not cur and state == 'h' then
-      took = 1 -- the last holding was never released: its lease ran out
+local G = 86400000
+local v = redis.call('GET', KEYS[1])
+local tok, rel, took = 0, '-', false
+if v then
+  local st, t, l, r, o = string.match(v, '^(%a) (%d+) (%d+) (%S+) (.*)$')
+  if not st then return redis.error_reply('ERR taskguard: not a lock record') end
+  tok, rel = tonumber(t), r
+  if st == 'h' then
+    local pttl = redis.call('PTTL', KEYS[1])
+    if pttl >= G then
+      if o == ARGV[1] then
+        -- This owner's own acquire, retried after its reply was lost.
+        redis.call('SET', KEYS[1], 'h ' .. t .. ' ' .. ARGV[2] .. ' ' .. r .. ' ' .. o, 'PX', ARGV[2] + G)
+        return t
+      end
+      local steal = tonumber(ARGV[3])
+      if steal == 0 or l + G - pttl <= steal then
+        return pttl - G
+      end
     end
+    took = true
   end
 end
-local tok = now
-if tok <= last then tok = last + 1 end
-local stok = string.format('%d', tok)
-redis.call('SET', KEYS[2], stok .. ' h ' .. ARGV[1], 'PX', ARGV[4])
-redis.call('SET', KEYS[1], stok .. ' ' .. string.format('%d', now) .. ' ' .. ARGV[1], 'PX', ARGV[2])
-return {1, stok, took}
+local now = redis.call('TIME')
+now = now[1] * 1000000 + now[2]
+if now > tok then tok = now else tok = tok + 1 end
+local s = string.format('%d', tok)
+redis.call('SET', KEYS[1], 'h ' .. s .. ' ' .. ARGV[2] .. ' ' .. rel .. ' ' .. ARGV[1], 'PX', ARGV[2] + G)
+if took then return {s} end
+return s
 `)
 
 // renewScript: ARGV[1] owner, ARGV[2] lease ms.
-// Returns {1, token} when renewed, {0} when owner does not hold the lock.
+// Replies: a bulk string, the token: renewed; 0: owner does not hold it.
 var renewScript = redis.NewScript(`
-local cur = redis.call('GET', KEYS[1])
-if not cur then return {0} end
-local tok, stamp, owner = string.match(cur, '^(%d+) (%d+) (.*)$')
-if owner ~= ARGV[1] then return {0} end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-redis.call('SET', KEYS[1], tok .. ' ' .. string.format('%d', now) .. ' ' .. owner, 'PX', ARGV[2])
-return {1, tok}
+local G = 86400000
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local st, t, l, r, o = string.match(v, '^(%a) (%d+) (%d+) (%S+) (.*)$')
+if not st then return redis.error_reply('ERR taskguard: not a lock record') end
+if st ~= 'h' or o ~= ARGV[1] or redis.call('PTTL', KEYS[1]) < G then return 0 end
+redis.call('SET', KEYS[1], 'h ' .. t .. ' ' .. ARGV[2] .. ' ' .. r .. ' ' .. o, 'PX', ARGV[2] + G)
+return t
 `)
 
-// releaseScript: ARGV[1] owner.
-// Returns 1 when released, 0 when owner does not hold the lock.
+// releaseScript: ARGV[1] owner, ARGV[2] nonce, unique to one Release call
+// and the same in the client's retries of it.
+// Replies: 1: released, now or by an earlier attempt of the same call
+// (whose reply was lost), whatever happened to the id since; 0: owner does
+// not hold it and this call did not release it.
 var releaseScript = redis.NewScript(`
-local cur = redis.call('GET', KEYS[1])
-if not cur then return 0 end
-local tok, stamp, owner = string.match(cur, '^(%d+) (%d+) (.*)$')
-if owner ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-local f = redis.call('GET', KEYS[2])
-if f and string.match(f, '^(%d+) h ') == tok then
-  redis.call('SET', KEYS[2], tok .. ' r ' .. owner, 'KEEPTTL')
+local G = 86400000
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local st, t, l, r, o = string.match(v, '^(%a) (%d+) (%d+) (%S+) (.*)$')
+if not st then return redis.error_reply('ERR taskguard: not a lock record') end
+if st == 'h' and o == ARGV[1] and redis.call('PTTL', KEYS[1]) >= G then
+  local rel = ARGV[2]
+  if r ~= '-' then rel = rel .. ',' .. (string.match(r, '^[^,]+,[^,]+,[^,]+') or r) end
+  redis.call('SET', KEYS[1], 'r ' .. t .. ' ' .. l .. ' ' .. rel .. ' ' .. o, 'PX', G)
+  return 1
 end
-return 1
+if string.find(',' .. r .. ',', ',' .. ARGV[2] .. ',', 1, true) then return 1 end
+return 0
 `)
