@@ -75,10 +75,9 @@ func New(c redis.Scripter, opts Options) (*Backend, error) {
 // Prefix+"{"+H+"}:lock2", H being the unpadded base64url SHA-256 of id.
 func (b *Backend) LockKey(id string) string { return b.prefix + "{" + lockkey.Hash(id) + "}:lock2" }
 
-// FenceKey returns LockKey(id).
-//
-// Deprecated: the fencing counter lives in the lock record itself; there is
-// no separate fence key any more.
+// FenceKey returns LockKey(id): the fencing counter lives in the lock
+// record itself, there is no separate fence key. It remains for callers of
+// earlier versions and will be removed.
 func (b *Backend) FenceKey(id string) string { return b.LockKey(id) }
 
 // Acquire takes the lock for r.Owner in one script run (one round trip; two
