@@ -103,16 +103,21 @@
 // # Keys
 //
 // Ids are hashed, so any id works: the record of an id is the string key
-// Prefix+"{"+H+"}:lock2", where H is the unpadded base64url SHA-256 of the
+// Prefix+"{"+H+"}:lock", where H is the unpadded base64url SHA-256 of the
 // id and Prefix defaults to "taskguard:". The braces are a cluster hash tag,
 // so that anything else a later version keeps for an id shares its slot. The
 // record holds "<h|r> <token> <lease ms> <release nonces> <owner>": whether
 // the last holding is out (h) or was released (r), its token, its last
 // lease, the nonces of the last four releasing Release calls, and its owner.
-// Its TTL is the lease plus a day while held, a day once released. Versions
-// before this layout kept two keys per id, "...}:lock" and "...}:fence";
-// the two layouts do not see each other's locks, so instances of both
-// versions running at once (a rolling update) may hold one id together.
+// Its TTL is the lease plus a day while held, a day once released.
+//
+// Versions before this layout kept "<token> <µs> <owner>" under the same key
+// (with the lease as TTL) and the fence in a second key, "...}:fence". While
+// both run (a rolling update), this version reads a holding of the earlier
+// one as busy until it expires, and the earlier one reads this version's
+// records as busy (for up to a day after a release) unless it steals them
+// with StealAfter; fencing tokens keep growing across the change, as both
+// floor them with the server's time in microseconds.
 //
 // # Configuration
 //

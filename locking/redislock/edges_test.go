@@ -345,3 +345,43 @@ func TestDurationLimits(t *testing.T) {
 		t.Errorf("Release: %v", err)
 	}
 }
+
+// TestEarlierLayout: a holding written by an earlier version ("<token> <µs>
+// <owner>" under the same key, the lease as TTL) is busy until it expires,
+// is never stolen, and cannot be renewed or released by this version; a key
+// holding anything else is an error, never a grant.
+func TestEarlierLayout(t *testing.T) {
+	srv := redistest.Start(t)
+	prefix := uniquePrefix()
+	c := newClient(t, srv.Addr, nil)
+	b, err := redislock.New(c, redislock.Options{Prefix: prefix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := t.Context()
+	if err := c.Set(ctx, b.LockKey("old"), "1796038990423656 1796038990423656 old-owner", 300*time.Millisecond).Err(); err != nil {
+		t.Fatal(err)
+	}
+	g, err := b.Acquire(ctx, locking.Request{ID: "old", Owner: "new", Lease: time.Minute, StealAfter: time.Nanosecond})
+	if err != nil || g.Acquired || g.Remaining <= 0 || g.Remaining > 300*time.Millisecond {
+		t.Fatalf("Acquire of an earlier version's holding = %+v, %v; want busy for its PTTL", g, err)
+	}
+	if _, err := b.Renew(ctx, req("old", "old-owner", time.Minute)); !errors.Is(err, locking.ErrNotHeld) {
+		t.Errorf("Renew = %v, want ErrNotHeld", err)
+	}
+	if err := b.Release(ctx, "old", "old-owner"); !errors.Is(err, locking.ErrNotHeld) {
+		t.Errorf("Release = %v, want ErrNotHeld", err)
+	}
+	time.Sleep(350 * time.Millisecond)
+	g, err = b.Acquire(ctx, req("old", "new", time.Minute))
+	if err != nil || !g.Acquired || g.Token <= 1796038990423656 {
+		t.Errorf("Acquire after the earlier holding expired = %+v, %v; want acquired with a larger token", g, err)
+	}
+
+	if err := c.Set(ctx, b.LockKey("junk"), "not a lock", time.Minute).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if g, err := b.Acquire(ctx, req("junk", "new", time.Minute)); err == nil || g.Acquired {
+		t.Errorf("Acquire over a foreign value = %+v, %v; want an error", g, err)
+	}
+}

@@ -27,7 +27,7 @@ func ExampleNew() {
 	_ = client // client.With(ctx, "report-7", fn, locking.Kind(locking.Weak))
 	fmt.Println(weak.LockKey("report-7"))
 	// Output:
-	// billing:{tb7dnV5lCMfcNWOKMcWQyWWjggM9nupQigdcmrTtzTI}:lock2
+	// billing:{tb7dnV5lCMfcNWOKMcWQyWWjggM9nupQigdcmrTtzTI}:lock
 }
 
 // FromEnv is what locking.Default calls for Weak locks; it reads the

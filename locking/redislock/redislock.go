@@ -72,8 +72,8 @@ func New(c redis.Scripter, opts Options) (*Backend, error) {
 }
 
 // LockKey returns the key holding the lock record for id:
-// Prefix+"{"+H+"}:lock2", H being the unpadded base64url SHA-256 of id.
-func (b *Backend) LockKey(id string) string { return b.prefix + "{" + lockkey.Hash(id) + "}:lock2" }
+// Prefix+"{"+H+"}:lock", H being the unpadded base64url SHA-256 of id.
+func (b *Backend) LockKey(id string) string { return b.prefix + "{" + lockkey.Hash(id) + "}:lock" }
 
 // FenceKey returns LockKey(id): the fencing counter lives in the lock
 // record itself, there is no separate fence key. It remains for callers of

@@ -38,6 +38,11 @@ import "github.com/redis/go-redis/v9"
 // that missed the latest writes), given a server clock that does not go back.
 // Lua numbers are doubles: exact up to 2^53, some 285 years of microseconds.
 //
+// Earlier versions kept "<token> <µs> <owner>" under the same key, with the
+// lease as TTL (and the fence in a second key). The scripts read such a
+// holding as held by someone else until its key expires: busy for Acquire
+// (never stolen), not held for Renew and Release.
+//
 // Commands per call: Acquire: GET + TIME + SET when the record is absent or
 // released; GET + PTTL (+ TIME + SET when it takes over) when it is held or
 // expired. Renew: GET + PTTL + SET. Release: GET + PTTL + SET; GET (+ PTTL)
@@ -55,7 +60,13 @@ local v = redis.call('GET', KEYS[1])
 local tok, rel, took = 0, '-', false
 if v then
   local st, t, l, r, o = string.match(v, '^(%a) (%d+) (%d+) (%S+) (.*)$')
-  if not st then return redis.error_reply('ERR taskguard: not a lock record') end
+  if not st then
+    if string.match(v, '^%d+ %d+ ') then
+      -- Held by an earlier version (one key per holding, TTL the lease).
+      return math.max(redis.call('PTTL', KEYS[1]), 0)
+    end
+    return redis.error_reply('ERR taskguard: not a lock record')
+  end
   tok, rel = tonumber(t), r
   if st == 'h' then
     local pttl = redis.call('PTTL', KEYS[1])
@@ -89,7 +100,10 @@ local G = 86400000
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
 local st, t, l, r, o = string.match(v, '^(%a) (%d+) (%d+) (%S+) (.*)$')
-if not st then return redis.error_reply('ERR taskguard: not a lock record') end
+if not st then
+  if string.match(v, '^%d+ %d+ ') then return 0 end -- an earlier version's holding
+  return redis.error_reply('ERR taskguard: not a lock record')
+end
 if st ~= 'h' or o ~= ARGV[1] or redis.call('PTTL', KEYS[1]) < G then return 0 end
 redis.call('SET', KEYS[1], 'h ' .. t .. ' ' .. ARGV[2] .. ' ' .. r .. ' ' .. o, 'PX', ARGV[2] + G)
 return t
@@ -105,7 +119,10 @@ local G = 86400000
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
 local st, t, l, r, o = string.match(v, '^(%a) (%d+) (%d+) (%S+) (.*)$')
-if not st then return redis.error_reply('ERR taskguard: not a lock record') end
+if not st then
+  if string.match(v, '^%d+ %d+ ') then return 0 end -- an earlier version's holding
+  return redis.error_reply('ERR taskguard: not a lock record')
+end
 if st == 'h' and o == ARGV[1] and redis.call('PTTL', KEYS[1]) >= G then
   local rel = ARGV[2]
   if r ~= '-' then rel = rel .. ',' .. (string.match(r, '^[^,]+,[^,]+,[^,]+') or r) end
