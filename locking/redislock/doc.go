@@ -106,10 +106,11 @@
 // Prefix+"{"+H+"}:lock", where H is the unpadded base64url SHA-256 of the
 // id and Prefix defaults to "taskguard:". The braces are a cluster hash tag,
 // so that anything else a later version keeps for an id shares its slot. The
-// record holds "<h|r> <token> <lease ms> <release nonces> <owner>": whether
-// the last holding is out (h) or was released (r), its token, its last
-// lease, the nonces of the last four releasing Release calls, and its owner.
-// Its TTL is the lease plus a day while held, a day once released.
+// record is "<h|r><4 release nonces> <token> <lease ms> <owner>", fixed width
+// up to the owner (1 + 48 + 1 + 16 + 1 + 9 + 1 bytes): whether the last
+// holding is out (h) or was released (r), the nonces of the last four
+// Release calls that released a holding, its token, its last lease, and its
+// owner. Its TTL is the lease plus a day while held, a day once released.
 //
 // Versions before this layout kept "<token> <µs> <owner>" under the same key
 // (with the lease as TTL) and the fence in a second key, "...}:fence". While

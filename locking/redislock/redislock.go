@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -97,7 +98,8 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 	if r.StealAfter > 0 {
 		steal = ms(r.StealAfter)
 	}
-	res, err := acquireScript.Run(ctx, b.c, []string{b.LockKey(r.ID)}, r.Owner, ms(r.Lease), steal).Result()
+	lease, px := leaseArgs(r.Lease)
+	res, err := acquireScript.Run(ctx, b.c, []string{b.LockKey(r.ID)}, r.Owner, lease, px, steal).Result()
 	if err != nil {
 		return locking.Grant{}, fmt.Errorf("redislock: acquire %q: %w", r.ID, err)
 	}
@@ -130,7 +132,8 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 	if err := validate(r); err != nil {
 		return locking.Grant{}, err
 	}
-	res, err := renewScript.Run(ctx, b.c, []string{b.LockKey(r.ID)}, r.Owner, ms(r.Lease)).Result()
+	lease, px := leaseArgs(r.Lease)
+	res, err := renewScript.Run(ctx, b.c, []string{b.LockKey(r.ID)}, r.Owner, lease, px).Result()
 	if err != nil {
 		return locking.Grant{}, fmt.Errorf("redislock: renew %q: %w", r.ID, err)
 	}
@@ -168,8 +171,7 @@ func (b *Backend) Release(ctx context.Context, id, owner string) error {
 	if id == "" || owner == "" {
 		return fmt.Errorf("%w: %w: release needs an id and an owner", ErrInvalidRequest, locking.ErrInvalid)
 	}
-	nonce := strconv.FormatUint(rand.Uint64(), 36)
-	n, err := releaseScript.Run(ctx, b.c, []string{b.LockKey(id)}, owner, nonce).Int64()
+	n, err := releaseScript.Run(ctx, b.c, []string{b.LockKey(id)}, owner, newNonce()).Int64()
 	if err != nil {
 		return fmt.Errorf("redislock: release %q: %w", id, err)
 	}
@@ -188,6 +190,25 @@ func ms(d time.Duration) int64 {
 		m++
 	}
 	return max(m, 1)
+}
+
+// leaseArgs returns the lease in whole milliseconds (rounded up) as the 9
+// digits the record keeps, and the TTL of a held record: lease + grace, ms.
+func leaseArgs(d time.Duration) (lease string, px int64) {
+	m := ms(d) // <= locking.MaxLease: 8 digits
+	s := strconv.FormatInt(m, 10)
+	return strings.Repeat("0", max(9-len(s), 0)) + s, m + grace.Milliseconds()
+}
+
+// nonceLen is the length of a Release call's nonce in the record.
+const nonceLen = 12
+
+// newNonce returns a Release call's nonce: 12 base-36 digits, about 62
+// random bits. A retry of the call by go-redis sends the same.
+func newNonce() string {
+	const span = 4738381338321616896 // 36^12
+	s := strconv.FormatUint(rand.Uint64N(span), 36)
+	return strings.Repeat("0", nonceLen-len(s)) + s
 }
 
 func token(v any) (uint64, error) {
