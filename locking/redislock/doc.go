@@ -63,11 +63,12 @@
 //   - an Acquire retried by the owner it already granted the lock to renews
 //     that holding and returns its token;
 //   - a Release retried after its first attempt released the lock returns
-//     nil, also if other owners acquired the id in the meantime (the record
-//     remembers the last four Release calls that released a holding, by a
-//     nonce each call draws), and ErrNotHeld only when the owner's holding
-//     ended otherwise (its lease ran out, it was taken over, or released by
-//     another, earlier Release call).
+//     nil, also if other owners acquired the id in the meantime: each
+//     Release call draws a nonce, and the record keeps the nonces of the
+//     last four calls that released a holding of the id (so fewer than four
+//     other releases may come in between). It returns ErrNotHeld only when
+//     the owner's holding ended otherwise: its lease ran out, it was taken
+//     over, or another, earlier Release call released it.
 //
 // An Acquire whose caller gave up before the reply came (its context ended)
 // may still have been granted; Release with the same owner gives it back.

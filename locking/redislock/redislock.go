@@ -81,8 +81,9 @@ func (b *Backend) LockKey(id string) string { return b.prefix + "{" + lockkey.Ha
 // earlier versions and will be removed.
 func (b *Backend) FenceKey(id string) string { return b.LockKey(id) }
 
-// Acquire takes the lock for r.Owner in one script run (one round trip; two
-// when the server has not cached the script yet) when it is free (never
+// Acquire takes the lock for r.Owner in one script run (one round trip, two
+// when the server has not cached the script yet; GET, TIME and SET on the
+// server for a free lock) when it is free (never
 // held, released, or its lease ran out) or when its holder has not acquired
 // or renewed it for more than r.StealAfter (rounded up to whole
 // milliseconds) on the server's clock. When busy, Grant.Remaining is the
@@ -125,8 +126,9 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 }
 
 // Renew extends r.Owner's lease to r.Lease (rounded up to whole
-// milliseconds) from now, in one script run (one round trip) that checks the
-// owner and that the lease has not run out. It returns an error wrapping
+// milliseconds) from now, in one script run (one round trip; GET, PTTL and
+// SET on the server) that checks the owner and that the lease has not run
+// out. It returns the token of the acquisition it extends. It returns an error wrapping
 // locking.ErrNotHeld when r.Owner does not hold the lock.
 func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, error) {
 	if err := validate(r); err != nil {
@@ -152,10 +154,12 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 	return locking.Grant{}, fmt.Errorf("redislock: renew %q: %w %v", r.ID, ErrBadReply, res)
 }
 
-// Release gives owner's holding back, in one script run (one round trip)
-// that checks the owner and the lease first, so it never touches another
-// owner's holding. The record stays (with its token, for fencing) and reads
-// as free.
+// Release gives owner's holding back, in one script run (one round trip;
+// GET, PTTL and SET on the server) that checks the owner and the lease
+// first, so it never touches another owner's holding. The record stays (with
+// its token, for fencing) and reads as free. Release with the owner of an
+// Acquire that failed or whose context ended gives back the holding that
+// Acquire may have been granted anyway (its reply lost or late).
 //
 // Release returns nil when this call released owner's holding. That holds
 // also when the client retried the script after losing the reply of an
