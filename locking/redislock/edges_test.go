@@ -106,10 +106,15 @@ func TestReleaseReplyLost(t *testing.T) {
 		// holdLast is set.
 		others   int
 		holdLast bool
+		// forgotten: so many releases came in between that the record no
+		// longer remembers this call's (the documented limit): ErrNotHeld.
+		forgotten bool
 	}{
 		{name: "nothing in between"},
 		{name: "another owner acquires in between", others: 1, holdLast: true},
 		{name: "three owners come and go in between", others: 3},
+		{name: "three come and go, a fourth holds", others: 4, holdLast: true},
+		{name: "four owners come and go in between", others: 4, forgotten: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			prefix := uniquePrefix()
@@ -150,7 +155,11 @@ func TestReleaseReplyLost(t *testing.T) {
 			if err := errors.Join(between...); err != nil {
 				t.Fatalf("between the attempts: %v", err)
 			}
-			if err != nil {
+			if tc.forgotten {
+				if !errors.Is(err, locking.ErrNotHeld) {
+					t.Errorf("Release whose first reply was lost, four releases later = %v, want ErrNotHeld", err)
+				}
+			} else if err != nil {
 				t.Errorf("Release whose first reply was lost = %v, want nil (it was released)", err)
 			}
 			if err := mine.Release(ctx, id, "me"); !errors.Is(err, locking.ErrNotHeld) {
@@ -383,5 +392,42 @@ func TestEarlierLayout(t *testing.T) {
 	}
 	if g, err := b.Acquire(ctx, req("junk", "new", time.Minute)); err == nil || g.Acquired {
 		t.Errorf("Acquire over a foreign value = %+v, %v; want an error", g, err)
+	}
+}
+
+// TestAcquireReplyLost: the acquire script runs, its reply is lost and
+// go-redis retries: the retry finds the lock held by the same owner and
+// returns that holding (its token), not "busy".
+func TestAcquireReplyLost(t *testing.T) {
+	srv := redistest.Start(t)
+	prefix := uniquePrefix()
+	var d replyDropper
+	mine := droppingBackend(t, srv.Addr, prefix, &d)
+	other := newBackend(t, srv.Addr, prefix, nil)
+	ctx := t.Context()
+	const id = "lost-acquire-reply"
+	if g, err := mine.Acquire(ctx, req(id, "warm", time.Minute)); err != nil || !g.Acquired {
+		t.Fatalf("Acquire = %+v, %v", g, err)
+	}
+	if err := mine.Release(ctx, id, "warm"); err != nil {
+		t.Fatal(err)
+	}
+	d.arm(nil)
+	g, err := mine.Acquire(ctx, req(id, "me", time.Minute))
+	if n := d.dropped.Load(); n != 1 {
+		t.Fatalf("%d replies dropped, want 1", n)
+	}
+	if err != nil || !g.Acquired || g.TookOver {
+		t.Fatalf("Acquire whose first reply was lost = %+v, %v; want acquired", g, err)
+	}
+	rg, err := mine.Renew(ctx, req(id, "me", time.Minute))
+	if err != nil || rg.Token != g.Token {
+		t.Errorf("Renew = %+v, %v; want the token %d of the one holding", rg, err, g.Token)
+	}
+	if g, err := other.Acquire(ctx, req(id, "other", time.Minute)); err != nil || g.Acquired {
+		t.Errorf("another owner's Acquire = %+v, %v; want busy", g, err)
+	}
+	if err := mine.Release(ctx, id, "me"); err != nil {
+		t.Errorf("Release: %v", err)
 	}
 }
