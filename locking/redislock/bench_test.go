@@ -24,7 +24,10 @@ import (
 // Sub-benchmarks:
 //   - taskguard, bsm: each alone; ns/op is one acquire plus one release.
 //     calls/op is the script calls the server ran (round trips), cmds/op
-//     the commands those scripts ran inside (INFO commandstats).
+//     the commands those scripts ran inside, server-ns/op the server's time
+//     in the scripts (all from INFO commandstats). server-ns/op separates
+//     the scripts' cost from the round trips', which dominate ns/op and
+//     vary with the machine's load.
 //   - interleaved: one taskguard pair and one bsm pair per iteration, timed
 //     separately so both see the same machine at the same moment; it
 //     reports taskguard-ns/pair, bsm-ns/pair and their ratio (taskguard/bsm,
