@@ -35,45 +35,91 @@
 //
 // # Operations and round trips
 //
-// Each operation is one Lua script, which the server runs atomically: one
-// round trip (two when the server does not have the script cached yet,
-// after a restart or failover: EVALSHA answers NOSCRIPT and the source is
-// sent with EVAL).
+// Each operation is one Lua script on one key, which the server runs
+// atomically: one round trip (two when the server does not have the script
+// cached yet, after a restart or failover: EVALSHA answers NOSCRIPT and the
+// source is sent with EVAL). The commands each script runs:
 //
-//   - Acquire: if the lock key is free (absent or expired), or its holder
-//     has not acquired or renewed it within StealAfter, issue a token and
-//     SET the key with PX lease; otherwise answer busy with the key's PTTL
-//     as Grant.Remaining.
-//   - Renew: if owner holds the key, SET it again with PX lease.
-//   - Release: if owner holds the key, DEL it.
+//   - Acquire: GET, TIME and SET when the lock is free (never held or
+//     released); GET and PTTL when it is held, and then TIME and SET when it
+//     takes over (the holder's lease ran out, or it has not acquired or
+//     renewed for more than StealAfter). When busy, Grant.Remaining is the
+//     holder's remaining lease.
+//   - Renew: GET, PTTL and SET, if owner holds the lock.
+//   - Release: GET, PTTL and SET, if owner holds the lock; GET alone (or
+//     GET and PTTL) when it does not.
+//
+// An uncontended acquire and release thus costs two round trips and six
+// commands on the server, against two and three for github.com/bsm/redislock,
+// which keeps no fencing counter and no record of past holdings
+// (BenchmarkAcquireRelease measures both).
+//
+// # Ambiguous outcomes
+//
+// go-redis retries a command whose connection broke (its MaxRetries), also
+// after the server ran the script and only the reply was lost. The scripts
+// make such retries harmless:
+//
+//   - an Acquire retried by the owner it already granted the lock to renews
+//     that holding and returns its token;
+//   - a Release retried after its first attempt released the lock returns
+//     nil, also if other owners acquired the id in the meantime: each
+//     Release call draws a nonce, and the record keeps the nonces of the
+//     last four calls that released a holding of the id (so fewer than four
+//     other releases may come in between). It returns ErrNotHeld only when
+//     the owner's holding ended otherwise: its lease ran out, it was taken
+//     over, or another, earlier Release call released it.
+//
+// An Acquire whose caller gave up before the reply came (its context ended)
+// may still have been granted; Release with the same owner gives it back.
 //
 // # Clocks
 //
-// Only the server's clock counts: its key expiry ends leases, and its TIME
-// dates acquisitions and renewals for StealAfter. Instances' clocks are
-// never compared. Leases are sent in milliseconds, rounded up.
+// Only the server's clock counts: the record's TTL (PTTL) tells whether a
+// lease has run out, how much of it remains and how long ago the holder last
+// acquired or renewed it; TIME is read only to issue a token. Instances'
+// clocks are never compared. Leases and StealAfter are sent in whole
+// milliseconds, rounded up, never down to zero. A lease of L ms holds at
+// least L ms, like a key set with PX L: a lease of 1 ns holds 1 to 2 ms.
+// StealAfter S (S ms rounded up) steals a holding once the server's clock
+// shows more than S whole milliseconds since its last acquire or renewal:
+// between S and S + 2 ms after it, never before. StealAfter of 1 ns thus
+// steals 1 to 2 ms after the last acquire or renewal; it never means "do
+// not steal".
 //
 // # Fencing tokens
 //
-// A fence key per id records the last token, whether that holding was
-// released, and its owner; it lives a day past the lease. A new token is the
-// larger of the last token plus one and the server's time in microseconds.
-// Tokens strictly increase while the fence key lasts, and still increase
-// when it was lost to a restart, an eviction or a failover to a stale
-// replica, provided the server's clock has not gone back. That is not a
-// guarantee; Weak locks are for efficiency only.
+// The record of an id keeps the last token issued for it; it outlives every
+// holding by a day (it expires a day after the last lease ran out or the
+// last release). A new token is the larger of the last token plus one and
+// the server's time in microseconds. Tokens strictly increase while the
+// record lasts, and still increase when it was lost to a restart, an
+// eviction or a failover to a replica that missed the latest writes,
+// provided the server's clock has not gone back. That is not a guarantee;
+// Weak locks are for efficiency only.
 //
-// Grant.TookOver is true for a steal and when the fence key shows that the
+// Grant.TookOver is true for a steal and when the record shows that the
 // previous holding was never released (its lease ran out).
 //
 // # Keys
 //
-// Ids are hashed, so any id works: the lock is Prefix+"{"+H+"}:lock" and
-// the fence Prefix+"{"+H+"}:fence", where H is the unpadded base64url
-// SHA-256 of the id and Prefix defaults to "taskguard:". The braces are a
-// cluster hash tag: both keys of an id live in one slot, as a script that
-// touches both requires in cluster mode. The lock holds
-// "<token> <time µs> <owner>", the fence "<token> <h|r> <owner>".
+// Ids are hashed, so any id works: the record of an id is the string key
+// Prefix+"{"+H+"}:lock", where H is the unpadded base64url SHA-256 of the
+// id and Prefix defaults to "taskguard:". The braces are a cluster hash tag,
+// so that anything else a later version keeps for an id shares its slot. The
+// record is "<h|r><4 release nonces> <token> <lease ms> <owner>", fixed width
+// up to the owner (1 + 48 + 1 + 16 + 1 + 9 + 1 bytes): whether the last
+// holding is out (h) or was released (r), the nonces of the last four
+// Release calls that released a holding, its token, its last lease, and its
+// owner. Its TTL is the lease plus a day while held, a day once released.
+//
+// Versions before this layout kept "<token> <µs> <owner>" under the same key
+// (with the lease as TTL) and the fence in a second key, "...}:fence". While
+// both run (a rolling update), this version reads a holding of the earlier
+// one as busy until it expires, and the earlier one reads this version's
+// records as busy (for up to a day after a release) unless it steals them
+// with StealAfter; fencing tokens keep growing across the change, as both
+// floor them with the server's time in microseconds.
 //
 // # Configuration
 //

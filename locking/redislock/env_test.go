@@ -2,13 +2,11 @@ package redislock_test
 
 import (
 	"bytes"
-	"errors"
 	"log/slog"
 	"os"
 	"strings"
 	"testing"
-
-	"github.com/redis/go-redis/v9"
+	"time"
 
 	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/locking/redislock"
@@ -51,8 +49,10 @@ func TestDefaultUsesValkey(t *testing.T) {
 	if err := l.Release(t.Context()); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Get(t.Context(), keys.LockKey("default-weak")).Err(); !errors.Is(err, redis.Nil) {
-		t.Errorf("lock key after Release: %v, want redis.Nil", err)
+	// The record stays, for fencing, and reads as free.
+	g, err := keys.Acquire(t.Context(), locking.Request{ID: "default-weak", Owner: "next", Lease: time.Second})
+	if err != nil || !g.Acquired || g.TookOver || g.Token <= l.Token() {
+		t.Errorf("Acquire after Release = %+v, %v; want acquired, no takeover, a token above %d", g, err, l.Token())
 	}
 }
 

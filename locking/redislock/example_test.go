@@ -26,10 +26,8 @@ func ExampleNew() {
 	}
 	_ = client // client.With(ctx, "report-7", fn, locking.Kind(locking.Weak))
 	fmt.Println(weak.LockKey("report-7"))
-	fmt.Println(weak.FenceKey("report-7"))
 	// Output:
 	// billing:{tb7dnV5lCMfcNWOKMcWQyWWjggM9nupQigdcmrTtzTI}:lock
-	// billing:{tb7dnV5lCMfcNWOKMcWQyWWjggM9nupQigdcmrTtzTI}:fence
 }
 
 // FromEnv is what locking.Default calls for Weak locks; it reads the

@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -19,16 +21,14 @@ const DefaultPrefix = "taskguard:"
 // MaxPrefixLen is the longest Options.Prefix.
 const MaxPrefixLen = 200
 
-// fenceGrace is how much longer than the lease a fence record lives after an
-// acquisition: long enough for Acquire to see that a lease ran out, short
-// enough that idle ids do not pile up forever.
-const fenceGrace = 24 * time.Hour
-
 // ErrInvalidOptions is returned by New for a nil client or a bad prefix.
 var ErrInvalidOptions = errors.New("redislock: invalid options")
 
-// ErrInvalidRequest is returned for a request without id, owner or
-// positive lease (the locking core never sends one).
+// ErrInvalidRequest is returned, before any I/O, for a request that
+// locking.Request.Validate refuses (no id or owner, a lease not in
+// (0, locking.MaxLease], a StealAfter not in [0, locking.MaxLease]) and for
+// a Release without id or owner. The error also matches locking.ErrInvalid.
+// The locking core never sends such a request.
 var ErrInvalidRequest = errors.New("redislock: invalid request")
 
 // ErrBadReply is returned (wrapped) when the server answers a script with
@@ -72,79 +72,110 @@ func New(c redis.Scripter, opts Options) (*Backend, error) {
 	return &Backend{c: c, prefix: p}, nil
 }
 
-// LockKey returns the key holding the lock for id.
+// LockKey returns the key holding the lock record for id:
+// Prefix+"{"+H+"}:lock", H being the unpadded base64url SHA-256 of id.
 func (b *Backend) LockKey(id string) string { return b.prefix + "{" + lockkey.Hash(id) + "}:lock" }
 
-// FenceKey returns the key holding the fence record for id.
-func (b *Backend) FenceKey(id string) string { return b.prefix + "{" + lockkey.Hash(id) + "}:fence" }
+// FenceKey returns LockKey(id): the fencing counter lives in the lock
+// record itself, there is no separate fence key. It remains for callers of
+// earlier versions and will be removed.
+func (b *Backend) FenceKey(id string) string { return b.LockKey(id) }
 
-func (b *Backend) keys(id string) []string { return []string{b.LockKey(id), b.FenceKey(id)} }
-
-// Acquire takes the lock for r.Owner in one script run (one round trip; two
-// when the server has not cached the script yet):
-// free, expired, or held by someone who has not acquired or renewed it
-// within r.StealAfter on the server's clock. When busy, Grant.Remaining is
-// the lock's PTTL.
+// Acquire takes the lock for r.Owner in one script run (one round trip, two
+// when the server has not cached the script yet; GET, TIME and SET on the
+// server for a free lock) when it is free (never
+// held, released, or its lease ran out) or when its holder has not acquired
+// or renewed it for more than r.StealAfter (rounded up to whole
+// milliseconds) on the server's clock. When busy, Grant.Remaining is the
+// holder's remaining lease on the server's clock, in whole milliseconds (at
+// least 1). r.Lease is rounded up to
+// whole milliseconds. A request that r.Validate refuses fails with
+// ErrInvalidRequest (and locking.ErrInvalid) before any I/O.
 func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant, error) {
-	if err := checkRequest(r); err != nil {
+	if err := validate(r); err != nil {
 		return locking.Grant{}, err
 	}
-	fenceTTL := r.Lease + fenceGrace
-	if fenceTTL < r.Lease { // overflow
-		fenceTTL = r.Lease
+	var steal int64
+	if r.StealAfter > 0 {
+		steal = ms(r.StealAfter)
 	}
-	res, err := acquireScript.Run(ctx, b.c, b.keys(r.ID),
-		r.Owner, ms(r.Lease), r.StealAfter.Microseconds(), ms(fenceTTL)).Slice()
+	lease, px := leaseArgs(r.Lease)
+	res, err := acquireScript.Run(ctx, b.c, []string{b.LockKey(r.ID)}, r.Owner, lease, px, steal).Result()
 	if err != nil {
 		return locking.Grant{}, fmt.Errorf("redislock: acquire %q: %w", r.ID, err)
 	}
-	switch {
-	case len(res) == 3 && res[0] == int64(1):
-		tok, err := token(res[1])
+	switch v := res.(type) {
+	case string: // acquired
+		tok, err := token(v)
 		if err != nil {
 			return locking.Grant{}, fmt.Errorf("redislock: acquire %q: %w", r.ID, err)
 		}
-		return locking.Grant{Acquired: true, Token: tok, TookOver: res[2] == int64(1)}, nil
-	case len(res) == 2 && res[0] == int64(0):
-		pttl, _ := res[1].(int64)
-		return locking.Grant{Remaining: max(time.Duration(pttl)*time.Millisecond, 0)}, nil
+		return locking.Grant{Acquired: true, Token: tok}, nil
+	case []any: // acquired, taking over
+		if len(v) == 1 {
+			tok, err := token(v[0])
+			if err != nil {
+				return locking.Grant{}, fmt.Errorf("redislock: acquire %q: %w", r.ID, err)
+			}
+			return locking.Grant{Acquired: true, Token: tok, TookOver: true}, nil
+		}
+	case int64: // busy; 0 would read as "unknown"
+		return locking.Grant{Remaining: time.Duration(max(v, 1)) * time.Millisecond}, nil
 	}
 	return locking.Grant{}, fmt.Errorf("redislock: acquire %q: %w %v", r.ID, ErrBadReply, res)
 }
 
-// Renew extends r.Owner's lease in one script run (one round trip) that
-// checks the owner and resets the lock's TTL to r.Lease.
+// Renew extends r.Owner's lease to r.Lease (rounded up to whole
+// milliseconds) from now, in one script run (one round trip; GET, PTTL and
+// SET on the server) that checks the owner and that the lease has not run
+// out. It returns the token of the acquisition it extends. It returns an error wrapping
+// locking.ErrNotHeld when r.Owner does not hold the lock.
 func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, error) {
-	if err := checkRequest(r); err != nil {
+	if err := validate(r); err != nil {
 		return locking.Grant{}, err
 	}
-	res, err := renewScript.Run(ctx, b.c, b.keys(r.ID), r.Owner, ms(r.Lease)).Slice()
+	lease, px := leaseArgs(r.Lease)
+	res, err := renewScript.Run(ctx, b.c, []string{b.LockKey(r.ID)}, r.Owner, lease, px).Result()
 	if err != nil {
 		return locking.Grant{}, fmt.Errorf("redislock: renew %q: %w", r.ID, err)
 	}
-	switch {
-	case len(res) == 2 && res[0] == int64(1):
-		tok, err := token(res[1])
+	switch v := res.(type) {
+	case string:
+		tok, err := token(v)
 		if err != nil {
 			return locking.Grant{}, fmt.Errorf("redislock: renew %q: %w", r.ID, err)
 		}
 		return locking.Grant{Acquired: true, Token: tok}, nil
-	case len(res) == 1 && res[0] == int64(0):
-		return locking.Grant{}, fmt.Errorf("redislock: renew %q: %w (expired, released, taken over, or lost with the server's data)", r.ID, locking.ErrNotHeld)
+	case int64:
+		if v == 0 {
+			return locking.Grant{}, fmt.Errorf("redislock: renew %q: %w (expired, released, taken over, or lost with the server's data)", r.ID, locking.ErrNotHeld)
+		}
 	}
 	return locking.Grant{}, fmt.Errorf("redislock: renew %q: %w %v", r.ID, ErrBadReply, res)
 }
 
-// Release deletes owner's lock in one script run (one round trip) that
-// checks the owner first, so it never deletes another owner's lock. When
-// the reply is lost and the client's own retry runs the script again, that
-// retry finds the lock gone and Release reports ErrNotHeld although the
-// lock was released.
+// Release gives owner's holding back, in one script run (one round trip;
+// GET, PTTL and SET on the server) that checks the owner and the lease
+// first, so it never touches another owner's holding. The record stays (with
+// its token, for fencing) and reads as free. Release with the owner of an
+// Acquire that failed or whose context ended gives back the holding that
+// Acquire may have been granted anyway (its reply lost or late).
+//
+// Release returns nil when this call released owner's holding. That holds
+// also when the client retried the script after losing the reply of an
+// attempt that had already released it (go-redis retries on a broken
+// connection), whatever happened to the id between the attempts, as long as
+// fewer than four other releases of the id came in between: the record keeps
+// the nonces of the last four releases, and each Release call sends its own.
+// It returns an error wrapping locking.ErrNotHeld when owner's holding ended
+// otherwise: its lease ran out, another owner took over, it was released by
+// an earlier Release call, or the server lost it. id and owner must not be
+// empty (ErrInvalidRequest, before any I/O).
 func (b *Backend) Release(ctx context.Context, id, owner string) error {
 	if id == "" || owner == "" {
-		return fmt.Errorf("%w: release needs an id and an owner", ErrInvalidRequest)
+		return fmt.Errorf("%w: %w: release needs an id and an owner", ErrInvalidRequest, locking.ErrInvalid)
 	}
-	n, err := releaseScript.Run(ctx, b.c, b.keys(id), owner).Int64()
+	n, err := releaseScript.Run(ctx, b.c, []string{b.LockKey(id)}, owner, newNonce()).Int64()
 	if err != nil {
 		return fmt.Errorf("redislock: release %q: %w", id, err)
 	}
@@ -154,14 +185,34 @@ func (b *Backend) Release(ctx context.Context, id, owner string) error {
 	return nil
 }
 
-// ms converts d to whole milliseconds for PX, rounding up so that a
-// sub-millisecond lease never becomes 0 (which Redis rejects).
+// ms converts a positive d to whole milliseconds, rounding up so that a
+// sub-millisecond lease or StealAfter never becomes 0 (which PX rejects and
+// which the acquire script reads as "never steal").
 func ms(d time.Duration) int64 {
 	m := d.Milliseconds()
 	if d%time.Millisecond != 0 {
 		m++
 	}
 	return max(m, 1)
+}
+
+// leaseArgs returns the lease in whole milliseconds (rounded up) as the 9
+// digits the record keeps, and the TTL of a held record: lease + grace, ms.
+func leaseArgs(d time.Duration) (lease string, px int64) {
+	m := ms(d) // <= locking.MaxLease: 8 digits
+	s := strconv.FormatInt(m, 10)
+	return strings.Repeat("0", max(9-len(s), 0)) + s, m + grace.Milliseconds()
+}
+
+// nonceLen is the length of a Release call's nonce in the record.
+const nonceLen = 12
+
+// newNonce returns a Release call's nonce: 12 base-36 digits, about 62
+// random bits. A retry of the call by go-redis sends the same.
+func newNonce() string {
+	const span = 4738381338321616896 // 36^12
+	s := strconv.FormatUint(rand.Uint64N(span), 36)
+	return strings.Repeat("0", nonceLen-len(s)) + s
 }
 
 func token(v any) (uint64, error) {
@@ -176,10 +227,10 @@ func token(v any) (uint64, error) {
 	return t, nil
 }
 
-// checkRequest rejects requests the core never sends.
-func checkRequest(r locking.Request) error {
-	if r.ID == "" || r.Owner == "" || r.Lease <= 0 {
-		return fmt.Errorf("%w: it needs an id, an owner and a positive lease", ErrInvalidRequest)
+// validate refuses, before any I/O, what the core never sends.
+func validate(r locking.Request) error {
+	if err := r.Validate(); err != nil {
+		return fmt.Errorf("%w: %w", ErrInvalidRequest, err)
 	}
 	return nil
 }

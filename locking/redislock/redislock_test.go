@@ -246,7 +246,8 @@ func TestStealIsAtomic(t *testing.T) {
 	}
 }
 
-// TestRoundTrips counts the commands each operation sends.
+// TestRoundTrips counts the commands each operation sends (round trips)
+// and, from the server's INFO commandstats, the commands its script runs.
 func TestRoundTrips(t *testing.T) {
 	srv := redistest.Start(t)
 	var cnt counter
@@ -256,61 +257,87 @@ func TestRoundTrips(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	admin := newClient(t, srv.Addr, nil)
 	ctx := t.Context()
 	if err := c.Ping(ctx).Err(); err != nil { // connection handshake, not counted below
 		t.Fatal(err)
 	}
+	if err := admin.Ping(ctx).Err(); err != nil {
+		t.Fatal(err)
+	}
 	const lease = 10 * time.Second
-	measure := func(name string, want int64, f func() error) {
+	// measure checks the round trips of f and, when wantCmds >= 0 and the
+	// server is ours alone, the commands its scripts ran.
+	measure := func(name string, wantRT, wantCmds int64, f func() error) {
 		t.Helper()
+		exact := !srv.External() && wantCmds >= 0
+		if exact {
+			if err := admin.ConfigResetStat(ctx).Err(); err != nil {
+				t.Fatal(err)
+			}
+		}
 		before := cnt.n.Load()
 		if err := f(); err != nil {
 			t.Fatalf("%s: %v", name, err)
 		}
 		got := cnt.n.Load() - before
-		t.Logf("%s: %d round trips", name, got)
-		if got != want {
-			t.Errorf("%s: %d round trips, want %d", name, got, want)
+		if got != wantRT {
+			t.Errorf("%s: %d round trips, want %d", name, got, wantRT)
+		}
+		if !exact {
+			t.Logf("%s: %d round trips", name, got)
+			return
+		}
+		cmds := commandStats(t, admin).cmds
+		t.Logf("%s: %d round trips, %d commands in the script", name, got, cmds)
+		if cmds != wantCmds {
+			t.Errorf("%s: %d commands in the script, want %d", name, cmds, wantCmds)
 		}
 	}
-	expect := func(g locking.Grant, err error, acquired bool) error {
+	expect := func(g locking.Grant, err error, acquired, tookOver bool) error {
 		if err != nil {
 			return err
 		}
-		if g.Acquired != acquired {
-			return fmt.Errorf("Acquired = %v, want %v", g.Acquired, acquired)
+		if g.Acquired != acquired || g.TookOver != tookOver {
+			return fmt.Errorf("grant %+v, want Acquired %v, TookOver %v", g, acquired, tookOver)
 		}
 		return nil
 	}
-	measure("first acquire on a fresh server (EVALSHA, NOSCRIPT, EVAL)", 2, func() error {
+	measure("first acquire on a fresh server (EVALSHA, NOSCRIPT, EVAL): GET TIME SET", 2, 3, func() error {
 		g, err := b.Acquire(ctx, req("rt", "a", lease))
-		return expect(g, err, true)
+		return expect(g, err, true, false)
 	})
-	measure("acquire, busy", 1, func() error {
+	measure("acquire, busy: GET PTTL", 1, 2, func() error {
 		g, err := b.Acquire(ctx, req("rt", "b", lease))
-		return expect(g, err, false)
+		return expect(g, err, false, false)
 	})
-	measure("first renew (script not cached yet)", 2, func() error {
+	measure("first renew (script not cached yet): GET PTTL SET", 2, 3, func() error {
 		_, err := b.Renew(ctx, req("rt", "a", lease))
 		return err
 	})
-	measure("renew", 1, func() error {
+	measure("renew: GET PTTL SET", 1, 3, func() error {
 		_, err := b.Renew(ctx, req("rt", "a", lease))
 		return err
 	})
-	measure("first release (script not cached yet)", 2, func() error { return b.Release(ctx, "rt", "a") })
-	measure("acquire", 1, func() error {
+	measure("first release (script not cached yet): GET PTTL SET", 2, 3, func() error { return b.Release(ctx, "rt", "a") })
+	measure("acquire after a release: GET TIME SET", 1, 3, func() error {
 		g, err := b.Acquire(ctx, req("rt", "a", lease))
-		return expect(g, err, true)
+		return expect(g, err, true, false)
 	})
-	measure("release", 1, func() error { return b.Release(ctx, "rt", "a") })
-	measure("acquire, then steal", 2, func() error {
-		if g, err := b.Acquire(ctx, req("rt", "a", lease)); !g.Acquired || err != nil {
-			return fmt.Errorf("acquire: %+v %v", g, err)
+	measure("release: GET PTTL SET", 1, 3, func() error { return b.Release(ctx, "rt", "a") })
+	measure("release, not held: GET", 1, 1, func() error {
+		if err := b.Release(ctx, "rt", "a"); !errors.Is(err, locking.ErrNotHeld) {
+			return fmt.Errorf("second release = %v, want ErrNotHeld", err)
 		}
-		time.Sleep(5 * time.Millisecond)
+		return nil
+	})
+	if g, err := b.Acquire(ctx, req("rt", "a", lease)); !g.Acquired || err != nil {
+		t.Fatalf("acquire: %+v %v", g, err)
+	}
+	time.Sleep(5 * time.Millisecond)
+	measure("steal: GET PTTL TIME SET", 1, 4, func() error {
 		g, err := b.Acquire(ctx, locking.Request{ID: "rt", Owner: "b", Lease: lease, StealAfter: time.Millisecond})
-		return expect(g, err, true)
+		return expect(g, err, true, true)
 	})
 }
 

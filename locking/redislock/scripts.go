@@ -1,92 +1,160 @@
 package redislock
 
-import "github.com/redis/go-redis/v9"
+import (
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
 
 // The scripts below run atomically on the server: nothing else touches the
-// keys between their reads and writes. All time comes from the server's TIME.
+// key between their reads and writes. Each touches one key, KEYS[1], the
+// record of one id (so any key layout works in cluster mode).
 //
-// Keys: KEYS[1] is the lock, KEYS[2] the fence record of the same id; both
-// carry the same hash tag, so they live in one cluster slot.
+// The record is a string of fixed layout, so that the scripts slice it
+// rather than parse it (string.sub costs a fraction of string.match):
 //
-// The lock value is "<token> <stamp µs> <owner>": the fencing token of the
-// holding, the server time of its last acquire or renewal, and the owner
-// (last, so it may hold any byte). Its TTL is the lease.
+//	byte  1       state: "h" while a holding is out (held, or its lease ran
+//	              out and nobody took over yet), "r" once it was released
+//	bytes 2-49    the nonces of the last four Release calls that released a
+//	              holding of this id, 12 bytes each, newest first ("-" x 12
+//	              for none); carried from holding to holding, so that a
+//	              retried Release can tell that its own earlier attempt
+//	              released the lock
+//	byte  50      " "
+//	bytes 51-66   token of the last holding: 16 decimal digits, zero-padded
+//	byte  67      " "
+//	bytes 68-76   lease of its last acquire or renewal: 9 digits, ms
+//	byte  77      " "
+//	bytes 78-     owner of the last holding (any bytes)
 //
-// The fence value is "<token> <state> <owner>": the last token issued for the
-// id, whether that holding is still out ("h") or was released ("r"), and its
-// owner. It outlives the lock (lease + 1 day, refreshed on every acquisition)
-// so that Acquire can tell a lease that ran out from a release, and so that
-// tokens keep growing.
+// Its TTL says the rest, on the server's clock, without TIME: an acquire or
+// renewal sets it to lease + G (G = grace, one day), a release to G. So
+//
+//   - a holding is held while PTTL >= G: its lease has not run out (like a
+//     key with PX lease, it is held through the lease's last millisecond);
+//   - its remaining lease is PTTL - G (plus under 1 ms);
+//   - the time since its last acquire or renewal is lease + G - PTTL
+//     whole milliseconds of the server's clock (the true time is up to 1 ms
+//     more or less), which is what StealAfter compares: a steal needs more
+//     than StealAfter ms, so that at least StealAfter has truly passed;
+//   - the record outlives every holding by G, so tokens keep growing and
+//     TookOver can tell an expired holding from a released one.
+//
+// TIME is read once, when Acquire issues a token: a new token is the larger
+// of the last token plus one and the server's time in microseconds, so that
+// tokens still grow when the record was lost (a restart without persistence,
+// an eviction) or is older than the last one issued (a failover to a replica
+// that missed the latest writes), given a server clock that does not go back.
+// The time in microseconds has 16 digits from 2001 to 2286; Lua numbers
+// (doubles) are exact to 2^53, beyond that.
+//
+// Earlier versions kept "<token> <µs> <owner>" under the same key, with the
+// lease as TTL (and the fence in a second key). The scripts read such a
+// holding as held by someone else until its key expires: busy for Acquire
+// (never stolen), not held for Renew and Release. Anything else under the
+// key is an error.
+//
+// Commands per call: Acquire: GET + TIME + SET when the record is absent or
+// released; GET + PTTL (+ TIME + SET when it takes over) when it is held or
+// expired. Renew: GET + PTTL + SET. Release: GET + PTTL + SET; GET (+ PTTL)
+// when the owner does not hold it.
 
-// acquireScript: ARGV[1] owner, ARGV[2] lease ms, ARGV[3] StealAfter µs
-// (0: never steal), ARGV[4] fence TTL ms.
-// Returns {1, token, tookOver} when acquired, {0, pttl} when busy.
-//
-// The token is max(last token + 1, server time in µs): strictly increasing
-// while the fence record lasts, and still increasing (given a server clock
-// that does not run backwards) when the record was lost to a restart, an
-// eviction or a failover to a replica that had not seen the latest writes.
-var acquireScript = redis.NewScript(`
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local cur = redis.call('GET', KEYS[1])
-local took = 0
-if cur then
-  local tok, stamp, owner = string.match(cur, '^(%d+) (%d+) (.*)$')
-  if owner == ARGV[1] then
-    -- Our own earlier try, whose reply was lost and which the client retried.
-    redis.call('SET', KEYS[1], tok .. ' ' .. string.format('%d', now) .. ' ' .. owner, 'PX', ARGV[2])
-    return {1, tok, 0}
-  end
-  local steal = tonumber(ARGV[3])
-  if steal == 0 or (stamp and now - tonumber(stamp) < steal) then
-    return {0, redis.call('PTTL', KEYS[1])}
-  end
-  took = 1
-end
-local last = 0
-local f = redis.call('GET', KEYS[2])
-if f then
-  local ftok, state = string.match(f, '^(%d+) (%a)')
-  if ftok then
-    last = tonumber(ftok)
-    if not cur and state == 'h' then
-      took = 1 -- the last holding was never released: its lease ran out
+// acquireScript: ARGV[1] owner, ARGV[2] lease ms (9 digits), ARGV[3] lease
+// + G ms, ARGV[4] StealAfter ms (0: never steal; steals when more than that
+// many whole milliseconds have passed since the holder's last acquire or
+// renewal).
+// Replies: a bulk string, the token: acquired; an array {token}: acquired,
+// taking over an expired or stolen holding; an integer: busy, the holder's
+// remaining lease in whole ms (0 in its last millisecond).
+var acquireScript = script(`
+local G = @G
+local v = redis.call('GET', KEYS[1])
+local rel, tok, took = '------------------------------------------------', '0000000000000000', false
+if v then
+  local st = string.byte(v, 1)
+  if (st ~= 104 and st ~= 114) or #v < 78 then
+    if string.match(v, '^%d+ %d+ ') then
+      return math.max(redis.call('PTTL', KEYS[1]), 0) -- an earlier version's holding
     end
+    return redis.error_reply('ERR taskguard: not a lock record')
+  end
+  rel, tok = string.sub(v, 2, 49), string.sub(v, 51, 66)
+  if st == 104 then
+    local pttl = redis.call('PTTL', KEYS[1])
+    if pttl >= G then
+      if string.sub(v, 78) == ARGV[1] then
+        -- This owner's own acquire, retried after its reply was lost.
+        redis.call('SET', KEYS[1], 'h' .. rel .. ' ' .. tok .. ' ' .. ARGV[2] .. ' ' .. ARGV[1], 'PX', ARGV[3])
+        return tok
+      end
+      local steal = tonumber(ARGV[4])
+      if steal == 0 or string.sub(v, 68, 76) + G - pttl <= steal then
+        return pttl - G
+      end
+    end
+    took = true
   end
 end
-local tok = now
-if tok <= last then tok = last + 1 end
-local stok = string.format('%d', tok)
-redis.call('SET', KEYS[2], stok .. ' h ' .. ARGV[1], 'PX', ARGV[4])
-redis.call('SET', KEYS[1], stok .. ' ' .. string.format('%d', now) .. ' ' .. ARGV[1], 'PX', ARGV[2])
-return {1, stok, took}
-`)
-
-// renewScript: ARGV[1] owner, ARGV[2] lease ms.
-// Returns {1, token} when renewed, {0} when owner does not hold the lock.
-var renewScript = redis.NewScript(`
-local cur = redis.call('GET', KEYS[1])
-if not cur then return {0} end
-local tok, stamp, owner = string.match(cur, '^(%d+) (%d+) (.*)$')
-if owner ~= ARGV[1] then return {0} end
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-redis.call('SET', KEYS[1], tok .. ' ' .. string.format('%d', now) .. ' ' .. owner, 'PX', ARGV[2])
-return {1, tok}
+local now = t[1] .. string.sub('00000' .. t[2], -6)
+if #now ~= 16 or now <= tok then
+  now = string.format('%016d', math.max(tonumber(now), tok + 1))
+end
+redis.call('SET', KEYS[1], 'h' .. rel .. ' ' .. now .. ' ' .. ARGV[2] .. ' ' .. ARGV[1], 'PX', ARGV[3])
+if took then return {now} end
+return now
 `)
 
-// releaseScript: ARGV[1] owner.
-// Returns 1 when released, 0 when owner does not hold the lock.
-var releaseScript = redis.NewScript(`
-local cur = redis.call('GET', KEYS[1])
-if not cur then return 0 end
-local tok, stamp, owner = string.match(cur, '^(%d+) (%d+) (.*)$')
-if owner ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-local f = redis.call('GET', KEYS[2])
-if f and string.match(f, '^(%d+) h ') == tok then
-  redis.call('SET', KEYS[2], tok .. ' r ' .. owner, 'KEEPTTL')
+// renewScript: ARGV[1] owner, ARGV[2] lease ms (9 digits), ARGV[3] lease
+// + G ms.
+// Replies: a bulk string, the token: renewed; 0: owner does not hold it.
+var renewScript = script(`
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local st = string.byte(v, 1)
+if (st ~= 104 and st ~= 114) or #v < 78 then
+  if string.match(v, '^%d+ %d+ ') then return 0 end -- an earlier version's holding
+  return redis.error_reply('ERR taskguard: not a lock record')
 end
-return 1
+if st ~= 104 or string.sub(v, 78) ~= ARGV[1] or redis.call('PTTL', KEYS[1]) < @G then
+  return 0
+end
+redis.call('SET', KEYS[1], string.sub(v, 1, 67) .. ARGV[2] .. ' ' .. ARGV[1], 'PX', ARGV[3])
+return string.sub(v, 51, 66)
 `)
+
+// releaseScript: ARGV[1] owner, ARGV[2] nonce: 12 bytes of [0-9a-z], drawn
+// by one Release call and the same in the client's retries of it.
+// Replies: 1: released, now or by an earlier attempt of the same call
+// (whose reply was lost), whatever happened to the id since, unless four
+// other releases came after it; 0: owner does not hold it and this call did
+// not release it.
+var releaseScript = script(`
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local st = string.byte(v, 1)
+if (st ~= 104 and st ~= 114) or #v < 78 then
+  if string.match(v, '^%d+ %d+ ') then return 0 end -- an earlier version's holding
+  return redis.error_reply('ERR taskguard: not a lock record')
+end
+if st == 104 and string.sub(v, 78) == ARGV[1] and redis.call('PTTL', KEYS[1]) >= @G then
+  redis.call('SET', KEYS[1], 'r' .. ARGV[2] .. string.sub(v, 2, 37) .. string.sub(v, 50), 'PX', @G)
+  return 1
+end
+for i = 2, 38, 12 do
+  if string.sub(v, i, i + 11) == ARGV[2] then return 1 end
+end
+return 0
+`)
+
+// grace (G in the scripts) is how long a record outlives its last holding:
+// long enough for Acquire to see that a lease ran out, short enough that
+// idle ids do not pile up forever.
+const grace = 24 * time.Hour
+
+// script compiles a script with G replaced by grace in milliseconds.
+func script(src string) *redis.Script {
+	return redis.NewScript(strings.ReplaceAll(src, "@G", strconv.FormatInt(grace.Milliseconds(), 10)))
+}
