@@ -2,6 +2,8 @@ package locking_test
 
 import (
 	"errors"
+	"math/rand/v2"
+	"slices"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -10,32 +12,80 @@ import (
 	"github.com/taskguard/taskguard/locking/memlock"
 )
 
-// TestDefaultPollRate checks the bound BENCHMARKS.md states for the default
-// backoff: a waiting instance polls a held id at most 1/DefaultMinBackoff
-// times a second, and, once backed off, at least 1/DefaultMaxBackoff times a
-// second (so a release is noticed within DefaultMaxBackoff).
-func TestDefaultPollRate(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		store := memlock.New()
-		holder := newClient(t, store, locking.Config{})
-		l, err := holder.Acquire(t.Context(), "job")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer l.Release(t.Context())
-		b := &counting{Backend: store}
-		waiter := newClient(t, b, locking.Config{})
-		const wait = 10 * time.Second
-		_, err = waiter.Acquire(t.Context(), "job", locking.MaxWait(wait))
-		if !errors.Is(err, locking.ErrNotAcquired) {
-			t.Fatalf("err = %v; want ErrNotAcquired", err)
-		}
-		n := b.acquires.Load()
-		most := int64(wait/locking.DefaultMinBackoff) + 1
-		least := int64(wait / locking.DefaultMaxBackoff)
-		t.Logf("%d polls in %v (%.1f/s)", n, wait, float64(n)/wait.Seconds())
-		if n < least || n > most {
-			t.Errorf("%d polls in %v with the default backoff; want between %d and %d", n, wait, least, most)
-		}
+// TestPollSchedule checks the schedule of a waiter's polls on a backend that
+// does not announce releases, on a fake clock (a test of the schedule, not
+// of the machine's speed): over a 60 s wait one waiting client polls at most
+// 2 times a second on average, and a release after a wait of T is noticed
+// within a tenth of T (within MinBackoff and MaxBackoff) every time, and
+// within max(25 ms, 5% of T) at the median.
+func TestPollSchedule(t *testing.T) {
+	t.Run("PollsOver60s", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			store := memlock.New()
+			holder := newClient(t, store, locking.Config{})
+			l, err := holder.Acquire(t.Context(), "job", locking.Lease(2*time.Minute))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer l.Release(t.Context())
+			b := &counting{Backend: store}
+			waiter := newClient(t, b, locking.Config{})
+			const wait = 60 * time.Second
+			_, err = waiter.Acquire(t.Context(), "job", locking.MaxWait(wait))
+			if !errors.Is(err, locking.ErrNotAcquired) {
+				t.Fatalf("err = %v; want ErrNotAcquired", err)
+			}
+			n := b.acquires.Load()
+			t.Logf("%d polls in %v (%.2f/s)", n, wait, float64(n)/wait.Seconds())
+			if n > 2*int64(wait/time.Second) {
+				t.Errorf("%d polls in a %v wait; want at most 2 a second", n, wait)
+			}
+			if least := int64(wait / locking.DefaultMaxBackoff); n < least {
+				t.Errorf("%d polls in a %v wait; want at least one per DefaultMaxBackoff (%d)", n, wait, least)
+			}
+		})
 	})
+	for _, waited := range []time.Duration{100 * time.Millisecond, time.Second, 10 * time.Second, 60 * time.Second} {
+		t.Run("HandOffAfter"+waited.String(), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				worst := min(max(waited/10, locking.DefaultMinBackoff), locking.DefaultMaxBackoff)
+				var lat []time.Duration
+				for range 101 {
+					store := memlock.New()
+					holder := newClient(t, store, locking.Config{})
+					waiter := newClient(t, store, locking.Config{})
+					l, err := holder.Acquire(t.Context(), "job", locking.Lease(2*time.Minute))
+					if err != nil {
+						t.Fatal(err)
+					}
+					got := make(chan time.Time, 1)
+					go func() {
+						w, err := waiter.Acquire(t.Context(), "job")
+						if err != nil {
+							t.Error(err)
+						}
+						got <- time.Now()
+						w.Release(t.Context())
+					}()
+					// Release at a random phase of the waiter's polls.
+					time.Sleep(waited + rand.N(worst))
+					released := time.Now()
+					if err := l.Release(t.Context()); err != nil {
+						t.Fatal(err)
+					}
+					lat = append(lat, (<-got).Sub(released))
+				}
+				slices.Sort(lat)
+				p50, most := lat[len(lat)/2], lat[len(lat)-1]
+				goal := max(25*time.Millisecond, waited/20)
+				t.Logf("after %v: hand-off p50 %v, max %v (bound %v, goal p50 %v)", waited, p50, most, worst, goal)
+				if most > worst {
+					t.Errorf("a hand-off took %v after a wait of %v; want at most %v", most, waited, worst)
+				}
+				if p50 > goal {
+					t.Errorf("hand-off p50 %v after a wait of %v; want at most %v", p50, waited, goal)
+				}
+			})
+		})
+	}
 }

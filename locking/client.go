@@ -27,16 +27,12 @@ const (
 	// Client to 1/DefaultMinBackoff = 50 tries a second.
 	DefaultMinBackoff = 20 * time.Millisecond
 	// DefaultMaxBackoff caps the pause between two tries of a waiting
-	// Acquire, so a waiter that has backed off all the way polls 20 to 50
-	// times a second (about 28 on average) and notices a release by another
-	// instance within DefaultMaxBackoff. It was chosen to make hand-off
-	// between instances about 10 times faster than djangae's uniform(0, 1) s
-	// polling, measured on the Datastore emulator with 2 waiters that had
-	// backed off (BENCHMARKS.md and docs/bench/tuning.txt at the repository
-	// root): a 250 ms cap was 3 times faster than djangae, 100 ms 9 times,
-	// 50 ms 13 times (8 times in a later run), at 9, 16 and 24 polls a
-	// second per waiting instance.
-	DefaultMaxBackoff = 50 * time.Millisecond
+	// Acquire. Between MinBackoff and MaxBackoff the pause grows with the
+	// time already waited (at most a tenth of it; see Config.MinBackoff), so
+	// a waiter notices a release within about 4% of the time it has waited,
+	// on average, and within DefaultMaxBackoff at worst; a 60-second wait
+	// costs about 75 polls (1.3 a second) instead of 50 a second.
+	DefaultMaxBackoff = 2 * time.Second
 )
 
 // Config configures a Client. Only the backends are required.
@@ -47,10 +43,13 @@ type Config struct {
 	// Lease is the default lease (DefaultLease when zero).
 	Lease time.Duration
 	// MinBackoff and MaxBackoff bound the pause between two tries of a waiting
-	// Acquire (DefaultMinBackoff and DefaultMaxBackoff when zero). The pause
-	// grows exponentially from MinBackoff, with full jitter above MinBackoff,
-	// up to MaxBackoff; so one waiting id polls its backend at most
-	// 1/MinBackoff times a second from one Client.
+	// Acquire (DefaultMinBackoff and DefaultMaxBackoff when zero), and of a
+	// renewal that failed. A waiter's pause grows with the time it has
+	// waited: jitter over [h/2, h] where h is a tenth of the time waited,
+	// within [MinBackoff, MaxBackoff]. So one waiting id polls its backend
+	// at most 1/MinBackoff times a second from one Client, and a long wait
+	// costs little. On a backend that announces releases (a Notifier) the
+	// waiter is woken by the announcement and polls only every SafetyPoll.
 	MinBackoff, MaxBackoff time.Duration
 	// Logger receives the client's rare log lines: a renewal that failed and
 	// is being retried, a lock lost, a release that failed. slog.Default()
@@ -71,6 +70,7 @@ type Config struct {
 // backend (see Acquire).
 type Client struct {
 	backends   [2]Backend // indexed by LockKind, as configured
+	notifiers  [2]Notifier // backends that announce releases; nil where they do not
 	metered    [2]Backend // backends wrapped to record every call; nil where backends is
 	tel        *telemetry
 	lease      time.Duration
@@ -119,6 +119,9 @@ func New(cfg Config) (*Client, error) {
 	for k, b := range c.backends {
 		if b != nil {
 			c.metered[k] = &meteredBackend{b: b, t: tel, kind: LockKind(k)}
+		}
+		if n, ok := b.(Notifier); ok {
+			c.notifiers[k] = n
 		}
 	}
 	return c, nil
@@ -231,7 +234,10 @@ func (c *Client) acquire(ctx, sctx, life context.Context, id string, o options, 
 		}
 	}
 	req := Request{ID: id, Owner: newOwner(), Lease: o.lease, StealAfter: o.stealAfter}
-	for attempt := 0; ; attempt++ {
+	var polling time.Time // the first busy answer
+	w := &waiter{n: c.notifiers[o.kind], log: c.log}
+	defer w.stop()
+	for {
 		sent := time.Now()
 		g.ask()
 		grant, err := b.Acquire(sctx, req)
@@ -269,7 +275,15 @@ func (c *Client) acquire(ctx, sctx, life context.Context, id string, o options, 
 			st.outcome = outcomeBusy
 			return nil, &NotAcquiredError{ID: id, Remaining: grant.Remaining}
 		}
-		pause := c.backoff(attempt)
+		if polling.IsZero() {
+			polling = time.Now()
+		}
+		if w.wants() {
+			if w.start(sctx, id) {
+				continue // try once more: a release before the watch began is not announced
+			}
+		}
+		pause := w.pause(c, time.Since(polling), grant.Remaining)
 		if !deadline.IsZero() {
 			left := time.Until(deadline)
 			if left <= 0 {
@@ -280,7 +294,7 @@ func (c *Client) acquire(ctx, sctx, life context.Context, id string, o options, 
 			pause = min(pause, left)
 		}
 		paused := time.Now()
-		err = sleep(ctx, pause)
+		err = w.sleep(ctx, pause)
 		st.waited += time.Since(paused)
 		if err != nil {
 			g.leave()
@@ -425,29 +439,19 @@ func (c *Client) resolve(id string, opts []Option) (options, Backend, error) {
 	return o, b, nil
 }
 
-// backoff returns the pause before try attempt+1: full jitter over
-// [minBackoff, min(maxBackoff, minBackoff·2^attempt)].
-func (c *Client) backoff(attempt int) time.Duration {
-	ceil := c.maxBackoff
-	if attempt < 62 && c.minBackoff <= c.maxBackoff>>attempt {
+// backoff returns the pause before retry attempt+1 of a failed renewal of
+// a lease: full jitter over [minBackoff, min(cap, minBackoff·2^attempt)],
+// where cap is maxBackoff and at most a thirtieth of the lease, so that a
+// lease sees many retries before it runs out.
+func (c *Client) backoff(attempt int, lease time.Duration) time.Duration {
+	ceil := max(c.minBackoff, min(c.maxBackoff, lease/30))
+	if attempt < 62 && c.minBackoff <= ceil>>attempt {
 		ceil = c.minBackoff << attempt // no overflow: at most maxBackoff
 	}
 	if ceil <= c.minBackoff {
 		return c.minBackoff
 	}
 	return c.minBackoff + mrand.N(ceil-c.minBackoff+1)
-}
-
-// sleep waits for d or for ctx, and returns ctx.Err() in the latter case.
-func sleep(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
 }
 
 // newOwner returns a random 128-bit owner token.

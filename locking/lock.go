@@ -294,7 +294,7 @@ func (l *Lock) renew(life context.Context, acquired time.Time) {
 			if ok, left := l.renewWarn.allow(); ok {
 				l.c.log.Warn("locking: renewal failed; retrying", "lock_id", l.req.ID, "token", l.token, "error", err, "failures_not_logged", left)
 			}
-			next = l.c.backoff(attempt)
+			next = l.c.backoff(attempt, lease)
 			attempt++
 		}
 	}

@@ -1,0 +1,117 @@
+package locking
+
+import (
+	"context"
+	"log/slog"
+	mrand "math/rand/v2"
+	"time"
+)
+
+// A Notifier is a Backend that can announce releases, so that waiters need
+// not poll for them. It is optional: the client uses it when the Backend it
+// was configured with implements it (package redislock's does, through
+// Valkey/Redis pub/sub).
+//
+// Announcements may be lost (pub/sub delivers at most once, and nothing is
+// delivered while a connection is down); the client covers a lost one with a
+// safety poll every SafetyPoll, and with a poll when the holder's lease runs
+// out (an expiry is not announced).
+type Notifier interface {
+	// Watch starts announcing releases of id: after each release of id in
+	// the store, and whenever an announcement may have been missed (a
+	// reconnect), a value is sent on released without blocking (the channel
+	// has a buffer of one, so announcements coalesce). stop ends the watch
+	// and frees what it holds; it must be called, and may be called more
+	// than once. Watch returns an error when the store cannot announce; the
+	// client then polls.
+	Watch(ctx context.Context, id string) (released <-chan struct{}, stop func(), err error)
+}
+
+// SafetyPoll is how often a waiter whose backend announces releases (a
+// Notifier) polls all the same, in case an announcement was lost: at most
+// once a second per waited id per Client.
+const SafetyPoll = time.Second
+
+// waitDivisor sets how the gap between two polls grows with the time
+// already waited, on backends that do not announce releases: the gap is at
+// most a tenth of it (within MinBackoff and MaxBackoff), so that a release
+// is noticed within about 4% of the time waited, on average, and a long wait
+// costs a few polls a second at most.
+const waitDivisor = 10
+
+// pollGap returns the pause before the next poll of a caller that has been
+// polling a held lock for waited: jitter over [hi/2, hi], never below
+// MinBackoff, where hi is waited/10 within [MinBackoff, MaxBackoff]. Short
+// waits poll often and notice a release quickly; long waits poll rarely, so
+// their cost grows with the logarithm of the time waited, not with the time.
+func (c *Client) pollGap(waited time.Duration) time.Duration {
+	hi := min(max(waited/waitDivisor, c.minBackoff), c.maxBackoff)
+	lo := max(c.minBackoff, hi/2)
+	if hi <= lo {
+		return lo
+	}
+	return lo + mrand.N(hi-lo+1)
+}
+
+// waiter is one Acquire's waiting between polls: a watch of the backend's
+// announcements when it has them, polls spaced by pollGap otherwise.
+type waiter struct {
+	n       Notifier // nil: poll
+	log     *slog.Logger
+	ch      <-chan struct{}
+	stopFn  func()
+	started bool // a watch was tried
+}
+
+// wants reports whether a watch should be started now.
+func (w *waiter) wants() bool { return w.n != nil && !w.started }
+
+// start starts the watch and reports whether it did.
+func (w *waiter) start(ctx context.Context, id string) bool {
+	w.started = true
+	ch, stop, err := w.n.Watch(ctx, id)
+	if err != nil {
+		w.log.Debug("locking: the backend cannot announce releases; polling", "lock_id", id, "error", err)
+		return false
+	}
+	w.ch, w.stopFn = ch, stop
+	return true
+}
+
+// pause is the time to wait before the next poll after waited of polling,
+// remaining being the holder's lease as the last answer reported it (0 when
+// unknown).
+func (w *waiter) pause(c *Client, waited, remaining time.Duration) time.Duration {
+	if w.ch == nil {
+		return c.pollGap(waited)
+	}
+	// Announced releases wake the waiter at once; a poll a second covers a
+	// lost announcement, and one as the lease runs out covers an expiry.
+	p := SafetyPoll/2 + mrand.N(SafetyPoll/2+1)
+	if remaining > 0 {
+		p = min(p, remaining+c.minBackoff)
+	}
+	return max(p, c.minBackoff)
+}
+
+// sleep waits for d, an announcement, or ctx, and returns ctx.Err() in the
+// last case.
+func (w *waiter) sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-w.ch: // nil without a watch: never ready
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// stop ends the watch, if any.
+func (w *waiter) stop() {
+	if w.stopFn != nil {
+		w.stopFn()
+	}
+}
