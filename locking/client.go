@@ -69,9 +69,9 @@ type Config struct {
 // this process queue behind one another and only one of them polls the
 // backend (see Acquire).
 type Client struct {
-	backends   [2]Backend // indexed by LockKind, as configured
+	backends   [2]Backend  // indexed by LockKind, as configured
 	notifiers  [2]Notifier // backends that announce releases; nil where they do not
-	metered    [2]Backend // backends wrapped to record every call; nil where backends is
+	metered    [2]Backend  // backends wrapped to record every call; nil where backends is
 	tel        *telemetry
 	lease      time.Duration
 	minBackoff time.Duration
