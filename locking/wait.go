@@ -27,9 +27,9 @@ type Notifier interface {
 	Watch(ctx context.Context, id string) (released <-chan struct{}, stop func(), err error)
 }
 
-// SafetyPoll is how often a waiter whose backend announces releases (a
-// Notifier) polls all the same, in case an announcement was lost: at most
-// once a second per waited id per Client.
+// SafetyPoll is how often, at most, a waiter whose backend announces
+// releases (a Notifier) polls all the same, in case an announcement was
+// lost: every 1 to 1.5 seconds per waited id per Client.
 const SafetyPoll = time.Second
 
 // waitDivisor sets how the gap between two polls grows with the time
@@ -87,7 +87,7 @@ func (w *waiter) pause(c *Client, waited, remaining time.Duration) time.Duration
 	}
 	// Announced releases wake the waiter at once; a poll a second covers a
 	// lost announcement, and one as the lease runs out covers an expiry.
-	p := SafetyPoll/2 + mrand.N(SafetyPoll/2+1)
+	p := SafetyPoll + mrand.N(SafetyPoll/2+1)
 	if remaining > 0 {
 		p = min(p, remaining+c.minBackoff)
 	}

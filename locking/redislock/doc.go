@@ -44,10 +44,27 @@
 //     released); GET and PTTL when it is held, and then TIME and SET when it
 //     takes over (the holder's lease ran out, or it has not acquired or
 //     renewed for more than StealAfter). When busy, Grant.Remaining is the
-//     holder's remaining lease.
+//     holder's remaining lease. The first Acquire turned away by a holding
+//     also marks it as waited for (SETRANGE).
 //   - Renew: GET, PTTL and SET, if owner holds the lock.
-//   - Release: GET, PTTL and SET, if owner holds the lock; GET alone (or
-//     GET and PTTL) when it does not.
+//   - Release: GET, PTTL and SET, if owner holds the lock, and PUBLISH when
+//     a waiter was turned away; GET alone (or GET and PTTL) when it does
+//     not.
+//
+// # Announced releases
+//
+// Backend is a locking.Notifier: the release of a holding that a waiter was
+// turned away from is published on the id's channel (ReleaseChannel), and
+// Watch wakes the waiting locking client at once, in any process. A process
+// subscribes once per waited id, on one pub/sub connection per Backend that
+// is closed when nothing is waited for; its local waiters share it, since
+// only one of them polls. Pub/sub delivers at most once and nothing while a
+// connection is down, so the client still polls every locking.SafetyPoll
+// (1 to 1.5 s) and when the holder's lease runs out: a lost announcement, a
+// reconnect, a restart or a failover delays a hand-off, never loses it. A
+// (re)subscription also wakes the waiter. In a cluster PUBLISH reaches every
+// node. A client without Subscribe (a bare redis.Scripter) makes Watch fail
+// with ErrNoPubSub, and waiters poll.
 //
 // An uncontended acquire and release thus costs two round trips and six
 // commands on the server, against two and three for github.com/bsm/redislock,

@@ -49,6 +49,7 @@ type Options struct {
 type Backend struct {
 	c      redis.Scripter
 	prefix string
+	hub    hub // the subscriptions of Watch
 }
 
 var _ locking.Backend = (*Backend)(nil)
@@ -75,6 +76,12 @@ func New(c redis.Scripter, opts Options) (*Backend, error) {
 // LockKey returns the key holding the lock record for id:
 // Prefix+"{"+H+"}:lock", H being the unpadded base64url SHA-256 of id.
 func (b *Backend) LockKey(id string) string { return b.prefix + "{" + lockkey.Hash(id) + "}:lock" }
+
+// ReleaseChannel returns the pub/sub channel on which the release of id is
+// announced when a waiter was turned away: Prefix+"{"+H+"}:released".
+func (b *Backend) ReleaseChannel(id string) string {
+	return b.prefix + "{" + lockkey.Hash(id) + "}:released"
+}
 
 // FenceKey returns LockKey(id): the fencing counter lives in the lock
 // record itself, there is no separate fence key. It remains for callers of
@@ -175,7 +182,7 @@ func (b *Backend) Release(ctx context.Context, id, owner string) error {
 	if id == "" || owner == "" {
 		return fmt.Errorf("%w: %w: release needs an id and an owner", ErrInvalidRequest, locking.ErrInvalid)
 	}
-	n, err := releaseScript.Run(ctx, b.c, []string{b.LockKey(id)}, owner, newNonce()).Int64()
+	n, err := releaseScript.Run(ctx, b.c, []string{b.LockKey(id)}, owner, newNonce(), b.ReleaseChannel(id)).Int64()
 	if err != nil {
 		return fmt.Errorf("redislock: release %q: %w", id, err)
 	}

@@ -307,7 +307,11 @@ func TestRoundTrips(t *testing.T) {
 		g, err := b.Acquire(ctx, req("rt", "a", lease))
 		return expect(g, err, true, false)
 	})
-	measure("acquire, busy: GET PTTL", 1, 2, func() error {
+	measure("acquire, busy, first waiter: GET PTTL SETRANGE (marks the holding waited for)", 1, 3, func() error {
+		g, err := b.Acquire(ctx, req("rt", "b", lease))
+		return expect(g, err, false, false)
+	})
+	measure("acquire, busy, later: GET PTTL", 1, 2, func() error {
 		g, err := b.Acquire(ctx, req("rt", "b", lease))
 		return expect(g, err, false, false)
 	})
@@ -319,12 +323,12 @@ func TestRoundTrips(t *testing.T) {
 		_, err := b.Renew(ctx, req("rt", "a", lease))
 		return err
 	})
-	measure("first release (script not cached yet): GET PTTL SET", 2, 3, func() error { return b.Release(ctx, "rt", "a") })
+	measure("first release (script not cached yet) of a holding waited for: GET PTTL SET PUBLISH", 2, 4, func() error { return b.Release(ctx, "rt", "a") })
 	measure("acquire after a release: GET TIME SET", 1, 3, func() error {
 		g, err := b.Acquire(ctx, req("rt", "a", lease))
 		return expect(g, err, true, false)
 	})
-	measure("release: GET PTTL SET", 1, 3, func() error { return b.Release(ctx, "rt", "a") })
+	measure("release, nobody waited: GET PTTL SET", 1, 3, func() error { return b.Release(ctx, "rt", "a") })
 	measure("release, not held: GET", 1, 1, func() error {
 		if err := b.Release(ctx, "rt", "a"); !errors.Is(err, locking.ErrNotHeld) {
 			return fmt.Errorf("second release = %v, want ErrNotHeld", err)

@@ -16,7 +16,9 @@ import (
 // rather than parse it (string.sub costs a fraction of string.match):
 //
 //	byte  1       state: "h" while a holding is out (held, or its lease ran
-//	              out and nobody took over yet), "r" once it was released
+//	              out and nobody took over yet), "w" for the same when a
+//	              waiter was turned away (its release is announced), "r"
+//	              once it was released
 //	bytes 2-49    the nonces of the last four Release calls that released a
 //	              holding of this id, 12 bytes each, newest first ("-" x 12
 //	              for none); carried from holding to holding, so that a
@@ -56,10 +58,17 @@ import (
 // (never stolen), not held for Renew and Release. Anything else under the
 // key is an error.
 //
+// Announcements: the first Acquire turned away by a holding marks it "w"
+// (SETRANGE, which keeps the TTL); the Release of a holding so marked
+// publishes on the id's release channel (Backend.ReleaseChannel), where
+// Backend.Watch listens. Holdings nobody waited for announce nothing, so an
+// uncontended lock costs no PUBLISH.
+//
 // Commands per call: Acquire: GET + TIME + SET when the record is absent or
 // released; GET + PTTL (+ TIME + SET when it takes over) when it is held or
-// expired. Renew: GET + PTTL + SET. Release: GET + PTTL + SET; GET (+ PTTL)
-// when the owner does not hold it.
+// expired, + SETRANGE for the first waiter turned away. Renew: GET + PTTL +
+// SET. Release: GET + PTTL + SET (+ PUBLISH when a waiter was turned away);
+// GET (+ PTTL) when the owner does not hold it.
 
 // acquireScript: ARGV[1] owner, ARGV[2] lease ms (9 digits), ARGV[3] lease
 // + G ms, ARGV[4] StealAfter ms (0: never steal; steals when more than that
@@ -74,23 +83,24 @@ local v = redis.call('GET', KEYS[1])
 local rel, tok, took = '------------------------------------------------', '0000000000000000', false
 if v then
   local st = string.byte(v, 1)
-  if (st ~= 104 and st ~= 114) or #v < 78 then
+  if (st ~= 104 and st ~= 114 and st ~= 119) or #v < 78 then
     if string.match(v, '^%d+ %d+ ') then
       return math.max(redis.call('PTTL', KEYS[1]), 0) -- an earlier version's holding
     end
     return redis.error_reply('ERR taskguard: not a lock record')
   end
   rel, tok = string.sub(v, 2, 49), string.sub(v, 51, 66)
-  if st == 104 then
+  if st ~= 114 then
     local pttl = redis.call('PTTL', KEYS[1])
     if pttl >= G then
       if string.sub(v, 78) == ARGV[1] then
         -- This owner's own acquire, retried after its reply was lost.
-        redis.call('SET', KEYS[1], 'h' .. rel .. ' ' .. tok .. ' ' .. ARGV[2] .. ' ' .. ARGV[1], 'PX', ARGV[3])
+        redis.call('SET', KEYS[1], string.sub(v, 1, 1) .. rel .. ' ' .. tok .. ' ' .. ARGV[2] .. ' ' .. ARGV[1], 'PX', ARGV[3])
         return tok
       end
       local steal = tonumber(ARGV[4])
       if steal == 0 or string.sub(v, 68, 76) + G - pttl <= steal then
+        if st == 104 then redis.call('SETRANGE', KEYS[1], 0, 'w') end
         return pttl - G
       end
     end
@@ -114,11 +124,11 @@ var renewScript = script(`
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
 local st = string.byte(v, 1)
-if (st ~= 104 and st ~= 114) or #v < 78 then
+if (st ~= 104 and st ~= 114 and st ~= 119) or #v < 78 then
   if string.match(v, '^%d+ %d+ ') then return 0 end -- an earlier version's holding
   return redis.error_reply('ERR taskguard: not a lock record')
 end
-if st ~= 104 or string.sub(v, 78) ~= ARGV[1] or redis.call('PTTL', KEYS[1]) < @G then
+if st == 114 or string.sub(v, 78) ~= ARGV[1] or redis.call('PTTL', KEYS[1]) < @G then
   return 0
 end
 redis.call('SET', KEYS[1], string.sub(v, 1, 67) .. ARGV[2] .. ' ' .. ARGV[1], 'PX', ARGV[3])
@@ -126,7 +136,8 @@ return string.sub(v, 51, 66)
 `)
 
 // releaseScript: ARGV[1] owner, ARGV[2] nonce: 12 bytes of [0-9a-z], drawn
-// by one Release call and the same in the client's retries of it.
+// by one Release call and the same in the client's retries of it, ARGV[3]
+// the id's release channel.
 // Replies: 1: released, now or by an earlier attempt of the same call
 // (whose reply was lost), whatever happened to the id since, unless four
 // other releases came after it; 0: owner does not hold it and this call did
@@ -135,12 +146,13 @@ var releaseScript = script(`
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
 local st = string.byte(v, 1)
-if (st ~= 104 and st ~= 114) or #v < 78 then
+if (st ~= 104 and st ~= 114 and st ~= 119) or #v < 78 then
   if string.match(v, '^%d+ %d+ ') then return 0 end -- an earlier version's holding
   return redis.error_reply('ERR taskguard: not a lock record')
 end
-if st == 104 and string.sub(v, 78) == ARGV[1] and redis.call('PTTL', KEYS[1]) >= @G then
+if st ~= 114 and string.sub(v, 78) == ARGV[1] and redis.call('PTTL', KEYS[1]) >= @G then
   redis.call('SET', KEYS[1], 'r' .. ARGV[2] .. string.sub(v, 2, 37) .. string.sub(v, 50), 'PX', @G)
+  if st == 119 then redis.call('PUBLISH', ARGV[3], '1') end
   return 1
 end
 for i = 2, 38, 12 do
