@@ -16,13 +16,18 @@ import (
 // emulator (Firestore mode unless TASKS_E2E_DATASTORE says otherwise). The
 // first delivery's request is cancelled 100 ms into a 600 ms step that does
 // not watch its context (a client that went away, a request timeout); the
-// redelivery reaches the other instance at 250 ms. The job's lock must stay
+// redelivery reaches the other instance 250 ms into the step. The job's lock must stay
 // held until the step returns: the redelivery is answered busy, and the job
 // never runs twice at once. Once the step is over the lock is free.
 func TestE2ERequestEndsMidJob(t *testing.T) {
 	var running, most, runs atomic.Int32
+	started := make(chan struct{}, 1)
 	f := newFleet(t, 2, 2*time.Second, func(w *tasks.Worker) {
 		w.Handle("step", func(ctx context.Context, d *tasks.Delivery) error {
+			select {
+			case started <- struct{}{}:
+			default:
+			}
 			n := running.Add(1)
 			defer running.Add(-1)
 			for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
@@ -51,13 +56,19 @@ func TestE2ERequestEndsMidJob(t *testing.T) {
 		return resp.StatusCode, nil
 	}
 
-	ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
 	firstDone := make(chan error, 1)
 	go func() {
 		_, err := send(ctx, "t1")
 		firstDone <- err
 	}()
+	select {
+	case <-started:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the first delivery's job did not start")
+	}
+	time.AfterFunc(100*time.Millisecond, cancel) // the request ends 100 ms into the step
 	time.Sleep(250 * time.Millisecond)
 	status, err := send(t.Context(), "t1")
 	if err != nil {
@@ -67,7 +78,7 @@ func TestE2ERequestEndsMidJob(t *testing.T) {
 		t.Errorf("redelivery at 250 ms, while the first run's step still ran = %d; want %d (busy)", status, tasks.StatusBusy)
 	}
 	if err := <-firstDone; err == nil {
-		t.Errorf("the first delivery's request was not cut at 100 ms")
+		t.Errorf("the first delivery's request was not cut 100 ms into the step")
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	for (runs.Load() == 0 || running.Load() != 0) && time.Now().Before(deadline) {
