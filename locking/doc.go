@@ -76,14 +76,19 @@
 //
 // # Waiting
 //
-// A held lock is polled with exponential backoff and full jitter between
-// Config.MinBackoff and Config.MaxBackoff, never busy-spinning, until it is
-// acquired, MaxWait passes or the context is done. Callers of one Client
-// waiting for the same id queue in-process behind a single poller; when a
-// holder in this process releases, the next local waiter tries at once.
-// Wait(false) fails at once with a *NotAcquiredError (errors.Is
-// ErrNotAcquired), whose Remaining hints how long the holder's lease runs:
-// the tasks package turns that into a Retry-After.
+// A held lock is waited for until it is acquired, MaxWait passes or the
+// context is done, never busy-spinning. On a backend that announces
+// releases (a Notifier, such as package redislock) the waiter is woken by
+// the announcement and polls only every SafetyPoll, in case one was lost. On
+// other backends the pause between polls grows with the time already
+// waited: a tenth of it, jittered, within Config.MinBackoff and
+// Config.MaxBackoff, so that short waits notice a release quickly and long
+// waits cost little. Callers of one Client waiting for the same id queue
+// in-process behind a single poller; when a holder in this process releases,
+// the next local waiter tries at once. Wait(false) fails at once with a
+// *NotAcquiredError (errors.Is ErrNotAcquired), whose Remaining hints how
+// long the holder's lease runs (also when another caller in this process
+// learnt it): the tasks package turns that into a Retry-After.
 //
 // # Observability
 //
