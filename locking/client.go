@@ -235,7 +235,11 @@ func (c *Client) acquire(ctx, sctx, life context.Context, id string, o options, 
 	}
 	req := Request{ID: id, Owner: newOwner(), Lease: o.lease, StealAfter: o.stealAfter}
 	var polling time.Time // the first busy answer
-	w := &waiter{n: c.notifiers[o.kind], log: c.log}
+	w := &waiter{log: c.log}
+	if o.stealAfter == 0 {
+		// A steal comes with time, not with a release: stealers poll.
+		w.n = c.notifiers[o.kind]
+	}
 	defer w.stop()
 	for {
 		sent := time.Now()
