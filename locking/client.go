@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"log/slog"
 	mrand "math/rand/v2"
-	"reflect"
 	"sync"
 	"time"
 
@@ -191,23 +190,32 @@ func (c *Client) acquireFor(ctx, life context.Context, id string, opts []Option)
 }
 
 // reentrant returns an error wrapping ErrReentrant when a lock that With
-// holds in the chain that ends with held is the lock (kind, id) of this
-// client's store.
+// still holds in the chain that ends with held is the lock (kind, id) of
+// this client, or the lock id of the same store value.
 func (c *Client) reentrant(held *Lock, kind LockKind, id string) error {
 	for h := held; h != nil; h = h.parent {
-		if h.req.ID == id && sameBackend(h.c.backends[h.kind], c.backends[kind]) {
+		if h.req.ID != id || h.Err() != nil { // another id, or no longer held
+			continue
+		}
+		if (h.c == c && h.kind == kind) || sameBackend(h.c.backends[h.kind], c.backends[kind]) {
 			return fmt.Errorf("locking: acquire %q: %w", id, ErrReentrant)
 		}
 	}
 	return nil
 }
 
-// sameBackend reports whether a and b are the same store value. Values of
-// types that cannot be compared are never the same.
-func sameBackend(a, b Backend) bool {
-	if a == nil || b == nil || !reflect.TypeOf(a).Comparable() || !reflect.TypeOf(b).Comparable() {
+// sameBackend reports whether a and b are the same store value. Values that
+// cannot be compared (a type with a slice field, or an interface holding
+// one) are never the same.
+func sameBackend(a, b Backend) (same bool) {
+	if a == nil || b == nil {
 		return false
 	}
+	defer func() {
+		if recover() != nil {
+			same = false
+		}
+	}()
 	return a == b
 }
 
@@ -243,13 +251,7 @@ func (c *Client) acquire(ctx, sctx, life context.Context, id string, o options, 
 	defer w.stop()
 	for {
 		sent := time.Now()
-		g.ask()
-		grant, err := b.Acquire(sctx, req)
-		if err != nil || grant.Acquired {
-			g.answered(0)
-		} else {
-			g.answered(grant.Remaining)
-		}
+		grant, err := c.ask(sctx, b, g, req, sent)
 		st.polls++
 		c.tel.poll(sctx, o.kind, grant, err)
 		if err == nil && grant.Acquired {
@@ -307,16 +309,54 @@ func (c *Client) acquire(ctx, sctx, life context.Context, id string, o options, 
 	}
 }
 
+// ask makes one Backend.Acquire call for the caller in gate g (nil for
+// stealers), and tells the gate what it learnt, also when the call panics
+// (a panic goes on, but leaves the gate free for the next caller).
+func (c *Client) ask(ctx context.Context, b Backend, g *gate, req Request, sent time.Time) (grant Grant, err error) {
+	g.ask()
+	answered := false
+	defer func() {
+		if !answered {
+			g.answered(Grant{}, errors.New("locking: the backend panicked"))
+			g.leave()
+		}
+	}()
+	grant, err = b.Acquire(ctx, req)
+	if err == nil && grant.Acquired {
+		g.holding(sent.Add(req.Lease))
+	}
+	g.answered(grant, err)
+	answered = true
+	return grant, err
+}
+
+// giveBackWait is how long a failed Acquire waits for its give-back before
+// returning; the give-back itself goes on for up to releaseTimeout.
+const giveBackWait = 500 * time.Millisecond
+
 // giveBack releases req's owner on a context detached from ctx: a grant
 // nobody will hold, or an acquire whose outcome is unknown. The owner is
-// unique to the request, so this never removes another owner's lock.
+// unique to the request, so this never removes another owner's lock. It
+// waits for the release at most giveBackWait, so that a store that does not
+// answer does not hold the caller (whose context may have ended) for long;
+// the release goes on in the background until releaseTimeout.
 func (c *Client) giveBack(ctx context.Context, b Backend, req Request) {
-	rctx, cancel := detached(ctx)
-	defer cancel()
-	err := b.Release(rctx, req.ID, req.Owner)
-	if err != nil && !errors.Is(err, ErrNotHeld) {
-		c.log.Warn("locking: could not give back an acquire nobody holds; it expires with its lease",
-			"lock_id", req.ID, "lease", req.Lease, "error", err)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		rctx, cancel := detached(ctx)
+		defer cancel()
+		err := b.Release(rctx, req.ID, req.Owner)
+		if err != nil && !errors.Is(err, ErrNotHeld) {
+			c.log.Warn("locking: could not give back an acquire nobody holds; it expires with its lease",
+				"lock_id", req.ID, "lease", req.Lease, "error", err)
+		}
+	}()
+	t := time.NewTimer(giveBackWait)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
 	}
 }
 

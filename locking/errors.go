@@ -24,8 +24,9 @@ var (
 	ErrNotHeld = errors.New("locking: lock not held")
 
 	// ErrReentrant reports an Acquire or With of a lock that an enclosing
-	// With in the same context chain already holds: the same id in the same
-	// store. Locks are not re-entrant; waiting would wait for itself until
+	// With in the same context chain still holds: the same id of the same
+	// client and kind, or of the same store value. (A lock from Acquire is
+	// not in any context and is not detected.) Locks are not re-entrant; waiting would wait for itself until
 	// the caller's context or MaxWait ends. It is returned at once, before
 	// any I/O, wrapped in an error that names the id.
 	ErrReentrant = errors.New("locking: lock already held by this context (locks are not re-entrant)")

@@ -25,6 +25,7 @@ type gate struct {
 	expires time.Time     // when the known holder's lease runs out; zero when unknown or free
 	held    bool          // expires is the lease of a lock held through this gate
 	asking  chan struct{} // closed when the backend call in flight returns; nil when none
+	failed  error         // the error of the last backend call, if it failed
 }
 
 type gateKey struct {
@@ -65,8 +66,16 @@ func (c *Client) enter(ctx context.Context, kind LockKind, id string, wait bool,
 			case <-ctx.Done():
 			}
 		}
+		g.mu.Lock()
+		failed := g.failed
+		g.mu.Unlock()
 		rem := g.remaining()
 		g.unref()
+		if failed != nil {
+			// The caller ahead could not reach the store: nobody is known
+			// to hold the lock, and this caller would fail the same way.
+			return nil, fmt.Errorf("locking: acquire %q: %w", id, failed)
+		}
 		return nil, &NotAcquiredError{ID: id, Remaining: rem}
 	}
 	var timeout <-chan time.Time
@@ -119,8 +128,9 @@ func (g *gate) holding(t time.Time) {
 	g.mu.Unlock()
 }
 
-// ask marks a backend call in flight; answered(remaining) ends it, with
-// the holder's remaining lease when the lock was busy (0 otherwise).
+// ask marks a backend call in flight; answered ends it with what the call
+// returned: a busy grant's Remaining is recorded as the holder's lease, an
+// error as the reason a caller that does not wait cannot be told more.
 func (g *gate) ask() {
 	if g == nil {
 		return
@@ -130,13 +140,14 @@ func (g *gate) ask() {
 	g.mu.Unlock()
 }
 
-func (g *gate) answered(remaining time.Duration) {
+func (g *gate) answered(grant Grant, err error) {
 	if g == nil {
 		return
 	}
 	g.mu.Lock()
-	if remaining > 0 {
-		g.expires, g.held = time.Now().Add(remaining), false
+	g.failed = err
+	if err == nil && !grant.Acquired && grant.Remaining > 0 {
+		g.expires, g.held = time.Now().Add(grant.Remaining), false
 	}
 	if g.asking != nil {
 		close(g.asking)

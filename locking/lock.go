@@ -245,6 +245,9 @@ func (l *Lock) renew(life context.Context, acquired time.Time) {
 		}
 		if !time.Now().Before(lostAt) {
 			l.loseTo(fmt.Errorf("%w: %q: %w", ErrLockLost, l.req.ID, errLeaseRanOut))
+			// The store may still keep the holding (a renewal applied whose
+			// reply was lost, a lease it rounded up): give it back.
+			l.giveBack(life, false)
 			return
 		}
 		l.warnOverrun()
@@ -274,7 +277,7 @@ func (l *Lock) renew(life context.Context, acquired time.Time) {
 				l.loseTo(fmt.Errorf("%w: %q: %w (a renewal was still under way)", ErrLockLost, l.req.ID, errLeaseRanOut))
 				<-res // the call outlives the lock by no more than the backend's own timeouts
 				cancel()
-				l.giveBack(life)
+				l.giveBack(life, true)
 				return
 			}
 		}
@@ -314,12 +317,14 @@ func (l *Lock) loseTo(err error) {
 }
 
 // giveBack removes this owner's holding from the store, if it still has
-// one: after a loss declared while a renewal was pending, which may have
-// extended the holding after all. It never removes another owner's lock.
-func (l *Lock) giveBack(life context.Context) {
+// one, after the lease ran out on this side: the store may still keep it (a
+// renewal applied whose reply was lost, a lease it rounded up), or a
+// renewal still pending when the loss was declared (late) may have
+// extended it after all. It never removes another owner's lock.
+func (l *Lock) giveBack(life context.Context, late bool) {
 	ctx, cancel := detached(life)
 	defer cancel()
-	if err := l.b.Release(ctx, l.req.ID, l.req.Owner); err == nil {
+	if err := l.b.Release(ctx, l.req.ID, l.req.Owner); err == nil && late {
 		l.c.log.Warn("locking: a renewal applied after the lock was given up; released it", "lock_id", l.req.ID, "token", l.token)
 	}
 }

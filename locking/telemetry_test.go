@@ -296,6 +296,10 @@ func TestTelemetryMetrics(t *testing.T) {
 			"taskguard.lock.backend.calls{kind=strong,operation=renew,outcome=error}":          2,
 			"taskguard.lock.backend.duration{kind=strong,operation=renew,outcome=error} count": 2,
 			"taskguard.lock.backend.duration{kind=strong,operation=renew,outcome=error} sum":   0,
+			// The holding the store may still keep is given back.
+			"taskguard.lock.backend.calls{kind=strong,operation=release,outcome=ok}":          1,
+			"taskguard.lock.backend.duration{kind=strong,operation=release,outcome=ok} count": 1,
+			"taskguard.lock.backend.duration{kind=strong,operation=release,outcome=ok} sum":   0,
 		},
 	}}
 	for _, tt := range tests {

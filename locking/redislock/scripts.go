@@ -80,7 +80,7 @@ import (
 var acquireScript = script(`
 local G = @G
 local v = redis.call('GET', KEYS[1])
-local rel, tok, took = '------------------------------------------------', '0000000000000000', false
+local rel, tok, took, mark = '------------------------------------------------', '0000000000000000', false, 'h'
 if v then
   local st = string.byte(v, 1)
   if (st ~= 104 and st ~= 114 and st ~= 119) or #v < 78 then
@@ -105,6 +105,7 @@ if v then
       end
     end
     took = true
+    if st == 119 then mark = 'w' end -- the others still wait: announce this holding's release too
   end
 end
 local t = redis.call('TIME')
@@ -112,7 +113,7 @@ local now = t[1] .. string.sub('00000' .. t[2], -6)
 if #now ~= 16 or now <= tok then
   now = string.format('%016d', math.max(tonumber(now), tok + 1))
 end
-redis.call('SET', KEYS[1], 'h' .. rel .. ' ' .. now .. ' ' .. ARGV[2] .. ' ' .. ARGV[1], 'PX', ARGV[3])
+redis.call('SET', KEYS[1], mark .. rel .. ' ' .. now .. ' ' .. ARGV[2] .. ' ' .. ARGV[1], 'PX', ARGV[3])
 if took then return {now} end
 return now
 `)

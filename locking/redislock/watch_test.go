@@ -180,3 +180,40 @@ func TestWatchWithoutPubSub(t *testing.T) {
 
 // scripterOnly hides every method of a client but those of redis.Scripter.
 type scripterOnly struct{ redis.Scripter }
+
+// TestTakeoverKeepsWaitersAnnounced: a holding that waiters were turned
+// away from expires and is taken over; the new holding's release is
+// announced too, since the others still wait.
+func TestTakeoverKeepsWaitersAnnounced(t *testing.T) {
+	srv := redistest.Start(t)
+	b := newBackend(t, srv.Addr, uniquePrefix(), nil)
+	ctx := t.Context()
+	if g, err := b.Acquire(ctx, req("job", "a", 50*time.Millisecond)); err != nil || !g.Acquired {
+		t.Fatalf("acquire: %+v %v", g, err)
+	}
+	if g, err := b.Acquire(ctx, req("job", "b", time.Second)); err != nil || g.Acquired {
+		t.Fatalf("acquire of a held lock: %+v %v; want busy", g, err)
+	}
+	time.Sleep(80 * time.Millisecond)
+	if g, err := b.Acquire(ctx, req("job", "c", time.Second)); err != nil || !g.TookOver {
+		t.Fatalf("acquire after the lease ran out: %+v %v; want a takeover", g, err)
+	}
+	ch, stop, err := b.Watch(ctx, "job")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	select { // the subscription's confirmation
+	case <-ch:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no confirmation of the subscription")
+	}
+	if err := b.Release(ctx, "job", "c"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-ch:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the release of a holding taken over while others waited was not announced")
+	}
+}
