@@ -43,7 +43,7 @@ fuzz-short: ## fuzz every target for FUZZTIME (5s) each
 # the hand-off plot. The raw output, with the machine it ran on, is kept in
 # $(BENCH_OUT).
 BENCH_OUT ?= docs/bench/bench.txt
-BENCH_FLAGS ?= -run='^$$' -bench=. -benchtime=1x -benchmem -timeout=30m
+BENCH_FLAGS ?= -run='^$$' -bench=. -benchtime=1x -benchmem -timeout=45m
 
 bench: deps ## benchmarks against the real servers; rewrites BENCHMARKS.md and docs/bench/handoff.svg
 	@mkdir -p $(dir $(BENCH_OUT))

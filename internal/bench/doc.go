@@ -1,7 +1,9 @@
 // Package bench holds the performance benchmarks of the locking packages,
 // run against the real Datastore emulator, memcached and redis-server, side
 // by side with reimplementations of the algorithms users would otherwise run
-// (djangae's STRONG lock and Google's datastore-lock). Everything is in
+// (djangae's STRONG lock and Google's datastore-lock), and against the
+// published Go redis locks go-redsync/redsync and bsm/redislock with every
+// waiter in its own OS process (xproc_test.go). Everything is in
 // _test.go files; this file only names the package. `make bench` runs the
 // benchmarks and turns their output into BENCHMARKS.md and a plot with
 // internal/benchplot.

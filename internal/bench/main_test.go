@@ -58,6 +58,9 @@ func TestMain(m *testing.M) {
 	if os.Getenv(coldChildEnv) != "" {
 		os.Exit(coldChild())
 	}
+	if os.Getenv(xprocChildEnv) != "" {
+		os.Exit(xprocChild())
+	}
 	code := m.Run()
 	for _, eo := range emus {
 		if eo.e != nil {
