@@ -285,9 +285,9 @@ func (c *Client) acquire(ctx, sctx, life context.Context, id string, o options, 
 			polling = time.Now()
 		}
 		if w.wants() {
-			if w.start(sctx, id) {
-				continue // try once more: a release before the watch began is not announced
-			}
+			// Once the watch is in effect it says so, and the poll that
+			// follows sees a release that came before it.
+			w.start(sctx, id)
 		}
 		pause := w.pause(c, time.Since(polling), grant.Remaining)
 		if !deadline.IsZero() {

@@ -17,10 +17,11 @@ import (
 // safety poll every SafetyPoll, and with a poll when the holder's lease runs
 // out (an expiry is not announced).
 type Notifier interface {
-	// Watch starts announcing releases of id: after each release of id in
-	// the store, and whenever an announcement may have been missed (a
-	// reconnect), a value is sent on released without blocking (the channel
-	// has a buffer of one, so announcements coalesce). stop ends the watch
+	// Watch starts announcing releases of id: once the watch is in effect
+	// (so that the poll it prompts sees any release that came before), after
+	// each release of id in the store, and whenever an announcement may have
+	// been missed (a reconnect), a value is sent on released without
+	// blocking (the channel has a buffer of one, so announcements coalesce). stop ends the watch
 	// and frees what it holds; it must be called, and may be called more
 	// than once. Watch returns an error when the store cannot announce; the
 	// client then polls.
@@ -29,8 +30,8 @@ type Notifier interface {
 
 // SafetyPoll is how often, at most, a waiter whose backend announces
 // releases (a Notifier) polls all the same, in case an announcement was
-// lost: every 1 to 1.5 seconds per waited id per Client.
-const SafetyPoll = time.Second
+// lost: every 2 to 3 seconds per waited id per Client.
+const SafetyPoll = 2 * time.Second
 
 // waitDivisor sets how the gap between two polls grows with the time
 // already waited, on backends that do not announce releases: the gap is at
@@ -66,16 +67,15 @@ type waiter struct {
 // wants reports whether a watch should be started now.
 func (w *waiter) wants() bool { return w.n != nil && !w.started }
 
-// start starts the watch and reports whether it did.
-func (w *waiter) start(ctx context.Context, id string) bool {
+// start starts the watch; on failure the waiter polls.
+func (w *waiter) start(ctx context.Context, id string) {
 	w.started = true
 	ch, stop, err := w.n.Watch(ctx, id)
 	if err != nil {
 		w.log.Debug("locking: the backend cannot announce releases; polling", "lock_id", id, "error", err)
-		return false
+		return
 	}
 	w.ch, w.stopFn = ch, stop
-	return true
 }
 
 // pause is the time to wait before the next poll after waited of polling,
@@ -85,8 +85,8 @@ func (w *waiter) pause(c *Client, waited, remaining time.Duration) time.Duration
 	if w.ch == nil {
 		return c.pollGap(waited)
 	}
-	// Announced releases wake the waiter at once; a poll a second covers a
-	// lost announcement, and one as the lease runs out covers an expiry.
+	// Announced releases wake the waiter at once; a poll every 2 to 3 s
+	// covers a lost announcement, and one as the lease runs out an expiry.
 	p := SafetyPoll + mrand.N(SafetyPoll/2+1)
 	if remaining > 0 {
 		p = min(p, remaining+c.minBackoff)

@@ -60,7 +60,7 @@
 // is closed when nothing is waited for; its local waiters share it, since
 // only one of them polls. Pub/sub delivers at most once and nothing while a
 // connection is down, so the client still polls every locking.SafetyPoll
-// (1 to 1.5 s) and when the holder's lease runs out: a lost announcement, a
+// (2 to 3 s) and when the holder's lease runs out: a lost announcement, a
 // reconnect, a restart or a failover delays a hand-off, never loses it. A
 // (re)subscription also wakes the waiter. In a cluster PUBLISH reaches every
 // node. A client without Subscribe (a bare redis.Scripter) makes Watch fail
