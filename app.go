@@ -64,7 +64,8 @@ func HandleJob(name string, fn tasks.JobFunc, opts ...tasks.JobOption) {
 }
 
 // An App holds what the three functions share: the lock client, the task
-// worker with its jobs, and the Cloud Tasks client.
+// worker with its jobs, and the Cloud Tasks client. It does not own the lock
+// client: the program's other code shares it.
 type App struct {
 	cfg     Config
 	log     *slog.Logger
@@ -75,12 +76,41 @@ type App struct {
 	oauth   *oauthdemo.Refresher
 }
 
-// NewApp builds the functions from cfg. The lock backends come from the
-// environment (locking.FromEnvironment). It does no network I/O: connections
-// are made on first use.
-func NewApp(ctx context.Context, cfg Config, log *slog.Logger) (*App, error) {
-	locks, err := locking.FromEnvironment(locking.Config{Lease: cfg.Lease, Logger: log})
-	if err != nil {
+// An AppOption configures NewApp.
+type AppOption func(*appOptions)
+
+type appOptions struct {
+	locks *locking.Client
+}
+
+// WithLocks makes the App take its locks from c, the client the rest of
+// the program uses, instead of locking.Default(). A nil c is ignored.
+func WithLocks(c *locking.Client) AppOption {
+	return func(o *appOptions) {
+		if c != nil {
+			o.locks = c
+		}
+	}
+}
+
+// NewApp builds the functions from cfg. Their locks come from the client
+// given with WithLocks, or else from the process's locking.Default() client
+// (whose backends the environment chooses), so that the program's own locks
+// and the functions' exclude each other: an App never builds a lock store of
+// its own. cfg.Lease is the lease of the Worker's task locks. NewApp fails
+// with the default client's error (locking.Client.Err; for example
+// locking.ErrNoStrongBackend on Cloud Run without Datastore). It does no
+// network I/O: connections are made on first use.
+func NewApp(ctx context.Context, cfg Config, log *slog.Logger, opts ...AppOption) (*App, error) {
+	var o appOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
+	locks := o.locks
+	if locks == nil {
+		locks = locking.Default()
+	}
+	if err := locks.Err(); err != nil {
 		return nil, err
 	}
 	a := &App{cfg: cfg, log: log, locks: locks}
@@ -89,9 +119,13 @@ func NewApp(ctx context.Context, cfg Config, log *slog.Logger) (*App, error) {
 	}
 
 	wopts := []tasks.WorkerOption{tasks.WithLogger(log)}
+	if cfg.Lease > 0 {
+		wopts = append(wopts, tasks.WithLockOptions(locking.Lease(cfg.Lease)))
+	}
 	if cfg.Queue != "" {
 		wopts = append(wopts, tasks.WithQueue(cfg.Queue))
 	}
+	var err error
 	if a.worker, err = tasks.NewWorker(locks, wopts...); err != nil {
 		return nil, err
 	}
@@ -130,23 +164,19 @@ func NewApp(ctx context.Context, cfg Config, log *slog.Logger) (*App, error) {
 // cleaner is what CleanupLocks needs of a *dslock.Backend.
 type cleaner interface {
 	Cleanup(context.Context, dslock.CleanupOptions) (dslock.Report, error)
-	Close() error
 }
 
 // workerTimeout is the Worker function's --timeout in deploy/ (1800 s); the
 // tasks' dispatch deadline is derived from it.
 const workerTimeout = 30 * time.Minute
 
-// Close releases the App's connections.
+// Close releases the App's own connection to Cloud Tasks. The lock client
+// is not the App's, and stays open.
 func (a *App) Close() error {
-	var errs []error
 	if a.enqueue != nil {
-		errs = append(errs, a.enqueue.Close())
+		return a.enqueue.Close()
 	}
-	if a.cleaner != nil {
-		errs = append(errs, a.cleaner.Close())
-	}
-	return errors.Join(errs...)
+	return nil
 }
 
 // Locks returns the App's lock client.

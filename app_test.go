@@ -55,6 +55,7 @@ func newTestApp(t *testing.T, extra map[string]string) (*App, *httptest.Server, 
 	if err != nil {
 		t.Fatal(err)
 	}
+	freshDefault(t)
 	a, err := NewApp(t.Context(), cfg, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
@@ -142,6 +143,7 @@ func TestEnqueueAnswers(t *testing.T) {
 }
 
 func TestEnqueueWithoutQueue(t *testing.T) {
+	freshDefault(t)
 	a, err := NewApp(t.Context(), Config{}, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
@@ -186,6 +188,7 @@ func TestCleanupLocks(t *testing.T) {
 	e := dstest.New(t, dstest.Firestore)
 	t.Setenv(EnvDatastoreEmulator, e.Host)
 	t.Setenv("DATASTORE_PROJECT_ID", e.ProjectID)
+	freshDefault(t)
 	a, err := NewApp(t.Context(), Config{CleanupGrace: time.Millisecond}, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
@@ -235,6 +238,7 @@ func TestCleanupLocks(t *testing.T) {
 // correlated with the request's trace in Cloud Logging and carry the task.
 func TestWorkerLogsCarryTrace(t *testing.T) {
 	var buf bytes.Buffer
+	freshDefault(t)
 	a, err := NewApp(t.Context(), Config{ProjectID: "p1"}, slog.New(cloudlog.NewHandler(&buf, slog.LevelInfo, "p1")))
 	if err != nil {
 		t.Fatal(err)
@@ -265,6 +269,7 @@ func TestCleanupLocksFlagsFailClosed(t *testing.T) {
 	e := dstest.New(t, dstest.Firestore)
 	t.Setenv(EnvDatastoreEmulator, e.Host)
 	t.Setenv("DATASTORE_PROJECT_ID", e.ProjectID)
+	freshDefault(t)
 	a, err := NewApp(t.Context(), Config{CleanupGrace: time.Millisecond}, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)

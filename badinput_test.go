@@ -64,6 +64,7 @@ func badInputApp(t *testing.T, queue bool) (*App, *records) {
 		cfg.TasksEmulator = "127.0.0.1:1"
 	}
 	rec := &records{n: make(map[slog.Level]int)}
+	freshDefault(t)
 	a, err := NewApp(t.Context(), cfg, slog.New(rec))
 	if err != nil {
 		t.Fatal(err)

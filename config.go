@@ -46,8 +46,8 @@ type Config struct {
 	// DefaultKind is the kind of the example job's lock (TASKGUARD_DEFAULT_KIND:
 	// "strong", the default, or "weak").
 	DefaultKind locking.LockKind
-	// Lease is the default lock lease (TASKGUARD_LEASE, a Go duration);
-	// locking.DefaultLease when zero.
+	// Lease is the lease of the Worker's task locks (TASKGUARD_LEASE, a Go
+	// duration); the lock client's default lease when zero.
 	Lease time.Duration
 	// CleanupGrace is how long after its lease ended a lock entity is kept
 	// before CleanupLocks deletes it (TASKGUARD_CLEANUP_GRACE); the Datastore
@@ -83,11 +83,6 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 		problems = append(problems, fmt.Sprintf("%s=%q: %s", name, getenv(name), fmt.Sprintf(format, args...)))
 	}
 	cfg.ProjectID = getenv(EnvProject)
-	// On Cloud Run (K_SERVICE is set by the platform) in-memory locks would
-	// guard nothing across instances: refuse to start without Datastore.
-	if getenv("K_SERVICE") != "" && cfg.ProjectID == "" && getenv(EnvDatastoreEmulator) == "" {
-		bad(EnvProject, "running on Cloud Run (K_SERVICE=%s) without a project: Strong locks would be in-memory, one instance each", getenv("K_SERVICE"))
-	}
 
 	switch strings.ToLower(getenv(EnvDefaultKind)) {
 	case "", "strong":

@@ -59,13 +59,6 @@ func TestConfigFromEnv(t *testing.T) {
 		t.Errorf("error has %d problem lines; want one per variable (%d):\n%v", n, len(bad), err)
 	}
 
-	if _, err := ConfigFromEnv(env(map[string]string{"K_SERVICE": "worker"})); err == nil || !strings.Contains(err.Error(), EnvProject) {
-		t.Errorf("on Cloud Run without a project: err = %v; want %s named (in-memory locks guard nothing across instances)", err, EnvProject)
-	}
-	if _, err := ConfigFromEnv(env(map[string]string{"K_SERVICE": "worker", EnvProject: "p"})); err != nil {
-		t.Errorf("on Cloud Run with a project: %v", err)
-	}
-
 	partial := map[string]string{EnvQueue: "projects/p/locations/l/queues/q"}
 	if _, err := ConfigFromEnv(env(partial)); err == nil || !strings.Contains(err.Error(), EnvWorkerURL) {
 		t.Errorf("queue without worker URL: err = %v; want it named", err)

@@ -69,7 +69,9 @@ func newLogger() *slog.Logger {
 }
 
 // buildFromEnv builds the App from the environment: what the deployed
-// functions run.
+// functions run. It makes the Cloud Logging handler the default logger
+// first, so that the default lock client, built then unless the program used
+// it before, logs in the same form.
 func buildFromEnv() (*App, error) {
 	log := newLogger()
 	slog.SetDefault(log)
@@ -125,12 +127,11 @@ func (l *lazyApp) get() (*App, time.Time, error) {
 	a, err := l.build()
 	if err == nil {
 		l.app, l.err = a, nil
-		// Jobs that call locking.With share the App's client and its queues.
-		locking.SetDefault(a.Locks())
 		return a, time.Time{}, nil
 	}
 	l.err = err
-	l.permanent = errors.Is(err, ErrConfig) || errors.Is(err, locking.ErrInvalid) || errors.Is(err, tasks.ErrInvalidConfig)
+	l.permanent = errors.Is(err, ErrConfig) || errors.Is(err, locking.ErrInvalid) ||
+		errors.Is(err, locking.ErrNoStrongBackend) || errors.Is(err, tasks.ErrInvalidConfig)
 	l.backoff = min(max(2*l.backoff, minBuildBackoff), maxBuildBackoff)
 	l.next = l.now().Add(l.backoff)
 	log := l.log

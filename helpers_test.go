@@ -1,10 +1,12 @@
 package taskguard
 
 import (
+	"io"
 	"net/http/httptest"
 	"testing"
 
 	"github.com/taskguard/taskguard/internal/oauthdemo"
+	"github.com/taskguard/taskguard/locking"
 )
 
 type tokenEndpoint struct {
@@ -17,4 +19,18 @@ func newTokenEndpoint(t *testing.T) tokenEndpoint {
 	srv := httptest.NewServer(ep)
 	t.Cleanup(srv.Close)
 	return tokenEndpoint{ep, srv.URL}
+}
+
+// freshDefault makes the process's default lock client be built again, from
+// the test's environment, on its next use, and closes it after the test.
+func freshDefault(t *testing.T) {
+	t.Helper()
+	locking.SetDefault(nil)
+	t.Cleanup(func() {
+		c := locking.Default()
+		locking.SetDefault(nil)
+		if cl, ok := c.Backend(locking.Strong).(io.Closer); ok {
+			_ = cl.Close()
+		}
+	})
 }

@@ -66,8 +66,10 @@ func FuzzIdentityRoundTrip(f *testing.F) {
 		var heldErr error
 		w.Handle(job, func(ctx context.Context, d *Delivery) error {
 			got = d
-			// The held lock is lockID's: another owner cannot take it.
-			_, heldErr = locker.Acquire(ctx, lockID, locking.Wait(false))
+			// The held lock is lockID's: another owner (another request's
+			// context, not this job's, which would be a re-entrant Acquire)
+			// cannot take it.
+			_, heldErr = locker.Acquire(t.Context(), lockID, locking.Wait(false))
 			return nil
 		})
 		r := httptest.NewRequest(http.MethodPost, "/", strings.NewReader(string(req.GetTask().GetHttpRequest().GetBody())))

@@ -112,6 +112,7 @@ type Worker struct {
 	queue         string // short queue id to require; "" accepts any
 	maxBody       int64
 	maxRetryAfter time.Duration
+	lockOpts      []locking.Option // every job's, before its own
 
 	mu   sync.RWMutex
 	jobs map[string]*job // guarded by mu
@@ -175,12 +176,30 @@ func WithMaxRetryAfter(d time.Duration) WorkerOption {
 	}
 }
 
-// NewWorker returns a worker that takes its locks from locker (the
-// locking.Default() client when nil). It fails with an error wrapping
-// ErrInvalidConfig for a bad option.
+// WithLockOptions adds locking options (Lease, Kind, StealAfter) to every
+// job's lock, before the job's own LockOptions (which win where both set the
+// same thing). Wait and MaxWait are set by the worker and should not be
+// given here.
+func WithLockOptions(opts ...locking.Option) WorkerOption {
+	return func(w *Worker) error {
+		w.lockOpts = append(w.lockOpts, opts...)
+		return nil
+	}
+}
+
+// NewWorker returns a worker that takes its locks from locker, or from the
+// process's locking.Default() client when locker is nil: share one client
+// with the rest of the program, so that its locks and the worker's exclude
+// each other. It fails with an error wrapping ErrInvalidConfig for a bad
+// option, and with the default client's error (locking.Client.Err, for
+// example locking.ErrNoStrongBackend) when locker is nil and that client
+// cannot take locks.
 func NewWorker(locker *locking.Client, opts ...WorkerOption) (*Worker, error) {
 	if locker == nil {
 		locker = locking.Default()
+		if err := locker.Err(); err != nil {
+			return nil, fmt.Errorf("tasks: the default lock client: %w", err)
+		}
 	}
 	w := &Worker{
 		locker:        locker,
@@ -381,7 +400,7 @@ func (w *Worker) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 
 // run runs the job under its lock and answers.
 func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, j *job, d *Delivery) {
-	opts := append([]locking.Option{locking.Wait(false)}, j.lockOpts...)
+	opts := append(append([]locking.Option{locking.Wait(false)}, w.lockOpts...), j.lockOpts...)
 	if j.maxWait > 0 {
 		opts = append(opts, locking.Wait(true), locking.MaxWait(j.maxWait))
 	}
