@@ -87,7 +87,7 @@ func Default() *Client {
 	if defClient == nil {
 		c, err := fromEnvironment(Config{})
 		if err != nil {
-			slog.Error("locking: the environment names a lock backend it cannot configure; every lock call will fail", "error", err)
+			slog.Error("locking: the default client cannot take locks; every lock call will fail", "error", err)
 			c = &Client{err: err, log: slog.Default()}
 		}
 		defClient = c
