@@ -17,7 +17,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
-	"github.com/taskguard/taskguard/internal/cloudlog"
+	"github.com/taskguard/taskguard/cloudlog"
 	"github.com/taskguard/taskguard/internal/ident"
 	"github.com/taskguard/taskguard/internal/oauthdemo"
 	"github.com/taskguard/taskguard/internal/reqbody"

@@ -17,7 +17,7 @@ import (
 	"cloud.google.com/go/cloudtasks/apiv2/cloudtaskspb"
 	"google.golang.org/protobuf/types/known/durationpb"
 
-	"github.com/taskguard/taskguard/internal/cloudlog"
+	"github.com/taskguard/taskguard/cloudlog"
 	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/locking/dslock"
 	"github.com/taskguard/taskguard/locking/dslock/dstest"

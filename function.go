@@ -33,7 +33,7 @@ import (
 
 	"github.com/GoogleCloudPlatform/functions-framework-go/functions"
 
-	"github.com/taskguard/taskguard/internal/cloudlog"
+	"github.com/taskguard/taskguard/cloudlog"
 	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/tasks"
 
