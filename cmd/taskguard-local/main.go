@@ -2,8 +2,9 @@
 // CleanupLocks) on this machine at /Worker, /Enqueue and /CleanupLocks, as
 // the Functions Framework would, on a server with read timeouts, on embedded
 // defaults: in-memory locks, an in-process Cloud Tasks
-// emulator that delivers to the local Worker, and a fake OAuth token endpoint
-// for the example job. No cloud account, no Docker.
+// emulator that delivers to the local Worker, and the example job
+// refresh-token with a fake OAuth token endpoint. No cloud account, no
+// Docker.
 //
 // Usage:
 //
@@ -12,7 +13,8 @@
 // The same binary uses real services when the environment names them:
 // DATASTORE_EMULATOR_HOST (or GOOGLE_CLOUD_PROJECT) for Strong locks on
 // Datastore, MEMCACHE_SERVERS or VALKEY_ADDR for Weak locks,
-// TASKGUARD_QUEUE with CLOUD_TASKS_EMULATOR_HOST for an emulator of your own.
+// TASKGUARD_QUEUE with CLOUD_TASKS_EMULATOR_HOST for an emulator of your own,
+// TASKGUARD_TOKEN_URL for the example job's token endpoint.
 //
 // With -demo it enqueues a burst of tasks through the Enqueue function — six
 // on one lock id, six on distinct ids, five token refreshes for one user —,
@@ -27,8 +29,10 @@ import (
 	"flag"
 	"fmt"
 	"log"
+	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/signal"
 	"syscall"
@@ -37,9 +41,14 @@ import (
 	"cloud.google.com/go/cloudtasks/apiv2/cloudtaskspb"
 	"google.golang.org/protobuf/types/known/durationpb"
 
-	"github.com/taskguard/taskguard"
+	"github.com/taskguard/taskguard/app"
 	"github.com/taskguard/taskguard/internal/oauthdemo"
 	"github.com/taskguard/taskguard/tasks/taskstest"
+
+	// Lock backends, chosen by the environment (locking.FromEnvironment).
+	_ "github.com/taskguard/taskguard/locking/dslock"
+	_ "github.com/taskguard/taskguard/locking/mclock"
+	_ "github.com/taskguard/taskguard/locking/redislock"
 )
 
 // localQueue is the queue the embedded emulator serves.
@@ -71,42 +80,54 @@ func run() error {
 	}
 	base := "http://" + ln.Addr().String()
 
-	var rec *recorder
+	var (
+		rec  *recorder
+		jobs []app.Option
+	)
 	if *demo {
-		rec = registerDemoJob()
-		setDefault(taskguard.EnvLogLevel, "warn")
+		var job app.Option
+		rec, job = demoJobOption()
+		jobs = append(jobs, job)
+		setDefault(app.EnvLogLevel, "warn")
 	}
+	// The functions' logs, and the lock client's, as Cloud Logging reads
+	// them.
+	slog.SetDefault(app.LoggerFromEnv())
 
 	var emu *taskstest.Server
-	if os.Getenv(taskguard.EnvQueue) == "" {
+	if os.Getenv(app.EnvQueue) == "" {
 		emu, err = startEmulator(ctx)
 		if err != nil {
 			return err
 		}
 		defer emu.Close()
-		os.Setenv(taskguard.EnvTasksEmulator, emu.Addr())
-		os.Setenv(taskguard.EnvQueue, localQueue)
-		os.Setenv(taskguard.EnvWorkerURL, base+"/Worker")
-		os.Setenv(taskguard.EnvTaskServiceAccount, "worker@local-project.iam.gserviceaccount.com")
+		os.Setenv(app.EnvTasksEmulator, emu.Addr())
+		os.Setenv(app.EnvQueue, localQueue)
+		os.Setenv(app.EnvWorkerURL, base+"/Worker")
+		os.Setenv(app.EnvTaskServiceAccount, "worker@local-project.iam.gserviceaccount.com")
 	}
 	var endpoint *oauthdemo.Endpoint
-	if os.Getenv(taskguard.EnvTokenURL) == "" {
+	tokenURL := os.Getenv(envTokenURL)
+	if tokenURL == "" {
 		endpoint = oauthdemo.NewEndpoint()
-		tokenURL, closeTokens, err := serveLoopback(endpoint)
+		var closeTokens func()
+		tokenURL, closeTokens, err = serveLoopback(endpoint)
 		if err != nil {
 			return err
 		}
 		defer closeTokens()
-		os.Setenv(taskguard.EnvTokenURL, tokenURL)
+	} else if u, err := url.Parse(tokenURL); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+		return fmt.Errorf("%s=%q: want an http(s) URL", envTokenURL, tokenURL)
 	}
-	if _, err := taskguard.ConfigFromEnv(os.Getenv); err != nil {
+	jobs = append(jobs, app.WithJob(exampleJob, refreshTokenJob(tokenURL)))
+	if _, err := app.ConfigFromEnv(os.Getenv); err != nil {
 		return err
 	}
 
 	// Every function at /<Name>, as the Functions Framework serves them
 	// when FUNCTION_TARGET is unset, but on a server with read timeouts
 	// (the framework's own sets none).
-	srv := newServer(taskguard.Handler(), defaultTimeouts)
+	srv := newServer(app.Handler(app.DefaultFunctions, jobs...), defaultTimeouts)
 	defer srv.Close()
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()

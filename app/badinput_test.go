@@ -1,4 +1,4 @@
-package taskguard
+package app
 
 import (
 	"bufio"
@@ -65,13 +65,13 @@ func badInputApp(t *testing.T, queue bool) (*App, *records) {
 	}
 	rec := &records{n: make(map[slog.Level]int)}
 	freshDefault(t)
-	a, err := NewApp(t.Context(), cfg, slog.New(rec))
+	a, err := New(t.Context(), cfg, slog.New(rec))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = a.Close() })
 	a.worker.Handle("job", func(ctx context.Context, d *tasks.Delivery) error { return nil })
-	rec.take() // what NewApp logged about its configuration
+	rec.take() // what New logged about its configuration
 	return a, rec
 }
 
@@ -230,15 +230,16 @@ func TestEnqueueRefusesIdentitiesJSONCannotCarry(t *testing.T) {
 	}
 }
 
-// TestHandleJobRefusesNamesJSONCannotCarry checks that a job no task could
+// TestWithJobRefusesNamesJSONCannotCarry checks that a job no task could
 // name byte for byte is refused where it is registered.
-func TestHandleJobRefusesNamesJSONCannotCarry(t *testing.T) {
+func TestWithJobRefusesNamesJSONCannotCarry(t *testing.T) {
+	freshDefault(t)
 	defer func() {
 		if p := recover(); p == nil || !strings.Contains(fmt.Sprint(p), `"resize-\xe9"`) {
-			t.Errorf("HandleJob(\"resize-\\xe9\") panicked with %v; want a panic quoting the name", p)
+			t.Errorf("WithJob(\"resize-\\xe9\") panicked with %v; want a panic quoting the name", p)
 		}
 	}()
-	HandleJob("resize-\xe9", func(context.Context, *tasks.Delivery) error { return nil })
+	_, _ = New(t.Context(), Config{}, slog.New(slog.DiscardHandler), WithJob("resize-\xe9", func(context.Context, *tasks.Delivery) error { return nil }))
 }
 
 // TestStalledBodyEndsWithTheRequest sends the headers and part of a body over

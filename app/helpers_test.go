@@ -1,25 +1,11 @@
-package taskguard
+package app
 
 import (
 	"io"
-	"net/http/httptest"
 	"testing"
 
-	"github.com/taskguard/taskguard/internal/oauthdemo"
 	"github.com/taskguard/taskguard/locking"
 )
-
-type tokenEndpoint struct {
-	*oauthdemo.Endpoint
-	url string
-}
-
-func newTokenEndpoint(t *testing.T) tokenEndpoint {
-	ep := oauthdemo.NewEndpoint()
-	srv := httptest.NewServer(ep)
-	t.Cleanup(srv.Close)
-	return tokenEndpoint{ep, srv.URL}
-}
 
 // freshDefault makes the process's default lock client be built again, from
 // the test's environment, on its next use, and closes it after the test.

@@ -1,4 +1,4 @@
-package taskguard
+package app
 
 import (
 	"context"
@@ -84,10 +84,10 @@ func TestUserCodeAndWorkerShareLocks(t *testing.T) {
 	}
 }
 
-// TestNewAppRefusesMemoryOnCloudRun: on Cloud Run settings with no
+// TestNewRefusesMemoryOnCloudRun: on Cloud Run settings with no
 // Datastore, building the functions fails with the error that names the
 // fix, and the served functions answer 500 without rebuilding.
-func TestNewAppRefusesMemoryOnCloudRun(t *testing.T) {
+func TestNewRefusesMemoryOnCloudRun(t *testing.T) {
 	for _, k := range []string{EnvProject, EnvDatastoreEmulator, EnvMemcache, EnvValkey, "DATASTORE_PROJECT_ID", locking.EnvAllowMemory} {
 		t.Setenv(k, "")
 	}
@@ -96,11 +96,11 @@ func TestNewAppRefusesMemoryOnCloudRun(t *testing.T) {
 	builds := 0
 	l := &lazyApp{now: time.Now, log: slog.New(slog.DiscardHandler), build: func() (*App, error) {
 		builds++
-		return NewApp(t.Context(), Config{}, slog.New(slog.DiscardHandler))
+		return New(t.Context(), Config{}, slog.New(slog.DiscardHandler))
 	}}
 	_, _, err := l.get()
 	if !errors.Is(err, locking.ErrNoStrongBackend) || !strings.Contains(err.Error(), EnvProject) {
-		t.Fatalf("NewApp on Cloud Run without a project = %v; want ErrNoStrongBackend naming %s", err, EnvProject)
+		t.Fatalf("New on Cloud Run without a project = %v; want ErrNoStrongBackend naming %s", err, EnvProject)
 	}
 	h := serveFrom(l, (*App).Worker)
 	for range 2 {

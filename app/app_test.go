@@ -1,4 +1,4 @@
-package taskguard
+package app
 
 import (
 	"bytes"
@@ -56,7 +56,7 @@ func newTestApp(t *testing.T, extra map[string]string) (*App, *httptest.Server, 
 		t.Fatal(err)
 	}
 	freshDefault(t)
-	a, err := NewApp(t.Context(), cfg, slog.New(slog.DiscardHandler))
+	a, err := New(t.Context(), cfg, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -144,7 +144,7 @@ func TestEnqueueAnswers(t *testing.T) {
 
 func TestEnqueueWithoutQueue(t *testing.T) {
 	freshDefault(t)
-	a, err := NewApp(t.Context(), Config{}, slog.New(slog.DiscardHandler))
+	a, err := New(t.Context(), Config{}, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -152,32 +152,6 @@ func TestEnqueueWithoutQueue(t *testing.T) {
 	a.Enqueue().ServeHTTP(rec, httptest.NewRequest("POST", "/Enqueue", strings.NewReader(`{"job":"x","lockId":"y"}`)))
 	if rec.Code != http.StatusServiceUnavailable || !strings.Contains(rec.Body.String(), EnvQueue) {
 		t.Errorf("Enqueue without a queue = %d %s; want 503 naming %s", rec.Code, rec.Body, EnvQueue)
-	}
-}
-
-// TestExampleJobRefreshesOnce runs the OAuth example through the real
-// path: five tasks on distinct lock ids refresh one user's token at once;
-// the lock on the token lets one refresh happen and the others find the new
-// token fresh.
-func TestExampleJobRefreshesOnce(t *testing.T) {
-	endpoint := newTokenEndpoint(t)
-	_, srv, emu := newTestApp(t, map[string]string{EnvTokenURL: endpoint.url})
-	for i := range 5 {
-		code, out := post(t, srv.URL+"/Enqueue", `{"job":"refresh-token","lockId":"refresh-`+string(rune('a'+i))+`","payload":{"user":"42"}}`)
-		if code != http.StatusOK {
-			t.Fatalf("enqueue: %d %v", code, out)
-		}
-	}
-	if err := emu.WaitIdle(t.Context(), testQueue); err != nil {
-		t.Fatal(err)
-	}
-	if n := endpoint.CallCount(); n != 1 {
-		t.Errorf("token endpoint refreshed %d times for one expired token; want 1", n)
-	}
-	for _, at := range emu.Attempts() {
-		if at.Status >= 500 {
-			t.Errorf("an attempt failed with %d (a refresh collided?)", at.Status)
-		}
 	}
 }
 
@@ -189,7 +163,7 @@ func TestCleanupLocks(t *testing.T) {
 	t.Setenv(EnvDatastoreEmulator, e.Host)
 	t.Setenv("DATASTORE_PROJECT_ID", e.ProjectID)
 	freshDefault(t)
-	a, err := NewApp(t.Context(), Config{CleanupGrace: time.Millisecond}, slog.New(slog.DiscardHandler))
+	a, err := New(t.Context(), Config{CleanupGrace: time.Millisecond}, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -239,7 +213,7 @@ func TestCleanupLocks(t *testing.T) {
 func TestWorkerLogsCarryTrace(t *testing.T) {
 	var buf bytes.Buffer
 	freshDefault(t)
-	a, err := NewApp(t.Context(), Config{ProjectID: "p1"}, slog.New(cloudlog.NewHandler(&buf, slog.LevelInfo, "p1")))
+	a, err := New(t.Context(), Config{ProjectID: "p1"}, slog.New(cloudlog.NewHandler(&buf, slog.LevelInfo, "p1")))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -270,7 +244,7 @@ func TestCleanupLocksFlagsFailClosed(t *testing.T) {
 	t.Setenv(EnvDatastoreEmulator, e.Host)
 	t.Setenv("DATASTORE_PROJECT_ID", e.ProjectID)
 	freshDefault(t)
-	a, err := NewApp(t.Context(), Config{CleanupGrace: time.Millisecond}, slog.New(slog.DiscardHandler))
+	a, err := New(t.Context(), Config{CleanupGrace: time.Millisecond}, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,4 @@
-package taskguard
+package app
 
 import (
 	"errors"
@@ -8,7 +8,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/locking/dslock"
 )
 
@@ -19,7 +18,6 @@ const (
 	EnvDatastoreDatabase  = "TASKGUARD_DATASTORE_DATABASE"
 	EnvDatastoreNamespace = "TASKGUARD_DATASTORE_NAMESPACE"
 	EnvDatastoreKind      = "TASKGUARD_DATASTORE_KIND"
-	EnvDefaultKind        = "TASKGUARD_DEFAULT_KIND"
 	EnvMemcache           = "MEMCACHE_SERVERS"
 	EnvValkey             = "VALKEY_ADDR"
 	EnvQueue              = "TASKGUARD_QUEUE"
@@ -28,7 +26,6 @@ const (
 	EnvLease              = "TASKGUARD_LEASE"
 	EnvCleanupGrace       = "TASKGUARD_CLEANUP_GRACE"
 	EnvTasksEmulator      = "CLOUD_TASKS_EMULATOR_HOST"
-	EnvTokenURL           = "TASKGUARD_TOKEN_URL"
 	EnvLogLevel           = "TASKGUARD_LOG_LEVEL"
 )
 
@@ -43,9 +40,6 @@ var ErrConfig = errors.New("taskguard: invalid configuration")
 type Config struct {
 	// ProjectID is the Google Cloud project, for trace correlation in logs.
 	ProjectID string
-	// DefaultKind is the kind of the example job's lock (TASKGUARD_DEFAULT_KIND:
-	// "strong", the default, or "weak").
-	DefaultKind locking.LockKind
 	// Lease is the lease of the Worker's task locks (TASKGUARD_LEASE, a Go
 	// duration); the lock client's default lease when zero.
 	Lease time.Duration
@@ -60,9 +54,6 @@ type Config struct {
 	// TasksEmulator is the host:port of a local Cloud Tasks emulator
 	// (CLOUD_TASKS_EMULATOR_HOST); empty in production.
 	TasksEmulator string
-	// TokenURL is the OAuth token endpoint of the example job
-	// (TASKGUARD_TOKEN_URL); the job is registered only when it is set.
-	TokenURL string
 }
 
 var (
@@ -84,14 +75,6 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 	}
 	cfg.ProjectID = getenv(EnvProject)
 
-	switch strings.ToLower(getenv(EnvDefaultKind)) {
-	case "", "strong":
-		cfg.DefaultKind = locking.Strong
-	case "weak":
-		cfg.DefaultKind = locking.Weak
-	default:
-		bad(EnvDefaultKind, `want "strong" or "weak"`)
-	}
 	duration := func(name string) time.Duration {
 		v := getenv(name)
 		if v == "" {
@@ -148,12 +131,6 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 		if !saEmailRE.MatchString(cfg.TaskServiceAccount) {
 			bad(EnvTaskServiceAccount, "want a service account email")
 		}
-	}
-	if v := getenv(EnvTokenURL); v != "" {
-		if u, err := url.Parse(v); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
-			bad(EnvTokenURL, "want an http(s) URL")
-		}
-		cfg.TokenURL = v
 	}
 	if len(problems) > 0 {
 		return Config{}, fmt.Errorf("%w:\n  %s", ErrConfig, strings.Join(problems, "\n  "))

@@ -1,4 +1,4 @@
-package taskguard
+package app
 
 import (
 	"context"
@@ -31,7 +31,7 @@ func TestAppBuildRecoversFromPassingFailure(t *testing.T) {
 	freshDefault(t)
 	l := &lazyApp{now: func() time.Time { return now }, log: slog.New(slog.DiscardHandler), build: func() (*App, error) {
 		builds++
-		return NewApp(context.Background(), cfg, slog.New(slog.DiscardHandler))
+		return New(context.Background(), cfg, slog.New(slog.DiscardHandler))
 	}}
 	h := serveFrom(l, (*App).Enqueue)
 	call := func(wantStatus, wantBuilds int, wantRetryAfter string) {
