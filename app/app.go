@@ -13,8 +13,6 @@ import (
 	"time"
 
 	"google.golang.org/api/option"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/taskguard/taskguard/cloudlog"
 	"github.com/taskguard/taskguard/internal/ident"
@@ -132,11 +130,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, opts ...Option) (*Ap
 	if cfg.EnqueueEnabled() {
 		var copts []option.ClientOption
 		if cfg.TasksEmulator != "" {
-			copts = []option.ClientOption{
-				option.WithEndpoint(cfg.TasksEmulator),
-				option.WithoutAuthentication(),
-				option.WithGRPCDialOption(grpc.WithTransportCredentials(insecure.NewCredentials())),
-			}
+			copts = tasks.EmulatorOptions(cfg.TasksEmulator)
 		}
 		a.enqueue, err = tasks.NewClient(ctx, tasks.Config{
 			Queue:          cfg.Queue,
