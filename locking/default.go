@@ -171,8 +171,8 @@ func fromEnvironment(cfg Config) (*Client, error) {
 	}
 	c.log.Info("locking: client ready", "strong_backend", names[Strong], "weak_backend", names[Weak])
 	if memory {
-		c.log.Warn("locking: Strong locks are in this process's memory: they exclude nothing across processes or instances; "+fixStrong,
-			"registered_providers", providerNames())
+		c.log.Warn("locking: Strong locks are in this process's memory: they exclude nothing across processes or instances",
+			"why", whyMemory(), "fix", fixStrong)
 	}
 	return c, nil
 }
@@ -208,17 +208,21 @@ func memoryAllowed() (bool, error) {
 // names what the environment lacks.
 func noStrongBackend() error {
 	v := production()
-	var why string
+	return fmt.Errorf("%w: %s=%s says production but %s; in-memory locks would exclude nothing across instances. Fix: %s; or set %s=1 to accept locks that hold within one instance only",
+		ErrNoStrongBackend, v, os.Getenv(v), whyMemory(), fixStrong, EnvAllowMemory)
+}
+
+// whyMemory says why no Strong backend was found. Called with defaultMu
+// held.
+func whyMemory() string {
 	switch names := providerNames(); {
 	case len(names) == 0:
-		why = "no Strong backend package is imported"
+		return "no Strong backend package is imported"
 	case os.Getenv("GOOGLE_CLOUD_PROJECT") == "" && os.Getenv("DATASTORE_EMULATOR_HOST") == "":
-		why = "GOOGLE_CLOUD_PROJECT is not set (Cloud Run functions gen2 do not set it: pass --set-env-vars GOOGLE_CLOUD_PROJECT=PROJECT)"
+		return "GOOGLE_CLOUD_PROJECT is not set (Cloud Run functions gen2 do not set it: pass --set-env-vars GOOGLE_CLOUD_PROJECT=PROJECT)"
 	default:
-		why = "no registered Strong provider (" + strings.Join(names, ", ") + ") recognised the environment"
+		return "no registered Strong provider (" + strings.Join(names, ", ") + ") recognised the environment"
 	}
-	return fmt.Errorf("%w: %s=%s says production but %s; in-memory locks would exclude nothing across instances. Fix: %s; or set %s=1 to accept locks that hold within one instance only",
-		ErrNoStrongBackend, v, os.Getenv(v), why, fixStrong, EnvAllowMemory)
 }
 
 // providerNames lists the registered Strong providers. Called with
