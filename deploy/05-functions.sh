@@ -4,7 +4,7 @@
 #
 # `gcloud functions deploy` creates or updates, so rerunning redeploys the same
 # configuration. All three run as RUNTIME_SA, refuse unauthenticated calls, and
-# receive the same environment (the names function.go reads).
+# receive the same environment (the names package app reads).
 #
 # Timeouts:
 #   Worker        WORKER_TIMEOUT (1800s). A task's dispatch deadline is at most

@@ -53,11 +53,11 @@ var steps = []string{
 	"07-scheduler.sh",
 }
 
-// functionEnvNames are the environment variables function.go reads; the
+// functionEnvNames are the environment variables the functions read (package app); the
 // scripts must pass no other name.
 var functionEnvNames = []string{
 	"GOOGLE_CLOUD_PROJECT", "TASKGUARD_DATASTORE_DATABASE", "TASKGUARD_DATASTORE_NAMESPACE",
-	"TASKGUARD_DATASTORE_KIND", "TASKGUARD_DEFAULT_KIND", "MEMCACHE_SERVERS", "VALKEY_ADDR",
+	"TASKGUARD_DATASTORE_KIND", "MEMCACHE_SERVERS", "VALKEY_ADDR",
 	"TASKGUARD_QUEUE", "TASKGUARD_WORKER_URL", "TASKGUARD_TASK_SERVICE_ACCOUNT", "TASKGUARD_LEASE",
 	"TASKGUARD_CLEANUP_GRACE",
 }
@@ -255,7 +255,6 @@ func scenarios(t *testing.T) []scenario {
 				"TASKGUARD_DATASTORE_DATABASE":  "locks",
 				"TASKGUARD_DATASTORE_NAMESPACE": "prod",
 				"TASKGUARD_DATASTORE_KIND":      "Lock",
-				"TASKGUARD_DEFAULT_KIND":        "weak",
 				"MEMCACHE_SERVERS":              "10.0.0.3:11211,10.0.0.4:11211",
 				"VALKEY_ADDR":                   "10.0.1.5:6379",
 				"TASKGUARD_WORKER_URL":          "https://worker.example.com/run",
@@ -319,7 +318,6 @@ func expect(s scenario) expectation {
 	e.env = map[string]string{
 		"GOOGLE_CLOUD_PROJECT":           project,
 		"TASKGUARD_DATASTORE_KIND":       e.kind,
-		"TASKGUARD_DEFAULT_KIND":         get("TASKGUARD_DEFAULT_KIND", "strong"),
 		"TASKGUARD_QUEUE":                "projects/" + project + "/locations/" + region + "/queues/" + e.queue,
 		"TASKGUARD_WORKER_URL":           get("TASKGUARD_WORKER_URL", "https://worker-123456789012."+region+".run.app"),
 		"TASKGUARD_TASK_SERVICE_ACCOUNT": e.tasksSA,
@@ -582,7 +580,7 @@ func checkPlan(t *testing.T, s scenario, cmds []command) {
 		}
 		for k := range env {
 			if !slices.Contains(functionEnvNames, k) {
-				t.Errorf("%s: environment variable %s is not one function.go reads", name, k)
+				t.Errorf("%s: environment variable %s is not one the functions read", name, k)
 			}
 		}
 		if !mapsEqual(env, e.env) {
@@ -732,8 +730,6 @@ func TestScriptsRejectBadConfiguration(t *testing.T) {
 		{"no project", "all.sh", nil, map[string]string{"DRY_RUN": "1"}, "PROJECT is not set", 1},
 		{"bad project id", "01-apis.sh", nil, with("PROJECT", "My_Project"), "is not a project id", 1},
 		{"unknown argument", "all.sh", []string{"--dryrun"}, base, "unknown argument: --dryrun", 2},
-		{"lock kind", "05-functions.sh", nil, with("TASKGUARD_DEFAULT_KIND", "medium"), "want strong or weak", 1},
-		{"weak without servers", "05-functions.sh", nil, with("TASKGUARD_DEFAULT_KIND", "weak"), "needs MEMCACHE_SERVERS or VALKEY_ADDR", 1},
 		{"timeout syntax", "05-functions.sh", nil, with("WORKER_TIMEOUT", "30min"), "want a whole number", 1},
 		{"timeout above an hour", "05-functions.sh", nil, with("WORKER_TIMEOUT", "2h"), "WORKER_TIMEOUT must be between", 1},
 		{"attempt deadline above cleanup timeout", "07-scheduler.sh", nil, with("SCHEDULER_ATTEMPT_DEADLINE", "900s"), "must not exceed CLEANUP_TIMEOUT", 1},

@@ -199,7 +199,6 @@ fi
 : "${TASKGUARD_DATASTORE_DATABASE:=}"            # empty: the (default) database
 : "${TASKGUARD_DATASTORE_NAMESPACE:=}"
 : "${TASKGUARD_DATASTORE_KIND:=TaskguardLock}"
-: "${TASKGUARD_DEFAULT_KIND:=strong}"            # strong (Datastore) or weak (memcached/Valkey)
 : "${MEMCACHE_SERVERS:=}"                        # host:port[,host:port...]
 : "${VALKEY_ADDR:=}"                             # host:port
 : "${TASKGUARD_WORKER_URL:=}"                    # empty: read from the deployed Worker
@@ -215,17 +214,14 @@ SCHEDULER_SA_EMAIL="$(sa_email "$SCHEDULER_SA")"
 TASKGUARD_QUEUE="projects/${PROJECT}/locations/${QUEUE_LOCATION}/queues/${QUEUE}"
 DATASTORE_DATABASE_ID="${TASKGUARD_DATASTORE_DATABASE:-(default)}"
 
-# The function names are the functions-framework entry points in function.go.
+# The function names are the Functions Framework entry points the root package
+# registers (app.DefaultFunctions).
 FUNCTIONS=(Worker Enqueue CleanupLocks)
 
 for _sa in "$RUNTIME_SA" "$TASKS_SA" "$SCHEDULER_SA"; do
   [[ "$_sa" =~ ^[a-z][-a-z0-9]{4,28}[a-z0-9]$ ]] || die "service account id '$_sa' must be 6-30 lowercase letters, digits or hyphens"
 done
 unset _sa
-case "$TASKGUARD_DEFAULT_KIND" in strong|weak) ;; *) die "TASKGUARD_DEFAULT_KIND=$TASKGUARD_DEFAULT_KIND: want strong or weak" ;; esac
-if [[ "$TASKGUARD_DEFAULT_KIND" == weak && -z "$MEMCACHE_SERVERS$VALKEY_ADDR" ]]; then
-  die "TASKGUARD_DEFAULT_KIND=weak needs MEMCACHE_SERVERS or VALKEY_ADDR"
-fi
 if [[ -n "$VPC_NETWORK" && -z "$VPC_SUBNET" ]] || [[ -z "$VPC_NETWORK" && -n "$VPC_SUBNET" ]]; then
   die "set both VPC_NETWORK and VPC_SUBNET, or neither"
 fi
@@ -277,7 +273,6 @@ functions_env() {
     "TASKGUARD_DATASTORE_DATABASE=$TASKGUARD_DATASTORE_DATABASE"
     "TASKGUARD_DATASTORE_NAMESPACE=$TASKGUARD_DATASTORE_NAMESPACE"
     "TASKGUARD_DATASTORE_KIND=$TASKGUARD_DATASTORE_KIND"
-    "TASKGUARD_DEFAULT_KIND=$TASKGUARD_DEFAULT_KIND"
     "MEMCACHE_SERVERS=$MEMCACHE_SERVERS"
     "VALKEY_ADDR=$VALKEY_ADDR"
     "TASKGUARD_QUEUE=$TASKGUARD_QUEUE"
