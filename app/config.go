@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/taskguard/taskguard/locking/dslock"
+	"github.com/taskguard/taskguard/tasks"
 )
 
 // Environment variables the functions read. Empty means unset.
@@ -57,7 +58,6 @@ type Config struct {
 }
 
 var (
-	queueRE   = regexp.MustCompile(`^projects/[a-z0-9][a-z0-9:.-]*/locations/[a-z0-9-]+/queues/[A-Za-z0-9-]{1,100}$`)
 	hostPort  = regexp.MustCompile(`^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$`)
 	saEmailRE = regexp.MustCompile(`^[^@\s]+@[^@\s]+\.[^@\s]+$`)
 )
@@ -120,7 +120,7 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 	cfg.Queue, cfg.WorkerURL, cfg.TaskServiceAccount = getenv(EnvQueue), getenv(EnvWorkerURL), getenv(EnvTaskServiceAccount)
 	cfg.TasksEmulator = getenv(EnvTasksEmulator)
 	if cfg.Queue != "" || cfg.WorkerURL != "" || cfg.TaskServiceAccount != "" {
-		if !queueRE.MatchString(cfg.Queue) {
+		if !tasks.ValidQueue(cfg.Queue) {
 			bad(EnvQueue, "want projects/PROJECT/locations/LOCATION/queues/QUEUE (set it with %s and %s, or none of them)", EnvWorkerURL, EnvTaskServiceAccount)
 		}
 		if u, err := url.Parse(cfg.WorkerURL); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {

@@ -46,6 +46,11 @@ const (
 
 var queueRE = regexp.MustCompile(`^projects/[A-Za-z0-9\-:.]+/locations/[A-Za-z0-9\-]+/queues/[A-Za-z0-9\-]{1,100}$`)
 
+// ValidQueue reports whether name is a full queue name,
+// "projects/PROJECT/locations/LOCATION/queues/QUEUE", as Config.Queue
+// needs it: the one rule every part of taskguard checks queue names by.
+func ValidQueue(name string) bool { return queueRE.MatchString(name) }
+
 // Config configures a Client.
 type Config struct {
 	// Queue is the full queue name,
