@@ -73,9 +73,16 @@ func WithLocks(c *locking.Client) Option {
 
 // WithJob registers a job with the App's Worker, as tasks.Worker.Handle
 // does; jobs belong to the App they are given to, not to the process. Like
-// Handle, the App's construction panics when name is empty or not valid
-// UTF-8 (the panic quotes it), fn is nil, or name is given twice.
+// Handle it panics, at once (in the init function that calls Register),
+// when name is empty or not valid UTF-8 (the panic quotes it) or fn is nil;
+// building the App panics when two jobs have one name.
 func WithJob(name string, fn tasks.JobFunc, opts ...tasks.JobOption) Option {
+	if name == "" || fn == nil {
+		panic("app: WithJob with an empty name or a nil function")
+	}
+	if err := ident.Check("job", name); err != nil {
+		panic("app: WithJob: " + err.Error())
+	}
 	return func(o *options) { o.jobs = append(o.jobs, jobReg{name, fn, opts}) }
 }
 

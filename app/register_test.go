@@ -1,0 +1,66 @@
+package app
+
+import (
+	"context"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"testing"
+
+	"github.com/taskguard/taskguard/tasks"
+	"github.com/taskguard/taskguard/tasks/taskstest"
+)
+
+// TestRegisterChosenFunctions: Register registers exactly the functions
+// named, under those names (Enqueue left out), and their Worker runs the
+// jobs given to it; a second Register in the same process has jobs of its
+// own.
+func TestRegisterChosenFunctions(t *testing.T) {
+	for _, k := range []string{EnvProject, EnvDatastoreEmulator, EnvMemcache, EnvValkey, EnvQueue, EnvWorkerURL, EnvTaskServiceAccount, "K_SERVICE"} {
+		t.Setenv(k, "")
+	}
+	freshDefault(t)
+	registered := map[string]func(http.ResponseWriter, *http.Request){}
+	register := func(name string, fn func(http.ResponseWriter, *http.Request)) {
+		if registered[name] != nil {
+			t.Fatalf("%s registered twice", name)
+		}
+		registered[name] = fn
+	}
+	ran := map[string]int{}
+	job := func(name string) tasks.JobFunc {
+		return func(context.Context, *tasks.Delivery) error { ran[name]++; return nil }
+	}
+	quiet := WithLogger(slog.New(slog.DiscardHandler))
+	Register(register, Functions{Worker: "ShopWorker", CleanupLocks: "ShopCleanupLocks"}, quiet, WithJob("receipt", job("shop")))
+	Register(register, Functions{Worker: "BillingWorker"}, quiet, WithJob("invoice", job("billing")))
+
+	var names []string
+	for n := range registered {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	if want := []string{"BillingWorker", "ShopCleanupLocks", "ShopWorker"}; !slices.Equal(names, want) {
+		t.Fatalf("registered %v; want %v", names, want)
+	}
+	deliver := func(fn, job string) int {
+		req, err := taskstest.NewRequest(tasks.Task{Job: job, LockID: "customer/z"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		rec := httptest.NewRecorder()
+		registered[fn](rec, req)
+		return rec.Code
+	}
+	if code := deliver("ShopWorker", "receipt"); code != tasks.StatusDone || ran["shop"] != 1 {
+		t.Errorf("ShopWorker(receipt) = %d, ran %v; want %d and the shop's job run", code, ran, tasks.StatusDone)
+	}
+	// Jobs belong to their App: the billing Worker does not know "receipt".
+	if code := deliver("BillingWorker", "receipt"); code != tasks.StatusDropped || ran["shop"] != 1 {
+		t.Errorf("BillingWorker(receipt) = %d, ran %v; want %d (unknown job, dropped)", code, ran, tasks.StatusDropped)
+	}
+	if code := deliver("BillingWorker", "invoice"); code != tasks.StatusDone || ran["billing"] != 1 {
+		t.Errorf("BillingWorker(invoice) = %d, ran %v; want %d", code, ran, tasks.StatusDone)
+	}
+}
