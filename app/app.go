@@ -45,6 +45,7 @@ type options struct {
 	locks *locking.Client
 	jobs  []jobReg
 	log   *slog.Logger
+	cfg   *Config
 }
 
 type jobReg struct {
@@ -84,6 +85,14 @@ func WithJob(name string, fn tasks.JobFunc, opts ...tasks.JobOption) Option {
 		panic("app: WithJob: " + err.Error())
 	}
 	return func(o *options) { o.jobs = append(o.jobs, jobReg{name, fn, opts}) }
+}
+
+// WithConfig makes Register and Handler build their App from cfg instead
+// of the environment (ConfigFromEnv): for a program that has its
+// configuration already, such as a local runner. New takes its Config as an
+// argument.
+func WithConfig(cfg Config) Option {
+	return func(o *options) { o.cfg = &cfg }
 }
 
 // WithLogger sets the logger of the App that Register and Handler build

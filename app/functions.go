@@ -58,15 +58,17 @@ func (fns Functions) each(f func(name string, h func(*App) http.Handler)) {
 // Register itself registers nothing else and sets no global logger.
 func Register(register func(name string, fn func(http.ResponseWriter, *http.Request)), fns Functions, opts ...Option) {
 	l := newLazyApp(opts)
-	if _, err := ConfigFromEnv(os.Getenv); err != nil {
-		l.logger().Error("taskguard: the functions cannot start until the configuration is fixed", "error", err.Error())
+	if optionsOf(opts).cfg == nil {
+		if _, err := ConfigFromEnv(os.Getenv); err != nil {
+			l.logger().Error("taskguard: the functions cannot start until the configuration is fixed", "error", err.Error())
+		}
 	}
 	fns.each(func(name string, h func(*App) http.Handler) { register(name, serveFrom(l, h)) })
 }
 
 // Handler serves the functions named by fns at /<name>, as the Functions
 // Framework does when FUNCTION_TARGET is unset, sharing one App built as
-// Register's is. It is for a local server that sets its own timeouts
+// Register's is (from WithConfig's Config, or the environment). It is for a local server that sets its own timeouts
 // (cmd/taskguard-local): the Functions Framework's own local server sets
 // none.
 func Handler(fns Functions, opts ...Option) http.Handler {
@@ -92,11 +94,15 @@ func LoggerFromEnv() *slog.Logger {
 // newLazyApp returns the App that Register and Handler build from the
 // environment with opts.
 func newLazyApp(opts []Option) *lazyApp {
-	log := optionsOf(opts).log
+	o := optionsOf(opts)
+	log := o.log
 	if log == nil {
 		log = LoggerFromEnv()
 	}
 	return &lazyApp{now: time.Now, log: log, build: func() (*App, error) {
+		if o.cfg != nil {
+			return New(context.Background(), *o.cfg, log, opts...)
+		}
 		cfg, err := ConfigFromEnv(os.Getenv)
 		if err != nil {
 			return nil, err

@@ -42,6 +42,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/taskguard/taskguard/app"
+	"github.com/taskguard/taskguard/cloudlog"
 	"github.com/taskguard/taskguard/internal/oauthdemo"
 	"github.com/taskguard/taskguard/tasks/taskstest"
 
@@ -80,31 +81,45 @@ func run() error {
 	}
 	base := "http://" + ln.Addr().String()
 
+	// The environment's configuration, completed below with the embedded
+	// defaults and passed to the functions as a Config.
+	cfg, err := app.ConfigFromEnv(os.Getenv)
+	if err != nil {
+		return err
+	}
 	var (
 		rec  *recorder
-		jobs []app.Option
+		opts []app.Option
 	)
+	// The functions' logs, and the lock client's, as Cloud Logging reads
+	// them; the demo prints its own timeline, so only warnings by default.
+	level := slog.LevelInfo
 	if *demo {
+		level = slog.LevelWarn
 		var job app.Option
 		rec, job = demoJobOption()
-		jobs = append(jobs, job)
-		setDefault(app.EnvLogLevel, "warn")
+		opts = append(opts, job)
 	}
-	// The functions' logs, and the lock client's, as Cloud Logging reads
-	// them.
-	slog.SetDefault(app.LoggerFromEnv())
+	if v := os.Getenv(app.EnvLogLevel); v != "" {
+		if err := level.UnmarshalText([]byte(v)); err != nil {
+			return fmt.Errorf("%s=%q: want debug, info, warn or error", app.EnvLogLevel, v)
+		}
+	}
+	log := slog.New(cloudlog.NewHandler(os.Stdout, level, cfg.ProjectID))
+	slog.SetDefault(log)
+	opts = append(opts, app.WithLogger(log))
 
 	var emu *taskstest.Server
-	if os.Getenv(app.EnvQueue) == "" {
+	if cfg.Queue == "" {
 		emu, err = startEmulator(ctx)
 		if err != nil {
 			return err
 		}
 		defer emu.Close()
-		os.Setenv(app.EnvTasksEmulator, emu.Addr())
-		os.Setenv(app.EnvQueue, localQueue)
-		os.Setenv(app.EnvWorkerURL, base+"/Worker")
-		os.Setenv(app.EnvTaskServiceAccount, "worker@local-project.iam.gserviceaccount.com")
+		cfg.TasksEmulator = emu.Addr()
+		cfg.Queue = localQueue
+		cfg.WorkerURL = base + "/Worker"
+		cfg.TaskServiceAccount = "worker@local-project.iam.gserviceaccount.com"
 	}
 	var endpoint *oauthdemo.Endpoint
 	tokenURL := os.Getenv(envTokenURL)
@@ -119,15 +134,12 @@ func run() error {
 	} else if u, err := url.Parse(tokenURL); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
 		return fmt.Errorf("%s=%q: want an http(s) URL", envTokenURL, tokenURL)
 	}
-	jobs = append(jobs, app.WithJob(exampleJob, refreshTokenJob(tokenURL)))
-	if _, err := app.ConfigFromEnv(os.Getenv); err != nil {
-		return err
-	}
+	opts = append(opts, app.WithJob(exampleJob, refreshTokenJob(tokenURL)), app.WithConfig(cfg))
 
 	// Every function at /<Name>, as the Functions Framework serves them
 	// when FUNCTION_TARGET is unset, but on a server with read timeouts
 	// (the framework's own sets none).
-	srv := newServer(app.Handler(app.DefaultFunctions, jobs...), defaultTimeouts)
+	srv := newServer(app.Handler(app.DefaultFunctions, opts...), defaultTimeouts)
 	defer srv.Close()
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
@@ -147,12 +159,6 @@ func run() error {
 		return nil
 	case err := <-serveErr:
 		return err
-	}
-}
-
-func setDefault(name, value string) {
-	if os.Getenv(name) == "" {
-		os.Setenv(name, value)
 	}
 }
 
