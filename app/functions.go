@@ -48,10 +48,11 @@ func (fns Functions) each(f func(name string, h func(*App) http.Handler)) {
 //			app.WithJob("charge", charge))
 //	}
 //
-// The functions share one App, built from the environment (ConfigFromEnv)
-// with opts on the first request: no network I/O happens before. Register
-// reads and validates the configuration at once, and logs every problem in
-// one line at ERROR; the functions then answer 500 until it is fixed. Should
+// The functions share one App, built with opts on the first request from
+// the environment (ConfigFromEnv) or WithConfig's Config: no network I/O
+// happens before. Register reads and validates the environment at once, and
+// logs every problem in one line at ERROR; the functions then answer 500
+// until it is fixed. Should
 // the build fail for another reason (credentials or the metadata server not
 // reachable yet), the functions answer 503 with Retry-After and a later
 // request builds it again, after a backoff of 1 s doubling up to 1 min.
@@ -68,7 +69,7 @@ func Register(register func(name string, fn func(http.ResponseWriter, *http.Requ
 
 // Handler serves the functions named by fns at /<name>, as the Functions
 // Framework does when FUNCTION_TARGET is unset, sharing one App built as
-// Register's is (from WithConfig's Config, or the environment). It is for a local server that sets its own timeouts
+// Register's is. It is for a local server that sets its own timeouts
 // (cmd/taskguard-local): the Functions Framework's own local server sets
 // none.
 func Handler(fns Functions, opts ...Option) http.Handler {
@@ -91,8 +92,7 @@ func LoggerFromEnv() *slog.Logger {
 	return slog.New(cloudlog.NewHandler(os.Stdout, level, os.Getenv(EnvProject)))
 }
 
-// newLazyApp returns the App that Register and Handler build from the
-// environment with opts.
+// newLazyApp returns the App that Register and Handler build with opts.
 func newLazyApp(opts []Option) *lazyApp {
 	o := optionsOf(opts)
 	log := o.log
