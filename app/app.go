@@ -112,8 +112,8 @@ func WithLogger(l *slog.Logger) Option {
 // its own. Its Worker runs the jobs given with WithJob. cfg.Lease is the
 // lease of the Worker's task locks. New fails with the default client's
 // error (locking.Client.Err; for example locking.ErrNoStrongBackend on Cloud
-// Run without Datastore). It does no network I/O: connections are made on
-// first use.
+// Run without Datastore), wrapped in ErrConfig. It does no network I/O:
+// connections are made on first use.
 func New(ctx context.Context, cfg Config, log *slog.Logger, opts ...Option) (*App, error) {
 	o := optionsOf(opts)
 	locks := o.locks
@@ -121,7 +121,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, opts ...Option) (*Ap
 		locks = locking.Default()
 	}
 	if err := locks.Err(); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%w: the lock client: %w", ErrConfig, err)
 	}
 	a := &App{cfg: cfg, log: log, locks: locks}
 	if b, ok := locks.Backend(locking.Strong).(*dslock.Backend); ok {

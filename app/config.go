@@ -34,10 +34,11 @@ const (
 var ErrConfig = errors.New("taskguard: invalid configuration")
 
 // Config is the functions' configuration, read from the environment by
-// ConfigFromEnv. The lock backends themselves are chosen by the locking
-// providers from the same environment (see locking.FromEnvironment): Datastore
-// when GOOGLE_CLOUD_PROJECT or DATASTORE_EMULATOR_HOST is set, memcached for
-// Weak locks when MEMCACHE_SERVERS is, Valkey when VALKEY_ADDR is.
+// ConfigFromEnv. The lock backends themselves are chosen, and their
+// variables read and checked, by the backend packages the program imports
+// (see locking.FromEnvironment and locking.CheckEnvironment): Datastore when
+// GOOGLE_CLOUD_PROJECT or DATASTORE_EMULATOR_HOST is set, memcached for Weak
+// locks when MEMCACHE_SERVERS is, Valkey when VALKEY_ADDR is.
 type Config struct {
 	// ProjectID is the Google Cloud project, for trace correlation in logs.
 	ProjectID string
@@ -103,17 +104,11 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 			bad(c.name, "%s", strings.TrimPrefix(err.Error(), dslock.ErrBadOptions.Error()+": "))
 		}
 	}
-	for _, name := range []string{EnvDatastoreEmulator, EnvTasksEmulator, EnvValkey} {
+	// MEMCACHE_SERVERS, VALKEY_ADDR and the rest of the Weak backends'
+	// variables are their packages' to read and check (see Register).
+	for _, name := range []string{EnvDatastoreEmulator, EnvTasksEmulator} {
 		if v := getenv(name); v != "" && !hostPort.MatchString(v) && !strings.Contains(v, "://") {
 			bad(name, "want host:port")
-		}
-	}
-	if v := getenv(EnvMemcache); v != "" {
-		for _, s := range strings.Split(v, ",") {
-			if !hostPort.MatchString(strings.TrimSpace(s)) {
-				bad(EnvMemcache, "want a comma-separated list of host:port")
-				break
-			}
 		}
 	}
 

@@ -38,7 +38,6 @@ func TestConfigFromEnv(t *testing.T) {
 		EnvQueue:              "jobs",
 		EnvWorkerURL:          "http://worker.example.com",
 		EnvTaskServiceAccount: "nobody",
-		EnvMemcache:           "10.0.0.3",
 		EnvDatastoreEmulator:  "localhost",
 	}
 	_, err = ConfigFromEnv(env(bad))

@@ -50,19 +50,25 @@ func (fns Functions) each(f func(name string, h func(*App) http.Handler)) {
 //
 // The functions share one App, built with opts on the first request from
 // the environment (ConfigFromEnv) or WithConfig's Config: no network I/O
-// happens before. Register reads and validates the environment at once, and
-// logs every problem in one line at ERROR; the functions then answer 500
-// until it is fixed. Should
+// happens before. Register reads and validates the environment at once —
+// the functions' own variables (ConfigFromEnv), then the lock backends'
+// (locking.CheckEnvironment: a malformed MEMCACHE_SERVERS, no Strong backend
+// on Cloud Run, ...) — and logs the problems in one line at ERROR; the
+// functions then answer 500 until it is fixed. Should
 // the build fail for another reason (credentials or the metadata server not
 // reachable yet), the functions answer 503 with Retry-After and a later
 // request builds it again, after a backoff of 1 s doubling up to 1 min.
 // Register itself registers nothing else and sets no global logger.
 func Register(register func(name string, fn func(http.ResponseWriter, *http.Request)), fns Functions, opts ...Option) {
 	l := newLazyApp(opts)
+	err := locking.CheckEnvironment()
 	if optionsOf(opts).cfg == nil {
-		if _, err := ConfigFromEnv(os.Getenv); err != nil {
-			l.logger().Error("taskguard: the functions cannot start until the configuration is fixed", "error", err.Error())
+		if _, cerr := ConfigFromEnv(os.Getenv); cerr != nil {
+			err = cerr // the functions' own variables first
 		}
+	}
+	if err != nil {
+		l.logger().Error("taskguard: the functions cannot start until the configuration is fixed", "error", err.Error())
 	}
 	fns.each(func(name string, h func(*App) http.Handler) { register(name, serveFrom(l, h)) })
 }

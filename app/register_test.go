@@ -1,11 +1,13 @@
 package app
 
 import (
+	"bytes"
 	"context"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/taskguard/taskguard/tasks"
@@ -62,5 +64,29 @@ func TestRegisterChosenFunctions(t *testing.T) {
 	}
 	if code := deliver("BillingWorker", "invoice"); code != tasks.StatusDone || ran["billing"] != 1 {
 		t.Errorf("BillingWorker(invoice) = %d, ran %v; want %d", code, ran, tasks.StatusDone)
+	}
+}
+
+// TestRegisterReportsAtStart: Register reports, in its one start-up line
+// and before any request, what the lock backends' variables get wrong
+// (here: Cloud Run without a Strong backend), and the functions then answer
+// 500.
+func TestRegisterReportsAtStart(t *testing.T) {
+	for _, k := range []string{EnvProject, EnvDatastoreEmulator, EnvMemcache, EnvValkey, EnvQueue, EnvWorkerURL, EnvTaskServiceAccount, "TASKGUARD_ALLOW_MEMORY"} {
+		t.Setenv(k, "")
+	}
+	t.Setenv("K_SERVICE", "shop")
+	freshDefault(t)
+	var logs bytes.Buffer
+	registered := map[string]func(http.ResponseWriter, *http.Request){}
+	Register(func(name string, fn func(http.ResponseWriter, *http.Request)) { registered[name] = fn },
+		Functions{Worker: "ShopWorker"}, WithLogger(slog.New(slog.NewJSONHandler(&logs, nil))))
+	if !strings.Contains(logs.String(), `"level":"ERROR"`) || !strings.Contains(logs.String(), "locking/dslock") || !strings.Contains(logs.String(), EnvProject) {
+		t.Errorf("Register's start-up log does not report the missing Strong backend and its fix:\n%s", logs.String())
+	}
+	rec := httptest.NewRecorder()
+	registered["ShopWorker"](rec, httptest.NewRequest(http.MethodPost, "/", nil))
+	if rec.Code != http.StatusInternalServerError {
+		t.Errorf("ShopWorker answered %d; want 500 until the configuration is fixed", rec.Code)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"strconv"
@@ -130,10 +131,42 @@ func FromEnvironment(cfg Config) (*Client, error) {
 	return fromEnvironment(cfg)
 }
 
-// fromEnvironment is called with defaultMu held.
-func fromEnvironment(cfg Config) (*Client, error) {
+// CheckEnvironment reports whether the environment can configure the
+// default client, without building it and without network I/O: it returns
+// the error every lock call on a Default client built now would fail with —
+// a registered provider's for a store the environment names but gets wrong
+// (a malformed MEMCACHE_SERVERS, VALKEY_ADDR, ...), or ErrNoStrongBackend —,
+// or nil. The backends the providers build to check are closed again (those
+// that are io.Closers). A program can call it at start to report a bad
+// deployment in its first log line, before any lock is taken.
+func CheckEnvironment() error {
+	defaultMu.Lock()
+	defer defaultMu.Unlock()
+	backends, _, err := fromProviders(Config{})
+	for _, b := range backends {
+		if c, ok := b.(io.Closer); ok && b != nil {
+			_ = c.Close()
+		}
+	}
+	if err != nil {
+		return err
+	}
+	if backends[Strong] == nil {
+		if allowed, err := memoryAllowed(); err != nil {
+			return err
+		} else if !allowed {
+			return noStrongBackend()
+		}
+	}
+	return nil
+}
+
+// fromProviders returns cfg's backends, completed by the registered
+// providers, and the names of their stores. Called with defaultMu held.
+func fromProviders(cfg Config) ([2]Backend, [2]string, error) {
 	backends := [2]Backend{cfg.Strong, cfg.Weak}
 	names := [2]string{"configured", "configured"}
+	built := [2]bool{}
 	var errs []error
 	for _, p := range providers {
 		if backends[p.kind] != nil {
@@ -144,11 +177,26 @@ func fromEnvironment(cfg Config) (*Client, error) {
 		case err != nil:
 			errs = append(errs, fmt.Errorf("%s backend %q: %w", p.kind, p.name, err))
 		case ok && b != nil:
-			backends[p.kind], names[p.kind] = b, p.name
+			backends[p.kind], names[p.kind], built[p.kind] = b, p.name, true
 		}
 	}
 	if len(errs) > 0 {
-		return nil, fmt.Errorf("locking: %w", errors.Join(errs...))
+		// Close what the other providers built: nothing will use it.
+		for k, b := range backends {
+			if c, ok := b.(io.Closer); ok && built[k] {
+				_ = c.Close()
+			}
+		}
+		return [2]Backend{}, names, fmt.Errorf("locking: %w", errors.Join(errs...))
+	}
+	return backends, names, nil
+}
+
+// fromEnvironment is called with defaultMu held.
+func fromEnvironment(cfg Config) (*Client, error) {
+	backends, names, err := fromProviders(cfg)
+	if err != nil {
+		return nil, err
 	}
 	memory := backends[Strong] == nil
 	if memory {

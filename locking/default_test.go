@@ -153,3 +153,25 @@ func TestInMemoryClientsShareOneStore(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestCheckEnvironment: the error a default client built now would fail
+// every lock call with, found without building it.
+func TestCheckEnvironment(t *testing.T) {
+	clearProduction(t)
+	if err := locking.CheckEnvironment(); err != nil {
+		t.Errorf("local environment: CheckEnvironment = %v; want nil (in-memory, allowed)", err)
+	}
+	t.Setenv(testProviderEnv, "bad")
+	if err := locking.CheckEnvironment(); err == nil || !strings.Contains(err.Error(), "TEST_ADDR") {
+		t.Errorf("a provider's invalid environment: CheckEnvironment = %v; want the provider's error", err)
+	}
+	t.Setenv(testProviderEnv, "")
+	t.Setenv("K_SERVICE", "checkout")
+	if err := locking.CheckEnvironment(); !errors.Is(err, locking.ErrNoStrongBackend) {
+		t.Errorf("Cloud Run without a Strong backend: CheckEnvironment = %v; want ErrNoStrongBackend", err)
+	}
+	t.Setenv(locking.EnvAllowMemory, "maybe")
+	if err := locking.CheckEnvironment(); !errors.Is(err, locking.ErrInvalid) {
+		t.Errorf("%s=maybe: CheckEnvironment = %v; want ErrInvalid", locking.EnvAllowMemory, err)
+	}
+}
