@@ -17,13 +17,18 @@ demo: ## enqueue a burst of tasks and print the timeline
 deps: ## install/check what the tests need
 	@bash scripts/deps.sh
 
+# Modules of their own under examples/, built against this checkout.
+EXAMPLES := examples/shop
+
 lint: deps ## gofmt, go vet, staticcheck
 	@out="$$(gofmt -l .)"; if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	go vet ./...
 	staticcheck ./...
+	@set -e; for m in $(EXAMPLES); do (cd $$m && go vet ./... && staticcheck ./...); done
 
 test: lint fuzz-short ## the full suite, race detector on
 	go test $(GOTEST_FLAGS) ./...
+	@set -e; for m in $(EXAMPLES); do echo "cd $$m && go test ./..."; (cd $$m && go test $(GOTEST_FLAGS) ./...); done
 
 # Fuzz targets: the seed corpora (testdata/fuzz) run with every go test;
 # this fuzzes each target for FUZZTIME more.

@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
 # 06-invokers.sh: who may call which function (roles/run.invoker, per function).
 #
-#   Worker        TASKS_SA only (Cloud Tasks' OIDC identity)
-#   CleanupLocks  SCHEDULER_SA only (Cloud Scheduler's OIDC identity)
-#   Enqueue       the members in ENQUEUE_INVOKERS (comma-separated, e.g.
-#                 serviceAccount:api@p.iam.gserviceaccount.com,group:ops@example.com); none by default
+#   WORKER_FUNCTION   TASKS_SA only (Cloud Tasks' OIDC identity)
+#   CLEANUP_FUNCTION  SCHEDULER_SA only (Cloud Scheduler's OIDC identity)
+#   ENQUEUE_FUNCTION  the members in ENQUEUE_INVOKERS (comma-separated, e.g.
+#                     serviceAccount:api@p.iam.gserviceaccount.com,group:ops@example.com); none by default
+#   EXTRA_FUNCTIONS   the members in EXTRA_INVOKERS, on each; none by default
 #
-# add-invoker-policy-binding is idempotent. Nothing is granted project-wide.
+# With DEPLOY_WITH=functions: gcloud functions add-invoker-policy-binding; with
+# DEPLOY_WITH=run: gcloud run services add-iam-policy-binding on the function's
+# service. Both are idempotent. Nothing is granted project-wide.
 # Usage: deploy/06-invokers.sh [--dry-run]
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-run_retry gcloud functions add-invoker-policy-binding Worker --region="$REGION" \
-  --member="serviceAccount:$TASKS_SA_EMAIL" --project="$PROJECT" --format=none
-run_retry gcloud functions add-invoker-policy-binding CleanupLocks --region="$REGION" \
-  --member="serviceAccount:$SCHEDULER_SA_EMAIL" --project="$PROJECT" --format=none
+# Checked before any grant; one member a line.
+enqueue_members="$(iam_members ENQUEUE_INVOKERS)"
+extra_members="$(iam_members EXTRA_INVOKERS)"
 
-IFS=',' read -r -a members <<<"$ENQUEUE_INVOKERS"
-for member in "${members[@]}"; do
-  member="${member//[[:space:]]/}"
-  [[ -n "$member" ]] || continue
-  [[ "$member" =~ ^(user|serviceAccount|group|domain|principal|principalSet):.+ ]] || die "ENQUEUE_INVOKERS: '$member' is not an IAM member (e.g. serviceAccount:EMAIL)"
-  run_retry gcloud functions add-invoker-policy-binding Enqueue --region="$REGION" \
-    --member="$member" --project="$PROJECT" --format=none
+grant_invoker "$WORKER_FUNCTION" "serviceAccount:$TASKS_SA_EMAIL"
+grant_invoker "$CLEANUP_FUNCTION" "serviceAccount:$SCHEDULER_SA_EMAIL"
+while IFS= read -r member; do
+  [[ -z "$member" ]] || grant_invoker "$ENQUEUE_FUNCTION" "$member" </dev/null
+done <<<"$enqueue_members"
+for name in "${EXTRA[@]}"; do
+  while IFS= read -r member; do
+    [[ -z "$member" ]] || grant_invoker "$name" "$member" </dev/null
+  done <<<"$extra_members"
 done

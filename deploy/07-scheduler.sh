@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# 07-scheduler.sh: the daily Cloud Scheduler job that calls CleanupLocks with an OIDC token.
+# 07-scheduler.sh: the daily Cloud Scheduler job that calls CLEANUP_FUNCTION
+# (CleanupLocks) with an OIDC token.
 #
 # Creates the job, or updates an existing one to the configured settings. The
-# token is minted for SCHEDULER_SA with CleanupLocks' URL as audience.
+# token is minted for SCHEDULER_SA with the function's URL as audience.
 # Cloud Scheduler does not retry unless told: SCHEDULER_MAX_RETRY_ATTEMPTS (3).
 # Usage: deploy/07-scheduler.sh [--dry-run]
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-url="$(function_url CleanupLocks)"
-[[ -n "$url" ]] || die "CleanupLocks has no URL; run 05-functions.sh first"
+url="$(function_url "$CLEANUP_FUNCTION")"
+[[ -n "$url" ]] || die "$CLEANUP_FUNCTION has no URL; run 05-functions.sh first"
 
 settings=(
   --location="$SCHEDULER_LOCATION"

@@ -53,11 +53,11 @@ var steps = []string{
 	"07-scheduler.sh",
 }
 
-// functionEnvNames are the environment variables function.go reads; the
+// functionEnvNames are the environment variables the functions read (package app); the
 // scripts must pass no other name.
 var functionEnvNames = []string{
 	"GOOGLE_CLOUD_PROJECT", "TASKGUARD_DATASTORE_DATABASE", "TASKGUARD_DATASTORE_NAMESPACE",
-	"TASKGUARD_DATASTORE_KIND", "TASKGUARD_DEFAULT_KIND", "MEMCACHE_SERVERS", "VALKEY_ADDR",
+	"TASKGUARD_DATASTORE_KIND", "MEMCACHE_SERVERS", "VALKEY_ADDR",
 	"TASKGUARD_QUEUE", "TASKGUARD_WORKER_URL", "TASKGUARD_TASK_SERVICE_ACCOUNT", "TASKGUARD_LEASE",
 	"TASKGUARD_CLEANUP_GRACE",
 }
@@ -255,7 +255,6 @@ func scenarios(t *testing.T) []scenario {
 				"TASKGUARD_DATASTORE_DATABASE":  "locks",
 				"TASKGUARD_DATASTORE_NAMESPACE": "prod",
 				"TASKGUARD_DATASTORE_KIND":      "Lock",
-				"TASKGUARD_DEFAULT_KIND":        "weak",
 				"MEMCACHE_SERVERS":              "10.0.0.3:11211,10.0.0.4:11211",
 				"VALKEY_ADDR":                   "10.0.1.5:6379",
 				"TASKGUARD_WORKER_URL":          "https://worker.example.com/run",
@@ -270,7 +269,36 @@ func scenarios(t *testing.T) []scenario {
 			},
 		},
 		cloudBuildScenario(t),
+		{
+			name: "a module of its own, with gcloud run deploy",
+			env: map[string]string{
+				"DRY_RUN":          "1",
+				"PROJECT":          fakeProject,
+				"REGION":           "europe-west1",
+				"SOURCE_DIR":       shopDir(t),
+				"DEPLOY_WITH":      "run",
+				"WORKER_FUNCTION":  "ShopWorker",
+				"ENQUEUE_FUNCTION": "none",
+				"CLEANUP_FUNCTION": "ShopCleanupLocks",
+				"EXTRA_FUNCTIONS":  "Checkout:120s Refunds",
+				"EXTRA_INVOKERS":   "serviceAccount:web@" + fakeProject + ".iam.gserviceaccount.com",
+				"VPC_NETWORK":      "default",
+				"VPC_SUBNET":       "functions",
+				"MAX_INSTANCES":    "5",
+			},
+		},
 	}
+}
+
+// shopDir is the example module's directory, the SOURCE_DIR of a project of
+// its own.
+func shopDir(t *testing.T) string {
+	t.Helper()
+	d, err := filepath.Abs(filepath.Join("..", "examples", "shop"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
 }
 
 // expectation is what a scenario's commands must do, computed from its
@@ -278,12 +306,29 @@ func scenarios(t *testing.T) []scenario {
 // changed default must be a deliberate change of this test too).
 type expectation struct {
 	project, region, queue, kind, database string
+	worker, enqueue, cleanup               string         // function names; enqueue "" when not deployed
+	extras                                 map[string]int // extra function → timeout in seconds
+	extraInvokers                          []string
+	run                                    bool // DEPLOY_WITH=run
+	source                                 string
 	runtimeSA, tasksSA, schedulerSA        string
 	enqueueInvokers                        []string
 	env                                    map[string]string
 	ttl, vpc                               bool
 	network, subnet                        string
 	minWorkerTimeout                       int // seconds
+}
+
+// functions are the names of the functions the scenario deploys.
+func (e expectation) functions() []string {
+	names := []string{e.worker, e.cleanup}
+	if e.enqueue != "" {
+		names = append(names, e.enqueue)
+	}
+	for name := range e.extras {
+		names = append(names, name)
+	}
+	return names
 }
 
 func expect(s scenario) expectation {
@@ -309,6 +354,28 @@ func expect(s scenario) expectation {
 		network:          get("VPC_NETWORK", ""),
 		subnet:           get("VPC_SUBNET", ""),
 		minWorkerTimeout: 1800, // the longest dispatch deadline Cloud Tasks allows
+		worker:           get("WORKER_FUNCTION", "Worker"),
+		enqueue:          get("ENQUEUE_FUNCTION", "Enqueue"),
+		cleanup:          get("CLEANUP_FUNCTION", "CleanupLocks"),
+		extras:           map[string]int{},
+		run:              get("DEPLOY_WITH", "functions") == "run",
+		source:           get("SOURCE_DIR", ""),
+	}
+	if e.enqueue == "none" {
+		e.enqueue = ""
+	}
+	for _, f := range strings.Fields(get("EXTRA_FUNCTIONS", "")) {
+		name, timeout, ok := strings.Cut(f, ":")
+		if !ok {
+			timeout = "60s"
+		}
+		d, _ := seconds(timeout)
+		e.extras[name] = d
+	}
+	for m := range strings.SplitSeq(get("EXTRA_INVOKERS", ""), ",") {
+		if m = strings.TrimSpace(m); m != "" {
+			e.extraInvokers = append(e.extraInvokers, m)
+		}
 	}
 	e.vpc = e.network != ""
 	for m := range strings.SplitSeq(get("ENQUEUE_INVOKERS", ""), ",") {
@@ -319,9 +386,8 @@ func expect(s scenario) expectation {
 	e.env = map[string]string{
 		"GOOGLE_CLOUD_PROJECT":           project,
 		"TASKGUARD_DATASTORE_KIND":       e.kind,
-		"TASKGUARD_DEFAULT_KIND":         get("TASKGUARD_DEFAULT_KIND", "strong"),
 		"TASKGUARD_QUEUE":                "projects/" + project + "/locations/" + region + "/queues/" + e.queue,
-		"TASKGUARD_WORKER_URL":           get("TASKGUARD_WORKER_URL", "https://worker-123456789012."+region+".run.app"),
+		"TASKGUARD_WORKER_URL":           get("TASKGUARD_WORKER_URL", "https://"+strings.ToLower(e.worker)+"-123456789012."+region+".run.app"),
 		"TASKGUARD_TASK_SERVICE_ACCOUNT": e.tasksSA,
 		"TASKGUARD_LEASE":                get("TASKGUARD_LEASE", locking.DefaultLease.String()),
 		"TASKGUARD_CLEANUP_GRACE":        get("TASKGUARD_CLEANUP_GRACE", "1h"),
@@ -389,6 +455,9 @@ var knownCommands = [][]string{
 	{"functions", "deploy"},
 	{"functions", "add-invoker-policy-binding"},
 	{"run", "services", "update"},
+	{"run", "services", "describe"},
+	{"run", "services", "add-iam-policy-binding"},
+	{"run", "deploy"},
 	{"scheduler", "jobs", "describe"},
 	{"scheduler", "jobs", "create", "http"},
 	{"scheduler", "jobs", "update", "http"},
@@ -442,13 +511,34 @@ func checkPlan(t *testing.T, s scenario, cmds []command) {
 			bindings = append(bindings, binding{"queue " + loc + "/" + c.arg(3, 0), member, role})
 		case "functions add-invoker-policy-binding":
 			reg, _ := c.flag("region")
-			bindings = append(bindings, binding{"function " + reg + "/" + c.arg(2, 0), member, "roles/run.invoker"})
+			bindings = append(bindings, binding{"function " + reg + "/" + strings.ToLower(c.arg(2, 0)), member, "roles/run.invoker"})
+		case "run services add-iam-policy-binding":
+			reg, _ := c.flag("region")
+			bindings = append(bindings, binding{"function " + reg + "/" + c.arg(3, 0), member, role})
 		case "functions deploy":
 			name := c.arg(2, 0)
 			if _, dup := deploys[name]; dup {
 				t.Errorf("%s deployed twice", name)
 			}
 			deploys[name] = c
+		case "run deploy":
+			name, _ := c.flag("function")
+			if _, dup := deploys[name]; dup {
+				t.Errorf("%s deployed twice", name)
+			}
+			if c.arg(2, 0) != strings.ToLower(name) {
+				t.Errorf("%s deployed as service %q, want its name in lower case: %s", name, c.arg(2, 0), c)
+			}
+			deploys[name] = c
+			if e.vpc {
+				net, _ := c.flag("network")
+				sub, _ := c.flag("subnet")
+				egress, _ := c.flag("vpc-egress")
+				if net != e.network || sub != e.subnet || egress != "private-ranges-only" {
+					t.Errorf("VPC egress: got network=%q subnet=%q egress=%q, want %q %q private-ranges-only: %s", net, sub, egress, e.network, e.subnet, c)
+				}
+				vpc[c.arg(2, 0)] = true
+			}
 		case "run services update":
 			net, _ := c.flag("network")
 			sub, _ := c.flag("subnet")
@@ -485,8 +575,8 @@ func checkPlan(t *testing.T, s scenario, cmds []command) {
 			if uri == "" || aud != uri {
 				t.Errorf("OIDC audience %q must equal the URI %q: %s", aud, uri, c)
 			}
-			if !strings.Contains(uri, "cleanuplocks") {
-				t.Errorf("scheduler URI %q is not CleanupLocks' URL", uri)
+			if !strings.Contains(uri, "https://"+strings.ToLower(e.cleanup)+"-") {
+				t.Errorf("scheduler URI %q is not %s's URL", uri, e.cleanup)
 			}
 			if sa != e.schedulerSA || method != "POST" || len(strings.Fields(sched)) != 5 {
 				t.Errorf("scheduler job: want OIDC as %s, POST, a 5-field schedule: %s", e.schedulerSA, c)
@@ -519,7 +609,8 @@ func checkPlan(t *testing.T, s scenario, cmds []command) {
 		"scheduler jobs update http":   rerun,
 		"services enable":              1,
 		"firestore fields ttls update": map[bool]int{true: 1, false: 0}[e.ttl],
-		"run services update":          map[bool]int{true: 3, false: 0}[e.vpc],
+		"run services update":          map[bool]int{true: len(e.functions()), false: 0}[e.vpc && !e.run],
+		"run deploy":                   map[bool]int{true: len(e.functions()), false: 0}[e.run],
 	} {
 		if count[path] != want {
 			t.Errorf("%d × gcloud %s, want %d", count[path], path, want)
@@ -532,11 +623,16 @@ func checkPlan(t *testing.T, s scenario, cmds []command) {
 		{"project " + e.project, sa(e.runtimeSA), "roles/datastore.user"},
 		{"service account " + e.tasksSA, sa(e.runtimeSA), "roles/iam.serviceAccountUser"},
 		{"queue " + e.region + "/" + e.queue, sa(e.runtimeSA), "roles/cloudtasks.enqueuer"},
-		{"function " + e.region + "/Worker", sa(e.tasksSA), "roles/run.invoker"},
-		{"function " + e.region + "/CleanupLocks", sa(e.schedulerSA), "roles/run.invoker"},
+		{"function " + e.region + "/" + strings.ToLower(e.worker), sa(e.tasksSA), "roles/run.invoker"},
+		{"function " + e.region + "/" + strings.ToLower(e.cleanup), sa(e.schedulerSA), "roles/run.invoker"},
 	}
 	for _, m := range e.enqueueInvokers {
-		wantBindings = append(wantBindings, binding{"function " + e.region + "/Enqueue", m, "roles/run.invoker"})
+		wantBindings = append(wantBindings, binding{"function " + e.region + "/" + strings.ToLower(e.enqueue), m, "roles/run.invoker"})
+	}
+	for name := range e.extras {
+		for _, m := range e.extraInvokers {
+			wantBindings = append(wantBindings, binding{"function " + e.region + "/" + strings.ToLower(name), m, "roles/run.invoker"})
+		}
 	}
 	sortBindings := func(b []binding) {
 		slices.SortFunc(b, func(x, y binding) int {
@@ -550,13 +646,26 @@ func checkPlan(t *testing.T, s scenario, cmds []command) {
 	}
 
 	// The functions: private, gen2, go126, the runtime SA, the right env, timeouts that fit.
-	for _, name := range []string{"Worker", "Enqueue", "CleanupLocks"} {
+	names := e.functions()
+	if len(deploys) != len(names) {
+		t.Errorf("%d functions deployed, want %d (%v)", len(deploys), len(names), names)
+	}
+	for _, name := range names {
 		c, ok := deploys[name]
 		if !ok {
 			t.Errorf("%s is not deployed", name)
 			continue
 		}
-		for _, f := range []string{"gen2", "trigger-http", "no-allow-unauthenticated"} {
+		flags := []string{"gen2", "trigger-http", "no-allow-unauthenticated"}
+		want := map[string]string{"entry-point": name, "runtime": "go126", "region": e.region, "service-account": e.runtimeSA}
+		if e.run {
+			flags = []string{"no-allow-unauthenticated"}
+			want = map[string]string{"function": name, "base-image": "go126", "region": e.region, "service-account": e.runtimeSA}
+		}
+		if e.source != "" {
+			want["source"] = e.source
+		}
+		for _, f := range flags {
 			if v, ok := c.flag(f); !ok || v != "" {
 				t.Errorf("%s: want --%s: %s", name, f, c)
 			}
@@ -564,9 +673,7 @@ func checkPlan(t *testing.T, s scenario, cmds []command) {
 		if _, ok := c.flag("allow-unauthenticated"); ok {
 			t.Errorf("%s must not allow unauthenticated calls: %s", name, c)
 		}
-		for f, want := range map[string]string{
-			"entry-point": name, "runtime": "go126", "region": e.region, "service-account": e.runtimeSA,
-		} {
+		for f, want := range want {
 			if v, _ := c.flag(f); v != want {
 				t.Errorf("%s: --%s=%q, want %q", name, f, v, want)
 			}
@@ -575,14 +682,20 @@ func checkPlan(t *testing.T, s scenario, cmds []command) {
 		if err != nil {
 			t.Errorf("%s: %v", name, err)
 		}
-		timeouts[name] = d
+		if want, extra := e.extras[name]; extra && d != want {
+			t.Errorf("%s: --timeout=%ds, want %ds", name, d, want)
+		}
+		role := map[string]string{e.worker: "Worker", e.cleanup: "CleanupLocks"}[name]
+		if role != "" {
+			timeouts[role] = d
+		}
 		env, err := parseEnvVars(must(c.flag("set-env-vars")))
 		if err != nil {
 			t.Errorf("%s: --set-env-vars: %v", name, err)
 		}
 		for k := range env {
 			if !slices.Contains(functionEnvNames, k) {
-				t.Errorf("%s: environment variable %s is not one function.go reads", name, k)
+				t.Errorf("%s: environment variable %s is not one the functions read", name, k)
 			}
 		}
 		if !mapsEqual(env, e.env) {
@@ -732,8 +845,6 @@ func TestScriptsRejectBadConfiguration(t *testing.T) {
 		{"no project", "all.sh", nil, map[string]string{"DRY_RUN": "1"}, "PROJECT is not set", 1},
 		{"bad project id", "01-apis.sh", nil, with("PROJECT", "My_Project"), "is not a project id", 1},
 		{"unknown argument", "all.sh", []string{"--dryrun"}, base, "unknown argument: --dryrun", 2},
-		{"lock kind", "05-functions.sh", nil, with("TASKGUARD_DEFAULT_KIND", "medium"), "want strong or weak", 1},
-		{"weak without servers", "05-functions.sh", nil, with("TASKGUARD_DEFAULT_KIND", "weak"), "needs MEMCACHE_SERVERS or VALKEY_ADDR", 1},
 		{"timeout syntax", "05-functions.sh", nil, with("WORKER_TIMEOUT", "30min"), "want a whole number", 1},
 		{"timeout above an hour", "05-functions.sh", nil, with("WORKER_TIMEOUT", "2h"), "WORKER_TIMEOUT must be between", 1},
 		{"attempt deadline above cleanup timeout", "07-scheduler.sh", nil, with("SCHEDULER_ATTEMPT_DEADLINE", "900s"), "must not exceed CLEANUP_TIMEOUT", 1},
@@ -744,6 +855,14 @@ func TestScriptsRejectBadConfiguration(t *testing.T) {
 		{"invoker not a member", "06-invokers.sh", nil, with("ENQUEUE_INVOKERS", "bob@example.com"), "is not an IAM member", 1},
 		{"semicolon in an env value", "05-functions.sh", nil, with("TASKGUARD_DATASTORE_NAMESPACE", "a;b"), "TASKGUARD_DATASTORE_NAMESPACE must not contain ';'", 1},
 		{"queue attempts", "04-queue.sh", nil, with("QUEUE_MAX_ATTEMPTS", "0"), "QUEUE_MAX_ATTEMPTS=0", 1},
+		{"extra invoker not a member", "06-invokers.sh", nil, with("EXTRA_FUNCTIONS", "Checkout", "EXTRA_INVOKERS", "allUsers"), "EXTRA_INVOKERS: 'allUsers' is not an IAM member", 1},
+		{"deploy command", "05-functions.sh", nil, with("DEPLOY_WITH", "lambda"), "DEPLOY_WITH=lambda: want functions or run", 1},
+		{"function name", "05-functions.sh", nil, with("WORKER_FUNCTION", "shop_worker"), "WORKER_FUNCTION=shop_worker: not a function name", 1},
+		{"extra function name", "05-functions.sh", nil, with("EXTRA_FUNCTIONS", "Checkout 2fa"), "EXTRA_FUNCTIONS: '2fa' is not a function name", 1},
+		{"extra function timeout", "05-functions.sh", nil, with("EXTRA_FUNCTIONS", "Checkout:2h"), "timeout of Checkout must be between", 1},
+		{"two functions, one service", "05-functions.sh", nil, with("EXTRA_FUNCTIONS", "worker"), "share the Cloud Run service 'worker'", 1},
+		{"Enqueue invokers without Enqueue", "06-invokers.sh", nil, with("ENQUEUE_FUNCTION", "none", "ENQUEUE_INVOKERS", "group:ops@example.com"), "ENQUEUE_FUNCTION=none deploys no Enqueue function", 1},
+		{"extra invokers without extras", "06-invokers.sh", nil, with("EXTRA_INVOKERS", "group:ops@example.com"), "EXTRA_FUNCTIONS is empty", 1},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -755,8 +874,7 @@ func TestScriptsRejectBadConfiguration(t *testing.T) {
 			if !strings.Contains(stderr, tt.stderr) {
 				t.Errorf("stderr %q does not say %q", stderr, tt.stderr)
 			}
-			// 06-invokers.sh checks members as it goes, after the fixed grants.
-			if tt.script != "06-invokers.sh" && stdout != "" {
+			if stdout != "" {
 				t.Errorf("printed commands before refusing the configuration:\n%s", stdout)
 			}
 		})
@@ -980,6 +1098,12 @@ func isCmd(path ...string) func(command) bool {
 }
 
 var mutations = []mutation{
+	{
+		name:   "unknown flag on run deploy",
+		target: isCmd("run", "deploy"),
+		change: func(c command) command { return append(slices.Clone(c), "--entry-point=Worker") },
+		stderr: "unrecognized arguments: --entry-point",
+	},
 	{
 		name:   "unknown flag on functions deploy",
 		target: isCmd("functions", "deploy"),

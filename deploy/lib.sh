@@ -151,7 +151,7 @@ fi
 [[ -n "$PROJECT" ]] || die "PROJECT is not set (nor GOOGLE_CLOUD_PROJECT, nor gcloud's core/project)"
 [[ "$PROJECT" =~ ^[a-z][-a-z0-9]{4,28}[a-z0-9]$ ]] || die "PROJECT=$PROJECT is not a project id"
 : "${REGION:=us-central1}"                       # functions, queue and scheduler job
-: "${SOURCE_DIR:=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}" # module root uploaded by functions deploy
+: "${SOURCE_DIR:=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}" # module whose root package registers the functions
 
 # Service accounts (account ids, without @PROJECT.iam.gserviceaccount.com).
 : "${RUNTIME_SA:=taskguard-runtime}"             # identity of all three functions
@@ -160,7 +160,15 @@ fi
 : "${BUILD_SERVICE_ACCOUNT:=}"                   # optional: email of the SA Cloud Build uses to build the functions
 : "${ENQUEUE_INVOKERS:=}"                        # optional: comma-separated IAM members allowed to call Enqueue
 
-# Functions.
+# Functions: their names are the entry points the root package of SOURCE_DIR
+# registers (taskguard's own: app.DefaultFunctions; a module of its own: the
+# names it gives app.Register and functions.HTTP).
+: "${WORKER_FUNCTION:=Worker}"
+: "${ENQUEUE_FUNCTION:=Enqueue}"                 # none: deploy no Enqueue function
+: "${CLEANUP_FUNCTION:=CleanupLocks}"
+: "${EXTRA_FUNCTIONS:=}"                         # your own functions: NAME[:TIMEOUT] ..., deployed like the others
+: "${EXTRA_INVOKERS:=}"                          # comma-separated IAM members allowed to call each extra function
+: "${DEPLOY_WITH:=functions}"                    # functions: gcloud functions deploy; run: gcloud run deploy --function
 : "${RUNTIME:=go126}"
 : "${MEMORY:=256Mi}"
 : "${MAX_INSTANCES:=}"                           # optional cap on instances per function
@@ -199,7 +207,6 @@ fi
 : "${TASKGUARD_DATASTORE_DATABASE:=}"            # empty: the (default) database
 : "${TASKGUARD_DATASTORE_NAMESPACE:=}"
 : "${TASKGUARD_DATASTORE_KIND:=TaskguardLock}"
-: "${TASKGUARD_DEFAULT_KIND:=strong}"            # strong (Datastore) or weak (memcached/Valkey)
 : "${MEMCACHE_SERVERS:=}"                        # host:port[,host:port...]
 : "${VALKEY_ADDR:=}"                             # host:port
 : "${TASKGUARD_WORKER_URL:=}"                    # empty: read from the deployed Worker
@@ -215,17 +222,39 @@ SCHEDULER_SA_EMAIL="$(sa_email "$SCHEDULER_SA")"
 TASKGUARD_QUEUE="projects/${PROJECT}/locations/${QUEUE_LOCATION}/queues/${QUEUE}"
 DATASTORE_DATABASE_ID="${TASKGUARD_DATASTORE_DATABASE:-(default)}"
 
-# The function names are the functions-framework entry points in function.go.
-FUNCTIONS=(Worker Enqueue CleanupLocks)
+# The functions to deploy, "NAME TIMEOUT" each: taskguard's, then EXTRA_FUNCTIONS
+# (60s unless given).
+valid_function_name() { [[ "$1" =~ ^[A-Za-z]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?$ ]]; }
+case "$DEPLOY_WITH" in functions|run) ;; *) die "DEPLOY_WITH=$DEPLOY_WITH: want functions or run" ;; esac
+FUNCTIONS=("$WORKER_FUNCTION $WORKER_TIMEOUT")
+[[ "$ENQUEUE_FUNCTION" == none ]] || FUNCTIONS+=("$ENQUEUE_FUNCTION $ENQUEUE_TIMEOUT")
+FUNCTIONS+=("$CLEANUP_FUNCTION $CLEANUP_TIMEOUT")
+EXTRA=()
+for _f in $EXTRA_FUNCTIONS; do
+  _name="${_f%%:*}" _timeout=60s
+  [[ "$_f" == *:* ]] && _timeout="${_f#*:}"
+  valid_function_name "$_name" || die "EXTRA_FUNCTIONS: '$_name' is not a function name (letters, digits, hyphens; starts with a letter)"
+  _s="$(seconds_of "EXTRA_FUNCTIONS timeout of $_name" "$_timeout")"
+  in_range "EXTRA_FUNCTIONS timeout of $_name" "$_s" 1 3600
+  FUNCTIONS+=("$_name $_timeout")
+  EXTRA+=("$_name")
+done
+unset _f _name _timeout _s
+for _v in WORKER_FUNCTION ENQUEUE_FUNCTION CLEANUP_FUNCTION; do
+  [[ "$_v" == ENQUEUE_FUNCTION && "${!_v}" == none ]] && continue
+  valid_function_name "${!_v}" || die "$_v=${!_v}: not a function name (letters, digits, hyphens; starts with a letter)"
+done
+unset _v
+_services="$(for _f in "${FUNCTIONS[@]}"; do tr '[:upper:]' '[:lower:]' <<<"${_f%% *}"; done | sort | uniq -d)"
+[[ -z "$_services" ]] || die "two functions would share the Cloud Run service '$_services' (names differ only in case, or are repeated)"
+unset _services _f
+[[ "$ENQUEUE_FUNCTION" != none || -z "$ENQUEUE_INVOKERS" ]] || die "ENQUEUE_INVOKERS is set but ENQUEUE_FUNCTION=none deploys no Enqueue function"
+[[ ${#EXTRA[@]} -gt 0 || -z "$EXTRA_INVOKERS" ]] || die "EXTRA_INVOKERS is set but EXTRA_FUNCTIONS is empty"
 
 for _sa in "$RUNTIME_SA" "$TASKS_SA" "$SCHEDULER_SA"; do
   [[ "$_sa" =~ ^[a-z][-a-z0-9]{4,28}[a-z0-9]$ ]] || die "service account id '$_sa' must be 6-30 lowercase letters, digits or hyphens"
 done
 unset _sa
-case "$TASKGUARD_DEFAULT_KIND" in strong|weak) ;; *) die "TASKGUARD_DEFAULT_KIND=$TASKGUARD_DEFAULT_KIND: want strong or weak" ;; esac
-if [[ "$TASKGUARD_DEFAULT_KIND" == weak && -z "$MEMCACHE_SERVERS$VALKEY_ADDR" ]]; then
-  die "TASKGUARD_DEFAULT_KIND=weak needs MEMCACHE_SERVERS or VALKEY_ADDR"
-fi
 if [[ -n "$VPC_NETWORK" && -z "$VPC_SUBNET" ]] || [[ -z "$VPC_NETWORK" && -n "$VPC_SUBNET" ]]; then
   die "set both VPC_NETWORK and VPC_SUBNET, or neither"
 fi
@@ -277,7 +306,6 @@ functions_env() {
     "TASKGUARD_DATASTORE_DATABASE=$TASKGUARD_DATASTORE_DATABASE"
     "TASKGUARD_DATASTORE_NAMESPACE=$TASKGUARD_DATASTORE_NAMESPACE"
     "TASKGUARD_DATASTORE_KIND=$TASKGUARD_DATASTORE_KIND"
-    "TASKGUARD_DEFAULT_KIND=$TASKGUARD_DEFAULT_KIND"
     "MEMCACHE_SERVERS=$MEMCACHE_SERVERS"
     "VALKEY_ADDR=$VALKEY_ADDR"
     "TASKGUARD_QUEUE=$TASKGUARD_QUEUE"
@@ -318,9 +346,38 @@ service_name() { tr '[:upper:]' '[:lower:]' <<<"$1"; }
 
 # function_url prints the HTTPS URL of a deployed function (or a placeholder in a dry run).
 function_url() {
+  if [[ "$DEPLOY_WITH" == run ]]; then
+    capture "https://$(service_name "$1")-PROJECT_NUMBER.${REGION}.run.app" \
+      gcloud run services describe "$(service_name "$1")" --region="$REGION" --project="$PROJECT" \
+      --format='value(status.url)'
+    return
+  fi
   capture "https://$(service_name "$1")-PROJECT_NUMBER.${REGION}.run.app" \
     gcloud functions describe "$1" --gen2 --region="$REGION" --project="$PROJECT" \
     --format='value(serviceConfig.uri)'
+}
+
+# grant_invoker lets member call the function name (roles/run.invoker on it only).
+grant_invoker() { # name member
+  if [[ "$DEPLOY_WITH" == run ]]; then
+    run_retry gcloud run services add-iam-policy-binding "$(service_name "$1")" --region="$REGION" \
+      --member="$2" --role=roles/run.invoker --project="$PROJECT" --format=none
+  else
+    run_retry gcloud functions add-invoker-policy-binding "$1" --region="$REGION" \
+      --member="$2" --project="$PROJECT" --format=none
+  fi
+}
+
+# iam_members prints the members of a comma-separated list, one a line, checked.
+iam_members() { # variable-name
+  local members member
+  IFS=',' read -r -a members <<<"${!1}"
+  for member in "${members[@]}"; do
+    member="${member//[[:space:]]/}"
+    [[ -n "$member" ]] || continue
+    [[ "$member" =~ ^(user|serviceAccount|group|domain|principal|principalSet):.+ ]] || die "$1: '$member' is not an IAM member (e.g. serviceAccount:EMAIL)"
+    printf '%s\n' "$member"
+  done
 }
 
 # project_number prints the project's number (or a placeholder in a dry run).

@@ -31,6 +31,9 @@ case "$args" in
   *"--format=value(serviceConfig.uri)"*)
     for a; do case "$a" in --region=*) region="${a#--region=}" ;; esac; done
     echo "https://${3,,}-PROJECT_NUMBER.$region.run.app"; exit 0 ;;
+  *"--format=value(status.url)"*)
+    for a; do case "$a" in --region=*) region="${a#--region=}" ;; esac; done
+    echo "https://$4-PROJECT_NUMBER.$region.run.app"; exit 0 ;;
   *" describe "*)
     case "$GCLOUD_DESCRIBE" in
       present) exit 0 ;;
@@ -79,10 +82,11 @@ func calls(t *testing.T, log string) []command {
 
 // TestRealRunMatchesDryRun checks that, given the answers the dry run assumes,
 // a real run invokes exactly the commands the dry run printed, in order: on a
-// fresh project (every describe says NOT_FOUND) and on a rerun (every describe
-// succeeds).
+// fresh project (every describe says NOT_FOUND), on a rerun (every describe
+// succeeds), and for a module of its own deployed with gcloud run deploy.
 func TestRealRunMatchesDryRun(t *testing.T) {
-	for _, s := range scenarios(t)[:2] {
+	all := scenarios(t)
+	for _, s := range append(all[:2:2], all[len(all)-1]) {
 		t.Run(s.name, func(t *testing.T) {
 			dry := dryRun(t, "all.sh", s.args, s.env)
 
@@ -102,7 +106,11 @@ func TestRealRunMatchesDryRun(t *testing.T) {
 			if strings.Contains(stdout, "+ gcloud") {
 				t.Errorf("a real run printed dry-run lines:\n%s", stdout)
 			}
-			if !strings.Contains(stderr, "deploy: running: + gcloud functions deploy Worker") {
+			first := "deploy: running: + gcloud functions deploy Worker"
+			if s.env["DEPLOY_WITH"] == "run" {
+				first = "deploy: running: + gcloud run deploy " + strings.ToLower(s.env["WORKER_FUNCTION"])
+			}
+			if !strings.Contains(stderr, first) {
 				t.Errorf("a real run does not log the commands it runs; stderr:\n%s", stderr)
 			}
 			real := calls(t, log)

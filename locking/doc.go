@@ -121,5 +121,20 @@
 // A Backend is a handful of atomic operations on one store; everything
 // above is written once in this package. Package lockingtest is the
 // conformance suite every backend passes; memlock is the in-memory backend,
-// the default when the environment names no store and the double for tests.
+// the double for tests.
+//
+// # The default client
+//
+// Acquire and With use Default: one client per process, built on first use
+// from the environment by the backend packages the program imports (import
+// _ "github.com/taskguard/taskguard/locking/dslock" and set
+// GOOGLE_CLOUD_PROJECT for Datastore). Share it — or one client of your own,
+// given to every part that takes locks — rather than building a second:
+// locks exclude each other only through a shared store. When the
+// environment names no Strong store, Strong locks are in this process's
+// memory (one store for the whole process), with a WARN line; where the
+// environment says production (K_SERVICE, K_REVISION, CLOUD_RUN_JOB or
+// GAE_SERVICE set) that is refused instead: every lock call fails with an
+// error wrapping ErrNoStrongBackend that names the fix, unless
+// TASKGUARD_ALLOW_MEMORY=1 accepts locks that hold within one instance only.
 package locking

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"os"
 	"regexp"
 	"time"
 
@@ -16,7 +17,9 @@ import (
 	cloudtasks "cloud.google.com/go/cloudtasks/apiv2"
 	"cloud.google.com/go/cloudtasks/apiv2/cloudtaskspb"
 	"google.golang.org/api/option"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -42,6 +45,11 @@ const (
 )
 
 var queueRE = regexp.MustCompile(`^projects/[A-Za-z0-9\-:.]+/locations/[A-Za-z0-9\-]+/queues/[A-Za-z0-9\-]{1,100}$`)
+
+// ValidQueue reports whether name is a full queue name,
+// "projects/PROJECT/locations/LOCATION/queues/QUEUE", as Config.Queue
+// needs it: the one rule every part of taskguard checks queue names by.
+func ValidQueue(name string) bool { return queueRE.MatchString(name) }
 
 // Config configures a Client.
 type Config struct {
@@ -85,13 +93,44 @@ type Client struct {
 	now      func() time.Time
 }
 
+// EnvEmulatorHost names the environment variable that points NewClient at
+// a Cloud Tasks emulator (host:port), as DATASTORE_EMULATOR_HOST points the
+// Datastore client at its emulator.
+const EnvEmulatorHost = "CLOUD_TASKS_EMULATOR_HOST"
+
+// EmulatorOptions are the client options that connect to a Cloud Tasks
+// emulator at addr (host:port), such as package taskstest's: its endpoint,
+// no authentication, and plaintext gRPC.
+func EmulatorOptions(addr string) []option.ClientOption {
+	return []option.ClientOption{
+		option.WithEndpoint(addr),
+		option.WithoutAuthentication(),
+		option.WithGRPCDialOption(grpc.WithTransportCredentials(insecure.NewCredentials())),
+	}
+}
+
+// An Enqueuer enqueues tasks. *Client is the production one; code that
+// enqueues can take an Enqueuer so that its tests pass a fake (see
+// taskstest.NewRequest to deliver what the fake received to a Worker).
+type Enqueuer interface {
+	Enqueue(ctx context.Context, t Task) (name string, err error)
+}
+
+var _ Enqueuer = (*Client)(nil)
+
 // NewClient validates cfg and connects to Cloud Tasks with opts (none in
-// production; see the taskstest package for the emulator's). It returns an
-// error wrapping ErrInvalidConfig, before any I/O, for a bad cfg.
+// production). When CLOUD_TASKS_EMULATOR_HOST is set it connects to that
+// emulator instead (EmulatorOptions), unless opts say otherwise: opts are
+// applied after, and win. It returns an error wrapping ErrInvalidConfig,
+// before any I/O, for a bad cfg. Creating the client does no network I/O;
+// the connection is made on the first Enqueue.
 func NewClient(ctx context.Context, cfg Config, opts ...option.ClientOption) (*Client, error) {
 	deadline, err := cfg.validate()
 	if err != nil {
 		return nil, err
+	}
+	if addr := os.Getenv(EnvEmulatorHost); addr != "" {
+		opts = append(EmulatorOptions(addr), opts...)
 	}
 	tc, err := cloudtasks.NewClient(ctx, opts...)
 	if err != nil {
@@ -188,6 +227,21 @@ func (c *Client) Enqueue(ctx context.Context, t Task) (string, error) {
 		return "", fmt.Errorf("tasks: create task for job %q: %w", t.Job, err)
 	}
 	return created.GetName(), nil
+}
+
+// BuildRequest returns the CreateTaskRequest that a Client of cfg would
+// send for t, without connecting to Cloud Tasks or sending anything. It
+// fails as NewClient does for a bad cfg (ErrInvalidConfig) and as Enqueue
+// does for a bad t (ErrInvalidTask). Its task's HTTP request is what Cloud
+// Tasks delivers to the Worker; taskstest.NewRequest turns it into that
+// *http.Request.
+func BuildRequest(cfg Config, t Task) (*cloudtaskspb.CreateTaskRequest, error) {
+	deadline, err := cfg.validate()
+	if err != nil {
+		return nil, err
+	}
+	c := &Client{cfg: cfg, deadline: deadline, now: time.Now}
+	return c.request(t)
 }
 
 // request builds and checks the CreateTaskRequest for t.

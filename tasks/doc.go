@@ -12,7 +12,11 @@
 // and creates a POST task whose body is a versioned JSON envelope
 // {"v":1,"job","lockId","payload" or "data","enqueuedAt"}. A Task.Name
 // de-duplicates: it is hashed into the task id, and a second Enqueue within
-// Cloud Tasks' window fails with ErrDuplicate.
+// Cloud Tasks' window fails with ErrDuplicate. NewClient connects to the
+// emulator CLOUD_TASKS_EMULATOR_HOST names, when set. Code that enqueues
+// can take an Enqueuer, the one-method interface *Client implements, and be
+// tested with a fake; taskstest.NewRequest turns a Task into the request
+// Cloud Tasks delivers to the Worker.
 //
 // # Identities
 //
@@ -26,11 +30,14 @@
 //
 // # Worker side
 //
-// NewWorker takes a *locking.Client; Handle registers jobs by name. A
+// NewWorker takes a *locking.Client (nil: locking.Default(), the client the
+// rest of the process shares, so its locks and the worker's exclude each
+// other); Handle registers jobs by name, on that Worker only. A
 // delivery whose lock is held is answered 429 with Retry-After at once, so
 // that the queue, not a billed instance, does the waiting. Outcomes map to
 // Cloud Tasks semantics: success 204, job error 500 (retried), lock lost 503
-// (retried), and a task that can never succeed (Permanent error, malformed
+// (retried; the lock answers are lockhttp.Policy's, as for HTTP functions
+// guarded by package lockhttp), and a task that can never succeed (Permanent error, malformed
 // envelope, unknown job, oversized body) 200 with an ERROR log so that it is
 // not retried until the queue gives up. See Worker for the full table.
 //

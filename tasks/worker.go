@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math"
 	"net/http"
 	"regexp"
 	"runtime/debug"
@@ -19,6 +18,7 @@ import (
 	"github.com/taskguard/taskguard/internal/ident"
 	"github.com/taskguard/taskguard/internal/reqbody"
 	"github.com/taskguard/taskguard/locking"
+	"github.com/taskguard/taskguard/locking/lockhttp"
 )
 
 // Headers Cloud Tasks sets on every delivery (and strips from requests that
@@ -46,7 +46,7 @@ const (
 // Defaults of the worker options.
 const (
 	// DefaultMaxRetryAfter caps the Retry-After of a 429.
-	DefaultMaxRetryAfter = 10 * time.Second
+	DefaultMaxRetryAfter = lockhttp.DefaultMaxRetryAfter
 	// DefaultMaxBodyBytes bounds a task body: the task size limit.
 	DefaultMaxBodyBytes = MaxTaskSize
 	// maxJobWait caps the MaxWait a job may opt into.
@@ -67,7 +67,8 @@ type JobFunc func(ctx context.Context, d *Delivery) error
 // For each request it checks the Cloud Tasks headers, reads the envelope
 // written by Client.Enqueue, finds the job, and runs it under the task's lock
 // with a context carrying the Delivery (FromContext) and the held lock
-// (locking.FromContext). Its answers:
+// (locking.FromContext). Its answers (those about the lock are
+// lockhttp.Policy's, the same as package lockhttp's HTTP guard gives):
 //
 //   - 204 No Content: the job succeeded; Cloud Tasks deletes the task. This
 //     holds when only the release of the lock failed afterwards (logged at
@@ -84,7 +85,9 @@ type JobFunc func(ctx context.Context, d *Delivery) error
 //     give the queue enough max attempts or max retry duration. A job that
 //     returns a *locking.NotAcquiredError (a lock it took itself was busy)
 //     gets the same answer, with that lock's remaining lease.
-//   - 500 Internal Server Error: the job failed or panicked; retried.
+//   - 500 Internal Server Error: the job failed or panicked, or the lock
+//     client cannot work as configured (locking.ErrInvalid, ErrNoBackend,
+//     ErrNoStrongBackend, ErrReentrant); retried.
 //   - 503 Service Unavailable: the lock was lost while the job ran (the job's
 //     context was cancelled), the lock store failed, the body could not be
 //     read whole (the client stalled until the request's context ended, or
@@ -112,6 +115,7 @@ type Worker struct {
 	queue         string // short queue id to require; "" accepts any
 	maxBody       int64
 	maxRetryAfter time.Duration
+	lockOpts      []locking.Option // every job's, before its own
 
 	mu   sync.RWMutex
 	jobs map[string]*job // guarded by mu
@@ -175,12 +179,30 @@ func WithMaxRetryAfter(d time.Duration) WorkerOption {
 	}
 }
 
-// NewWorker returns a worker that takes its locks from locker (the
-// locking.Default() client when nil). It fails with an error wrapping
-// ErrInvalidConfig for a bad option.
+// WithLockOptions adds locking options (Lease, Kind, StealAfter) to every
+// job's lock, before the job's own LockOptions (which win where both set the
+// same thing). Wait and MaxWait are set by the worker and should not be
+// given here.
+func WithLockOptions(opts ...locking.Option) WorkerOption {
+	return func(w *Worker) error {
+		w.lockOpts = append(w.lockOpts, opts...)
+		return nil
+	}
+}
+
+// NewWorker returns a worker that takes its locks from locker, or from the
+// process's locking.Default() client when locker is nil: share one client
+// with the rest of the program, so that its locks and the worker's exclude
+// each other. It fails with an error wrapping ErrInvalidConfig for a bad
+// option, and with the default client's error (locking.Client.Err, for
+// example locking.ErrNoStrongBackend) when locker is nil and that client
+// cannot take locks.
 func NewWorker(locker *locking.Client, opts ...WorkerOption) (*Worker, error) {
 	if locker == nil {
 		locker = locking.Default()
+		if err := locker.Err(); err != nil {
+			return nil, fmt.Errorf("tasks: the default lock client: %w", err)
+		}
 	}
 	w := &Worker{
 		locker:        locker,
@@ -381,7 +403,7 @@ func (w *Worker) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 
 // run runs the job under its lock and answers.
 func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, j *job, d *Delivery) {
-	opts := append([]locking.Option{locking.Wait(false)}, j.lockOpts...)
+	opts := append(append([]locking.Option{locking.Wait(false)}, w.lockOpts...), j.lockOpts...)
 	if j.maxWait > 0 {
 		opts = append(opts, locking.Wait(true), locking.MaxWait(j.maxWait))
 	}
@@ -406,22 +428,24 @@ func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, 
 		log = log.With("duration", time.Since(start))
 	}
 
+	// The lock's answers (lost, busy, not taken) are lockhttp's, shared with
+	// its HTTP guard; a job's own answers follow.
+	policy := lockhttp.Policy{BusyStatus: StatusBusy, MaxRetryAfter: w.maxRetryAfter}
 	var busy *locking.NotAcquiredError
 	switch {
 	case errors.Is(err, locking.ErrLockLost):
 		log.ErrorContext(r.Context(), "tasks: lock lost while the job ran; retrying", "error", err)
-		http.Error(rw, "lock lost", StatusRetry)
+		w.answer(rw, policy, err)
 	case !ran && errors.As(err, &busy), ran && errors.As(jobErr, &busy):
 		// The task's own lock (not run), or a lock the job took itself.
-		secs := w.retryAfter(busy.Remaining)
 		log.InfoContext(r.Context(), "tasks: lock held; asking Cloud Tasks to retry later", "busy_lock", busy.ID,
-			"remaining", busy.Remaining, "retry_after_s", secs, "job_ran", ran)
-		rw.Header().Set("Retry-After", strconv.Itoa(secs))
-		http.Error(rw, "lock held", StatusBusy)
+			"remaining", busy.Remaining, "retry_after_s", policy.RetryAfter(busy.Remaining), "job_ran", ran)
+		w.answer(rw, policy, busy)
 	case !ran:
-		// Acquire failed: the lock store, or the request's context.
+		// Acquire failed: the lock store, the request's context, or the
+		// lock client's configuration.
 		log.ErrorContext(r.Context(), "tasks: could not take the lock; retrying", "error", err)
-		http.Error(rw, "lock unavailable", StatusRetry)
+		w.answer(rw, policy, err)
 	case jobErr == nil:
 		if err != nil {
 			// The job is done and the lock was not lost; only the release
@@ -440,12 +464,10 @@ func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, 
 	}
 }
 
-// retryAfter is the Retry-After, in whole seconds, for a lock whose holder's
-// lease has remaining left (0 when unknown): rounded up, at least 1 s, at
-// most w.maxRetryAfter.
-func (w *Worker) retryAfter(remaining time.Duration) int {
-	d := min(max(remaining, time.Second), w.maxRetryAfter)
-	return int(math.Ceil(d.Seconds()))
+// answer writes policy's answer for the lock error err.
+func (w *Worker) answer(rw http.ResponseWriter, policy lockhttp.Policy, err error) {
+	a, _ := policy.Answer(err)
+	a.Write(rw)
 }
 
 // drop answers 200 for a task that can never succeed, and logs why at ERROR.

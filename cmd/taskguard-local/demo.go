@@ -13,7 +13,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/taskguard/taskguard"
+	"github.com/taskguard/taskguard/app"
 	"github.com/taskguard/taskguard/internal/oauthdemo"
 	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/tasks"
@@ -53,9 +53,10 @@ func (r *recorder) snapshot() []section {
 	return slices.Clone(r.sections)
 }
 
-func registerDemoJob() *recorder {
+// demoJobOption returns the demo job, for the App, and its recorder.
+func demoJobOption() (*recorder, app.Option) {
 	rec := &recorder{}
-	taskguard.HandleJob(demoJob, func(ctx context.Context, d *tasks.Delivery) error {
+	return rec, app.WithJob(demoJob, func(ctx context.Context, d *tasks.Delivery) error {
 		s := section{LockID: d.LockID, Token: d.Token, Task: d.TaskName, Start: time.Now()}
 		select {
 		case <-time.After(300 * time.Millisecond):
@@ -66,7 +67,6 @@ func registerDemoJob() *recorder {
 		rec.add(s)
 		return nil
 	}, tasks.LockOptions(locking.Lease(demoLease)))
-	return rec
 }
 
 // runDemo drives the local functions over HTTP as a user would and checks
@@ -104,7 +104,7 @@ func runDemo(ctx context.Context, out io.Writer, base string, rec *recorder, emu
 		for i := range refreshes {
 			// Distinct task lock ids: the tasks run at once, and only the
 			// job's own lock on the user's token keeps the refreshes apart.
-			if err := enqueue(taskguard.ExampleJob, fmt.Sprintf("refresh-42-%d", i), map[string]string{"user": "42"}); err != nil {
+			if err := enqueue(exampleJob, fmt.Sprintf("refresh-42-%d", i), map[string]string{"user": "42"}); err != nil {
 				return err
 			}
 		}

@@ -2,8 +2,9 @@
 // CleanupLocks) on this machine at /Worker, /Enqueue and /CleanupLocks, as
 // the Functions Framework would, on a server with read timeouts, on embedded
 // defaults: in-memory locks, an in-process Cloud Tasks
-// emulator that delivers to the local Worker, and a fake OAuth token endpoint
-// for the example job. No cloud account, no Docker.
+// emulator that delivers to the local Worker, and the example job
+// refresh-token with a fake OAuth token endpoint. No cloud account, no
+// Docker.
 //
 // Usage:
 //
@@ -12,7 +13,8 @@
 // The same binary uses real services when the environment names them:
 // DATASTORE_EMULATOR_HOST (or GOOGLE_CLOUD_PROJECT) for Strong locks on
 // Datastore, MEMCACHE_SERVERS or VALKEY_ADDR for Weak locks,
-// TASKGUARD_QUEUE with CLOUD_TASKS_EMULATOR_HOST for an emulator of your own.
+// TASKGUARD_QUEUE with CLOUD_TASKS_EMULATOR_HOST for an emulator of your own,
+// TASKGUARD_TOKEN_URL for the example job's token endpoint.
 //
 // With -demo it enqueues a burst of tasks through the Enqueue function — six
 // on one lock id, six on distinct ids, five token refreshes for one user —,
@@ -27,8 +29,10 @@ import (
 	"flag"
 	"fmt"
 	"log"
+	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/signal"
 	"syscall"
@@ -37,9 +41,15 @@ import (
 	"cloud.google.com/go/cloudtasks/apiv2/cloudtaskspb"
 	"google.golang.org/protobuf/types/known/durationpb"
 
-	"github.com/taskguard/taskguard"
+	"github.com/taskguard/taskguard/app"
+	"github.com/taskguard/taskguard/cloudlog"
 	"github.com/taskguard/taskguard/internal/oauthdemo"
 	"github.com/taskguard/taskguard/tasks/taskstest"
+
+	// Lock backends, chosen by the environment (locking.FromEnvironment).
+	_ "github.com/taskguard/taskguard/locking/dslock"
+	_ "github.com/taskguard/taskguard/locking/mclock"
+	_ "github.com/taskguard/taskguard/locking/redislock"
 )
 
 // localQueue is the queue the embedded emulator serves.
@@ -71,42 +81,65 @@ func run() error {
 	}
 	base := "http://" + ln.Addr().String()
 
-	var rec *recorder
-	if *demo {
-		rec = registerDemoJob()
-		setDefault(taskguard.EnvLogLevel, "warn")
+	// The environment's configuration, completed below with the embedded
+	// defaults and passed to the functions as a Config.
+	cfg, err := app.ConfigFromEnv(os.Getenv)
+	if err != nil {
+		return err
 	}
+	var (
+		rec  *recorder
+		opts []app.Option
+	)
+	// The functions' logs, and the lock client's, as Cloud Logging reads
+	// them; the demo prints its own timeline, so only warnings by default.
+	level := slog.LevelInfo
+	if *demo {
+		level = slog.LevelWarn
+		var job app.Option
+		rec, job = demoJobOption()
+		opts = append(opts, job)
+	}
+	if v := os.Getenv(app.EnvLogLevel); v != "" {
+		if err := level.UnmarshalText([]byte(v)); err != nil {
+			return fmt.Errorf("%s=%q: want debug, info, warn or error", app.EnvLogLevel, v)
+		}
+	}
+	log := slog.New(cloudlog.NewHandler(os.Stdout, level, cfg.ProjectID))
+	slog.SetDefault(log)
+	opts = append(opts, app.WithLogger(log))
 
 	var emu *taskstest.Server
-	if os.Getenv(taskguard.EnvQueue) == "" {
+	if cfg.Queue == "" {
 		emu, err = startEmulator(ctx)
 		if err != nil {
 			return err
 		}
 		defer emu.Close()
-		os.Setenv(taskguard.EnvTasksEmulator, emu.Addr())
-		os.Setenv(taskguard.EnvQueue, localQueue)
-		os.Setenv(taskguard.EnvWorkerURL, base+"/Worker")
-		os.Setenv(taskguard.EnvTaskServiceAccount, "worker@local-project.iam.gserviceaccount.com")
+		cfg.TasksEmulator = emu.Addr()
+		cfg.Queue = localQueue
+		cfg.WorkerURL = base + "/Worker"
+		cfg.TaskServiceAccount = "worker@local-project.iam.gserviceaccount.com"
 	}
 	var endpoint *oauthdemo.Endpoint
-	if os.Getenv(taskguard.EnvTokenURL) == "" {
+	tokenURL := os.Getenv(envTokenURL)
+	if tokenURL == "" {
 		endpoint = oauthdemo.NewEndpoint()
-		tokenURL, closeTokens, err := serveLoopback(endpoint)
+		var closeTokens func()
+		tokenURL, closeTokens, err = serveLoopback(endpoint)
 		if err != nil {
 			return err
 		}
 		defer closeTokens()
-		os.Setenv(taskguard.EnvTokenURL, tokenURL)
+	} else if u, err := url.Parse(tokenURL); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+		return fmt.Errorf("%s=%q: want an http(s) URL", envTokenURL, tokenURL)
 	}
-	if _, err := taskguard.ConfigFromEnv(os.Getenv); err != nil {
-		return err
-	}
+	opts = append(opts, app.WithJob(exampleJob, refreshTokenJob(tokenURL)), app.WithConfig(cfg))
 
 	// Every function at /<Name>, as the Functions Framework serves them
 	// when FUNCTION_TARGET is unset, but on a server with read timeouts
 	// (the framework's own sets none).
-	srv := newServer(taskguard.Handler(), defaultTimeouts)
+	srv := newServer(app.Handler(app.DefaultFunctions, opts...), defaultTimeouts)
 	defer srv.Close()
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
@@ -126,12 +159,6 @@ func run() error {
 		return nil
 	case err := <-serveErr:
 		return err
-	}
-}
-
-func setDefault(name, value string) {
-	if os.Getenv(name) == "" {
-		os.Setenv(name, value)
 	}
 }
 

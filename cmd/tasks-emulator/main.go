@@ -5,7 +5,8 @@
 //
 //	tasks-emulator [-addr 127.0.0.1:8123] [-queue projects/P/locations/L/queues/Q]...
 //
-// Point the Go client at it with option.WithEndpoint(addr),
+// Set CLOUD_TASKS_EMULATOR_HOST=addr for tasks.NewClient, or point the Go
+// client at it with option.WithEndpoint(addr),
 // option.WithoutAuthentication() and an insecure gRPC transport. It stops on
 // SIGINT or SIGTERM; every task still queued is lost.
 package main

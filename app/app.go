@@ -1,4 +1,4 @@
-package taskguard
+package app
 
 import (
 	"bytes"
@@ -10,61 +10,25 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
-	"sync"
 	"time"
 
 	"google.golang.org/api/option"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
-	"github.com/taskguard/taskguard/internal/cloudlog"
+	"github.com/taskguard/taskguard/cloudlog"
 	"github.com/taskguard/taskguard/internal/ident"
-	"github.com/taskguard/taskguard/internal/oauthdemo"
 	"github.com/taskguard/taskguard/internal/reqbody"
 	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/locking/dslock"
 	"github.com/taskguard/taskguard/tasks"
 )
 
-// ExampleJob is the name of the example job: it refreshes a user's OAuth
-// token under a lock on the user, so that concurrent refreshes do not
-// invalidate each other. Its payload is {"user": "42"}.
-const ExampleJob = "refresh-token"
-
 // maxEnqueueBody bounds the Enqueue function's request body: a task's 1 MB
 // plus room for the request's own fields.
 const maxEnqueueBody = tasks.MaxTaskSize + 64<<10
 
-var (
-	jobsMu sync.Mutex
-	jobs   []jobReg // guarded by jobsMu
-)
-
-type jobReg struct {
-	name string
-	fn   tasks.JobFunc
-	opts []tasks.JobOption
-}
-
-// HandleJob registers a job for the Worker function of every App created
-// afterwards (the deployed functions build theirs on the first request), the
-// way functions.HTTP registers a function. Call it from an init function.
-// Like tasks.Worker.Handle it panics, at once, when name is empty or not
-// valid UTF-8 (the panic quotes it) or fn is nil.
-func HandleJob(name string, fn tasks.JobFunc, opts ...tasks.JobOption) {
-	if name == "" || fn == nil {
-		panic("taskguard: HandleJob with an empty name or a nil function")
-	}
-	if err := ident.Check("job", name); err != nil {
-		panic("taskguard: HandleJob: " + err.Error())
-	}
-	jobsMu.Lock()
-	defer jobsMu.Unlock()
-	jobs = append(jobs, jobReg{name, fn, opts})
-}
-
 // An App holds what the three functions share: the lock client, the task
-// worker with its jobs, and the Cloud Tasks client.
+// worker with its jobs, and the Cloud Tasks client. It does not own the lock
+// client: the program's other code shares it.
 type App struct {
 	cfg     Config
 	log     *slog.Logger
@@ -72,16 +36,92 @@ type App struct {
 	worker  *tasks.Worker
 	enqueue *tasks.Client // nil when Enqueue is not configured
 	cleaner cleaner       // nil when Strong locks are not on Datastore
-	oauth   *oauthdemo.Refresher
 }
 
-// NewApp builds the functions from cfg. The lock backends come from the
-// environment (locking.FromEnvironment). It does no network I/O: connections
-// are made on first use.
-func NewApp(ctx context.Context, cfg Config, log *slog.Logger) (*App, error) {
-	locks, err := locking.FromEnvironment(locking.Config{Lease: cfg.Lease, Logger: log})
-	if err != nil {
-		return nil, err
+// An Option configures New, Register and Handler.
+type Option func(*options)
+
+type options struct {
+	locks *locking.Client
+	jobs  []jobReg
+	log   *slog.Logger
+	cfg   *Config
+}
+
+type jobReg struct {
+	name string
+	fn   tasks.JobFunc
+	opts []tasks.JobOption
+}
+
+func optionsOf(opts []Option) options {
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
+	return o
+}
+
+// WithLocks makes the App take its locks from c, the client the rest of
+// the program uses, instead of locking.Default(). A nil c is ignored.
+func WithLocks(c *locking.Client) Option {
+	return func(o *options) {
+		if c != nil {
+			o.locks = c
+		}
+	}
+}
+
+// WithJob registers a job with the App's Worker, as tasks.Worker.Handle
+// does; jobs belong to the App they are given to, not to the process. Like
+// Handle it panics, at once (in the init function that calls Register),
+// when name is empty or not valid UTF-8 (the panic quotes it) or fn is nil;
+// building the App panics when two jobs have one name.
+func WithJob(name string, fn tasks.JobFunc, opts ...tasks.JobOption) Option {
+	if name == "" || fn == nil {
+		panic("app: WithJob with an empty name or a nil function")
+	}
+	if err := ident.Check("job", name); err != nil {
+		panic("app: WithJob: " + err.Error())
+	}
+	return func(o *options) { o.jobs = append(o.jobs, jobReg{name, fn, opts}) }
+}
+
+// WithConfig makes Register and Handler build their App from cfg instead
+// of the environment (ConfigFromEnv): for a program that has its
+// configuration already, such as a local runner. New takes its Config as an
+// argument.
+func WithConfig(cfg Config) Option {
+	return func(o *options) { o.cfg = &cfg }
+}
+
+// WithLogger sets the logger of the App that Register and Handler build
+// (LoggerFromEnv() otherwise). New takes its logger as an argument.
+func WithLogger(l *slog.Logger) Option {
+	return func(o *options) {
+		if l != nil {
+			o.log = l
+		}
+	}
+}
+
+// New builds the functions from cfg. Their locks come from the client
+// given with WithLocks, or else from the process's locking.Default() client
+// (whose backends the environment chooses), so that the program's own locks
+// and the functions' exclude each other: an App never builds a lock store of
+// its own. Its Worker runs the jobs given with WithJob. cfg.Lease is the
+// lease of the Worker's task locks. New fails with the default client's
+// error (locking.Client.Err; for example locking.ErrNoStrongBackend on Cloud
+// Run without Datastore), wrapped in ErrConfig. It does no network I/O:
+// connections are made on first use.
+func New(ctx context.Context, cfg Config, log *slog.Logger, opts ...Option) (*App, error) {
+	o := optionsOf(opts)
+	locks := o.locks
+	if locks == nil {
+		locks = locking.Default()
+	}
+	if err := locks.Err(); err != nil {
+		return nil, fmt.Errorf("%w: the lock client: %w", ErrConfig, err)
 	}
 	a := &App{cfg: cfg, log: log, locks: locks}
 	if b, ok := locks.Backend(locking.Strong).(*dslock.Backend); ok {
@@ -89,30 +129,24 @@ func NewApp(ctx context.Context, cfg Config, log *slog.Logger) (*App, error) {
 	}
 
 	wopts := []tasks.WorkerOption{tasks.WithLogger(log)}
+	if cfg.Lease > 0 {
+		wopts = append(wopts, tasks.WithLockOptions(locking.Lease(cfg.Lease)))
+	}
 	if cfg.Queue != "" {
 		wopts = append(wopts, tasks.WithQueue(cfg.Queue))
 	}
+	var err error
 	if a.worker, err = tasks.NewWorker(locks, wopts...); err != nil {
 		return nil, err
 	}
-	jobsMu.Lock()
-	for _, j := range jobs {
+	for _, j := range o.jobs {
 		a.worker.Handle(j.name, j.fn, j.opts...)
-	}
-	jobsMu.Unlock()
-	if cfg.TokenURL != "" {
-		a.oauth = &oauthdemo.Refresher{URL: cfg.TokenURL, Store: oauthdemo.NewStore()}
-		a.worker.Handle(ExampleJob, a.refreshToken)
 	}
 
 	if cfg.EnqueueEnabled() {
 		var copts []option.ClientOption
 		if cfg.TasksEmulator != "" {
-			copts = []option.ClientOption{
-				option.WithEndpoint(cfg.TasksEmulator),
-				option.WithoutAuthentication(),
-				option.WithGRPCDialOption(grpc.WithTransportCredentials(insecure.NewCredentials())),
-			}
+			copts = tasks.EmulatorOptions(cfg.TasksEmulator)
 		}
 		a.enqueue, err = tasks.NewClient(ctx, tasks.Config{
 			Queue:          cfg.Queue,
@@ -130,23 +164,19 @@ func NewApp(ctx context.Context, cfg Config, log *slog.Logger) (*App, error) {
 // cleaner is what CleanupLocks needs of a *dslock.Backend.
 type cleaner interface {
 	Cleanup(context.Context, dslock.CleanupOptions) (dslock.Report, error)
-	Close() error
 }
 
 // workerTimeout is the Worker function's --timeout in deploy/ (1800 s); the
 // tasks' dispatch deadline is derived from it.
 const workerTimeout = 30 * time.Minute
 
-// Close releases the App's connections.
+// Close releases the App's own connection to Cloud Tasks. The lock client
+// is not the App's, and stays open.
 func (a *App) Close() error {
-	var errs []error
 	if a.enqueue != nil {
-		errs = append(errs, a.enqueue.Close())
+		return a.enqueue.Close()
 	}
-	if a.cleaner != nil {
-		errs = append(errs, a.cleaner.Close())
-	}
-	return errors.Join(errs...)
+	return nil
 }
 
 // Locks returns the App's lock client.
@@ -346,29 +376,6 @@ func onlyDeadline(err error) bool {
 		return len(j.Unwrap()) > 0
 	}
 	return errors.Is(err, context.DeadlineExceeded)
-}
-
-// refreshToken is the example job: it refreshes the user's OAuth token
-// under a lock on the user, wherever the refresh is started from (this task,
-// or another that guards the same call), so that concurrent refreshes cannot
-// spend one refresh token twice. The task's own lock (its lock id) can be
-// anything; the lock on the token is what matters.
-func (a *App) refreshToken(ctx context.Context, d *tasks.Delivery) error {
-	var p struct {
-		User string `json:"user"`
-	}
-	if err := d.Decode(&p); err != nil || p.User == "" {
-		return tasks.Permanent(fmt.Errorf("payload must be {\"user\": \"ID\"}: %v", err))
-	}
-	return a.locks.With(ctx, "oauth-token/"+p.User, func(ctx context.Context) error {
-		fence := locking.FromContext(ctx).Token()
-		refreshed, err := a.oauth.Refresh(ctx, p.User, fence)
-		if err != nil {
-			return err
-		}
-		a.log.InfoContext(ctx, "oauth token checked", "user", p.User, "refreshed", refreshed, "token", fence, "task", d.TaskName)
-		return nil
-	}, locking.MaxWait(20*time.Second))
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {

@@ -2,6 +2,13 @@
 // Logging reads from a Cloud Run function's output: "severity" instead of
 // "level", "message" instead of "msg", and the request's trace under
 // "logging.googleapis.com/trace" so that log lines group under their request.
+// It is usable in any Cloud Run service or function:
+//
+//	log := slog.New(cloudlog.NewHandler(os.Stdout, slog.LevelInfo, os.Getenv("GOOGLE_CLOUD_PROJECT")))
+//	http.Handle("/", cloudlog.Middleware(h)) // h logs with log.InfoContext(r.Context(), ...)
+//
+// It sets no global logger: the program decides whether to pass it to
+// slog.SetDefault.
 package cloudlog
 
 import (

@@ -1,4 +1,4 @@
-package taskguard
+package app
 
 import (
 	"bytes"
@@ -17,7 +17,7 @@ import (
 	"cloud.google.com/go/cloudtasks/apiv2/cloudtaskspb"
 	"google.golang.org/protobuf/types/known/durationpb"
 
-	"github.com/taskguard/taskguard/internal/cloudlog"
+	"github.com/taskguard/taskguard/cloudlog"
 	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/locking/dslock"
 	"github.com/taskguard/taskguard/locking/dslock/dstest"
@@ -55,7 +55,8 @@ func newTestApp(t *testing.T, extra map[string]string) (*App, *httptest.Server, 
 	if err != nil {
 		t.Fatal(err)
 	}
-	a, err := NewApp(t.Context(), cfg, slog.New(slog.DiscardHandler))
+	freshDefault(t)
+	a, err := New(t.Context(), cfg, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -142,7 +143,8 @@ func TestEnqueueAnswers(t *testing.T) {
 }
 
 func TestEnqueueWithoutQueue(t *testing.T) {
-	a, err := NewApp(t.Context(), Config{}, slog.New(slog.DiscardHandler))
+	freshDefault(t)
+	a, err := New(t.Context(), Config{}, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -153,32 +155,6 @@ func TestEnqueueWithoutQueue(t *testing.T) {
 	}
 }
 
-// TestExampleJobRefreshesOnce runs the OAuth example through the real
-// path: five tasks on distinct lock ids refresh one user's token at once;
-// the lock on the token lets one refresh happen and the others find the new
-// token fresh.
-func TestExampleJobRefreshesOnce(t *testing.T) {
-	endpoint := newTokenEndpoint(t)
-	_, srv, emu := newTestApp(t, map[string]string{EnvTokenURL: endpoint.url})
-	for i := range 5 {
-		code, out := post(t, srv.URL+"/Enqueue", `{"job":"refresh-token","lockId":"refresh-`+string(rune('a'+i))+`","payload":{"user":"42"}}`)
-		if code != http.StatusOK {
-			t.Fatalf("enqueue: %d %v", code, out)
-		}
-	}
-	if err := emu.WaitIdle(t.Context(), testQueue); err != nil {
-		t.Fatal(err)
-	}
-	if n := endpoint.CallCount(); n != 1 {
-		t.Errorf("token endpoint refreshed %d times for one expired token; want 1", n)
-	}
-	for _, at := range emu.Attempts() {
-		if at.Status >= 500 {
-			t.Errorf("an attempt failed with %d (a refresh collided?)", at.Status)
-		}
-	}
-}
-
 // TestCleanupLocks runs CleanupLocks on locks in the real Datastore
 // emulator: an expired lock is deleted, a live one survives, a dry run only
 // counts.
@@ -186,7 +162,8 @@ func TestCleanupLocks(t *testing.T) {
 	e := dstest.New(t, dstest.Firestore)
 	t.Setenv(EnvDatastoreEmulator, e.Host)
 	t.Setenv("DATASTORE_PROJECT_ID", e.ProjectID)
-	a, err := NewApp(t.Context(), Config{CleanupGrace: time.Millisecond}, slog.New(slog.DiscardHandler))
+	freshDefault(t)
+	a, err := New(t.Context(), Config{CleanupGrace: time.Millisecond}, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -235,7 +212,8 @@ func TestCleanupLocks(t *testing.T) {
 // correlated with the request's trace in Cloud Logging and carry the task.
 func TestWorkerLogsCarryTrace(t *testing.T) {
 	var buf bytes.Buffer
-	a, err := NewApp(t.Context(), Config{ProjectID: "p1"}, slog.New(cloudlog.NewHandler(&buf, slog.LevelInfo, "p1")))
+	freshDefault(t)
+	a, err := New(t.Context(), Config{ProjectID: "p1"}, slog.New(cloudlog.NewHandler(&buf, slog.LevelInfo, "p1")))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -265,7 +243,8 @@ func TestCleanupLocksFlagsFailClosed(t *testing.T) {
 	e := dstest.New(t, dstest.Firestore)
 	t.Setenv(EnvDatastoreEmulator, e.Host)
 	t.Setenv("DATASTORE_PROJECT_ID", e.ProjectID)
-	a, err := NewApp(t.Context(), Config{CleanupGrace: time.Millisecond}, slog.New(slog.DiscardHandler))
+	freshDefault(t)
+	a, err := New(t.Context(), Config{CleanupGrace: time.Millisecond}, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,4 @@
-package taskguard
+package app
 
 import (
 	"errors"
@@ -8,8 +8,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/locking/dslock"
+	"github.com/taskguard/taskguard/tasks"
 )
 
 // Environment variables the functions read. Empty means unset.
@@ -19,7 +19,6 @@ const (
 	EnvDatastoreDatabase  = "TASKGUARD_DATASTORE_DATABASE"
 	EnvDatastoreNamespace = "TASKGUARD_DATASTORE_NAMESPACE"
 	EnvDatastoreKind      = "TASKGUARD_DATASTORE_KIND"
-	EnvDefaultKind        = "TASKGUARD_DEFAULT_KIND"
 	EnvMemcache           = "MEMCACHE_SERVERS"
 	EnvValkey             = "VALKEY_ADDR"
 	EnvQueue              = "TASKGUARD_QUEUE"
@@ -28,7 +27,6 @@ const (
 	EnvLease              = "TASKGUARD_LEASE"
 	EnvCleanupGrace       = "TASKGUARD_CLEANUP_GRACE"
 	EnvTasksEmulator      = "CLOUD_TASKS_EMULATOR_HOST"
-	EnvTokenURL           = "TASKGUARD_TOKEN_URL"
 	EnvLogLevel           = "TASKGUARD_LOG_LEVEL"
 )
 
@@ -36,18 +34,16 @@ const (
 var ErrConfig = errors.New("taskguard: invalid configuration")
 
 // Config is the functions' configuration, read from the environment by
-// ConfigFromEnv. The lock backends themselves are chosen by the locking
-// providers from the same environment (see locking.FromEnvironment): Datastore
-// when GOOGLE_CLOUD_PROJECT or DATASTORE_EMULATOR_HOST is set, memcached for
-// Weak locks when MEMCACHE_SERVERS is, Valkey when VALKEY_ADDR is.
+// ConfigFromEnv. The lock backends themselves are chosen, and their
+// variables read and checked, by the backend packages the program imports
+// (see locking.FromEnvironment and locking.CheckEnvironment): Datastore when
+// GOOGLE_CLOUD_PROJECT or DATASTORE_EMULATOR_HOST is set, memcached for Weak
+// locks when MEMCACHE_SERVERS is, Valkey when VALKEY_ADDR is.
 type Config struct {
 	// ProjectID is the Google Cloud project, for trace correlation in logs.
 	ProjectID string
-	// DefaultKind is the kind of the example job's lock (TASKGUARD_DEFAULT_KIND:
-	// "strong", the default, or "weak").
-	DefaultKind locking.LockKind
-	// Lease is the default lock lease (TASKGUARD_LEASE, a Go duration);
-	// locking.DefaultLease when zero.
+	// Lease is the lease of the Worker's task locks (TASKGUARD_LEASE, a Go
+	// duration); the lock client's default lease when zero.
 	Lease time.Duration
 	// CleanupGrace is how long after its lease ended a lock entity is kept
 	// before CleanupLocks deletes it (TASKGUARD_CLEANUP_GRACE); the Datastore
@@ -60,13 +56,9 @@ type Config struct {
 	// TasksEmulator is the host:port of a local Cloud Tasks emulator
 	// (CLOUD_TASKS_EMULATOR_HOST); empty in production.
 	TasksEmulator string
-	// TokenURL is the OAuth token endpoint of the example job
-	// (TASKGUARD_TOKEN_URL); the job is registered only when it is set.
-	TokenURL string
 }
 
 var (
-	queueRE   = regexp.MustCompile(`^projects/[a-z0-9][a-z0-9:.-]*/locations/[a-z0-9-]+/queues/[A-Za-z0-9-]{1,100}$`)
 	hostPort  = regexp.MustCompile(`^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$`)
 	saEmailRE = regexp.MustCompile(`^[^@\s]+@[^@\s]+\.[^@\s]+$`)
 )
@@ -83,20 +75,7 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 		problems = append(problems, fmt.Sprintf("%s=%q: %s", name, getenv(name), fmt.Sprintf(format, args...)))
 	}
 	cfg.ProjectID = getenv(EnvProject)
-	// On Cloud Run (K_SERVICE is set by the platform) in-memory locks would
-	// guard nothing across instances: refuse to start without Datastore.
-	if getenv("K_SERVICE") != "" && cfg.ProjectID == "" && getenv(EnvDatastoreEmulator) == "" {
-		bad(EnvProject, "running on Cloud Run (K_SERVICE=%s) without a project: Strong locks would be in-memory, one instance each", getenv("K_SERVICE"))
-	}
 
-	switch strings.ToLower(getenv(EnvDefaultKind)) {
-	case "", "strong":
-		cfg.DefaultKind = locking.Strong
-	case "weak":
-		cfg.DefaultKind = locking.Weak
-	default:
-		bad(EnvDefaultKind, `want "strong" or "weak"`)
-	}
 	duration := func(name string) time.Duration {
 		v := getenv(name)
 		if v == "" {
@@ -125,24 +104,18 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 			bad(c.name, "%s", strings.TrimPrefix(err.Error(), dslock.ErrBadOptions.Error()+": "))
 		}
 	}
-	for _, name := range []string{EnvDatastoreEmulator, EnvTasksEmulator, EnvValkey} {
+	// MEMCACHE_SERVERS, VALKEY_ADDR and the rest of the Weak backends'
+	// variables are their packages' to read and check (see Register).
+	for _, name := range []string{EnvDatastoreEmulator, EnvTasksEmulator} {
 		if v := getenv(name); v != "" && !hostPort.MatchString(v) && !strings.Contains(v, "://") {
 			bad(name, "want host:port")
-		}
-	}
-	if v := getenv(EnvMemcache); v != "" {
-		for _, s := range strings.Split(v, ",") {
-			if !hostPort.MatchString(strings.TrimSpace(s)) {
-				bad(EnvMemcache, "want a comma-separated list of host:port")
-				break
-			}
 		}
 	}
 
 	cfg.Queue, cfg.WorkerURL, cfg.TaskServiceAccount = getenv(EnvQueue), getenv(EnvWorkerURL), getenv(EnvTaskServiceAccount)
 	cfg.TasksEmulator = getenv(EnvTasksEmulator)
 	if cfg.Queue != "" || cfg.WorkerURL != "" || cfg.TaskServiceAccount != "" {
-		if !queueRE.MatchString(cfg.Queue) {
+		if !tasks.ValidQueue(cfg.Queue) {
 			bad(EnvQueue, "want projects/PROJECT/locations/LOCATION/queues/QUEUE (set it with %s and %s, or none of them)", EnvWorkerURL, EnvTaskServiceAccount)
 		}
 		if u, err := url.Parse(cfg.WorkerURL); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
@@ -153,12 +126,6 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 		if !saEmailRE.MatchString(cfg.TaskServiceAccount) {
 			bad(EnvTaskServiceAccount, "want a service account email")
 		}
-	}
-	if v := getenv(EnvTokenURL); v != "" {
-		if u, err := url.Parse(v); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
-			bad(EnvTokenURL, "want an http(s) URL")
-		}
-		cfg.TokenURL = v
 	}
 	if len(problems) > 0 {
 		return Config{}, fmt.Errorf("%w:\n  %s", ErrConfig, strings.Join(problems, "\n  "))

@@ -1,4 +1,4 @@
-package taskguard
+package app
 
 import (
 	"errors"
@@ -6,8 +6,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/taskguard/taskguard/locking"
 )
 
 func env(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
@@ -15,7 +13,6 @@ func env(m map[string]string) func(string) string { return func(k string) string
 func TestConfigFromEnv(t *testing.T) {
 	valid := map[string]string{
 		EnvProject:            "my-project",
-		EnvDefaultKind:        "weak",
 		EnvLease:              "45s",
 		EnvCleanupGrace:       "20m",
 		EnvQueue:              "projects/my-project/locations/europe-west1/queues/jobs",
@@ -28,23 +25,20 @@ func TestConfigFromEnv(t *testing.T) {
 	if err != nil {
 		t.Fatalf("valid configuration refused: %v", err)
 	}
-	if cfg.DefaultKind != locking.Weak || cfg.Lease != 45*time.Second || cfg.CleanupGrace != 20*time.Minute || !cfg.EnqueueEnabled() {
+	if cfg.Lease != 45*time.Second || cfg.CleanupGrace != 20*time.Minute || !cfg.EnqueueEnabled() {
 		t.Errorf("config = %+v", cfg)
 	}
-	if cfg, err := ConfigFromEnv(env(nil)); err != nil || cfg.EnqueueEnabled() || cfg.DefaultKind != locking.Strong {
+	if cfg, err := ConfigFromEnv(env(nil)); err != nil || cfg.EnqueueEnabled() {
 		t.Errorf("empty environment: %+v, %v; want a valid config with Enqueue disabled", cfg, err)
 	}
 
 	bad := map[string]string{
-		EnvDefaultKind:        "medium",
 		EnvLease:              "-5s",
 		EnvCleanupGrace:       "soon",
 		EnvQueue:              "jobs",
 		EnvWorkerURL:          "http://worker.example.com",
 		EnvTaskServiceAccount: "nobody",
-		EnvMemcache:           "10.0.0.3",
 		EnvDatastoreEmulator:  "localhost",
-		EnvTokenURL:           "ftp://x",
 	}
 	_, err = ConfigFromEnv(env(bad))
 	if !errors.Is(err, ErrConfig) {
@@ -57,13 +51,6 @@ func TestConfigFromEnv(t *testing.T) {
 	}
 	if n := strings.Count(err.Error(), "\n"); n != len(bad) {
 		t.Errorf("error has %d problem lines; want one per variable (%d):\n%v", n, len(bad), err)
-	}
-
-	if _, err := ConfigFromEnv(env(map[string]string{"K_SERVICE": "worker"})); err == nil || !strings.Contains(err.Error(), EnvProject) {
-		t.Errorf("on Cloud Run without a project: err = %v; want %s named (in-memory locks guard nothing across instances)", err, EnvProject)
-	}
-	if _, err := ConfigFromEnv(env(map[string]string{"K_SERVICE": "worker", EnvProject: "p"})); err != nil {
-		t.Errorf("on Cloud Run with a project: %v", err)
 	}
 
 	partial := map[string]string{EnvQueue: "projects/p/locations/l/queues/q"}

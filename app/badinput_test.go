@@ -1,4 +1,4 @@
-package taskguard
+package app
 
 import (
 	"bufio"
@@ -64,13 +64,14 @@ func badInputApp(t *testing.T, queue bool) (*App, *records) {
 		cfg.TasksEmulator = "127.0.0.1:1"
 	}
 	rec := &records{n: make(map[slog.Level]int)}
-	a, err := NewApp(t.Context(), cfg, slog.New(rec))
+	freshDefault(t)
+	a, err := New(t.Context(), cfg, slog.New(rec))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = a.Close() })
 	a.worker.Handle("job", func(ctx context.Context, d *tasks.Delivery) error { return nil })
-	rec.take() // what NewApp logged about its configuration
+	rec.take() // what New logged about its configuration
 	return a, rec
 }
 
@@ -229,15 +230,15 @@ func TestEnqueueRefusesIdentitiesJSONCannotCarry(t *testing.T) {
 	}
 }
 
-// TestHandleJobRefusesNamesJSONCannotCarry checks that a job no task could
+// TestWithJobRefusesNamesJSONCannotCarry checks that a job no task could
 // name byte for byte is refused where it is registered.
-func TestHandleJobRefusesNamesJSONCannotCarry(t *testing.T) {
+func TestWithJobRefusesNamesJSONCannotCarry(t *testing.T) {
 	defer func() {
 		if p := recover(); p == nil || !strings.Contains(fmt.Sprint(p), `"resize-\xe9"`) {
-			t.Errorf("HandleJob(\"resize-\\xe9\") panicked with %v; want a panic quoting the name", p)
+			t.Errorf("WithJob(\"resize-\\xe9\") panicked with %v; want a panic quoting the name", p)
 		}
 	}()
-	HandleJob("resize-\xe9", func(context.Context, *tasks.Delivery) error { return nil })
+	WithJob("resize-\xe9", func(context.Context, *tasks.Delivery) error { return nil })
 }
 
 // TestStalledBodyEndsWithTheRequest sends the headers and part of a body over

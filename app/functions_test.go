@@ -1,4 +1,4 @@
-package taskguard
+package app
 
 import (
 	"context"
@@ -28,9 +28,10 @@ func TestAppBuildRecoversFromPassingFailure(t *testing.T) {
 	}
 	now := time.Unix(1_700_000_000, 0)
 	builds := 0
+	freshDefault(t)
 	l := &lazyApp{now: func() time.Time { return now }, log: slog.New(slog.DiscardHandler), build: func() (*App, error) {
 		builds++
-		return NewApp(context.Background(), cfg, slog.New(slog.DiscardHandler))
+		return New(context.Background(), cfg, slog.New(slog.DiscardHandler))
 	}}
 	h := serveFrom(l, (*App).Enqueue)
 	call := func(wantStatus, wantBuilds int, wantRetryAfter string) {
@@ -61,6 +62,7 @@ func TestAppBuildRecoversFromPassingFailure(t *testing.T) {
 func TestAppBuildKeepsConfigurationErrors(t *testing.T) {
 	now := time.Unix(1_700_000_000, 0)
 	builds := 0
+	freshDefault(t)
 	l := &lazyApp{now: func() time.Time { return now }, log: slog.New(slog.DiscardHandler), build: func() (*App, error) {
 		builds++
 		_, err := ConfigFromEnv(env(map[string]string{EnvLease: "soon"}))

@@ -1,0 +1,64 @@
+package shop
+
+import (
+	"context"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/GoogleCloudPlatform/functions-framework-go/functions"
+
+	"github.com/taskguard/taskguard/app"
+	"github.com/taskguard/taskguard/tasks"
+
+	// Strong locks on Datastore when GOOGLE_CLOUD_PROJECT (or
+	// DATASTORE_EMULATOR_HOST) is set.
+	_ "github.com/taskguard/taskguard/locking/dslock"
+)
+
+// The deployed shop: one Shop, its Checkout function, and taskguard's
+// Worker and CleanupLocks under the shop's own names, with the shop's job.
+// Enqueue is left out: the shop enqueues from its own code.
+func init() {
+	s := &Shop{Tasks: &lazyEnqueuer{}, Work: workFromEnv()}
+	functions.HTTP("Checkout", s.Checkout())
+	app.Register(functions.HTTP, app.Functions{Worker: "ShopWorker", CleanupLocks: "ShopCleanupLocks"},
+		app.WithJob(ReceiptJob, s.SendReceipt))
+}
+
+// workFromEnv reads SHOP_CHECKOUT_WORK, how long a checkout's payment takes
+// (a Go duration, 100ms by default).
+func workFromEnv() time.Duration {
+	if d, err := time.ParseDuration(os.Getenv("SHOP_CHECKOUT_WORK")); err == nil && d >= 0 {
+		return d
+	}
+	return 100 * time.Millisecond
+}
+
+// lazyEnqueuer is the production Enqueuer: a tasks.Client for the queue
+// taskguard's configuration names (TASKGUARD_QUEUE, TASKGUARD_WORKER_URL,
+// TASKGUARD_TASK_SERVICE_ACCOUNT), connected to CLOUD_TASKS_EMULATOR_HOST
+// when set, built on the first Enqueue.
+type lazyEnqueuer struct {
+	once sync.Once
+	c    *tasks.Client
+	err  error
+}
+
+func (l *lazyEnqueuer) Enqueue(ctx context.Context, t tasks.Task) (string, error) {
+	l.once.Do(func() {
+		cfg, err := app.ConfigFromEnv(os.Getenv)
+		if err != nil {
+			l.err = err
+			return
+		}
+		l.c, l.err = tasks.NewClient(context.Background(), tasks.Config{
+			Queue: cfg.Queue, WorkerURL: cfg.WorkerURL, ServiceAccount: cfg.TaskServiceAccount,
+			WorkerTimeout: 30 * time.Minute,
+		})
+	})
+	if l.err != nil {
+		return "", l.err
+	}
+	return l.c.Enqueue(ctx, t)
+}

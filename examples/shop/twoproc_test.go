@@ -1,0 +1,178 @@
+package shop_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"cloud.google.com/go/cloudtasks/apiv2/cloudtaskspb"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/taskguard/taskguard/locking/dslock/dstest"
+	"github.com/taskguard/taskguard/tasks/taskstest"
+)
+
+// syncBuffer collects a process's output; safe for concurrent use.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func freePort(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return fmt.Sprint(l.Addr().(*net.TCPAddr).Port)
+}
+
+// TestTwoInstancesOnFirestore runs the shop as two processes, two
+// instances as Cloud Run would run them (K_SERVICE set), with the
+// Functions Framework's own server, sharing the Firestore emulator in
+// Datastore mode and a Cloud Tasks emulator. Concurrent checkouts of one
+// customer, sent to both, let exactly one through; the others are answered
+// 429 with a Retry-After. The receipt is delivered to an instance's
+// ShopWorker, and ShopCleanupLocks reports on the Datastore locks.
+func TestTwoInstancesOnFirestore(t *testing.T) {
+	e := dstest.New(t, dstest.Firestore)
+
+	const queue = "projects/shop-project/locations/here/queues/receipts"
+	emu := taskstest.Start(t, taskstest.Options{})
+	admin, err := emu.NewClient(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	if _, err := admin.CreateQueue(t.Context(), &cloudtaskspb.CreateQueueRequest{Parent: "projects/shop-project/locations/here",
+		Queue: &cloudtaskspb.Queue{Name: queue, RetryConfig: &cloudtaskspb.RetryConfig{MinBackoff: durationpb.New(100 * time.Millisecond)}}}); err != nil {
+		t.Fatal(err)
+	}
+
+	bin := filepath.Join(t.TempDir(), "shop")
+	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/shop").CombinedOutput(); err != nil {
+		t.Fatalf("go build ./cmd/shop: %v\n%s", err, out)
+	}
+	ports := []string{freePort(t), freePort(t)}
+	for i, port := range ports {
+		ctx, cancel := context.WithCancel(context.Background())
+		cmd := exec.CommandContext(ctx, bin)
+		cmd.Env = append(os.Environ(),
+			"PORT="+port, "HOST=127.0.0.1", "K_SERVICE=shop", "FUNCTION_TARGET=",
+			"DATASTORE_EMULATOR_HOST="+e.Host, "DATASTORE_PROJECT_ID="+e.ProjectID, "GOOGLE_CLOUD_PROJECT="+e.ProjectID,
+			"CLOUD_TASKS_EMULATOR_HOST="+emu.Addr(), "TASKGUARD_QUEUE="+queue,
+			"TASKGUARD_WORKER_URL=http://127.0.0.1:"+ports[0]+"/ShopWorker",
+			"TASKGUARD_TASK_SERVICE_ACCOUNT=tasks@shop-project.iam.gserviceaccount.com",
+			"TASKGUARD_ALLOW_MEMORY=", "SHOP_CHECKOUT_WORK=3s")
+		out := &syncBuffer{}
+		cmd.Stdout, cmd.Stderr = out, out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			cancel()
+			_ = cmd.Wait()
+			if t.Failed() {
+				t.Logf("instance %d output:\n%s", i, out)
+			}
+		})
+	}
+	for _, port := range ports {
+		waitListening(t, "127.0.0.1:"+port)
+	}
+
+	// Six checkouts of customer z at once, three to each instance.
+	const n = 6
+	answers := make([]answer, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			answers[i] = postNoFatal(fmt.Sprintf("http://127.0.0.1:%s/Checkout?customer=z&order=o%d", ports[i%2], i))
+		})
+	}
+	wg.Wait()
+	var ok, busy int
+	for i, a := range answers {
+		switch {
+		case a.status == http.StatusOK:
+			ok++
+		case a.status == http.StatusTooManyRequests && a.retryAfter != "":
+			busy++
+		default:
+			t.Errorf("checkout %d on instance %d = %+v; want 200, or 429 with Retry-After", i, i%2, a)
+		}
+	}
+	if ok != 1 || busy != n-1 {
+		t.Errorf("%d checkouts went through and %d were answered 429; want 1 and %d", ok, busy, n-1)
+	}
+
+	if err := emu.WaitIdle(t.Context(), queue); err != nil {
+		t.Fatal(err)
+	}
+	delivered := 0
+	for _, at := range emu.Attempts() {
+		if at.Status == http.StatusNoContent {
+			delivered++
+		}
+	}
+	if delivered != 1 {
+		t.Errorf("%d receipts delivered to ShopWorker; want 1 (attempts %+v)", delivered, emu.Attempts())
+	}
+
+	resp, err := http.Get("http://127.0.0.1:" + ports[1] + "/ShopCleanupLocks?dryRun=true")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var rep struct {
+		Backend          string
+		Finished, DryRun bool
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&rep); err != nil || resp.StatusCode != http.StatusOK || rep.Backend != "datastore" || !rep.Finished || !rep.DryRun {
+		t.Errorf("ShopCleanupLocks?dryRun=true = %d %+v (%v); want 200, a finished dry run on datastore", resp.StatusCode, rep, err)
+	}
+}
+
+func postNoFatal(url string) answer {
+	resp, err := http.Post(url, "", nil)
+	if err != nil {
+		return answer{body: err.Error()}
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return answer{resp.StatusCode, resp.Header.Get("Retry-After"), string(b)}
+}
+
+func waitListening(t *testing.T, addr string) {
+	t.Helper()
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if c, err := net.Dial("tcp", addr); err == nil {
+			c.Close()
+			return
+		}
+	}
+	t.Fatalf("nothing listens on %s after a minute", addr)
+}

@@ -1,0 +1,305 @@
+// Package lockhttp guards HTTP handlers with locks: a middleware that runs
+// a handler while holding a lock whose id it derives from the request, so
+// that at most one request per id runs at a time across every instance
+// that shares the lock store. It is the Go form of djangae's @lock
+// decorator.
+//
+//	h := lockhttp.Guard(nil, lockhttp.Query("customer", "checkout/"), checkout)
+//
+// A request whose lock is held elsewhere is not run: it is answered 429 Too
+// Many Requests (or the status set with BusyStatus) with a Retry-After. The
+// mapping from lock errors to HTTP answers (Policy) is the one the tasks
+// package's Worker uses for its deliveries:
+//
+//   - lock held: BusyStatus (429 by default) with Retry-After, the holder's
+//     remaining lease rounded up to whole seconds, at least 1 s and at most
+//     MaxRetryAfter (10 s by default);
+//   - lock lost (locking.ErrLockLost): 503 Service Unavailable;
+//   - the lock store failed, or the request ended while the lock was taken:
+//     503 Service Unavailable;
+//   - the lock client cannot work as configured (locking.ErrInvalid,
+//     ErrNoBackend, ErrNoStrongBackend, ErrReentrant): 500 Internal Server
+//     Error.
+//
+// For Cloud Run functions written for the Functions Framework, GuardFunc
+// wraps a func(w, r):
+//
+//	functions.HTTP("Checkout", lockhttp.GuardFunc(nil, lockhttp.Query("customer", "checkout/"), checkout))
+package lockhttp
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"net/http"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/felixge/httpsnoop"
+
+	"github.com/taskguard/taskguard/locking"
+)
+
+// DefaultMaxRetryAfter caps the Retry-After of a busy answer when
+// Policy.MaxRetryAfter is zero.
+const DefaultMaxRetryAfter = 10 * time.Second
+
+// A Policy maps the errors of locking.Client.With and Acquire to HTTP
+// answers. The zero Policy answers 429 for a busy lock, with a Retry-After
+// of at most DefaultMaxRetryAfter.
+type Policy struct {
+	// BusyStatus is the status of a lock held elsewhere:
+	// http.StatusTooManyRequests (429) when zero. 409 Conflict is the other
+	// common choice.
+	BusyStatus int
+	// MaxRetryAfter caps the Retry-After of a busy answer;
+	// DefaultMaxRetryAfter when zero. Values below one second count as one
+	// second.
+	MaxRetryAfter time.Duration
+}
+
+// An Answer is the HTTP answer for a lock error.
+type Answer struct {
+	// Status is the HTTP status code.
+	Status int
+	// RetryAfter is the Retry-After header's value in whole seconds; zero
+	// means no header.
+	RetryAfter int
+	// Message is a short text for the body, without details of the error.
+	Message string
+}
+
+// Answer returns the answer for err, an error returned by
+// locking.Client.With or Acquire (see the package documentation for the
+// mapping). ok is false when err is nil.
+func (p Policy) Answer(err error) (a Answer, ok bool) {
+	var busy *locking.NotAcquiredError
+	switch {
+	case err == nil:
+		return Answer{}, false
+	case errors.Is(err, locking.ErrLockLost):
+		return Answer{Status: http.StatusServiceUnavailable, Message: "lock lost"}, true
+	case errors.As(err, &busy):
+		status := p.BusyStatus
+		if status == 0 {
+			status = http.StatusTooManyRequests
+		}
+		return Answer{Status: status, RetryAfter: p.RetryAfter(busy.Remaining), Message: "lock held"}, true
+	case errors.Is(err, locking.ErrInvalid), errors.Is(err, locking.ErrNoBackend),
+		errors.Is(err, locking.ErrNoStrongBackend), errors.Is(err, locking.ErrReentrant):
+		return Answer{Status: http.StatusInternalServerError, Message: "lock misconfigured"}, true
+	default:
+		return Answer{Status: http.StatusServiceUnavailable, Message: "lock unavailable"}, true
+	}
+}
+
+// RetryAfter is the Retry-After, in whole seconds, for a lock whose
+// holder's lease has remaining left (0 when unknown): rounded up, at least
+// 1 s, at most MaxRetryAfter.
+func (p Policy) RetryAfter(remaining time.Duration) int {
+	maxRA := p.MaxRetryAfter
+	if maxRA == 0 {
+		maxRA = DefaultMaxRetryAfter
+	}
+	maxRA = max(maxRA, time.Second)
+	d := min(max(remaining, time.Second), maxRA)
+	return int(math.Ceil(d.Seconds()))
+}
+
+// Write writes the answer: the Retry-After header when set, the status, and
+// Message as a plain-text body.
+func (a Answer) Write(w http.ResponseWriter) {
+	if a.RetryAfter > 0 {
+		w.Header().Set("Retry-After", strconv.Itoa(a.RetryAfter))
+	}
+	http.Error(w, a.Message, a.Status)
+}
+
+// A KeyFunc derives the lock id of a request. An error, or an empty id,
+// answers 400 Bad Request with the error's text: the request is not run.
+type KeyFunc func(*http.Request) (string, error)
+
+// Query derives the lock id from the query parameter name: prefix followed
+// by its value. A request without the parameter, or with an empty value, is
+// answered 400.
+func Query(name, prefix string) KeyFunc {
+	return func(r *http.Request) (string, error) {
+		v := r.URL.Query().Get(name)
+		if v == "" {
+			return "", fmt.Errorf("query parameter %q is required", name)
+		}
+		return prefix + v, nil
+	}
+}
+
+// Header derives the lock id from the request header name: prefix followed
+// by its value. A request without the header is answered 400.
+func Header(name, prefix string) KeyFunc {
+	return func(r *http.Request) (string, error) {
+		v := r.Header.Get(name)
+		if v == "" {
+			return "", fmt.Errorf("header %q is required", name)
+		}
+		return prefix + v, nil
+	}
+}
+
+// PathValue derives the lock id from the wildcard name of the request's
+// http.ServeMux pattern (Request.PathValue): prefix followed by its value.
+// A request without it is answered 400.
+func PathValue(name, prefix string) KeyFunc {
+	return func(r *http.Request) (string, error) {
+		v := r.PathValue(name)
+		if v == "" {
+			return "", fmt.Errorf("path value %q is required", name)
+		}
+		return prefix + v, nil
+	}
+}
+
+// An Option configures Guard.
+type Option func(*guard)
+
+// BusyStatus sets the status of a request whose lock is held elsewhere:
+// 429 by default, 409 Conflict the other common choice.
+func BusyStatus(status int) Option {
+	return func(g *guard) { g.policy.BusyStatus = status }
+}
+
+// MaxRetryAfter caps the Retry-After of a busy answer; DefaultMaxRetryAfter
+// by default.
+func MaxRetryAfter(d time.Duration) Option {
+	return func(g *guard) { g.policy.MaxRetryAfter = d }
+}
+
+// MaxWait makes a request wait up to d for a held lock before it is
+// answered busy, instead of being answered at once. The wait counts against
+// the request's own deadline.
+func MaxWait(d time.Duration) Option {
+	return func(g *guard) { g.maxWait = d }
+}
+
+// LockOptions adds locking options (Lease, Kind, StealAfter) to every
+// request's lock. Wait and MaxWait are set by the guard (see MaxWait).
+func LockOptions(opts ...locking.Option) Option {
+	return func(g *guard) { g.lockOpts = append(g.lockOpts, opts...) }
+}
+
+// Logger sets the logger of the guard's rare lines (a lock error other than
+// busy, a lock lost after the response began, a failed release);
+// slog.Default() by default.
+func Logger(l *slog.Logger) Option {
+	return func(g *guard) { g.log = l }
+}
+
+type guard struct {
+	client   *locking.Client
+	key      KeyFunc
+	next     http.Handler
+	policy   Policy
+	maxWait  time.Duration
+	lockOpts []locking.Option
+	log      *slog.Logger
+}
+
+// Guard returns a handler that runs next while holding the lock whose id
+// key derives from the request, taken from client (the process's
+// locking.Default() client, looked up at each request, when nil). next's
+// request context carries the held lock (locking.FromContext, for its
+// fencing token) and is cancelled, with cause locking.ErrLockLost, if the
+// lock is lost; the lock is released when next returns. A request that
+// cannot take its lock is not run and is answered by Policy (see the
+// package documentation); a request whose lock is lost while next runs is
+// answered 503 unless next has already begun its response. The
+// ResponseWriter next receives has the same optional interfaces
+// (http.Flusher, ...) as the server's. Guard panics if key or next is nil.
+func Guard(client *locking.Client, key KeyFunc, next http.Handler, opts ...Option) http.Handler {
+	if key == nil || next == nil {
+		panic("lockhttp: Guard with a nil key or handler")
+	}
+	g := &guard{client: client, key: key, next: next}
+	for _, o := range opts {
+		o(g)
+	}
+	return g
+}
+
+// GuardFunc is Guard for a handler function, the form the Functions
+// Framework registers (functions.HTTP).
+func GuardFunc(client *locking.Client, key KeyFunc, next func(http.ResponseWriter, *http.Request), opts ...Option) func(http.ResponseWriter, *http.Request) {
+	if next == nil {
+		panic("lockhttp: GuardFunc with a nil handler")
+	}
+	return Guard(client, key, http.HandlerFunc(next), opts...).ServeHTTP
+}
+
+func (g *guard) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	log := g.log
+	if log == nil {
+		log = slog.Default()
+	}
+	id, err := g.key(r)
+	if err == nil && id == "" {
+		err = errors.New("empty lock id")
+	}
+	if err != nil {
+		http.Error(w, "lock id: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	client := g.client
+	if client == nil {
+		client = locking.Default()
+	}
+	opts := append([]locking.Option{locking.Wait(false)}, g.lockOpts...)
+	if g.maxWait > 0 {
+		opts = append(opts, locking.Wait(true), locking.MaxWait(g.maxWait))
+	}
+	var began atomic.Bool
+	ww := httpsnoop.Wrap(w, httpsnoop.Hooks{
+		WriteHeader: func(next httpsnoop.WriteHeaderFunc) httpsnoop.WriteHeaderFunc {
+			return func(code int) { began.Store(true); next(code) }
+		},
+		Write: func(next httpsnoop.WriteFunc) httpsnoop.WriteFunc {
+			return func(b []byte) (int, error) { began.Store(true); return next(b) }
+		},
+		WriteString: func(next httpsnoop.WriteStringFunc) httpsnoop.WriteStringFunc {
+			return func(s string) (int, error) { began.Store(true); return next(s) }
+		},
+		ReadFrom: func(next httpsnoop.ReadFromFunc) httpsnoop.ReadFromFunc {
+			return func(src io.Reader) (int64, error) { began.Store(true); return next(src) }
+		},
+		Flush: func(next httpsnoop.FlushFunc) httpsnoop.FlushFunc {
+			return func() { began.Store(true); next() }
+		},
+	})
+	ran := false
+	err = client.With(r.Context(), id, func(ctx context.Context) error {
+		ran = true
+		g.next.ServeHTTP(ww, r.WithContext(ctx))
+		return nil
+	}, opts...)
+	switch {
+	case err == nil:
+		return
+	case ran && !errors.Is(err, locking.ErrLockLost):
+		// The handler ran and answered; only the release failed, and the
+		// lock expires with its lease.
+		log.WarnContext(r.Context(), "lockhttp: request done, but releasing its lock failed", "lock_id", id, "error", err)
+		return
+	case ran && began.Load():
+		log.ErrorContext(r.Context(), "lockhttp: lock lost after the response began", "lock_id", id, "error", err)
+		return
+	}
+	a, _ := g.policy.Answer(err)
+	switch {
+	case a.RetryAfter > 0:
+		log.DebugContext(r.Context(), "lockhttp: lock held; asking the client to retry later", "lock_id", id, "retry_after_s", a.RetryAfter)
+	default:
+		log.ErrorContext(r.Context(), "lockhttp: could not run the request under its lock", "lock_id", id, "status", a.Status, "error", err)
+	}
+	a.Write(w)
+}
