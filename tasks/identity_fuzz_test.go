@@ -66,8 +66,9 @@ func FuzzIdentityRoundTrip(f *testing.F) {
 		var heldErr error
 		w.Handle(job, func(ctx context.Context, d *Delivery) error {
 			got = d
-			// The held lock is lockID's: another owner cannot take it.
-			_, heldErr = locker.Acquire(ctx, lockID, locking.Wait(false))
+			// The held lock is lockID's: another owner (a context that does
+			// not carry the job's lock; locks are not re-entrant) cannot take it.
+			_, heldErr = locker.Acquire(context.Background(), lockID, locking.Wait(false))
 			return nil
 		})
 		r := httptest.NewRequest(http.MethodPost, "/", strings.NewReader(string(req.GetTask().GetHttpRequest().GetBody())))
