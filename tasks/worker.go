@@ -112,6 +112,7 @@ type Worker struct {
 	queue         string // short queue id to require; "" accepts any
 	maxBody       int64
 	maxRetryAfter time.Duration
+	park          *parking // park mode (park.go); nil: 429 mode
 
 	mu   sync.RWMutex
 	jobs map[string]*job // guarded by mu
@@ -374,6 +375,10 @@ func (w *Worker) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 	j := w.job(d.Job)
 	if j == nil {
 		w.drop(rw, r, log, fmt.Errorf("unknown job %q", d.Job))
+		return
+	}
+	if w.park != nil {
+		w.serveParked(rw, r, log, j, d, env)
 		return
 	}
 	w.run(rw, r, log, j, d)

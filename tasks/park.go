@@ -1,0 +1,339 @@
+package tasks
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"runtime/debug"
+	"strconv"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/taskguard/taskguard/locking"
+)
+
+// StatusParked is the answer, in park mode, to a delivery whose lock is busy
+// and that is now recorded as a waiter with a safety net: Cloud Tasks
+// deletes the task, and a continuation will run the job.
+const StatusParked = http.StatusAccepted
+
+// DefaultSafetyMargin is added to a holder's remaining lease to schedule a
+// parked delivery's safety net: the time for the lock to expire and the
+// continuation to be dispatched.
+const DefaultSafetyMargin = 2 * time.Second
+
+// handoffTimeout bounds the hand-off after a job, which runs on a context
+// detached from the request so that it happens even when the request ends.
+const handoffTimeout = 30 * time.Second
+
+// parking is a Worker's park mode.
+type parking struct {
+	client *Client
+	list   WaitList
+	margin time.Duration
+}
+
+// WithParking turns on park and hand-off (see the package documentation):
+// a delivery whose lock is busy is parked in list and answered StatusParked
+// instead of 429, and a holder hands the lock to the oldest waiter through
+// a continuation task that c creates (c must enqueue to the queue and URL
+// this worker serves; the worker's service account then needs to create
+// tasks on the queue and act as c's ServiceAccount). Without it the worker
+// runs in 429 mode.
+func WithParking(c *Client, list WaitList) WorkerOption {
+	return func(w *Worker) error {
+		if c == nil || list == nil {
+			return fmt.Errorf("%w: WithParking needs a Client and a WaitList", ErrInvalidConfig)
+		}
+		w.park = &parking{client: c, list: list, margin: DefaultSafetyMargin}
+		return nil
+	}
+}
+
+// errNotRun ends a holding without running the job: not this delivery's
+// turn, or nothing (left) to run.
+var errNotRun = errors.New("tasks: not run")
+
+// parkedRun is what one holding of the lock did, in park mode.
+type parkedRun struct {
+	ran     bool  // the job ran
+	jobErr  error // its result
+	claimed bool  // the delivery's waiter record was claimed for the run
+	parked  bool  // the holding parked the delivery (a new Waiting record)
+	yielded bool  // an older waiter goes first; the delivery stays parked
+}
+
+// serveParked runs a delivery in park mode and answers.
+func (w *Worker) serveParked(rw http.ResponseWriter, r *http.Request, log *slog.Logger, j *job, d *Delivery, env envelope) {
+	ctx := r.Context()
+	p := w.park
+	self := d.QueueName + "/" + d.TaskName
+	me := Waiter{Key: self, Arrived: time.Now()}
+	if env.Cont != nil {
+		me.Key, me.Arrived = env.Cont.Key, env.Cont.Arrived
+		log = log.With("waiter", me.Key, "continuation", env.Cont.Kind)
+	}
+	base := env
+	base.V, base.Cont = envelopeVersion, nil
+	body, err := json.Marshal(base)
+	if err != nil {
+		w.drop(rw, r, log, fmt.Errorf("%w: re-encoding the envelope: %w", errMalformed, err))
+		return
+	}
+	me.Body = body
+
+	for try := 0; ; try++ {
+		run, err := w.holdParked(ctx, log, j, d, me, self, env.Cont)
+		var busy *locking.NotAcquiredError
+		switch {
+		case !run.ran && errors.As(err, &busy) && !errors.Is(err, errNotRun):
+			if try > 0 {
+				// Parked, and the lock is still held: its holder hands off.
+				rw.WriteHeader(StatusParked)
+				return
+			}
+			again := w.parkBusy(ctx, rw, log, d, me, self, env.Cont, busy)
+			if !again {
+				return
+			}
+			// Parked: try once more, in case the holder released before the
+			// record existed and saw no waiter.
+			continue
+		case errors.Is(err, errNotRun) && !run.ran:
+			if run.parked {
+				if err := p.continuation(ctx, d.LockID, me, contSafety, 1, time.Now().Add(p.margin+locking.DefaultLease)); err != nil {
+					log.ErrorContext(ctx, "tasks: parking: creating the safety net failed; retrying", "error", err)
+					http.Error(rw, "parking failed", StatusRetry)
+					w.handoff(ctx, log, d.LockID, d.Token)
+					return
+				}
+			}
+			if run.yielded && env.Cont != nil && env.Cont.Kind == contSafety {
+				// Keep this waiter's safety net alive past this holding.
+				if err := p.continuation(ctx, d.LockID, me, contSafety, env.Cont.N+1, time.Now().Add(p.margin+locking.DefaultLease)); err != nil {
+					log.ErrorContext(ctx, "tasks: parking: renewing the safety net failed; retrying", "error", err)
+					http.Error(rw, "parking failed", StatusRetry)
+					w.handoff(ctx, log, d.LockID, d.Token)
+					return
+				}
+			}
+			w.handoff(ctx, log, d.LockID, d.Token)
+			if run.yielded || run.parked {
+				log.DebugContext(ctx, "tasks: parked behind an older waiter")
+				rw.WriteHeader(StatusParked)
+			} else {
+				log.InfoContext(ctx, "tasks: nothing to run: the waiter ran or runs elsewhere")
+				rw.WriteHeader(StatusDone)
+			}
+			return
+		case !run.ran:
+			log.ErrorContext(ctx, "tasks: could not take the lock or read the wait list; retrying", "error", err)
+			http.Error(rw, "lock unavailable", StatusRetry)
+			return
+		}
+		// The job ran.
+		log = log.With("token", d.Token)
+		lost := errors.Is(err, locking.ErrLockLost)
+		if !lost {
+			w.handoff(ctx, log, d.LockID, d.Token)
+		}
+		var inner *locking.NotAcquiredError
+		switch {
+		case lost:
+			log.ErrorContext(ctx, "tasks: lock lost while the job ran; retrying", "error", err)
+			http.Error(rw, "lock lost", StatusRetry)
+		case errors.As(run.jobErr, &inner):
+			rw.Header().Set("Retry-After", strconv.Itoa(w.retryAfter(inner.Remaining)))
+			http.Error(rw, "lock held", StatusBusy)
+		case run.jobErr == nil:
+			if err != nil {
+				log.WarnContext(ctx, "tasks: job done, but releasing its lock failed", "error", err)
+			}
+			rw.WriteHeader(StatusDone)
+		case errors.Is(run.jobErr, ErrPermanent):
+			w.drop(rw, r, log, run.jobErr)
+		default:
+			log.ErrorContext(ctx, "tasks: job failed; Cloud Tasks will retry", "error", run.jobErr)
+			http.Error(rw, "job failed", StatusFailed)
+		}
+		return
+	}
+}
+
+// holdParked takes the lock without waiting and, holding it, decides from
+// the wait list whether this delivery runs now, and runs it.
+func (w *Worker) holdParked(ctx context.Context, log *slog.Logger, j *job, d *Delivery, me Waiter, self string, cont *continuation) (parkedRun, error) {
+	p := w.park
+	var run parkedRun
+	opts := append([]locking.Option{locking.Wait(false)}, j.lockOpts...)
+	err := w.locker.With(ctx, d.LockID, func(lctx context.Context) error {
+		d.Lock = locking.FromContext(lctx)
+		d.Token = d.Lock.Token()
+		oldest, any, err := p.list.Oldest(lctx, d.LockID)
+		if err != nil {
+			return fmt.Errorf("tasks: wait list: %w", err)
+		}
+		switch {
+		case any && oldest.Key == me.Key:
+			ok, err := p.list.Claim(lctx, d.LockID, me.Key, self)
+			if err != nil {
+				return fmt.Errorf("tasks: wait list: %w", err)
+			}
+			if !ok {
+				return errNotRun
+			}
+			run.claimed = true
+		case !any && cont == nil && d.RetryCount == 0:
+			// Nobody waits, and a first delivery has no record: run it.
+		default:
+			st, runner, err := p.list.State(lctx, d.LockID, me.Key)
+			if err != nil {
+				return fmt.Errorf("tasks: wait list: %w", err)
+			}
+			switch {
+			case st == Running && runner == self:
+				run.claimed = true // a retry of this delivery's own run
+			case st == Waiting:
+				run.yielded = true
+				return errNotRun
+			case st == Absent && !any:
+				// A retried first delivery that never parked.
+			case st == Absent && cont == nil:
+				// Someone older waits: queue up behind them.
+				st, err := p.list.Park(lctx, d.LockID, me)
+				if err != nil {
+					return fmt.Errorf("tasks: wait list: %w", err)
+				}
+				run.parked = st == Waiting
+				return errNotRun
+			default:
+				return errNotRun
+			}
+		}
+		run.ran = true
+		run.jobErr = w.callJob(lctx, log, j, d)
+		if run.claimed && (run.jobErr == nil || errors.Is(run.jobErr, ErrPermanent)) {
+			if err := p.list.Finish(lctx, d.LockID, me.Key); err != nil {
+				log.WarnContext(ctx, "tasks: job done, but marking its waiter finished failed", "error", err)
+			}
+		}
+		return run.jobErr
+	}, opts...)
+	return run, err
+}
+
+// parkBusy handles a delivery whose lock is busy: it parks a first delivery
+// (record and safety net) or leaves a continuation's waiter parked, and
+// answers unless it reports that the caller should try the lock again.
+func (w *Worker) parkBusy(ctx context.Context, rw http.ResponseWriter, log *slog.Logger, d *Delivery, me Waiter, self string, cont *continuation, busy *locking.NotAcquiredError) (again bool) {
+	p := w.park
+	due := time.Now().Add(max(busy.Remaining, time.Second) + p.margin)
+	var st WaiterState
+	var runner string
+	var err error
+	if cont == nil {
+		st, err = p.list.Park(ctx, d.LockID, me)
+		if st == Running {
+			_, runner, err = p.list.State(ctx, d.LockID, me.Key)
+		}
+	} else {
+		st, runner, err = p.list.State(ctx, d.LockID, me.Key)
+	}
+	if err != nil {
+		log.ErrorContext(ctx, "tasks: parking: wait list failed; retrying", "error", err)
+		http.Error(rw, "parking failed", StatusRetry)
+		return false
+	}
+	switch {
+	case st == Running && runner == self:
+		// This delivery's own run failed and is retried: as in 429 mode.
+		rw.Header().Set("Retry-After", strconv.Itoa(w.retryAfter(busy.Remaining)))
+		http.Error(rw, "lock held", StatusBusy)
+		return false
+	case st != Waiting:
+		log.InfoContext(ctx, "tasks: nothing to run: the waiter ran or runs elsewhere", "state", st)
+		rw.WriteHeader(StatusDone)
+		return false
+	case cont == nil:
+		if err := p.continuation(ctx, d.LockID, me, contSafety, 1, due); err != nil {
+			log.ErrorContext(ctx, "tasks: parking: creating the safety net failed; retrying", "error", err)
+			http.Error(rw, "parking failed", StatusRetry)
+			return false
+		}
+		log.DebugContext(ctx, "tasks: lock held; parked", "remaining", busy.Remaining)
+		return true
+	case cont.Kind == contSafety:
+		if err := p.continuation(ctx, d.LockID, me, contSafety, cont.N+1, due); err != nil {
+			log.ErrorContext(ctx, "tasks: parking: renewing the safety net failed; retrying", "error", err)
+			http.Error(rw, "parking failed", StatusRetry)
+			return false
+		}
+	}
+	rw.WriteHeader(StatusParked)
+	return false
+}
+
+// handoff creates a continuation for the oldest waiter of lockID, named by
+// the fencing token of the holding that just ended. Failures are logged:
+// the waiter's safety net runs it later.
+func (w *Worker) handoff(ctx context.Context, log *slog.Logger, lockID string, token uint64) {
+	p := w.park
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), handoffTimeout)
+	defer cancel()
+	oldest, ok, err := p.list.Oldest(ctx, lockID)
+	if err == nil && ok {
+		err = p.continuation(ctx, lockID, oldest, contHandoff, token, time.Time{})
+	}
+	if err != nil {
+		log.ErrorContext(ctx, "tasks: handing the lock off failed; the waiter's safety net will run it", "error", err)
+		return
+	}
+	if ok {
+		log.DebugContext(ctx, "tasks: handed the lock off", "to", oldest.Key, "waited", time.Since(oldest.Arrived))
+	}
+}
+
+// continuation creates the continuation task of kind for waiter wt, due at
+// when (now when zero). Its id is derived from the lock id, the waiter, the
+// kind and n, so that a repeated call creates nothing new.
+func (p *parking) continuation(ctx context.Context, lockID string, wt Waiter, kind string, n uint64, when time.Time) error {
+	env, err := decodeEnvelope(wt.Body)
+	if err != nil {
+		return fmt.Errorf("tasks: waiter %q: %w", wt.Key, err)
+	}
+	env.V = contVersion
+	env.Cont = &continuation{Key: wt.Key, Kind: kind, N: n, Arrived: wt.Arrived}
+	body, err := json.Marshal(env)
+	if err != nil {
+		return fmt.Errorf("tasks: continuation of %q: %w", wt.Key, err)
+	}
+	name := fmt.Sprintf("taskguard-continuation\x00%s\x00%s\x00%s\x00%d", lockID, wt.Key, kind, n)
+	req, err := p.client.request(Task{Job: string(env.Job), LockID: lockID, ScheduleTime: when, Name: name})
+	if err != nil {
+		return err
+	}
+	req.Task.GetHttpRequest().Body = body
+	_, err = p.client.tasks.CreateTask(ctx, req)
+	if err != nil && !alreadyExists(err) {
+		return fmt.Errorf("tasks: create continuation of %q: %w", wt.Key, err)
+	}
+	return nil
+}
+
+// callJob runs the job, turning a panic into an error.
+func (w *Worker) callJob(ctx context.Context, log *slog.Logger, j *job, d *Delivery) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			log.ErrorContext(ctx, "tasks: job panicked", "token", d.Token, "panic", p, "stack", string(debug.Stack()))
+			err = fmt.Errorf("%w: %v", errPanic, p)
+		}
+	}()
+	return j.fn(context.WithValue(ctx, deliveryKey{}, d), d)
+}
+
+func alreadyExists(err error) bool { return status.Code(err) == codes.AlreadyExists }

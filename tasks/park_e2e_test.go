@@ -1,0 +1,236 @@
+package tasks_test
+
+import (
+	"context"
+	"log/slog"
+	"maps"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/taskguard/taskguard/deploy"
+	"github.com/taskguard/taskguard/locking"
+	"github.com/taskguard/taskguard/tasks"
+	"github.com/taskguard/taskguard/tasks/taskstest"
+)
+
+// recordingList is a WaitList that records the parks that created a record
+// and the claims that won, in the order they happened.
+type recordingList struct {
+	tasks.WaitList
+	mu     sync.Mutex
+	parked map[string]time.Time // key -> Arrived
+	claims []string             // keys, in claim order
+}
+
+func (l *recordingList) Park(ctx context.Context, lockID string, w tasks.Waiter) (tasks.WaiterState, error) {
+	st, err := l.WaitList.Park(ctx, lockID, w)
+	if err == nil && st == tasks.Waiting {
+		l.mu.Lock()
+		if _, ok := l.parked[w.Key]; !ok {
+			l.parked[w.Key] = w.Arrived
+		}
+		l.mu.Unlock()
+	}
+	return st, err
+}
+
+func (l *recordingList) Claim(ctx context.Context, lockID, key, runner string) (bool, error) {
+	ok, err := l.WaitList.Claim(ctx, lockID, key, runner)
+	if err == nil && ok {
+		l.mu.Lock()
+		l.claims = append(l.claims, key)
+		l.mu.Unlock()
+	}
+	return ok, err
+}
+
+// parkFleet is n Workers in park mode behind one URL, enqueueing their
+// continuations through the real client into the emulator, on a queue with
+// deploy's settings.
+type parkFleet struct {
+	srv     *taskstest.Server
+	client  *tasks.Client
+	list    *recordingList
+	lockers []*locking.Client
+
+	mu      sync.Mutex
+	answers map[int]int // HTTP status -> count
+}
+
+func newParkFleet(t *testing.T, n int, lease time.Duration, list tasks.WaitList, register func(w *tasks.Worker)) *parkFleet {
+	t.Helper()
+	settings, err := deploy.DefaultQueue()
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &parkFleet{list: &recordingList{WaitList: list, parked: map[string]time.Time{}}, answers: map[int]int{}}
+	f.srv = startQueue(t, taskstest.Options{}, settings.Queue(queueName))
+	var workers []*tasks.Worker
+	var next atomic.Uint64
+	ts := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+		w := workers[next.Add(1)%uint64(len(workers))]
+		sw := &statusWriter{ResponseWriter: rw, status: 200}
+		w.ServeHTTP(sw, r)
+		f.mu.Lock()
+		f.answers[sw.status]++
+		f.mu.Unlock()
+	}))
+	t.Cleanup(ts.Close)
+	f.client, err = tasks.NewClient(t.Context(), baseConfig(ts.URL+"/Worker"), f.srv.ClientOptions()...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = f.client.Close() })
+	logs := &logBuffer{}
+	logger := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("worker logs:\n%s", logs)
+		}
+	})
+	mk := e2eBackend(t)
+	for range n {
+		locker, err := locking.New(locking.Config{Strong: mk(), Lease: lease, Logger: logger})
+		if err != nil {
+			t.Fatal(err)
+		}
+		w, err := tasks.NewWorker(locker, tasks.WithLogger(logger), tasks.WithQueue(queueName), tasks.WithParking(f.client, f.list))
+		if err != nil {
+			t.Fatal(err)
+		}
+		register(w)
+		workers = append(workers, w)
+		f.lockers = append(f.lockers, locker)
+	}
+	return f
+}
+
+func (f *parkFleet) statuses() map[int]int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return maps.Clone(f.answers)
+}
+
+// TestParkBurstOnOneLockID is the burst of the park-and-hand-off design: 20
+// tasks of 100 ms on one lock id, enqueued at once through the real client
+// into the emulator (configured like deploy/04-queue.sh), delivered to three
+// Workers in park mode. Each task runs exactly once, never two at once, the
+// parked ones in the order they parked, and no delivery is answered 429 or
+// 503.
+func TestParkBurstOnOneLockID(t *testing.T) {
+	for name, list := range waitLists(t) {
+		t.Run(name, func(t *testing.T) { testParkBurst(t, list(t)) })
+	}
+}
+
+// waitLists are the WaitList implementations the park tests run on.
+var waitLists = func(t *testing.T) map[string]func(t *testing.T) tasks.WaitList {
+	return map[string]func(t *testing.T) tasks.WaitList{
+		"memory": func(t *testing.T) tasks.WaitList { return &tasks.MemoryWaitList{} },
+	}
+}
+
+func testParkBurst(t *testing.T, list tasks.WaitList) {
+	const n, work = 20, 100 * time.Millisecond
+	type run struct {
+		i          int
+		start, end time.Time
+	}
+	var (
+		mu     sync.Mutex
+		runs   []run
+		inside atomic.Int32
+		over   atomic.Int32
+	)
+	f := newParkFleet(t, 3, 5*time.Second, list, func(w *tasks.Worker) {
+		w.Handle("serial", func(ctx context.Context, d *tasks.Delivery) error {
+			if inside.Add(1) != 1 {
+				over.Add(1)
+			}
+			defer inside.Add(-1)
+			var p struct{ I int }
+			if err := d.Decode(&p); err != nil {
+				return tasks.Permanent(err)
+			}
+			r := run{i: p.I, start: time.Now()}
+			select {
+			case <-time.After(work):
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+			r.end = time.Now()
+			mu.Lock()
+			runs = append(runs, r)
+			mu.Unlock()
+			return nil
+		})
+	})
+	start := time.Now()
+	enqueueAll(t, f.client, n, func(i int) tasks.Task {
+		return tasks.Task{Job: "serial", LockID: "hot", Payload: map[string]int{"I": i}}
+	})
+	// Wait for the runs, then for the queue: the safety nets fire after the
+	// lease and must run nothing again.
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	for {
+		mu.Lock()
+		done := len(runs)
+		mu.Unlock()
+		if done >= n {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("%d of %d tasks ran within a minute; answers %v", done, n, f.statuses())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	mu.Lock()
+	span := runs[len(runs)-1].end.Sub(start)
+	mu.Unlock()
+	waitIdle(t, f.srv, time.Minute)
+
+	mu.Lock()
+	defer mu.Unlock()
+	if over.Load() != 0 {
+		t.Errorf("%d runs overlapped another", over.Load())
+	}
+	seen := map[int]int{}
+	for _, r := range runs {
+		seen[r.i]++
+	}
+	if len(runs) != n || len(seen) != n {
+		t.Errorf("%d runs of %d distinct tasks; want each of %d exactly once: %v", len(runs), len(seen), n, seen)
+	}
+	answers := f.statuses()
+	for status, c := range answers {
+		if status != tasks.StatusParked && status != tasks.StatusDone {
+			t.Errorf("%d deliveries answered %d; want only %d (parked) and %d (done)", c, status, tasks.StatusParked, tasks.StatusDone)
+		}
+	}
+	f.list.mu.Lock()
+	claims := slices.Clone(f.list.claims)
+	parked := f.list.parked
+	f.list.mu.Unlock()
+	for k := 1; k < len(claims); k++ {
+		if parked[claims[k]].Before(parked[claims[k-1]]) {
+			t.Errorf("claim %d (%s, parked at %v) ran after %s, parked later at %v: not FIFO", k, claims[k],
+				parked[claims[k]].Format(time.StampMicro), claims[k-1], parked[claims[k-1]].Format(time.StampMicro))
+		}
+	}
+	if len(claims) == 0 {
+		t.Error("no task was parked: the burst did not contend")
+	}
+	attempts := len(f.srv.Attempts())
+	t.Logf("%d tasks of %v on one lock id: last run ended %v after enqueueing (ideal %v); %d parked, %d dispatches, answers %v",
+		n, work, span.Round(time.Millisecond), n*work, len(parked), attempts, answers)
+	for _, l := range f.lockers {
+		assertFree(t, l, "hot")
+	}
+}
