@@ -174,6 +174,8 @@ func (w *Worker) holdParked(ctx context.Context, log *slog.Logger, j *job, d *De
 	err := w.locker.With(ctx, d.LockID, func(lctx context.Context) error {
 		d.Lock = locking.FromContext(lctx)
 		d.Token = d.Lock.Token()
+		// Even a hand-off checks: a waiter that arrived earlier may have parked
+		// since the hand-off was made.
 		oldest, any, err := p.list.Oldest(lctx, d.LockID)
 		if err != nil {
 			return fmt.Errorf("tasks: wait list: %w", err)

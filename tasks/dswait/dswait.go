@@ -1,0 +1,258 @@
+// Package dswait keeps the wait lists of park mode (tasks.WithParking) in
+// Firestore in Datastore mode, beside the locks of locking/dslock.
+//
+// # Layout
+//
+// Every lock id has an entity group, the ancestor key
+// (KindList, hex SHA-256 of the lock id), that need not exist as an entity.
+// Under it:
+//
+//   - one KindWaiter entity per waiting delivery, named by its arrival
+//     (zero-padded Unix nanoseconds) and its hex-encoded key, so that key
+//     order is FIFO order; it holds the waiter's key, arrival and task body
+//     (unindexed) and exists only while the waiter waits;
+//   - one KindState entity per waiter key (named by the hex SHA-256 of the
+//     key) holding the record's state (waiting, running and by which runner,
+//     finished), the name of its KindWaiter entity, and expiresAt.
+//
+// Oldest is an ancestor query (strongly consistent, served by the built-in
+// indexes: no index.yaml) on KindWaiter with limit 1. Park, Claim and Finish
+// are transactions on the KindState entity (and the KindWaiter entity).
+//
+// # Cost (Datastore RPCs, each a round trip)
+//
+//   - Park: a transaction of 1 lookup and 1 commit (2 writes) when new;
+//     1 lookup and a rollback when the key is known.
+//   - Oldest: 1 query reading at most 1 entity.
+//   - State: 1 lookup.
+//   - Claim, Finish: a transaction of 1 lookup and 1 commit.
+//
+// # Garbage collection
+//
+// expiresAt is set on every KindState entity: FinishedRetention after a
+// record finished, MaxWait after it was parked or claimed (a record stuck
+// that long is abandoned). A TTL policy on expiresAt for the collection
+// group KindState deletes them (gcloud firestore fields ttls update
+// expiresAt --collection-group=TaskguardWaitState --enable-ttl); KindWaiter
+// entities are deleted when claimed. TTL is garbage collection only, never a
+// correctness mechanism: a record's state is read, never inferred from
+// expiresAt.
+package dswait
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"time"
+
+	"cloud.google.com/go/datastore"
+
+	"github.com/taskguard/taskguard/tasks"
+)
+
+// Kinds of the entities this package writes.
+const (
+	KindList   = "TaskguardWaitList"
+	KindWaiter = "TaskguardWaiter"
+	KindState  = "TaskguardWaitState"
+)
+
+// MaxWait is how long a waiting or running record is kept before its
+// expiresAt passes.
+const MaxWait = 30 * 24 * time.Hour
+
+// List is a tasks.WaitList in Datastore. It is safe for concurrent use.
+type List struct {
+	client    *datastore.Client
+	namespace string
+	now       func() time.Time
+}
+
+// Options configures New.
+type Options struct {
+	// Namespace is the Datastore namespace of the entities; the default
+	// namespace when empty.
+	Namespace string
+}
+
+// New returns a List on client. The caller keeps and closes the client.
+func New(client *datastore.Client, opts Options) (*List, error) {
+	if client == nil {
+		return nil, errors.New("dswait: nil datastore client")
+	}
+	return &List{client: client, namespace: opts.Namespace, now: time.Now}, nil
+}
+
+var _ tasks.WaitList = (*List)(nil)
+
+type stateEntity struct {
+	State     int       `datastore:"state,noindex"`
+	Runner    string    `datastore:"runner,noindex"`
+	Waiter    string    `datastore:"waiter,noindex"`
+	ExpiresAt time.Time `datastore:"expiresAt"`
+}
+
+type waiterEntity struct {
+	Key     string    `datastore:"key,noindex"`
+	Arrived time.Time `datastore:"arrived,noindex"`
+	Body    []byte    `datastore:"body,noindex"`
+}
+
+func hash(s string) string {
+	h := sha256.Sum256([]byte(s))
+	return hex.EncodeToString(h[:])
+}
+
+func (l *List) parent(lockID string) *datastore.Key {
+	k := datastore.NameKey(KindList, hash(lockID), nil)
+	k.Namespace = l.namespace
+	return k
+}
+
+func (l *List) stateKey(lockID, key string) *datastore.Key {
+	k := datastore.NameKey(KindState, hash(key), l.parent(lockID))
+	k.Namespace = l.namespace
+	return k
+}
+
+func (l *List) waiterKey(lockID, name string) *datastore.Key {
+	k := datastore.NameKey(KindWaiter, name, l.parent(lockID))
+	k.Namespace = l.namespace
+	return k
+}
+
+// waiterName orders waiters by arrival, then by key (hex keeps byte order).
+func waiterName(w tasks.Waiter) string {
+	return fmt.Sprintf("%020d-%s", uint64(w.Arrived.UnixNano()), hex.EncodeToString([]byte(w.Key)))
+}
+
+// getState reads key's state entity in tx (or outside one when tx is nil);
+// found is false when there is none.
+func (l *List) getState(ctx context.Context, tx *datastore.Transaction, k *datastore.Key) (stateEntity, bool, error) {
+	var e stateEntity
+	var err error
+	if tx != nil {
+		err = tx.Get(k, &e)
+	} else {
+		err = l.client.Get(ctx, k, &e)
+	}
+	if errors.Is(err, datastore.ErrNoSuchEntity) {
+		return stateEntity{}, false, nil
+	}
+	if err != nil {
+		return stateEntity{}, false, err
+	}
+	return e, true, nil
+}
+
+// Park implements tasks.WaitList.
+func (l *List) Park(ctx context.Context, lockID string, w tasks.Waiter) (tasks.WaiterState, error) {
+	sk := l.stateKey(lockID, w.Key)
+	var st tasks.WaiterState
+	_, err := l.client.RunInTransaction(ctx, func(tx *datastore.Transaction) error {
+		e, found, err := l.getState(ctx, tx, sk)
+		if err != nil {
+			return err
+		}
+		if found {
+			st = tasks.WaiterState(e.State)
+			return nil
+		}
+		name := waiterName(w)
+		st = tasks.Waiting
+		ns := stateEntity{State: int(tasks.Waiting), Waiter: name, ExpiresAt: l.now().Add(MaxWait)}
+		if _, err := tx.Put(sk, &ns); err != nil {
+			return err
+		}
+		_, err = tx.Put(l.waiterKey(lockID, name), &waiterEntity{Key: w.Key, Arrived: w.Arrived, Body: w.Body})
+		return err
+	})
+	if err != nil {
+		return tasks.Absent, fmt.Errorf("dswait: park %q: %w", w.Key, err)
+	}
+	return st, nil
+}
+
+// Oldest implements tasks.WaitList.
+func (l *List) Oldest(ctx context.Context, lockID string) (tasks.Waiter, bool, error) {
+	q := datastore.NewQuery(KindWaiter).Ancestor(l.parent(lockID)).Namespace(l.namespace).Limit(1)
+	var es []waiterEntity
+	if _, err := l.client.GetAll(ctx, q, &es); err != nil {
+		return tasks.Waiter{}, false, fmt.Errorf("dswait: oldest of %q: %w", lockID, err)
+	}
+	if len(es) == 0 {
+		return tasks.Waiter{}, false, nil
+	}
+	e := es[0]
+	return tasks.Waiter{Key: e.Key, Arrived: e.Arrived, Body: e.Body}, true, nil
+}
+
+// State implements tasks.WaitList.
+func (l *List) State(ctx context.Context, lockID, key string) (tasks.WaiterState, string, error) {
+	e, found, err := l.getState(ctx, nil, l.stateKey(lockID, key))
+	if err != nil {
+		return tasks.Absent, "", fmt.Errorf("dswait: state of %q: %w", key, err)
+	}
+	if !found {
+		return tasks.Absent, "", nil
+	}
+	return tasks.WaiterState(e.State), e.Runner, nil
+}
+
+// Claim implements tasks.WaitList.
+func (l *List) Claim(ctx context.Context, lockID, key, runner string) (bool, error) {
+	sk := l.stateKey(lockID, key)
+	var ok bool
+	_, err := l.client.RunInTransaction(ctx, func(tx *datastore.Transaction) error {
+		ok = false
+		e, found, err := l.getState(ctx, tx, sk)
+		if err != nil || !found {
+			return err
+		}
+		switch tasks.WaiterState(e.State) {
+		case tasks.Running:
+			ok = e.Runner == runner
+			return nil
+		case tasks.Waiting:
+		default:
+			return nil
+		}
+		if err := tx.Delete(l.waiterKey(lockID, e.Waiter)); err != nil {
+			return err
+		}
+		e.State, e.Runner, e.ExpiresAt = int(tasks.Running), runner, l.now().Add(MaxWait)
+		if _, err := tx.Put(sk, &e); err != nil {
+			return err
+		}
+		ok = true
+		return nil
+	})
+	if err != nil {
+		return false, fmt.Errorf("dswait: claim %q: %w", key, err)
+	}
+	return ok, nil
+}
+
+// Finish implements tasks.WaitList.
+func (l *List) Finish(ctx context.Context, lockID, key string) error {
+	sk := l.stateKey(lockID, key)
+	_, err := l.client.RunInTransaction(ctx, func(tx *datastore.Transaction) error {
+		e, found, err := l.getState(ctx, tx, sk)
+		if err != nil {
+			return err
+		}
+		if found && tasks.WaiterState(e.State) == tasks.Waiting {
+			if err := tx.Delete(l.waiterKey(lockID, e.Waiter)); err != nil {
+				return err
+			}
+		}
+		_, err = tx.Put(sk, &stateEntity{State: int(tasks.Finished), ExpiresAt: l.now().Add(tasks.FinishedRetention)})
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("dswait: finish %q: %w", key, err)
+	}
+	return nil
+}
