@@ -23,9 +23,10 @@ import (
 const StatusParked = http.StatusAccepted
 
 // DefaultSafetyMargin is added to a holder's remaining lease to schedule a
-// parked delivery's safety net: the time for the lock to expire and the
-// continuation to be dispatched.
-const DefaultSafetyMargin = 2 * time.Second
+// parked delivery's safety net: time for the lock's expiry to be judged and
+// the continuation to be dispatched. A safety net that comes too early
+// finds the lock held and schedules the next one.
+const DefaultSafetyMargin = time.Second
 
 // handoffTimeout bounds the hand-off after a job, which runs on a context
 // detached from the request so that it happens even when the request ends.
@@ -36,6 +37,7 @@ type parking struct {
 	client *Client
 	list   WaitList
 	margin time.Duration
+	lease  time.Duration // the longest lease of the jobs' locks
 }
 
 // WithParking turns on park and hand-off (see the package documentation):
@@ -50,7 +52,26 @@ func WithParking(c *Client, list WaitList) WorkerOption {
 		if c == nil || list == nil {
 			return fmt.Errorf("%w: WithParking needs a Client and a WaitList", ErrInvalidConfig)
 		}
-		w.park = &parking{client: c, list: list, margin: DefaultSafetyMargin}
+		w.park = &parking{client: c, list: list, margin: DefaultSafetyMargin, lease: locking.DefaultLease}
+		return nil
+	}
+}
+
+// WithParkingLease tells a worker in park mode the longest lease its jobs'
+// locks use (locking.DefaultLease when not given): the safety net of a
+// delivery parked behind a waiter that is about to run is due that long
+// (plus DefaultSafetyMargin) later, when a holder that died would have lost
+// the lock. A delivery parked behind a busy lock uses the holder's remaining
+// lease instead. Give it after WithParking.
+func WithParkingLease(d time.Duration) WorkerOption {
+	return func(w *Worker) error {
+		if d <= 0 {
+			return fmt.Errorf("%w: parking lease %v", ErrInvalidConfig, d)
+		}
+		if w.park == nil {
+			return fmt.Errorf("%w: WithParkingLease without WithParking", ErrInvalidConfig)
+		}
+		w.park.lease = d
 		return nil
 	}
 }
@@ -106,7 +127,7 @@ func (w *Worker) serveParked(rw http.ResponseWriter, r *http.Request, log *slog.
 			continue
 		case errors.Is(err, errNotRun) && !run.ran:
 			if run.parked {
-				if err := p.continuation(ctx, d.LockID, me, contSafety, 1, time.Now().Add(p.margin+locking.DefaultLease)); err != nil {
+				if err := p.continuation(ctx, d.LockID, me, contSafety, 1, time.Now().Add(p.margin+p.lease)); err != nil {
 					log.ErrorContext(ctx, "tasks: parking: creating the safety net failed; retrying", "error", err)
 					http.Error(rw, "parking failed", StatusRetry)
 					w.handoff(ctx, log, d.LockID, d.Token)
@@ -115,7 +136,7 @@ func (w *Worker) serveParked(rw http.ResponseWriter, r *http.Request, log *slog.
 			}
 			if run.yielded && env.Cont != nil && env.Cont.Kind == contSafety {
 				// Keep this waiter's safety net alive past this holding.
-				if err := p.continuation(ctx, d.LockID, me, contSafety, env.Cont.N+1, time.Now().Add(p.margin+locking.DefaultLease)); err != nil {
+				if err := p.continuation(ctx, d.LockID, me, contSafety, env.Cont.N+1, time.Now().Add(p.margin+p.lease)); err != nil {
 					log.ErrorContext(ctx, "tasks: parking: renewing the safety net failed; retrying", "error", err)
 					http.Error(rw, "parking failed", StatusRetry)
 					w.handoff(ctx, log, d.LockID, d.Token)

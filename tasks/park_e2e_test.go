@@ -79,24 +79,39 @@ type parkFleet struct {
 	list    *recordingList
 	lockers []*locking.Client
 
+	// dead[i] marks worker i as a killed process: it serves no more
+	// requests, and a request it was serving ends without an answer.
+	dead []atomic.Bool
+
 	mu      sync.Mutex
 	answers map[int]int // HTTP status -> count
 }
 
-func newParkFleet(t *testing.T, n int, lease time.Duration, list tasks.WaitList, register func(w *tasks.Worker)) *parkFleet {
+// newParkFleet starts n workers; wrap (when not nil) wraps worker i's lock
+// backend, given the flag that marks worker i dead, and register registers
+// worker i's jobs.
+func newParkFleet(t *testing.T, n int, lease time.Duration, list tasks.WaitList,
+	wrap func(i int, dead *atomic.Bool, b locking.Backend) locking.Backend, register func(i int, w *tasks.Worker)) *parkFleet {
 	t.Helper()
 	settings, err := deploy.DefaultQueue()
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &parkFleet{list: &recordingList{WaitList: list, parked: map[string]time.Time{}, claimed: map[string]bool{}}, answers: map[int]int{}}
+	f := &parkFleet{list: &recordingList{WaitList: list, parked: map[string]time.Time{}, claimed: map[string]bool{}},
+		answers: map[int]int{}, dead: make([]atomic.Bool, n)}
 	f.srv = startQueue(t, taskstest.Options{}, settings.Queue(queueName))
 	var workers []*tasks.Worker
 	var next atomic.Uint64
 	ts := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
-		w := workers[next.Add(1)%uint64(len(workers))]
+		i := int(next.Add(1) % uint64(len(workers)))
+		for f.dead[i].Load() {
+			i = (i + 1) % len(workers) // the platform routes around a dead instance
+		}
 		sw := &statusWriter{ResponseWriter: rw, status: 200}
-		w.ServeHTTP(sw, r)
+		workers[i].ServeHTTP(sw, r)
+		if f.dead[i].Load() {
+			panic(http.ErrAbortHandler) // the process died: no answer
+		}
 		f.mu.Lock()
 		f.answers[sw.status]++
 		f.mu.Unlock()
@@ -115,16 +130,20 @@ func newParkFleet(t *testing.T, n int, lease time.Duration, list tasks.WaitList,
 		}
 	})
 	mk := e2eBackend(t)
-	for range n {
-		locker, err := locking.New(locking.Config{Strong: mk(), Lease: lease, Logger: logger})
+	for i := range n {
+		b := mk()
+		if wrap != nil {
+			b = wrap(i, &f.dead[i], b)
+		}
+		locker, err := locking.New(locking.Config{Strong: b, Lease: lease, Logger: logger})
 		if err != nil {
 			t.Fatal(err)
 		}
-		w, err := tasks.NewWorker(locker, tasks.WithLogger(logger), tasks.WithQueue(queueName), tasks.WithParking(f.client, f.list))
+		w, err := tasks.NewWorker(locker, tasks.WithLogger(logger), tasks.WithQueue(queueName), tasks.WithParking(f.client, f.list), tasks.WithParkingLease(lease))
 		if err != nil {
 			t.Fatal(err)
 		}
-		register(w)
+		register(i, w)
 		workers = append(workers, w)
 		f.lockers = append(f.lockers, locker)
 	}
@@ -167,7 +186,7 @@ func testParkBurst(t *testing.T, name string, list tasks.WaitList) {
 		inside atomic.Int32
 		over   atomic.Int32
 	)
-	f := newParkFleet(t, 3, 5*time.Second, list, func(w *tasks.Worker) {
+	f := newParkFleet(t, 3, 5*time.Second, list, nil, func(_ int, w *tasks.Worker) {
 		w.Handle("serial", func(ctx context.Context, d *tasks.Delivery) error {
 			if inside.Add(1) != 1 {
 				over.Add(1)
