@@ -75,6 +75,12 @@
 //     parked waiters' safety nets, due by then, take the lock and resume the
 //     hand-off chain. A safety net that finds the lock still held schedules
 //     the next one (generation + 1) while its waiter is still waiting.
+//   - Coalescing (opt-in per job: Coalesce). A coalescing job has one
+//     waiter per lock id: while it waits, further deliveries are absorbed
+//     (204, logged with coalesced=true); its run gets the payload of the
+//     delivery that parked it, and absorbed payloads are dropped. Its
+//     record is removed when claimed, so a delivery that comes during the
+//     run parks a new one.
 //   - Failures. A continuation whose job fails answers 500 and keeps its
 //     record running under its own task name: Cloud Tasks retries that
 //     continuation under the queue's backoff, and its retry may claim the

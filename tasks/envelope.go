@@ -49,6 +49,8 @@ type continuation struct {
 	N uint64 `json:"n"`
 	// Arrived is when the waiter first found its lock busy.
 	Arrived time.Time `json:"arrived"`
+	// Coalesce marks a coalescing job's waiter (Waiter.Coalesce).
+	Coalesce bool `json:"coalesce,omitempty"`
 }
 
 // Kinds of continuation.

@@ -76,6 +76,20 @@ func WithParkingLease(d time.Duration) WorkerOption {
 	}
 }
 
+// Coalesce makes a job coalescing in park mode: while a run of it on a lock
+// id is waiting, further deliveries of it on that lock id are absorbed
+// (answered 204 and logged) instead of parked, because the waiting run will
+// see the latest state. The waiting run gets the payload of the delivery
+// that parked it; the absorbed deliveries' payloads are dropped, so
+// coalesce only jobs whose runs read the state they act on rather than
+// their payload. A delivery that comes while the run runs parks a new one,
+// so every delivery is followed by a run that starts after it. A failed
+// coalesced run is retried by Cloud Tasks like any other. In 429 mode the
+// option does nothing.
+func Coalesce() JobOption {
+	return func(j *job) { j.coalesce = true }
+}
+
 // errNotRun ends a holding without running the job: not this delivery's
 // turn, or nothing (left) to run.
 var errNotRun = errors.New("tasks: not run")
@@ -87,6 +101,7 @@ type parkedRun struct {
 	claimed bool  // the delivery's waiter record was claimed for the run
 	parked  bool  // the holding parked the delivery (a new Waiting record)
 	yielded bool  // an older waiter goes first; the delivery stays parked
+	merged  bool  // a coalescing delivery absorbed by its job's waiting run
 }
 
 // serveParked runs a delivery in park mode and answers.
@@ -95,8 +110,12 @@ func (w *Worker) serveParked(rw http.ResponseWriter, r *http.Request, log *slog.
 	p := w.park
 	self := d.QueueName + "/" + d.TaskName
 	me := Waiter{Key: self, Arrived: time.Now()}
+	if j.coalesce {
+		// One waiter per job and lock id (the wait list is per lock id).
+		me.Key, me.Coalesce = "coalesce/"+d.QueueName+"/"+d.Job, true
+	}
 	if env.Cont != nil {
-		me.Key, me.Arrived = env.Cont.Key, env.Cont.Arrived
+		me.Key, me.Arrived, me.Coalesce = env.Cont.Key, env.Cont.Arrived, env.Cont.Coalesce
 		log = log.With("waiter", me.Key, "continuation", env.Cont.Kind)
 	}
 	base := env
@@ -144,7 +163,12 @@ func (w *Worker) serveParked(rw http.ResponseWriter, r *http.Request, log *slog.
 				}
 			}
 			w.handoff(ctx, log, d.LockID, d.Token)
-			if run.yielded || run.parked {
+			if run.merged && try == 0 {
+				log.InfoContext(ctx, "tasks: coalesced into the job's waiting run", "coalesced", true)
+				rw.WriteHeader(StatusDone)
+				return
+			}
+			if run.yielded || run.parked || run.merged {
 				log.DebugContext(ctx, "tasks: parked behind an older waiter")
 				rw.WriteHeader(StatusParked)
 			} else {
@@ -221,10 +245,16 @@ func (w *Worker) holdParked(ctx context.Context, log *slog.Logger, j *job, d *De
 			switch {
 			case st == Running && runner == self:
 				run.claimed = true // a retry of this delivery's own run
+			case st == Waiting && me.Coalesce && cont == nil:
+				run.merged = true
+				return errNotRun
 			case st == Waiting:
 				run.yielded = true
 				return errNotRun
-			case st == Absent && !any:
+			case st == Absent && me.Coalesce && cont != nil && d.RetryCount > 0:
+				// A retry of a failed coalesced run (its record went with
+				// the claim).
+			case st == Absent && !any && cont == nil:
 				// A retried first delivery that never parked.
 			case st == Absent && cont == nil:
 				// Someone older waits: queue up behind them.
@@ -240,7 +270,7 @@ func (w *Worker) holdParked(ctx context.Context, log *slog.Logger, j *job, d *De
 		}
 		run.ran = true
 		run.jobErr = w.callJob(lctx, log, j, d)
-		if run.claimed && (run.jobErr == nil || errors.Is(run.jobErr, ErrPermanent)) {
+		if run.claimed && !me.Coalesce && (run.jobErr == nil || errors.Is(run.jobErr, ErrPermanent)) {
 			if err := p.list.Finish(lctx, d.LockID, me.Key); err != nil {
 				log.WarnContext(ctx, "tasks: job done, but marking its waiter finished failed", "error", err)
 			}
@@ -256,16 +286,29 @@ func (w *Worker) holdParked(ctx context.Context, log *slog.Logger, j *job, d *De
 func (w *Worker) parkBusy(ctx context.Context, rw http.ResponseWriter, log *slog.Logger, d *Delivery, me Waiter, self string, cont *continuation, busy *locking.NotAcquiredError) (again bool) {
 	p := w.park
 	due := time.Now().Add(max(busy.Remaining, time.Second) + p.margin)
-	var st WaiterState
-	var runner string
-	var err error
-	if cont == nil {
+	var (
+		st     WaiterState
+		runner string
+		err    error
+	)
+	switch {
+	case cont != nil:
+		st, runner, err = p.list.State(ctx, d.LockID, me.Key)
+	case me.Coalesce:
+		st, _, err = p.list.State(ctx, d.LockID, me.Key)
+		if err == nil && st == Waiting {
+			log.InfoContext(ctx, "tasks: coalesced into the job's waiting run", "coalesced", true)
+			rw.WriteHeader(StatusDone)
+			return false
+		}
+		if err == nil {
+			st, err = p.list.Park(ctx, d.LockID, me)
+		}
+	default:
 		st, err = p.list.Park(ctx, d.LockID, me)
-		if st == Running {
+		if err == nil && st == Running {
 			_, runner, err = p.list.State(ctx, d.LockID, me.Key)
 		}
-	} else {
-		st, runner, err = p.list.State(ctx, d.LockID, me.Key)
 	}
 	if err != nil {
 		log.ErrorContext(ctx, "tasks: parking: wait list failed; retrying", "error", err)
@@ -330,7 +373,7 @@ func (p *parking) continuation(ctx context.Context, lockID string, wt Waiter, ki
 		return fmt.Errorf("tasks: waiter %q: %w", wt.Key, err)
 	}
 	env.V = contVersion
-	env.Cont = &continuation{Key: wt.Key, Kind: kind, N: n, Arrived: wt.Arrived}
+	env.Cont = &continuation{Key: wt.Key, Kind: kind, N: n, Arrived: wt.Arrived, Coalesce: wt.Coalesce}
 	body, err := json.Marshal(env)
 	if err != nil {
 		return fmt.Errorf("tasks: continuation of %q: %w", wt.Key, err)

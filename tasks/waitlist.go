@@ -47,6 +47,10 @@ type Waiter struct {
 	Arrived time.Time
 	// Body is the task's envelope, from which its continuations are made.
 	Body []byte
+	// Coalesce marks the record of a coalescing job (Coalesce): Claim
+	// removes it (its state becomes Absent) instead of marking it Running,
+	// so that a delivery that comes while the run runs parks a new record.
+	Coalesce bool
 }
 
 // A WaitList keeps, per lock id, the deliveries parked behind that lock, for
@@ -72,7 +76,7 @@ type WaitList interface {
 	// true; it also reports true when the record is Running by runner
 	// already. Otherwise (absent, finished, running by another runner) it
 	// reports false. Of concurrent Claims by different runners at most one
-	// reports true.
+	// reports true. A Coalesce record is removed instead of marked Running.
 	Claim(ctx context.Context, lockID, key, runner string) (bool, error)
 	// Finish marks key's record Finished. A Finished record is kept for at
 	// least FinishedRetention, so that Park of the same key reports Finished.
@@ -178,6 +182,9 @@ func (m *MemoryWaitList) Claim(_ context.Context, lockID, key, runner string) (b
 	switch {
 	case r == nil:
 		return false, nil
+	case r.state == Waiting && r.w.Coalesce:
+		delete(m.records(lockID), key)
+		return true, nil
 	case r.state == Waiting:
 		r.state, r.runner = Running, runner
 		return true, nil

@@ -122,6 +122,7 @@ type job struct {
 	fn       JobFunc
 	maxWait  time.Duration
 	lockOpts []locking.Option
+	coalesce bool // park mode only; see Coalesce
 }
 
 var queueIDRE = regexp.MustCompile(`^[A-Za-z0-9\-]{1,100}$`)

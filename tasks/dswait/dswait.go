@@ -16,16 +16,18 @@
 //     finished), the name of its KindWaiter entity, and expiresAt.
 //
 // Oldest is an ancestor query (strongly consistent, served by the built-in
-// indexes: no index.yaml) on KindWaiter with limit 1. Park, Claim and Finish
-// are transactions on the KindState entity (and the KindWaiter entity).
+// indexes: no index.yaml) on KindWaiter with limit 1. Park creates both
+// entities in one commit of insert mutations; Claim and Finish are
+// transactions on the KindState entity (and the KindWaiter entity), tried
+// again after a conflict (up to 12 attempts, with jittered pauses).
 //
 // # Cost (Datastore RPCs, each a round trip)
 //
-//   - Park: a transaction of 1 lookup and 1 commit (2 writes) when new;
-//     1 lookup and a rollback when the key is known.
+//   - Park: 1 lookup, then, when the key is new, 1 commit (2 inserts).
 //   - Oldest: 1 query reading at most 1 entity.
 //   - State: 1 lookup.
-//   - Claim, Finish: a transaction of 1 lookup and 1 commit.
+//   - Claim, Finish: a transaction of 1 lookup and 1 commit (a Coalesce
+//     record is deleted by its Claim).
 //
 // # Garbage collection
 //
@@ -45,9 +47,12 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"time"
 
 	"cloud.google.com/go/datastore"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/taskguard/taskguard/tasks"
 )
@@ -91,13 +96,15 @@ type stateEntity struct {
 	State     int       `datastore:"state,noindex"`
 	Runner    string    `datastore:"runner,noindex"`
 	Waiter    string    `datastore:"waiter,noindex"`
+	Coalesce  bool      `datastore:"coalesce,noindex"`
 	ExpiresAt time.Time `datastore:"expiresAt"`
 }
 
 type waiterEntity struct {
-	Key     string    `datastore:"key,noindex"`
-	Arrived time.Time `datastore:"arrived,noindex"`
-	Body    []byte    `datastore:"body,noindex"`
+	Key      string    `datastore:"key,noindex"`
+	Arrived  time.Time `datastore:"arrived,noindex"`
+	Body     []byte    `datastore:"body,noindex"`
+	Coalesce bool      `datastore:"coalesce,noindex"`
 }
 
 func hash(s string) string {
@@ -147,32 +154,70 @@ func (l *List) getState(ctx context.Context, tx *datastore.Transaction, k *datas
 	return e, true, nil
 }
 
-// Park implements tasks.WaitList.
+// maxAttempts bounds the attempts of a transaction that conflicts with
+// others on the same record.
+const maxAttempts = 12
+
+// transact runs fn in a transaction, again after a conflict, with a
+// growing, jittered pause between attempts.
+func (l *List) transact(ctx context.Context, fn func(tx *datastore.Transaction) error) error {
+	var err error
+	for attempt := range maxAttempts {
+		if _, err = l.client.RunInTransaction(ctx, fn, datastore.MaxAttempts(1)); !errors.Is(err, datastore.ErrConcurrentTransaction) {
+			return err
+		}
+		pause := time.Duration(attempt+1) * 5 * time.Millisecond
+		select {
+		case <-time.After(pause + rand.N(pause)):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return err
+}
+
+// Park implements tasks.WaitList. A known key is answered from a lookup;
+// a new one is created by one commit of two insert mutations, which fails
+// as a whole with ALREADY_EXISTS when another delivery created the record
+// first (then that record is read). No transaction: a burst of deliveries
+// parking one key (a coalescing job) does not contend for locks.
 func (l *List) Park(ctx context.Context, lockID string, w tasks.Waiter) (tasks.WaiterState, error) {
 	sk := l.stateKey(lockID, w.Key)
-	var st tasks.WaiterState
-	_, err := l.client.RunInTransaction(ctx, func(tx *datastore.Transaction) error {
-		e, found, err := l.getState(ctx, tx, sk)
+	for range 2 {
+		e, found, err := l.getState(ctx, nil, sk)
 		if err != nil {
-			return err
+			return tasks.Absent, fmt.Errorf("dswait: park %q: %w", w.Key, err)
 		}
 		if found {
-			st = tasks.WaiterState(e.State)
-			return nil
+			return tasks.WaiterState(e.State), nil
 		}
 		name := waiterName(w)
-		st = tasks.Waiting
-		ns := stateEntity{State: int(tasks.Waiting), Waiter: name, ExpiresAt: l.now().Add(MaxWait)}
-		if _, err := tx.Put(sk, &ns); err != nil {
-			return err
+		ns := stateEntity{State: int(tasks.Waiting), Waiter: name, Coalesce: w.Coalesce, ExpiresAt: l.now().Add(MaxWait)}
+		we := waiterEntity{Key: w.Key, Arrived: w.Arrived, Body: w.Body, Coalesce: w.Coalesce}
+		_, err = l.client.Mutate(ctx, datastore.NewInsert(sk, &ns), datastore.NewInsert(l.waiterKey(lockID, name), &we))
+		if err == nil {
+			return tasks.Waiting, nil
 		}
-		_, err = tx.Put(l.waiterKey(lockID, name), &waiterEntity{Key: w.Key, Arrived: w.Arrived, Body: w.Body})
-		return err
-	})
-	if err != nil {
-		return tasks.Absent, fmt.Errorf("dswait: park %q: %w", w.Key, err)
+		if !alreadyExists(err) {
+			return tasks.Absent, fmt.Errorf("dswait: park %q: %w", w.Key, err)
+		}
 	}
-	return st, nil
+	return tasks.Absent, fmt.Errorf("dswait: park %q: created and gone at once", w.Key)
+}
+
+// alreadyExists reports whether err (or one of a MultiError's) is
+// ALREADY_EXISTS.
+func alreadyExists(err error) bool {
+	var me datastore.MultiError
+	if errors.As(err, &me) {
+		for _, e := range me {
+			if e != nil && alreadyExists(e) {
+				return true
+			}
+		}
+		return false
+	}
+	return status.Code(err) == codes.AlreadyExists
 }
 
 // Oldest implements tasks.WaitList.
@@ -186,7 +231,7 @@ func (l *List) Oldest(ctx context.Context, lockID string) (tasks.Waiter, bool, e
 		return tasks.Waiter{}, false, nil
 	}
 	e := es[0]
-	return tasks.Waiter{Key: e.Key, Arrived: e.Arrived, Body: e.Body}, true, nil
+	return tasks.Waiter{Key: e.Key, Arrived: e.Arrived, Body: e.Body, Coalesce: e.Coalesce}, true, nil
 }
 
 // State implements tasks.WaitList.
@@ -205,7 +250,7 @@ func (l *List) State(ctx context.Context, lockID, key string) (tasks.WaiterState
 func (l *List) Claim(ctx context.Context, lockID, key, runner string) (bool, error) {
 	sk := l.stateKey(lockID, key)
 	var ok bool
-	_, err := l.client.RunInTransaction(ctx, func(tx *datastore.Transaction) error {
+	err := l.transact(ctx, func(tx *datastore.Transaction) error {
 		ok = false
 		e, found, err := l.getState(ctx, tx, sk)
 		if err != nil || !found {
@@ -222,12 +267,13 @@ func (l *List) Claim(ctx context.Context, lockID, key, runner string) (bool, err
 		if err := tx.Delete(l.waiterKey(lockID, e.Waiter)); err != nil {
 			return err
 		}
-		e.State, e.Runner, e.ExpiresAt = int(tasks.Running), runner, l.now().Add(MaxWait)
-		if _, err := tx.Put(sk, &e); err != nil {
-			return err
-		}
 		ok = true
-		return nil
+		if e.Coalesce {
+			return tx.Delete(sk)
+		}
+		e.State, e.Runner, e.ExpiresAt = int(tasks.Running), runner, l.now().Add(MaxWait)
+		_, err = tx.Put(sk, &e)
+		return err
 	})
 	if err != nil {
 		return false, fmt.Errorf("dswait: claim %q: %w", key, err)
@@ -238,7 +284,7 @@ func (l *List) Claim(ctx context.Context, lockID, key, runner string) (bool, err
 // Finish implements tasks.WaitList.
 func (l *List) Finish(ctx context.Context, lockID, key string) error {
 	sk := l.stateKey(lockID, key)
-	_, err := l.client.RunInTransaction(ctx, func(tx *datastore.Transaction) error {
+	err := l.transact(ctx, func(tx *datastore.Transaction) error {
 		e, found, err := l.getState(ctx, tx, sk)
 		if err != nil {
 			return err

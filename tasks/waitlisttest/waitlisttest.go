@@ -19,6 +19,7 @@ func Run(t *testing.T, newList func(t *testing.T) tasks.WaitList) {
 	t.Run("ClaimHasOneWinner", func(t *testing.T) { testClaim(t, newList(t)) })
 	t.Run("FinishedIsRemembered", func(t *testing.T) { testFinish(t, newList(t)) })
 	t.Run("LockIDsAreSeparate", func(t *testing.T) { testSeparate(t, newList(t)) })
+	t.Run("CoalesceRecordIsRemovedByClaim", func(t *testing.T) { testCoalesce(t, newList(t)) })
 }
 
 var t0 = time.Date(2026, 1, 2, 3, 4, 5, 123456000, time.UTC)
@@ -79,6 +80,39 @@ func testPark(t *testing.T, l tasks.WaitList) {
 	w, ok := oldest(t, l, id)
 	if !ok || w.Key != "q/a" || !w.Arrived.Equal(t0) || string(w.Body) != string(body) {
 		t.Fatalf("Oldest = %+v, %v; want q/a with the first Park's arrival %v and body", w, ok, t0)
+	}
+
+	// Concurrent parks of one new key leave one record, and nothing behind
+	// once it is claimed.
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for i := range 8 {
+		wg.Go(func() {
+			st, err := l.Park(t.Context(), id, tasks.Waiter{Key: "q/b", Arrived: t0.Add(time.Duration(i+1) * time.Second), Body: body})
+			if err == nil && st != tasks.Waiting {
+				err = fmt.Errorf("concurrent Park: %v, want waiting", st)
+			}
+			errs <- err
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, k := range []string{"q/a", "q/b"} {
+		w, ok := oldest(t, l, id)
+		if !ok || w.Key != k {
+			t.Fatalf("Oldest = %q, %v; want %q", w.Key, ok, k)
+		}
+		if !claim(t, l, id, k, "r") {
+			t.Fatalf("claim of %q failed", k)
+		}
+	}
+	if w, ok := oldest(t, l, id); ok {
+		t.Fatalf("after claiming every key, Oldest = %+v: a concurrent Park left a stray record", w)
 	}
 }
 
@@ -194,5 +228,30 @@ func testSeparate(t *testing.T, l tasks.WaitList) {
 	}
 	if st := park(t, l, b, tasks.Waiter{Key: "q/x", Arrived: t0, Body: []byte(`{}`)}); st != tasks.Waiting {
 		t.Fatalf("the same key on another lock id: %v, want a new waiting record", st)
+	}
+}
+
+func testCoalesce(t *testing.T, l tasks.WaitList) {
+	id := lockID(t)
+	c := tasks.Waiter{Key: "coalesce/q/job", Arrived: t0, Body: []byte(`{"first":true}`), Coalesce: true}
+	park(t, l, id, c)
+	if st := park(t, l, id, tasks.Waiter{Key: c.Key, Arrived: t0.Add(time.Second), Body: []byte(`{}`), Coalesce: true}); st != tasks.Waiting {
+		t.Fatalf("second Park of a coalescing key: %v, want the waiting record", st)
+	}
+	w, ok := oldest(t, l, id)
+	if !ok || w.Key != c.Key || !w.Coalesce || string(w.Body) != `{"first":true}` || !w.Arrived.Equal(t0) {
+		t.Fatalf("Oldest = %+v, %v; want the first coalescing record, marked Coalesce", w, ok)
+	}
+	if !claim(t, l, id, c.Key, "r1") {
+		t.Fatal("claim of a coalescing record failed")
+	}
+	if st, _ := state(t, l, id, c.Key); st != tasks.Absent {
+		t.Fatalf("state after claiming a coalescing record: %v, want absent", st)
+	}
+	if claim(t, l, id, c.Key, "r1") {
+		t.Error("a second claim of a removed coalescing record succeeded")
+	}
+	if st := park(t, l, id, tasks.Waiter{Key: c.Key, Arrived: t0.Add(2 * time.Second), Body: []byte(`{}`), Coalesce: true}); st != tasks.Waiting {
+		t.Errorf("Park after the coalesced run was claimed: %v, want a new waiting record", st)
 	}
 }
