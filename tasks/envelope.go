@@ -51,6 +51,8 @@ type continuation struct {
 	Arrived time.Time `json:"arrived"`
 	// Coalesce marks a coalescing job's waiter (Waiter.Coalesce).
 	Coalesce bool `json:"coalesce,omitempty"`
+	// At is when the continuation was created, for the hand-off latency.
+	At time.Time `json:"at"`
 }
 
 // Kinds of continuation.

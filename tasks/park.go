@@ -34,10 +34,11 @@ const handoffTimeout = 30 * time.Second
 
 // parking is a Worker's park mode.
 type parking struct {
-	client *Client
-	list   WaitList
-	margin time.Duration
-	lease  time.Duration // the longest lease of the jobs' locks
+	client  *Client
+	list    WaitList
+	margin  time.Duration
+	lease   time.Duration // the longest lease of the jobs' locks
+	metrics *parkMetrics
 }
 
 // WithParking turns on park and hand-off (see the package documentation):
@@ -52,7 +53,11 @@ func WithParking(c *Client, list WaitList) WorkerOption {
 		if c == nil || list == nil {
 			return fmt.Errorf("%w: WithParking needs a Client and a WaitList", ErrInvalidConfig)
 		}
-		w.park = &parking{client: c, list: list, margin: DefaultSafetyMargin, lease: locking.DefaultLease}
+		m, err := newParkMetrics(nil)
+		if err != nil {
+			return err
+		}
+		w.park = &parking{client: c, list: list, margin: DefaultSafetyMargin, lease: locking.DefaultLease, metrics: m}
 		return nil
 	}
 }
@@ -126,9 +131,14 @@ func (w *Worker) serveParked(rw http.ResponseWriter, r *http.Request, log *slog.
 		return
 	}
 	me.Body = body
+	ranJob := false // the job ran in this delivery
+	if env.Cont != nil && env.Cont.Kind == contSafety {
+		defer func() { p.metrics.countSafetyNet(ctx, ranJob) }()
+	}
 
 	for try := 0; ; try++ {
 		run, err := w.holdParked(ctx, log, j, d, me, self, env.Cont)
+		ranJob = ranJob || run.ran
 		var busy *locking.NotAcquiredError
 		switch {
 		case !run.ran && errors.As(err, &busy) && !errors.Is(err, errNotRun):
@@ -164,6 +174,7 @@ func (w *Worker) serveParked(rw http.ResponseWriter, r *http.Request, log *slog.
 			}
 			w.handoff(ctx, log, d.LockID, d.Token)
 			if run.merged && try == 0 {
+				p.metrics.countCoalesced(ctx)
 				log.InfoContext(ctx, "tasks: coalesced into the job's waiting run", "coalesced", true)
 				rw.WriteHeader(StatusDone)
 				return
@@ -263,12 +274,18 @@ func (w *Worker) holdParked(ctx context.Context, log *slog.Logger, j *job, d *De
 					return fmt.Errorf("tasks: wait list: %w", err)
 				}
 				run.parked = st == Waiting
+				if run.parked {
+					p.metrics.countParked(ctx)
+				}
 				return errNotRun
 			default:
 				return errNotRun
 			}
 		}
 		run.ran = true
+		if cont != nil && cont.Kind == contHandoff {
+			p.metrics.observeHandoff(ctx, cont.At)
+		}
 		run.jobErr = w.callJob(lctx, log, j, d)
 		if run.claimed && !me.Coalesce && (run.jobErr == nil || errors.Is(run.jobErr, ErrPermanent)) {
 			if err := p.list.Finish(lctx, d.LockID, me.Key); err != nil {
@@ -297,6 +314,7 @@ func (w *Worker) parkBusy(ctx context.Context, rw http.ResponseWriter, log *slog
 	case me.Coalesce:
 		st, _, err = p.list.State(ctx, d.LockID, me.Key)
 		if err == nil && st == Waiting {
+			p.metrics.countCoalesced(ctx)
 			log.InfoContext(ctx, "tasks: coalesced into the job's waiting run", "coalesced", true)
 			rw.WriteHeader(StatusDone)
 			return false
@@ -331,6 +349,7 @@ func (w *Worker) parkBusy(ctx context.Context, rw http.ResponseWriter, log *slog
 			http.Error(rw, "parking failed", StatusRetry)
 			return false
 		}
+		p.metrics.countParked(ctx)
 		log.DebugContext(ctx, "tasks: lock held; parked", "remaining", busy.Remaining)
 		return true
 	case cont.Kind == contSafety:
@@ -360,6 +379,7 @@ func (w *Worker) handoff(ctx context.Context, log *slog.Logger, lockID string, t
 		return
 	}
 	if ok {
+		p.metrics.countHandoff(ctx)
 		log.DebugContext(ctx, "tasks: handed the lock off", "to", oldest.Key, "waited", time.Since(oldest.Arrived))
 	}
 }
@@ -373,7 +393,7 @@ func (p *parking) continuation(ctx context.Context, lockID string, wt Waiter, ki
 		return fmt.Errorf("tasks: waiter %q: %w", wt.Key, err)
 	}
 	env.V = contVersion
-	env.Cont = &continuation{Key: wt.Key, Kind: kind, N: n, Arrived: wt.Arrived, Coalesce: wt.Coalesce}
+	env.Cont = &continuation{Key: wt.Key, Kind: kind, N: n, Arrived: wt.Arrived, Coalesce: wt.Coalesce, At: time.Now().UTC()}
 	body, err := json.Marshal(env)
 	if err != nil {
 		return fmt.Errorf("tasks: continuation of %q: %w", wt.Key, err)

@@ -66,6 +66,9 @@ func testParkCoalescing(t *testing.T, list tasks.WaitList) {
 	if len(starts) > 0 && starts[len(starts)-1].Before(lastDelivery) {
 		t.Errorf("no run started after the last delivery was answered")
 	}
+	if got := f.metrics(t)["taskguard.tasks.coalesced"]; got != int64(answered[tasks.StatusDone]) {
+		t.Errorf("taskguard.tasks.coalesced = %d, want the %d deliveries absorbed", got, answered[tasks.StatusDone])
+	}
 	for status, c := range f.statuses() {
 		if status != tasks.StatusParked && status != tasks.StatusDone {
 			t.Errorf("%d deliveries answered %d", c, status)

@@ -152,6 +152,10 @@ func testParkHolderKilled(t *testing.T, list tasks.WaitList) {
 	if over.Load() != 0 {
 		t.Errorf("%d runs overlapped another", over.Load())
 	}
+	m := f.metrics(t)
+	if got := m["taskguard.tasks.safety_nets{ran=true}"] + m["taskguard.tasks.safety_nets{ran=false}"]; got < 1 {
+		t.Errorf("taskguard.tasks.safety_nets = %d; a safety net must have resumed the parked tasks", got)
+	}
 	t.Logf("holder killed with %d tasks parked (lease %v): they all ran %v after the kill; answers %v",
 		parked, lease, parkedDone.Sub(killedAt).Round(time.Millisecond), f.statuses())
 }

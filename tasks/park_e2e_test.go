@@ -13,6 +13,9 @@ import (
 	"testing"
 	"time"
 
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/metric/metricdata"
+
 	"github.com/taskguard/taskguard/deploy"
 	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/tasks"
@@ -78,6 +81,7 @@ type parkFleet struct {
 	client  *tasks.Client
 	list    *recordingList
 	lockers []*locking.Client
+	reader  *sdkmetric.ManualReader // the workers' park metrics
 
 	// dead[i] marks worker i as a killed process: it serves no more
 	// requests, and a request it was serving ends without an answer.
@@ -129,6 +133,8 @@ func newParkFleet(t *testing.T, n int, lease time.Duration, list tasks.WaitList,
 			t.Logf("worker logs:\n%s", logs)
 		}
 	})
+	f.reader = sdkmetric.NewManualReader()
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(f.reader))
 	mk := e2eBackend(t)
 	for i := range n {
 		b := mk()
@@ -139,7 +145,8 @@ func newParkFleet(t *testing.T, n int, lease time.Duration, list tasks.WaitList,
 		if err != nil {
 			t.Fatal(err)
 		}
-		w, err := tasks.NewWorker(locker, tasks.WithLogger(logger), tasks.WithQueue(queueName), tasks.WithParking(f.client, f.list), tasks.WithParkingLease(lease))
+		w, err := tasks.NewWorker(locker, tasks.WithLogger(logger), tasks.WithQueue(queueName), tasks.WithParking(f.client, f.list),
+			tasks.WithParkingLease(lease), tasks.WithParkingMeterProvider(mp))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -148,6 +155,36 @@ func newParkFleet(t *testing.T, n int, lease time.Duration, list tasks.WaitList,
 		f.lockers = append(f.lockers, locker)
 	}
 	return f
+}
+
+// metrics returns the workers' park metrics: counters by name and
+// attributes, histograms as "<name> count".
+func (f *parkFleet) metrics(t *testing.T) map[string]int64 {
+	t.Helper()
+	var rm metricdata.ResourceMetrics
+	if err := f.reader.Collect(context.Background(), &rm); err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]int64{}
+	for _, sm := range rm.ScopeMetrics {
+		for _, m := range sm.Metrics {
+			switch d := m.Data.(type) {
+			case metricdata.Sum[int64]:
+				for _, p := range d.DataPoints {
+					name := m.Name
+					if v, ok := p.Attributes.Value("ran"); ok {
+						name += fmt.Sprintf("{ran=%v}", v.AsBool())
+					}
+					out[name] += p.Value
+				}
+			case metricdata.Histogram[float64]:
+				for _, p := range d.DataPoints {
+					out[m.Name+" count"] += int64(p.Count)
+				}
+			}
+		}
+	}
+	return out
 }
 
 func (f *parkFleet) statuses() map[int]int {
@@ -263,6 +300,19 @@ func testParkBurst(t *testing.T, name string, list tasks.WaitList) {
 	}
 	if len(claims) == 0 {
 		t.Error("no task was parked: the burst did not contend")
+	}
+	m := f.metrics(t)
+	if got := m["taskguard.tasks.parked"]; got != int64(len(parked)) {
+		t.Errorf("taskguard.tasks.parked = %d, want the %d records parked", got, len(parked))
+	}
+	if got := m["taskguard.tasks.handoffs"]; got < int64(len(claims)) {
+		t.Errorf("taskguard.tasks.handoffs = %d, want at least one per claimed waiter (%d)", got, len(claims))
+	}
+	if got := m["taskguard.tasks.handoff.latency count"]; got < 1 || got > int64(len(claims)) {
+		t.Errorf("taskguard.tasks.handoff.latency has %d observations, want one per run from a hand-off (1 to %d)", got, len(claims))
+	}
+	if got := m["taskguard.tasks.safety_nets{ran=true}"]; got != 0 {
+		t.Errorf("%d safety nets ran a job although every holder handed off", got)
 	}
 	attempts := len(f.srv.Attempts())
 	t.Logf("wait list %s: %d tasks of %v on one lock id: last run ended %v after enqueueing (ideal %v); %d parked, %d dispatches, answers %v",
