@@ -31,7 +31,7 @@ const testQueue = "projects/test-project/locations/here/queues/jobs"
 // emulator that delivers to the App's own Worker over HTTP.
 func newTestApp(t *testing.T, extra map[string]string) (*App, *httptest.Server, *taskstest.Server) {
 	t.Helper()
-	emu := taskstest.Start(t, taskstest.Options{})
+	emu := taskstest.Start(t, taskstest.Options{SubsecondBackoffs: true})
 	_, err := emu.CreateQueue(t.Context(), &cloudtaskspb.CreateQueueRequest{
 		Parent: "projects/test-project/locations/here",
 		Queue: &cloudtaskspb.Queue{Name: testQueue, RetryConfig: &cloudtaskspb.RetryConfig{

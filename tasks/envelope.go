@@ -11,9 +11,13 @@ import (
 	"github.com/taskguard/taskguard/internal/ident"
 )
 
-// envelopeVersion is the version of the task body this package writes and
-// reads.
-const envelopeVersion = 1
+// envelopeVersion is the version of the task body Enqueue writes.
+// contVersion is the version of a continuation's body (park mode): version
+// 1 plus "cont". A worker reads both.
+const (
+	envelopeVersion = 1
+	contVersion     = 2
+)
 
 // envelope is the JSON body of every task:
 //
@@ -30,7 +34,32 @@ type envelope struct {
 	Payload    json.RawMessage `json:"payload,omitempty"`
 	Data       []byte          `json:"data,omitempty"`
 	EnqueuedAt time.Time       `json:"enqueuedAt"`
+	// Cont marks a continuation (version 2 only): which waiter it is for.
+	Cont *continuation `json:"cont,omitempty"`
 }
+
+// continuation says which parked delivery a continuation task resumes.
+type continuation struct {
+	// Key is the waiter's key (its original task's queue and name).
+	Key string `json:"key"`
+	// Kind is contHandoff or contSafety.
+	Kind string `json:"kind"`
+	// N is, for a hand-off, the fencing token of the holding that handed
+	// off; for a safety net, its generation (from 1).
+	N uint64 `json:"n"`
+	// Arrived is when the waiter first found its lock busy.
+	Arrived time.Time `json:"arrived"`
+	// Coalesce marks a coalescing job's waiter (Waiter.Coalesce).
+	Coalesce bool `json:"coalesce,omitempty"`
+	// At is when the continuation was created, for the hand-off latency.
+	At time.Time `json:"at"`
+}
+
+// Kinds of continuation.
+const (
+	contHandoff = "handoff"
+	contSafety  = "safety"
+)
 
 // encodePayload places p in e: []byte as Data, json.RawMessage (checked) and
 // anything else (marshalled) as Payload.
@@ -69,7 +98,7 @@ var errVersion = errors.New("unsupported envelope version")
 // first, since a newer envelope may carry fields this version does not know).
 func decodeEnvelope(body []byte) (envelope, error) {
 	var e envelope
-	if v := peekVersion(body); v > envelopeVersion {
+	if v := peekVersion(body); v > contVersion {
 		return e, fmt.Errorf("%w: %d", errVersion, v)
 	}
 	dec := json.NewDecoder(bytes.NewReader(body))
@@ -81,8 +110,12 @@ func decodeEnvelope(body []byte) (envelope, error) {
 		return e, fmt.Errorf("%w: data after the envelope", errMalformed)
 	}
 	switch {
-	case e.V != envelopeVersion:
+	case e.V != envelopeVersion && e.V != contVersion:
 		return e, fmt.Errorf("%w: version %d", errMalformed, e.V)
+	case (e.V == contVersion) != (e.Cont != nil):
+		return e, fmt.Errorf("%w: version %d with cont %v", errMalformed, e.V, e.Cont != nil)
+	case e.Cont != nil && (e.Cont.Key == "" || (e.Cont.Kind != contHandoff && e.Cont.Kind != contSafety)):
+		return e, fmt.Errorf("%w: bad cont %+v", errMalformed, *e.Cont)
 	case e.Job == "":
 		return e, fmt.Errorf("%w: no job", errMalformed)
 	case e.LockID == "":

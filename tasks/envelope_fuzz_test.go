@@ -13,7 +13,8 @@ import (
 // id, which encodes back to a body that decodes to the same envelope.
 func FuzzDecodeEnvelope(f *testing.F) {
 	for _, s := range []string{
-		``, `{}`, `null`, `[]`, `"x"`, `{"v":1}`, `{"v":2,"job":"j","lockId":"l"}`, `{"v":99999999999999999999}`,
+		``, `{}`, `null`, `[]`, `"x"`, `{"v":1}`, `{"v":2,"job":"j","lockId":"l"}`, `{"v":3,"job":"j","lockId":"l"}`, `{"v":99999999999999999999}`,
+		`{"v":2,"job":"j","lockId":"l","cont":{"key":"q/t","kind":"handoff","n":3,"arrived":"2026-01-01T00:00:00Z"}}`,
 		`{"v":1,"job":"j","lockId":"l"}`, `{"v":1,"job":"j","lockId":"l","payload":{"a":[1,2]}}`,
 		`{"v":1,"job":"j","lockId":"l","data":"AAEC"}`, `{"v":1,"job":"j","lockId":"l","data":"!!"}`,
 		`{"v":1,"job":"j","lockId":"l","payload":1,"data":"AA=="}`, `{"v":1,"job":"j","lockId":"l"} {}`,
@@ -30,7 +31,7 @@ func FuzzDecodeEnvelope(f *testing.F) {
 			}
 			return
 		}
-		if e.V != envelopeVersion || e.Job == "" || e.LockID == "" || (e.Payload != nil && e.Data != nil) {
+		if (e.V != envelopeVersion && e.V != contVersion) || (e.V == contVersion) != (e.Cont != nil) || e.Job == "" || e.LockID == "" || (e.Payload != nil && e.Data != nil) {
 			t.Fatalf("decodeEnvelope(%q) accepted %+v", body, e)
 		}
 		again, err := json.Marshal(e)

@@ -116,6 +116,7 @@ type Worker struct {
 	maxBody       int64
 	maxRetryAfter time.Duration
 	lockOpts      []locking.Option // every job's, before its own
+	park          *parking         // park mode (park.go); nil: 429 mode
 
 	mu   sync.RWMutex
 	jobs map[string]*job // guarded by mu
@@ -125,6 +126,7 @@ type job struct {
 	fn       JobFunc
 	maxWait  time.Duration
 	lockOpts []locking.Option
+	coalesce bool // park mode only; see Coalesce
 }
 
 var queueIDRE = regexp.MustCompile(`^[A-Za-z0-9\-]{1,100}$`)
@@ -398,6 +400,10 @@ func (w *Worker) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 		w.drop(rw, r, log, fmt.Errorf("unknown job %q", d.Job))
 		return
 	}
+	if w.park != nil {
+		w.serveParked(rw, r, log, j, d, env)
+		return
+	}
 	w.run(rw, r, log, j, d)
 }
 
@@ -430,7 +436,7 @@ func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, 
 
 	// The lock's answers (lost, busy, not taken) are lockhttp's, shared with
 	// its HTTP guard; a job's own answers follow.
-	policy := lockhttp.Policy{BusyStatus: StatusBusy, MaxRetryAfter: w.maxRetryAfter}
+	policy := w.policy()
 	var busy *locking.NotAcquiredError
 	switch {
 	case errors.Is(err, locking.ErrLockLost):
@@ -462,6 +468,17 @@ func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, 
 		log.ErrorContext(r.Context(), "tasks: job failed; Cloud Tasks will retry", "error", jobErr)
 		http.Error(rw, "job failed", StatusFailed)
 	}
+}
+
+// policy is the Worker's mapping of lock errors to answers.
+func (w *Worker) policy() lockhttp.Policy {
+	return lockhttp.Policy{BusyStatus: StatusBusy, MaxRetryAfter: w.maxRetryAfter}
+}
+
+// retryAfter is the Retry-After, in whole seconds, for a busy lock whose
+// holder's lease has remaining left.
+func (w *Worker) retryAfter(remaining time.Duration) int {
+	return w.policy().RetryAfter(remaining)
 }
 
 // answer writes policy's answer for the lock error err.

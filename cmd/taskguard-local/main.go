@@ -38,9 +38,6 @@ import (
 	"syscall"
 	"time"
 
-	"cloud.google.com/go/cloudtasks/apiv2/cloudtaskspb"
-	"google.golang.org/protobuf/types/known/durationpb"
-
 	"github.com/taskguard/taskguard/app"
 	"github.com/taskguard/taskguard/cloudlog"
 	"github.com/taskguard/taskguard/internal/oauthdemo"
@@ -160,34 +157,6 @@ func run() error {
 	case err := <-serveErr:
 		return err
 	}
-}
-
-// startEmulator starts the in-process Cloud Tasks emulator with the queue
-// the deploy scripts create, but with short backoffs so a local run is quick.
-// Retry-After is honoured in full, as Cloud Tasks does.
-func startEmulator(ctx context.Context) (*taskstest.Server, error) {
-	emu, err := taskstest.New(taskstest.Options{})
-	if err != nil {
-		return nil, err
-	}
-	_, err = emu.CreateQueue(ctx, &cloudtaskspb.CreateQueueRequest{
-		Parent: "projects/local-project/locations/local",
-		Queue: &cloudtaskspb.Queue{
-			Name: localQueue,
-			RetryConfig: &cloudtaskspb.RetryConfig{
-				MaxAttempts:  -1,
-				MinBackoff:   durationpb.New(100 * time.Millisecond),
-				MaxBackoff:   durationpb.New(5 * time.Second),
-				MaxDoublings: 4,
-			},
-			RateLimits: &cloudtaskspb.RateLimits{MaxConcurrentDispatches: 20, MaxDispatchesPerSecond: 100},
-		},
-	})
-	if err != nil {
-		emu.Close()
-		return nil, err
-	}
-	return emu, nil
 }
 
 // serverTimeouts bound how long a client may take to send a request.

@@ -72,7 +72,7 @@ func cleanEnv() []string {
 // account, no environment, embedded defaults. Its own checks decide the exit
 // code; the timeline must show them.
 func TestDemo(t *testing.T) {
-	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	ctx, cancel := context.WithTimeout(t.Context(), demoWait+time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, runner(t), "-demo", "-addr", "127.0.0.1:0")
 	cmd.Env = cleanEnv()
@@ -81,7 +81,7 @@ func TestDemo(t *testing.T) {
 		t.Fatalf("demo failed: %v\n%s", err, out)
 	}
 	for _, want := range []string{
-		"report-A", "per id never more than 1", "answered 429 + Retry-After",
+		"report-A", "per id never more than 1", "answered 429 + Retry-After", "burst on report-A: 6 of 6 runs",
 		"1 call(s) to the token endpoint", "CleanupLocks: 200 OK", "OK: at most one task at a time per lock id",
 	} {
 		if !strings.Contains(string(out), want) {

@@ -46,6 +46,9 @@ func run() error {
 	auto := flag.Bool("auto-create-queues", false, "create a missing queue on CreateTask instead of answering NOT_FOUND")
 	minDeadline := flag.Duration("min-dispatch-deadline", 0, "shortest dispatch deadline a task may ask for (default 15s, the service's)")
 	maxRetryAfter := flag.Duration("max-retry-after", 0, "cap on how long a Retry-After answer delays a retry (default: honoured in full)")
+	subsecond := flag.Bool("subsecond-backoffs", false, "keep sub-second backoffs (the service truncates them to whole seconds)")
+	noThrottling := flag.Bool("no-system-throttling", false, "do not slow the queue after 429 and 503 answers (the service does)")
+	reuse := flag.Duration("queue-reuse-delay", taskstest.DefaultQueueReuseDelay, "how long a deleted queue's name stays reserved")
 	verbose := flag.Bool("v", false, "log every attempt")
 	flag.Var(&queues, "queue", "create this queue (full name) at start with default settings; repeatable")
 	flag.Parse()
@@ -61,6 +64,9 @@ func run() error {
 		AutoCreateQueues:    *auto,
 		MinDispatchDeadline: *minDeadline,
 		MaxRetryAfter:       *maxRetryAfter,
+		SubsecondBackoffs:   *subsecond,
+		NoSystemThrottling:  *noThrottling,
+		QueueReuseDelay:     *reuse,
 		Logger:              logger,
 	})
 	if err != nil {

@@ -95,6 +95,13 @@ func (s *Server) buildRequest(q *queue, t *task) *http.Request {
 		}
 		req.Header.Set("Authorization", "Bearer "+fakeToken(tok.GetServiceAccountEmail(), aud, time.Now()))
 	}
+	if tok := hr.GetOauthToken(); tok != nil {
+		scope := tok.GetScope()
+		if scope == "" {
+			scope = DefaultOAuthScope
+		}
+		req.Header.Set("Authorization", "Bearer "+fakeAccessToken(tok.GetServiceAccountEmail(), scope, time.Now()))
+	}
 	return req
 }
 
@@ -198,6 +205,10 @@ func (s *Server) finish(in attemptInput, rec *Attempt) {
 		if rec.Status < 500 {
 			t.executions++
 		}
+	}
+
+	if rec.Status == http.StatusTooManyRequests || rec.Status == http.StatusServiceUnavailable {
+		q.busy(now)
 	}
 
 	switch {

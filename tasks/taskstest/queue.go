@@ -22,6 +22,19 @@ const (
 	defaultMaxConcurrent    = 1000
 	maxDispatchesPerSec     = 500
 	maxConcurrentLimit      = 5000
+	// maxDefaultBurst caps the max_burst_size the emulator picks: a default
+	// queue (500 dispatches/s) reports 100, as the service's sample does.
+	maxDefaultBurst = 100
+)
+
+// The model of system throttling; see the package documentation.
+const (
+	// throttleFloor is the lowest rate, in dispatches per second, that
+	// throttling brings a queue to (or the queue's own rate, if lower).
+	throttleFloor = 1.0
+	// throttleRecovery is how long a queue must go without a 429 or 503
+	// answer for its rate to double again.
+	throttleRecovery = time.Second
 )
 
 var (
@@ -51,6 +64,10 @@ type queue struct {
 	running int       // attempts in flight
 	tokens  float64   // token bucket for max dispatches per second
 	refill  time.Time // when tokens was last refilled
+
+	throttles bool      // system throttling is modelled
+	throttle  int       // throttling level at lastBusy: the rate is halved per level
+	lastBusy  time.Time // when the last 429 or 503 answer came
 
 	wake chan struct{} // buffered(1): the scheduler should look again
 	quit chan struct{} // closed when the queue is deleted or the server closes
@@ -130,8 +147,9 @@ func applyQueueDefaults(pb *cloudtaskspb.Queue) error {
 	if rl.MaxConcurrentDispatches < 0 || rl.MaxConcurrentDispatches > maxConcurrentLimit {
 		return status.Errorf(codes.InvalidArgument, "max_concurrent_dispatches must be in (0, %d]", maxConcurrentLimit)
 	}
-	// max_burst_size is output only: the emulator allows one second's worth.
-	rl.MaxBurstSize = int32(max(1, math.Ceil(rl.MaxDispatchesPerSecond)))
+	// max_burst_size is output only, picked from the rate: one second's
+	// worth, at most 100.
+	rl.MaxBurstSize = int32(min(maxDefaultBurst, max(1, math.Ceil(rl.MaxDispatchesPerSecond))))
 
 	if pb.RetryConfig == nil {
 		pb.RetryConfig = &cloudtaskspb.RetryConfig{}
@@ -235,14 +253,59 @@ func (p retryPolicy) exhausted(attempts int, first, now time.Time) bool {
 	return attemptsDone && durationDone
 }
 
+// truncateRetry truncates the durations of rc to whole seconds, as the
+// service does.
+func truncateRetry(rc *cloudtaskspb.RetryConfig) {
+	for _, d := range []**durationpb.Duration{&rc.MinBackoff, &rc.MaxBackoff, &rc.MaxRetryDuration} {
+		if *d != nil {
+			*d = &durationpb.Duration{Seconds: (*d).GetSeconds()}
+		}
+	}
+}
+
+// throttleLevel is the queue's throttling level at now: the level reached
+// at the last 429 or 503 answer, less one per throttleRecovery since.
+func (q *queue) throttleLevel(now time.Time) int {
+	if q.throttle == 0 {
+		return 0
+	}
+	return max(0, q.throttle-int(now.Sub(q.lastBusy)/throttleRecovery))
+}
+
+// limits are the dispatch rate and burst the queue allows at now: its rate
+// limits, the rate halved per throttling level (down to throttleFloor) and
+// no burst while throttled.
+func (q *queue) limits(now time.Time) (rate, burst float64) {
+	rate = q.pb.RateLimits.MaxDispatchesPerSecond
+	burst = float64(q.pb.RateLimits.MaxBurstSize)
+	if k := q.throttleLevel(now); k > 0 {
+		rate = max(min(rate, throttleFloor), math.Ldexp(rate, -k))
+		burst = 1
+	}
+	return rate, burst
+}
+
+// busy records a 429 or 503 answer at now: one more throttling level,
+// unless the rate is already at the floor.
+func (q *queue) busy(now time.Time) {
+	if !q.throttles {
+		return
+	}
+	k := q.throttleLevel(now)
+	if rate, _ := q.limits(now); rate > throttleFloor {
+		k++
+	}
+	q.throttle, q.lastBusy = k, now
+}
+
 // takeToken takes one dispatch token at now, or reports how long until one
 // is available.
 func (q *queue) takeToken(now time.Time) (bool, time.Duration) {
-	rate := q.pb.RateLimits.MaxDispatchesPerSecond
-	burst := float64(q.pb.RateLimits.MaxBurstSize)
+	rate, burst := q.limits(now)
 	if !q.refill.IsZero() {
-		q.tokens = min(burst, q.tokens+now.Sub(q.refill).Seconds()*rate)
+		q.tokens += now.Sub(q.refill).Seconds() * rate
 	}
+	q.tokens = min(burst, q.tokens)
 	q.refill = now
 	if q.tokens >= 1 {
 		q.tokens--

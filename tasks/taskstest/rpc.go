@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/binary"
+	"fmt"
 	"net/url"
 	"slices"
 	"strconv"
@@ -35,7 +36,7 @@ func (s *Server) CreateQueue(_ context.Context, req *cloudtaskspb.CreateQueueReq
 	if !strings.HasPrefix(req.GetQueue().GetName(), req.GetParent()+"/queues/") {
 		return nil, status.Errorf(codes.InvalidArgument, "queue name %q is not in %q", req.GetQueue().GetName(), req.GetParent())
 	}
-	q, err := newQueue(req.GetQueue())
+	q, err := s.newQueue(req.GetQueue())
 	if err != nil {
 		return nil, err
 	}
@@ -44,8 +45,41 @@ func (s *Server) CreateQueue(_ context.Context, req *cloudtaskspb.CreateQueueReq
 	if s.queues[q.pb.Name] != nil {
 		return nil, status.Errorf(codes.AlreadyExists, "queue %q already exists", q.pb.Name)
 	}
+	if err := s.reusableLocked(q.pb.Name, time.Now()); err != nil {
+		return nil, err
+	}
 	s.addQueueLocked(q)
 	return proto.Clone(q.pb).(*cloudtaskspb.Queue), nil
+}
+
+// newQueue validates pb and fills in the service's defaults, with the
+// durations of its retry config truncated to seconds unless
+// Options.SubsecondBackoffs is set.
+func (s *Server) newQueue(pb *cloudtaskspb.Queue) (*queue, error) {
+	if !s.opts.SubsecondBackoffs && pb.GetRetryConfig() != nil {
+		pb = proto.Clone(pb).(*cloudtaskspb.Queue)
+		truncateRetry(pb.RetryConfig)
+	}
+	q, err := newQueue(pb)
+	if err != nil {
+		return nil, err
+	}
+	q.throttles = !s.opts.NoSystemThrottling
+	return q, nil
+}
+
+// reusableLocked fails with FAILED_PRECONDITION while the name of a deleted
+// queue is reserved. s.mu must be held.
+func (s *Server) reusableLocked(name string, now time.Time) error {
+	until, ok := s.tombs[name]
+	if !ok {
+		return nil
+	}
+	if now.Before(until) {
+		return status.Errorf(codes.FailedPrecondition, "the queue %q cannot be used because a queue with this name existed too recently", name)
+	}
+	delete(s.tombs, name)
+	return nil
 }
 
 // addQueueLocked registers q and starts its scheduler. s.mu must be held.
@@ -80,8 +114,11 @@ func (s *Server) UpdateQueue(_ context.Context, req *cloudtaskspb.UpdateQueueReq
 	defer s.mu.Unlock()
 	old := s.queues[in.GetName()]
 	if old == nil {
-		q, err := newQueue(in)
+		q, err := s.newQueue(in)
 		if err != nil {
+			return nil, err
+		}
+		if err := s.reusableLocked(q.pb.Name, time.Now()); err != nil {
 			return nil, err
 		}
 		s.addQueueLocked(q)
@@ -103,6 +140,10 @@ func (s *Server) UpdateQueue(_ context.Context, req *cloudtaskspb.UpdateQueueReq
 		}
 	}
 	if rc := in.GetRetryConfig(); rc != nil && has("retry_config") {
+		if !s.opts.SubsecondBackoffs {
+			rc = proto.Clone(rc).(*cloudtaskspb.RetryConfig)
+			truncateRetry(rc)
+		}
 		m := merged.RetryConfig
 		if rc.MaxAttempts != 0 {
 			m.MaxAttempts = rc.MaxAttempts
@@ -145,6 +186,7 @@ func (s *Server) DeleteQueue(_ context.Context, req *cloudtaskspb.DeleteQueueReq
 	q.tasks = map[string]*task{}
 	q.stop()
 	delete(s.queues, q.pb.Name)
+	s.tombs[q.pb.Name] = time.Now().Add(s.opts.QueueReuseDelay)
 	s.notifyLocked()
 	return &emptypb.Empty{}, nil
 }
@@ -249,6 +291,7 @@ func (s *Server) CreateTask(_ context.Context, req *cloudtaskspb.CreateTaskReque
 	if err := validateHTTPRequest(hr); err != nil {
 		return nil, err
 	}
+	target := encodeURL(hr.GetUrl())
 	id := ""
 	if in.GetName() != "" {
 		m := taskRE.FindStringSubmatch(in.GetName())
@@ -266,7 +309,8 @@ func (s *Server) CreateTask(_ context.Context, req *cloudtaskspb.CreateTaskReque
 		if due.Sub(now) > MaxScheduleAhead {
 			return nil, status.Errorf(codes.InvalidArgument, "schedule_time %v is more than 30 days ahead", due)
 		}
-		due = due.Truncate(time.Microsecond)
+		// A time in the past means now, as the service sets it.
+		due = later(due, now).Truncate(time.Microsecond)
 	}
 	deadline := DefaultDispatchDeadline
 	if in.DispatchDeadline != nil {
@@ -279,9 +323,14 @@ func (s *Server) CreateTask(_ context.Context, req *cloudtaskspb.CreateTaskReque
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	q := s.queues[parent]
+	if q == nil {
+		if err := s.reusableLocked(parent, now); err != nil {
+			return nil, err
+		}
+	}
 	if q == nil && s.opts.AutoCreateQueues && !s.closed {
 		var err error
-		if q, err = newQueue(&cloudtaskspb.Queue{Name: parent}); err != nil {
+		if q, err = s.newQueue(&cloudtaskspb.Queue{Name: parent}); err != nil {
 			return nil, err
 		}
 		s.addQueueLocked(q)
@@ -292,6 +341,9 @@ func (s *Server) CreateTask(_ context.Context, req *cloudtaskspb.CreateTaskReque
 	retry := q.retry
 	if in.RetryConfig != nil {
 		rc := proto.Clone(in.RetryConfig).(*cloudtaskspb.RetryConfig)
+		if !s.opts.SubsecondBackoffs {
+			truncateRetry(rc)
+		}
 		if err := applyRetryDefaults(rc); err != nil {
 			return nil, err
 		}
@@ -312,6 +364,7 @@ func (s *Server) CreateTask(_ context.Context, req *cloudtaskspb.CreateTaskReque
 	pb.DispatchDeadline = durationpb.New(deadline)
 	pb.DispatchCount, pb.ResponseCount = 0, 0
 	pb.FirstAttempt, pb.LastAttempt = nil, nil
+	pb.GetHttpRequest().Url = target
 	if pb.GetHttpRequest().GetHttpMethod() == cloudtaskspb.HttpMethod_HTTP_METHOD_UNSPECIFIED {
 		pb.GetHttpRequest().HttpMethod = cloudtaskspb.HttpMethod_POST
 	}
@@ -323,7 +376,7 @@ func (s *Server) CreateTask(_ context.Context, req *cloudtaskspb.CreateTaskReque
 }
 
 func validateHTTPRequest(hr *cloudtaskspb.HttpRequest) error {
-	u, err := url.Parse(hr.GetUrl())
+	u, err := url.Parse(encodeURL(hr.GetUrl()))
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		return status.Errorf(codes.InvalidArgument, "url %q must be an absolute http:// or https:// URL", hr.GetUrl())
 	}
@@ -348,7 +401,51 @@ func validateHTTPRequest(hr *cloudtaskspb.HttpRequest) error {
 	if tok := hr.GetOidcToken(); tok != nil && tok.GetServiceAccountEmail() == "" {
 		return status.Error(codes.InvalidArgument, "oidc_token.service_account_email is required")
 	}
+	if tok := hr.GetOauthToken(); tok != nil && tok.GetServiceAccountEmail() == "" {
+		return status.Error(codes.InvalidArgument, "oauth_token.service_account_email is required")
+	}
 	return nil
+}
+
+// encodeURL percent-encodes what a URL may not hold as is, the way the
+// service does rather than refusing the URL: a '%' that does not start a
+// %XX escape becomes %25, and spaces, control characters and bytes above
+// 0x7F after the host are escaped. Valid escapes are kept as they are.
+func encodeURL(raw string) string {
+	start := 0
+	if i := strings.Index(raw, "://"); i >= 0 {
+		start = i + 3
+		if j := strings.IndexAny(raw[start:], "/?#"); j >= 0 {
+			start += j
+		} else {
+			return raw
+		}
+	}
+	var b strings.Builder
+	b.WriteString(raw[:start])
+	for i := start; i < len(raw); i++ {
+		c := raw[i]
+		switch {
+		case c == '%' && i+2 < len(raw) && isHex(raw[i+1]) && isHex(raw[i+2]):
+			b.WriteByte(c)
+		case c == '%' || c <= ' ' || c >= 0x7f:
+			fmt.Fprintf(&b, "%%%02X", c)
+		default:
+			b.WriteByte(c)
+		}
+	}
+	return b.String()
+}
+
+func isHex(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
+}
+
+func later(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
 }
 
 // newTaskIDLocked makes a random numeric id, like the service's generated

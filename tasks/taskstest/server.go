@@ -36,6 +36,9 @@ const (
 	// DefaultDedupWindow is how long the name of a finished or deleted task
 	// stays reserved.
 	DefaultDedupWindow = time.Hour
+	// DefaultQueueReuseDelay is how long the name of a deleted queue stays
+	// reserved.
+	DefaultQueueReuseDelay = 7 * 24 * time.Hour
 )
 
 // Options configures a Server. The zero value is usable.
@@ -53,6 +56,19 @@ type Options struct {
 	// for; 15 s (the service's limit) when zero. Tests lower it to prove
 	// deadlines quickly.
 	MinDispatchDeadline time.Duration
+	// QueueReuseDelay is how long the name of a deleted queue stays
+	// reserved: creating a queue of that name, or a task in it, fails with
+	// FAILED_PRECONDITION. DefaultQueueReuseDelay when zero.
+	QueueReuseDelay time.Duration
+	// SubsecondBackoffs keeps the sub-second part of min_backoff,
+	// max_backoff and max_retry_duration. The service truncates them to
+	// whole seconds, and so does the emulator unless this is set; tests set
+	// it to retry in milliseconds.
+	SubsecondBackoffs bool
+	// NoSystemThrottling turns off the model of system throttling (see the
+	// package documentation): 429 and 503 answers then delay only the task
+	// that got them.
+	NoSystemThrottling bool
 	// MaxRetryAfter, when > 0, caps how long a Retry-After answer delays the
 	// next attempt. Zero honours Retry-After in full, as the service does.
 	MaxRetryAfter time.Duration
@@ -106,7 +122,8 @@ type Server struct {
 	serveErr chan error
 
 	mu       sync.Mutex
-	queues   map[string]*queue // by full name
+	queues   map[string]*queue    // by full name
+	tombs    map[string]time.Time // deleted queue's name -> end of its reuse delay
 	attempts []Attempt
 	changed  chan struct{} // closed and replaced on every state change
 	closed   bool
@@ -120,6 +137,9 @@ func New(opts Options) (*Server, error) {
 	if opts.DedupWindow <= 0 {
 		opts.DedupWindow = DefaultDedupWindow
 	}
+	if opts.QueueReuseDelay <= 0 {
+		opts.QueueReuseDelay = DefaultQueueReuseDelay
+	}
 	if opts.MinDispatchDeadline <= 0 {
 		opts.MinDispatchDeadline = 15 * time.Second
 	}
@@ -132,6 +152,7 @@ func New(opts Options) (*Server, error) {
 		lis:      lis,
 		grpc:     grpc.NewServer(),
 		queues:   map[string]*queue{},
+		tombs:    map[string]time.Time{},
 		changed:  make(chan struct{}),
 		serveErr: make(chan error, 1),
 	}
@@ -244,6 +265,20 @@ func (s *Server) WaitIdle(ctx context.Context, queueName string) error {
 			return fmt.Errorf("taskstest: wait idle: %w", ctx.Err())
 		}
 	}
+}
+
+// DispatchRate is the rate, in dispatches per second, at which the queue
+// named queueName may dispatch now: its max_dispatches_per_second, lowered
+// while system throttling lasts. It is 0 for a queue that does not exist.
+func (s *Server) DispatchRate(queueName string) float64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	q := s.queues[queueName]
+	if q == nil {
+		return 0
+	}
+	rate, _ := q.limits(time.Now())
+	return rate
 }
 
 // notifyLocked wakes WaitIdle callers. s.mu must be held.

@@ -160,6 +160,8 @@ func serve(t *testing.T, h http.Handler) *httptest.Server {
 	return ts
 }
 
+// fastRetry retries in milliseconds: the emulator must run with
+// Options.SubsecondBackoffs, or the backoffs truncate to 0 s.
 func fastRetry(maxAttempts int32) *cloudtaskspb.RetryConfig {
 	return &cloudtaskspb.RetryConfig{
 		MaxAttempts:  maxAttempts,
@@ -302,7 +304,7 @@ func TestDedupWindow(t *testing.T) {
 func TestDispatchHeadersAndRetryCounts(t *testing.T) {
 	rec := &recorder{answers: []int{404, 500, 204}}
 	ts := serve(t, rec)
-	e := newEnv(t, taskstest.Options{}, nil, fastRetry(10))
+	e := newEnv(t, taskstest.Options{SubsecondBackoffs: true}, nil, fastRetry(10))
 	tk := httpTask(ts.URL+"/work?a=1", `{"k":"v"}`)
 	tk.Name = queueName + "/tasks/t1"
 	hr := tk.GetHttpRequest()
@@ -401,7 +403,7 @@ func TestDispatchDeadline(t *testing.T) {
 		}
 	})
 	ts := serve(t, block)
-	e := newEnv(t, taskstest.Options{MinDispatchDeadline: 50 * time.Millisecond}, nil, fastRetry(2))
+	e := newEnv(t, taskstest.Options{MinDispatchDeadline: 50 * time.Millisecond, SubsecondBackoffs: true}, nil, fastRetry(2))
 	tk := httpTask(ts.URL, "")
 	tk.DispatchDeadline = durationpb.New(100 * time.Millisecond)
 	e.create(t, tk)
@@ -438,7 +440,7 @@ func TestRetryBackoffAndGiveUp(t *testing.T) {
 		MaxBackoff:   durationpb.New(200 * time.Millisecond),
 		MaxDoublings: 1,
 	}
-	e := newEnv(t, taskstest.Options{}, nil, rc)
+	e := newEnv(t, taskstest.Options{SubsecondBackoffs: true}, nil, rc)
 	tk := httpTask(ts.URL, "")
 	tk.Name = queueName + "/tasks/fail"
 	e.create(t, tk)
@@ -472,7 +474,7 @@ func TestMaxRetryDuration(t *testing.T) {
 	ts := serve(t, rec)
 	rc := fastRetry(2)
 	rc.MaxRetryDuration = durationpb.New(300 * time.Millisecond)
-	e := newEnv(t, taskstest.Options{}, nil, rc)
+	e := newEnv(t, taskstest.Options{SubsecondBackoffs: true}, nil, rc)
 	e.create(t, httpTask(ts.URL, ""))
 	e.waitIdle(t, 5*time.Second)
 	n := rec.count()
@@ -500,7 +502,7 @@ func TestRetryAfter(t *testing.T) {
 			t.Parallel()
 			rec := &recorder{answers: []int{tt.status, 200}, headers: []map[string]string{{"Retry-After": "1"}}}
 			ts := serve(t, rec)
-			e := newEnv(t, taskstest.Options{MaxRetryAfter: tt.cap}, nil, fastRetry(5))
+			e := newEnv(t, taskstest.Options{MaxRetryAfter: tt.cap, SubsecondBackoffs: true}, nil, fastRetry(5))
 			e.create(t, httpTask(ts.URL, ""))
 			e.waitIdle(t, 5*time.Second)
 			if rec.count() != 2 {
@@ -688,7 +690,7 @@ func TestCloseCancelsDispatches(t *testing.T) {
 }
 
 func TestUpdateQueue(t *testing.T) {
-	e := newEnv(t, taskstest.Options{}, &cloudtaskspb.RateLimits{MaxConcurrentDispatches: 3}, fastRetry(7))
+	e := newEnv(t, taskstest.Options{SubsecondBackoffs: true}, &cloudtaskspb.RateLimits{MaxConcurrentDispatches: 3}, fastRetry(7))
 	q, err := e.client.UpdateQueue(t.Context(), &cloudtaskspb.UpdateQueueRequest{
 		Queue: &cloudtaskspb.Queue{
 			Name:        queueName,
@@ -726,7 +728,7 @@ func TestDeleteWhileRunning(t *testing.T) {
 		<-release
 		w.WriteHeader(http.StatusInternalServerError)
 	}))
-	e := newEnv(t, taskstest.Options{}, nil, fastRetry(5))
+	e := newEnv(t, taskstest.Options{SubsecondBackoffs: true}, nil, fastRetry(5))
 	tk := httpTask(ts.URL, "")
 	// No audience: the token's audience is the URL.
 	tk.GetHttpRequest().AuthorizationHeader = &cloudtaskspb.HttpRequest_OidcToken{OidcToken: &cloudtaskspb.OidcToken{ServiceAccountEmail: "sa@p"}}
@@ -775,7 +777,7 @@ func TestDeleteAndPurgeQueue(t *testing.T) {
 	if _, err := e.client.GetQueue(t.Context(), &cloudtaskspb.GetQueueRequest{Name: queueName}); status.Code(err) != codes.NotFound {
 		t.Errorf("GetQueue after delete: %v, want NotFound", err)
 	}
-	if _, err := e.client.CreateTask(t.Context(), &cloudtaskspb.CreateTaskRequest{Parent: queueName, Task: httpTask("http://127.0.0.1:1/", "")}); status.Code(err) != codes.NotFound {
-		t.Errorf("CreateTask in a deleted queue: %v, want NotFound", err)
+	if _, err := e.client.CreateTask(t.Context(), &cloudtaskspb.CreateTaskRequest{Parent: queueName, Task: httpTask("http://127.0.0.1:1/", "")}); status.Code(err) != codes.FailedPrecondition {
+		t.Errorf("CreateTask in a deleted queue: %v, want FailedPrecondition (its name is reserved)", err)
 	}
 }

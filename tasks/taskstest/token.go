@@ -65,3 +65,45 @@ func DecodeToken(token string) (TokenClaims, error) {
 	}
 	return c, nil
 }
+
+// DefaultOAuthScope is the scope of the access token sent for a task whose
+// oauth_token sets none.
+const DefaultOAuthScope = "https://www.googleapis.com/auth/cloud-platform"
+
+// accessTokenPrefix starts every fake access token. Real access tokens are
+// opaque; the emulator's carry their claims so that tests can read them.
+const accessTokenPrefix = "ya29.taskstest."
+
+// AccessTokenClaims are what the fake OAuth access token the emulator sends
+// for a task with an OAuthToken stands for.
+type AccessTokenClaims struct {
+	Email   string `json:"email"`
+	Scope   string `json:"scope"`
+	Expires int64  `json:"exp"`
+}
+
+func fakeAccessToken(email, scope string, now time.Time) string {
+	claims, _ := json.Marshal(AccessTokenClaims{Email: email, Scope: scope, Expires: now.Add(time.Hour).Unix()})
+	return accessTokenPrefix + base64.RawURLEncoding.EncodeToString(claims)
+}
+
+// DecodeAccessToken returns the claims of an access token the emulator
+// made, given either the bare token or the whole "Bearer ..." Authorization
+// value. It fails for any other token, OIDC tokens included; no Google API
+// accepts these tokens.
+func DecodeAccessToken(token string) (AccessTokenClaims, error) {
+	token = strings.TrimPrefix(token, "Bearer ")
+	raw, ok := strings.CutPrefix(token, accessTokenPrefix)
+	if !ok {
+		return AccessTokenClaims{}, errors.New("taskstest: not an access token made by the emulator")
+	}
+	b, err := base64.RawURLEncoding.DecodeString(raw)
+	if err != nil {
+		return AccessTokenClaims{}, fmt.Errorf("taskstest: access token: %w", err)
+	}
+	var c AccessTokenClaims
+	if err := json.Unmarshal(b, &c); err != nil {
+		return AccessTokenClaims{}, fmt.Errorf("taskstest: access token: %w", err)
+	}
+	return c, nil
+}
