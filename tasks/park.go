@@ -226,7 +226,7 @@ func (w *Worker) serveParked(rw http.ResponseWriter, r *http.Request, log *slog.
 func (w *Worker) holdParked(ctx context.Context, log *slog.Logger, j *job, d *Delivery, me Waiter, self string, cont *continuation) (parkedRun, error) {
 	p := w.park
 	var run parkedRun
-	opts := append([]locking.Option{locking.Wait(false)}, j.lockOpts...)
+	opts := w.lockOptions(j)
 	err := w.locker.With(ctx, d.LockID, func(lctx context.Context) error {
 		d.Lock = locking.FromContext(lctx)
 		d.Token = d.Lock.Token()

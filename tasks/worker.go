@@ -409,7 +409,7 @@ func (w *Worker) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 
 // run runs the job under its lock and answers.
 func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, j *job, d *Delivery) {
-	opts := append(append([]locking.Option{locking.Wait(false)}, w.lockOpts...), j.lockOpts...)
+	opts := w.lockOptions(j)
 	if j.maxWait > 0 {
 		opts = append(opts, locking.Wait(true), locking.MaxWait(j.maxWait))
 	}
@@ -471,6 +471,12 @@ func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, 
 }
 
 // policy is the Worker's mapping of lock errors to answers.
+// lockOptions are the options of j's lock, in every mode: no waiting, then
+// every job's (WithLockOptions), then j's own (LockOptions).
+func (w *Worker) lockOptions(j *job) []locking.Option {
+	return append(append([]locking.Option{locking.Wait(false)}, w.lockOpts...), j.lockOpts...)
+}
+
 func (w *Worker) policy() lockhttp.Policy {
 	return lockhttp.Policy{BusyStatus: StatusBusy, MaxRetryAfter: w.maxRetryAfter}
 }
