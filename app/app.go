@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"net/url"
@@ -36,6 +37,8 @@ type App struct {
 	worker  *tasks.Worker
 	enqueue *tasks.Client // nil when Enqueue is not configured
 	cleaner cleaner       // nil when Strong locks are not on Datastore
+	busy    string        // the Worker's mode: BusyPark or Busy429
+	waitDS  io.Closer     // the wait list's Datastore client, when the App made one
 }
 
 // An Option configures New, Register and Handler.
@@ -46,6 +49,7 @@ type options struct {
 	jobs  []jobReg
 	log   *slog.Logger
 	cfg   *Config
+	waits tasks.WaitList
 }
 
 type jobReg struct {
@@ -95,6 +99,20 @@ func WithConfig(cfg Config) Option {
 	return func(o *options) { o.cfg = &cfg }
 }
 
+// WithWaitList gives the Worker's park mode its wait list, for a program
+// whose lock client (WithLocks) keeps its Strong locks where New cannot
+// place a wait list from the Config (a Datastore backend of another
+// project, database or namespace than the Config's; a store of its own).
+// The list must be shared by every instance that serves the Worker. A nil
+// list is ignored.
+func WithWaitList(l tasks.WaitList) Option {
+	return func(o *options) {
+		if l != nil {
+			o.waits = l
+		}
+	}
+}
+
 // WithLogger sets the logger of the App that Register and Handler build
 // (LoggerFromEnv() otherwise). New takes its logger as an argument.
 func WithLogger(l *slog.Logger) Option {
@@ -110,7 +128,23 @@ func WithLogger(l *slog.Logger) Option {
 // (whose backends the environment chooses), so that the program's own locks
 // and the functions' exclude each other: an App never builds a lock store of
 // its own. Its Worker runs the jobs given with WithJob. cfg.Lease is the
-// lease of the Worker's task locks. New fails with the default client's
+// lease of the Worker's task locks.
+//
+// A busy lock parks the delivery (cfg.Busy BusyPark or empty) when the
+// deployment can park: the queue is configured (the Worker creates its
+// continuation tasks with the Enqueue function's client) and a wait list is
+// shared by every instance — WithWaitList's, or one New places by the lock
+// client's Strong backend: in Datastore (package tasks/dswait, in
+// cfg.DatastoreProject, Database and Namespace) when Strong locks are on
+// Datastore, in memory when they are in this process's memory (correct
+// only within one process, as those locks are). Any other Strong backend,
+// or no queue, gives 429 mode: with an empty cfg.Busy New logs why at
+// WARN; with BusyPark it fails with ErrConfig. The safety nets of parked
+// tasks are sized by cfg.Lease (locking.DefaultLease when zero): a job
+// given a longer lease by its LockOptions has safety nets that fire before
+// its holder's lease ends, find the lock held and are scheduled again.
+//
+// New fails with the default client's
 // error (locking.Client.Err; for example locking.ErrNoStrongBackend on Cloud
 // Run without Datastore), wrapped in ErrConfig. It does no network I/O:
 // connections are made on first use.
@@ -128,21 +162,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, opts ...Option) (*Ap
 		a.cleaner = b
 	}
 
-	wopts := []tasks.WorkerOption{tasks.WithLogger(log)}
-	if cfg.Lease > 0 {
-		wopts = append(wopts, tasks.WithLockOptions(locking.Lease(cfg.Lease)))
-	}
-	if cfg.Queue != "" {
-		wopts = append(wopts, tasks.WithQueue(cfg.Queue))
-	}
 	var err error
-	if a.worker, err = tasks.NewWorker(locks, wopts...); err != nil {
-		return nil, err
-	}
-	for _, j := range o.jobs {
-		a.worker.Handle(j.name, j.fn, j.opts...)
-	}
-
 	if cfg.EnqueueEnabled() {
 		var copts []option.ClientOption
 		if cfg.TasksEmulator != "" {
@@ -158,6 +178,29 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, opts ...Option) (*Ap
 			return nil, err
 		}
 	}
+
+	// The Worker comes after the tasks client: in park mode it creates the
+	// continuations with it.
+	wopts := []tasks.WorkerOption{tasks.WithLogger(log)}
+	if cfg.Lease > 0 {
+		wopts = append(wopts, tasks.WithLockOptions(locking.Lease(cfg.Lease)))
+	}
+	if cfg.Queue != "" {
+		wopts = append(wopts, tasks.WithQueue(cfg.Queue))
+	}
+	popts, err := a.parkOptions(ctx, cfg, o.waits)
+	if err != nil {
+		_ = a.Close()
+		return nil, err
+	}
+	wopts = append(wopts, popts...)
+	if a.worker, err = tasks.NewWorker(locks, wopts...); err != nil {
+		_ = a.Close()
+		return nil, err
+	}
+	for _, j := range o.jobs {
+		a.worker.Handle(j.name, j.fn, j.opts...)
+	}
 	return a, nil
 }
 
@@ -170,14 +213,23 @@ type cleaner interface {
 // tasks' dispatch deadline is derived from it.
 const workerTimeout = 30 * time.Minute
 
-// Close releases the App's own connection to Cloud Tasks. The lock client
-// is not the App's, and stays open.
+// Close releases the App's own connections: to Cloud Tasks, and to
+// Datastore for the wait list when New made one. The lock client is not
+// the App's, and stays open.
 func (a *App) Close() error {
+	var errs []error
 	if a.enqueue != nil {
-		return a.enqueue.Close()
+		errs = append(errs, a.enqueue.Close())
 	}
-	return nil
+	if a.waitDS != nil {
+		errs = append(errs, a.waitDS.Close())
+	}
+	return errors.Join(errs...)
 }
+
+// Busy returns what the App's Worker does with a delivery whose lock is
+// busy: BusyPark or Busy429.
+func (a *App) Busy() string { return a.busy }
 
 // Locks returns the App's lock client.
 func (a *App) Locks() *locking.Client { return a.locks }

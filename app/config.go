@@ -28,6 +28,26 @@ const (
 	EnvCleanupGrace       = "TASKGUARD_CLEANUP_GRACE"
 	EnvTasksEmulator      = "CLOUD_TASKS_EMULATOR_HOST"
 	EnvLogLevel           = "TASKGUARD_LOG_LEVEL"
+	EnvBusy               = "TASKGUARD_BUSY"
+	EnvDatastoreProject   = "DATASTORE_PROJECT_ID"
+)
+
+// What the Worker does with a delivery whose lock is busy (Config.Busy,
+// TASKGUARD_BUSY).
+const (
+	// BusyPark parks the delivery in a wait list and answers 202; the
+	// lock's holder hands the lock to the oldest waiter through a
+	// continuation task when it ends (see package tasks). It needs the
+	// queue (TASKGUARD_QUEUE and its two companions) and a wait list that
+	// every instance shares: Strong locks on Datastore, or in this
+	// process's memory (local runs, one instance).
+	BusyPark = "park"
+	// Busy429 answers 429 with Retry-After and lets Cloud Tasks retry. In
+	// production that costs the queue's retry ladder (5, 15, 35, 75, 155,
+	// 315 s with deploy/'s queue), slows the whole queue (429 and 503
+	// trigger Cloud Tasks' system throttling) and spends an attempt per
+	// answer (see README).
+	Busy429 = "429"
 )
 
 // ErrConfig marks an invalid configuration.
@@ -56,6 +76,16 @@ type Config struct {
 	// TasksEmulator is the host:port of a local Cloud Tasks emulator
 	// (CLOUD_TASKS_EMULATOR_HOST); empty in production.
 	TasksEmulator string
+	// Busy is what the Worker does with a delivery whose lock is busy
+	// (TASKGUARD_BUSY): BusyPark, Busy429, or empty for the default, park
+	// where the deployment can (see New) and 429 elsewhere.
+	Busy string
+	// DatastoreProject, DatastoreDatabase and DatastoreNamespace place the
+	// park mode's wait list beside Strong locks on Datastore, as the lock
+	// backend places its entities: DATASTORE_PROJECT_ID, else
+	// GOOGLE_CLOUD_PROJECT; TASKGUARD_DATASTORE_DATABASE;
+	// TASKGUARD_DATASTORE_NAMESPACE.
+	DatastoreProject, DatastoreDatabase, DatastoreNamespace string
 }
 
 var (
@@ -75,6 +105,16 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 		problems = append(problems, fmt.Sprintf("%s=%q: %s", name, getenv(name), fmt.Sprintf(format, args...)))
 	}
 	cfg.ProjectID = getenv(EnvProject)
+	cfg.DatastoreProject = getenv(EnvDatastoreProject)
+	if cfg.DatastoreProject == "" {
+		cfg.DatastoreProject = cfg.ProjectID
+	}
+	cfg.DatastoreDatabase, cfg.DatastoreNamespace = getenv(EnvDatastoreDatabase), getenv(EnvDatastoreNamespace)
+	switch cfg.Busy = getenv(EnvBusy); cfg.Busy {
+	case "", BusyPark, Busy429:
+	default:
+		bad(EnvBusy, "want %s or %s (empty: %s where the deployment can)", BusyPark, Busy429, BusyPark)
+	}
 
 	duration := func(name string) time.Duration {
 		v := getenv(name)

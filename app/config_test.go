@@ -20,12 +20,13 @@ func TestConfigFromEnv(t *testing.T) {
 		EnvTaskServiceAccount: "tasks@my-project.iam.gserviceaccount.com",
 		EnvMemcache:           "10.0.0.3:11211, 10.0.0.4:11211",
 		EnvValkey:             "10.0.0.5:6379",
+		EnvBusy:               "429",
 	}
 	cfg, err := ConfigFromEnv(env(valid))
 	if err != nil {
 		t.Fatalf("valid configuration refused: %v", err)
 	}
-	if cfg.Lease != 45*time.Second || cfg.CleanupGrace != 20*time.Minute || !cfg.EnqueueEnabled() {
+	if cfg.Lease != 45*time.Second || cfg.CleanupGrace != 20*time.Minute || !cfg.EnqueueEnabled() || cfg.Busy != Busy429 || cfg.DatastoreProject != "my-project" {
 		t.Errorf("config = %+v", cfg)
 	}
 	if cfg, err := ConfigFromEnv(env(nil)); err != nil || cfg.EnqueueEnabled() {
@@ -39,6 +40,7 @@ func TestConfigFromEnv(t *testing.T) {
 		EnvWorkerURL:          "http://worker.example.com",
 		EnvTaskServiceAccount: "nobody",
 		EnvDatastoreEmulator:  "localhost",
+		EnvBusy:               "wait",
 	}
 	_, err = ConfigFromEnv(env(bad))
 	if !errors.Is(err, ErrConfig) {

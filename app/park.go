@@ -1,0 +1,110 @@
+package app
+
+import (
+	"context"
+	"fmt"
+	"reflect"
+	"sync"
+
+	"cloud.google.com/go/datastore"
+
+	"github.com/taskguard/taskguard/locking"
+	"github.com/taskguard/taskguard/locking/dslock"
+	"github.com/taskguard/taskguard/locking/memlock"
+	"github.com/taskguard/taskguard/tasks"
+	"github.com/taskguard/taskguard/tasks/dswait"
+)
+
+// memoryWaits holds one in-memory wait list per in-memory lock store, so
+// that every App of a process whose locks share a store shares its waiters.
+var memoryWaits struct {
+	sync.Mutex
+	lists map[locking.Backend]*tasks.MemoryWaitList
+}
+
+// memoryWaitList returns the wait list of the in-memory lock store b.
+func memoryWaitList(b locking.Backend) *tasks.MemoryWaitList {
+	memoryWaits.Lock()
+	defer memoryWaits.Unlock()
+	if memoryWaits.lists == nil {
+		memoryWaits.lists = make(map[locking.Backend]*tasks.MemoryWaitList)
+	}
+	l := memoryWaits.lists[b]
+	if l == nil {
+		l = &tasks.MemoryWaitList{}
+		memoryWaits.lists[b] = l
+	}
+	return l
+}
+
+// parkOptions chooses the Worker's busy mode (see New), sets a.busy, and
+// returns the Worker options that turn park mode on.
+func (a *App) parkOptions(ctx context.Context, cfg Config, given tasks.WaitList) ([]tasks.WorkerOption, error) {
+	a.busy = Busy429
+	if cfg.Busy == Busy429 {
+		return nil, nil
+	}
+	list, why, err := a.waitList(ctx, cfg, given)
+	if err != nil {
+		return nil, err
+	}
+	if why != "" {
+		if cfg.Busy == BusyPark {
+			return nil, fmt.Errorf("%w: %s=%s: %s", ErrConfig, EnvBusy, BusyPark, why)
+		}
+		a.log.WarnContext(ctx, "taskguard: a busy lock is answered 429 (Cloud Tasks retries, slowly, and throttles the queue): "+why, "busy", Busy429)
+		return nil, nil
+	}
+	lease := cfg.Lease
+	if lease <= 0 {
+		lease = locking.DefaultLease
+	}
+	a.busy = BusyPark
+	return []tasks.WorkerOption{tasks.WithParking(a.enqueue, list), tasks.WithParkingLease(lease)}, nil
+}
+
+// waitList returns the park mode's wait list, or why there is none.
+func (a *App) waitList(ctx context.Context, cfg Config, given tasks.WaitList) (tasks.WaitList, string, error) {
+	if a.enqueue == nil {
+		return nil, "no queue configured: parking creates continuation tasks (set " + EnvQueue + ", " + EnvWorkerURL + " and " + EnvTaskServiceAccount + ")", nil
+	}
+	if given != nil {
+		return given, "", nil
+	}
+	b := a.locks.Backend(locking.Strong)
+	if inProcess(b) {
+		// Locks in this process's memory: so are its waiters.
+		return memoryWaitList(b), "", nil
+	}
+	switch b := b.(type) {
+	case *dslock.Backend:
+		if cfg.DatastoreProject == "" {
+			return nil, "Strong locks are on Datastore but no project is configured for the wait list (set " + EnvDatastoreProject + " or " + EnvProject + ")", nil
+		}
+		c, err := datastore.NewClientWithDatabase(ctx, cfg.DatastoreProject, cfg.DatastoreDatabase)
+		if err != nil {
+			return nil, "", fmt.Errorf("app: the wait list's Datastore client: %w", err)
+		}
+		l, err := dswait.New(c, dswait.Options{Namespace: cfg.DatastoreNamespace})
+		if err != nil {
+			_ = c.Close()
+			return nil, "", err
+		}
+		a.waitDS = c
+		return l, "", nil
+	default:
+		return nil, fmt.Sprintf("Strong locks are on %T, where no wait list shared by every instance is kept (only Datastore's and in-process memory's are)", b), nil
+	}
+}
+
+// inProcess reports whether b keeps its locks in this process's memory:
+// a *memlock.Backend, or the store package locking falls back to when the
+// environment names none (an unexported type, known here by its name; the
+// memory case of TestParkDefaultBurst fails should it change).
+func inProcess(b locking.Backend) bool {
+	if _, ok := b.(*memlock.Backend); ok {
+		return true
+	}
+	t := reflect.TypeOf(b)
+	return t != nil && t.PkgPath() == "github.com/taskguard/taskguard/locking" && t.Name() == "memory"
+}
