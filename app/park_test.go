@@ -70,7 +70,7 @@ type fakeStrong struct{ locking.Backend }
 // store share its wait list, and Apps on two stores do not.
 func TestMemoryWaitListShared(t *testing.T) {
 	b1, b2 := memlock.New(), memlock.New()
-	if memoryWaitList(b1) != memoryWaitList(b1) {
+	if first, again := memoryWaitList(b1), memoryWaitList(b1); first != again {
 		t.Error("one store, two wait lists")
 	}
 	if memoryWaitList(b1) == memoryWaitList(b2) {
