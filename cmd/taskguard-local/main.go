@@ -19,8 +19,11 @@
 // With -demo it enqueues a burst of tasks through the Enqueue function — six
 // on one lock id, six on distinct ids, five token refreshes for one user —,
 // waits for them, prints a timeline showing at most one task at a time per
-// lock id with increasing fencing tokens, calls CleanupLocks, and exits 0
-// only if every check held.
+// lock id with increasing fencing tokens and the burst's span beside its
+// ideal, calls CleanupLocks, and exits 0 only if every check held. Busy
+// tasks are parked and handed the lock (the functions' default; no 429 or
+// 503 answered); TASKGUARD_BUSY=429 shows the 429 mode, whose burst waits
+// for the queue's backoffs (minutes).
 package main
 
 import (
@@ -96,6 +99,9 @@ func run() error {
 		var job app.Option
 		rec, job = demoJobOption()
 		opts = append(opts, job)
+		if cfg.Lease == 0 {
+			cfg.Lease = demoLease
+		}
 	}
 	if v := os.Getenv(app.EnvLogLevel); v != "" {
 		if err := level.UnmarshalText([]byte(v)); err != nil {
@@ -149,7 +155,7 @@ func run() error {
 	}
 
 	if *demo {
-		return runDemo(ctx, os.Stdout, base, rec, emu, endpoint)
+		return runDemo(ctx, os.Stdout, base, rec, emu, endpoint, cfg.Busy != app.Busy429)
 	}
 	select {
 	case <-ctx.Done():
