@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# 02-datastore.sh: the Datastore-mode database, and optionally a TTL policy on the locks' expiry.
+# 02-datastore.sh: the Datastore-mode database, and optionally TTL policies on the locks' and wait records' expiry.
 #
 # Creates the database when it is missing (an existing one is kept; it must be
 # in Datastore mode). With ENABLE_TTL=1 (default) sets a TTL policy on the
 # expiresAt property of the lock kind: Google then deletes expired lock entities,
 # typically within 24 hours of expiry. That is garbage collection only: lock
 # correctness never depends on it, and CleanupLocks remains the primary cleanup.
+# It sets one on the park mode's wait-state records (TaskguardWaitState, package
+# tasks/dswait) too: their expiresAt is the dedup window after a record finished,
+# or 30 days after it was parked or claimed; nothing else deletes them (waiter
+# entities, TaskguardWaiter, are deleted when claimed).
 # Setting the same TTL policy again changes nothing.
 # Usage: deploy/02-datastore.sh [--dry-run]
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -21,5 +25,7 @@ fi
 
 if [[ "$ENABLE_TTL" == 1 ]]; then
   run gcloud firestore fields ttls update expiresAt --collection-group="$TASKGUARD_DATASTORE_KIND" \
+    --enable-ttl --async "${db[@]}"
+  run gcloud firestore fields ttls update expiresAt --collection-group="$WAIT_STATE_KIND" \
     --enable-ttl --async "${db[@]}"
 fi

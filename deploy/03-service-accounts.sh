@@ -4,7 +4,9 @@
 #   RUNTIME_SA    runs all three functions: roles/datastore.user on the project
 #                 (queue-level roles/cloudtasks.enqueuer is granted by 04-queue.sh),
 #                 and roles/iam.serviceAccountUser on TASKS_SA only, because it
-#                 creates tasks that carry OIDC tokens for TASKS_SA (actAs).
+#                 creates tasks that carry OIDC tokens for TASKS_SA (actAs): Enqueue's
+#                 tasks, and the Worker's continuations in park mode (hand-offs
+#                 and safety nets of parked tasks).
 #   TASKS_SA      the identity Cloud Tasks presents to Worker (run.invoker on Worker only, 06-invokers.sh).
 #   SCHEDULER_SA  the identity Cloud Scheduler presents to CleanupLocks (run.invoker on it only, 06-invokers.sh).
 #

@@ -5,7 +5,8 @@
 # A task whose lock is busy is answered with a retryable status, so the retry
 # settings decide how long a job waits for its lock: keep QUEUE_MAX_BACKOFF at
 # or above TASKGUARD_LEASE so that retries outlast a dead holder's lease.
-# Grants RUNTIME_SA roles/cloudtasks.enqueuer on this queue only.
+# Grants RUNTIME_SA roles/cloudtasks.enqueuer on this queue only: Enqueue creates
+# tasks on it, and so does the Worker in park mode (its continuations).
 # Usage: deploy/04-queue.sh [--dry-run]
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 

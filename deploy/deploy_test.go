@@ -30,6 +30,7 @@ import (
 	"time"
 
 	"github.com/taskguard/taskguard/locking"
+	"github.com/taskguard/taskguard/tasks/dswait"
 	"go.uber.org/goleak"
 	"golang.org/x/sync/errgroup"
 )
@@ -59,7 +60,7 @@ var functionEnvNames = []string{
 	"GOOGLE_CLOUD_PROJECT", "TASKGUARD_DATASTORE_DATABASE", "TASKGUARD_DATASTORE_NAMESPACE",
 	"TASKGUARD_DATASTORE_KIND", "MEMCACHE_SERVERS", "VALKEY_ADDR",
 	"TASKGUARD_QUEUE", "TASKGUARD_WORKER_URL", "TASKGUARD_TASK_SERVICE_ACCOUNT", "TASKGUARD_LEASE",
-	"TASKGUARD_CLEANUP_GRACE",
+	"TASKGUARD_CLEANUP_GRACE", "TASKGUARD_BUSY",
 }
 
 // command is one command line a script would run, split into arguments.
@@ -260,6 +261,7 @@ func scenarios(t *testing.T) []scenario {
 				"TASKGUARD_WORKER_URL":          "https://worker.example.com/run",
 				"TASKGUARD_LEASE":               "1m30s",
 				"TASKGUARD_CLEANUP_GRACE":       "24h",
+				"TASKGUARD_BUSY":                "429",
 				"SCHEDULE":                      "0 */6 * * *",
 				"SCHEDULE_TIME_ZONE":            "Europe/Paris",
 				"QUEUE_MAX_ATTEMPTS":            "-1",
@@ -392,7 +394,7 @@ func expect(s scenario) expectation {
 		"TASKGUARD_LEASE":                get("TASKGUARD_LEASE", locking.DefaultLease.String()),
 		"TASKGUARD_CLEANUP_GRACE":        get("TASKGUARD_CLEANUP_GRACE", "1h"),
 	}
-	for _, k := range []string{"TASKGUARD_DATASTORE_DATABASE", "TASKGUARD_DATASTORE_NAMESPACE", "MEMCACHE_SERVERS", "VALKEY_ADDR"} {
+	for _, k := range []string{"TASKGUARD_DATASTORE_DATABASE", "TASKGUARD_DATASTORE_NAMESPACE", "MEMCACHE_SERVERS", "VALKEY_ADDR", "TASKGUARD_BUSY"} {
 		if v := get(k, ""); v != "" {
 			e.env[k] = v
 		}
@@ -470,11 +472,12 @@ func checkPlan(t *testing.T, s scenario, cmds []command) {
 	t.Helper()
 	e := expect(s)
 	var (
-		bindings []binding
-		deploys  = map[string]command{}
-		vpc      = map[string]bool{}
-		timeouts = map[string]int{}
-		count    = map[string]int{}
+		bindings  []binding
+		deploys   = map[string]command{}
+		vpc       = map[string]bool{}
+		timeouts  = map[string]int{}
+		count     = map[string]int{}
+		ttlGroups = map[string]bool{}
 	)
 	for _, c := range cmds {
 		if c[0] != "gcloud" {
@@ -554,9 +557,10 @@ func checkPlan(t *testing.T, s scenario, cmds []command) {
 		case "firestore fields ttls update":
 			group, _ := c.flag("collection-group")
 			db, _ := c.flag("database")
-			if _, on := c.flag("enable-ttl"); !on || c.arg(4, 0) != "expiresAt" || group != e.kind || db != e.database {
-				t.Errorf("TTL policy must enable TTL on %s.expiresAt in database %s: %s", e.kind, e.database, c)
+			if _, on := c.flag("enable-ttl"); !on || c.arg(4, 0) != "expiresAt" || (group != e.kind && group != dswait.KindState) || db != e.database {
+				t.Errorf("TTL policy must enable TTL on %s.expiresAt or %s.expiresAt in database %s: %s", e.kind, dswait.KindState, e.database, c)
 			}
+			ttlGroups[group] = true
 		case "tasks queues create", "tasks queues update":
 			if c.arg(3, 0) != e.queue {
 				t.Errorf("queue %q, want %q: %s", c.arg(3, 0), e.queue, c)
@@ -608,13 +612,16 @@ func checkPlan(t *testing.T, s scenario, cmds []command) {
 		"scheduler jobs create http":   fresh,
 		"scheduler jobs update http":   rerun,
 		"services enable":              1,
-		"firestore fields ttls update": map[bool]int{true: 1, false: 0}[e.ttl],
+		"firestore fields ttls update": map[bool]int{true: 2, false: 0}[e.ttl],
 		"run services update":          map[bool]int{true: len(e.functions()), false: 0}[e.vpc && !e.run],
 		"run deploy":                   map[bool]int{true: len(e.functions()), false: 0}[e.run],
 	} {
 		if count[path] != want {
 			t.Errorf("%d × gcloud %s, want %d", count[path], path, want)
 		}
+	}
+	if e.ttl && (!ttlGroups[e.kind] || !ttlGroups[dswait.KindState]) {
+		t.Errorf("TTL policies on %v; want on the lock kind %s and on park mode's wait records %s", ttlGroups, e.kind, dswait.KindState)
 	}
 
 	// Least privilege: exactly these grants, nothing project-wide but Datastore access.
@@ -850,6 +857,7 @@ func TestScriptsRejectBadConfiguration(t *testing.T) {
 		{"attempt deadline above cleanup timeout", "07-scheduler.sh", nil, with("SCHEDULER_ATTEMPT_DEADLINE", "900s"), "must not exceed CLEANUP_TIMEOUT", 1},
 		{"attempt deadline above 30 min", "07-scheduler.sh", nil, with("CLEANUP_TIMEOUT", "3600s", "SCHEDULER_ATTEMPT_DEADLINE", "3600s"), "SCHEDULER_ATTEMPT_DEADLINE must be between", 1},
 		{"lease not a Go duration", "05-functions.sh", nil, with("TASKGUARD_LEASE", "60"), "not a Go duration", 1},
+		{"busy mode unknown", "05-functions.sh", nil, with("TASKGUARD_BUSY", "wait"), "TASKGUARD_BUSY=wait: want park or 429", 1},
 		{"network without subnet", "05-functions.sh", nil, with("VPC_NETWORK", "default"), "both VPC_NETWORK and VPC_SUBNET", 1},
 		{"service account id", "03-service-accounts.sh", nil, with("RUNTIME_SA", "Runtime_SA"), "must be 6-30 lowercase", 1},
 		{"invoker not a member", "06-invokers.sh", nil, with("ENQUEUE_INVOKERS", "bob@example.com"), "is not an IAM member", 1},

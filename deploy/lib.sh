@@ -212,6 +212,7 @@ fi
 : "${TASKGUARD_WORKER_URL:=}"                    # empty: read from the deployed Worker
 : "${TASKGUARD_LEASE:=30s}"                      # lock lease (locking.DefaultLease); renewed every third of it
 : "${TASKGUARD_CLEANUP_GRACE:=1h}"               # CleanupLocks deletes locks expired longer ago than this
+: "${TASKGUARD_BUSY:=}"                          # park or 429; empty: park (see README, Configuration)
 
 # ---- derived values and checks --------------------------------------------------
 
@@ -221,6 +222,7 @@ TASKS_SA_EMAIL="$(sa_email "$TASKS_SA")"
 SCHEDULER_SA_EMAIL="$(sa_email "$SCHEDULER_SA")"
 TASKGUARD_QUEUE="projects/${PROJECT}/locations/${QUEUE_LOCATION}/queues/${QUEUE}"
 DATASTORE_DATABASE_ID="${TASKGUARD_DATASTORE_DATABASE:-(default)}"
+WAIT_STATE_KIND=TaskguardWaitState               # tasks/dswait.KindState: park mode's wait records
 
 # The functions to deploy, "NAME TIMEOUT" each: taskguard's, then EXTRA_FUNCTIONS
 # (60s unless given).
@@ -264,6 +266,7 @@ fi
 [[ "$ENABLE_TTL" == 0 || "$ENABLE_TTL" == 1 ]] || die "ENABLE_TTL=$ENABLE_TTL: want 0 or 1"
 [[ -z "$MAX_INSTANCES" || "$MAX_INSTANCES" =~ ^[1-9][0-9]*$ ]] || die "MAX_INSTANCES=$MAX_INSTANCES: want a positive integer"
 [[ -z "$TASKGUARD_WORKER_URL" || "$TASKGUARD_WORKER_URL" =~ ^https:// ]] || die "TASKGUARD_WORKER_URL must be an https URL"
+[[ -z "$TASKGUARD_BUSY" || "$TASKGUARD_BUSY" == park || "$TASKGUARD_BUSY" == 429 ]] || die "TASKGUARD_BUSY=$TASKGUARD_BUSY: want park or 429 (empty: park)"
 
 # Timeouts. gcloud accepts any duration offline; the API enforces these ranges.
 _worker_s="$(seconds_of WORKER_TIMEOUT "$WORKER_TIMEOUT")"
@@ -313,6 +316,7 @@ functions_env() {
     "TASKGUARD_TASK_SERVICE_ACCOUNT=$TASKS_SA_EMAIL"
     "TASKGUARD_LEASE=$TASKGUARD_LEASE"
     "TASKGUARD_CLEANUP_GRACE=$TASKGUARD_CLEANUP_GRACE"
+    "TASKGUARD_BUSY=$TASKGUARD_BUSY"
   )
   for kv in "${pairs[@]}"; do
     [[ "$kv" != *";"* ]] || die "environment value must not contain ';': $kv"

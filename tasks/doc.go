@@ -44,6 +44,9 @@
 //
 // # Park and hand-off (opt-in: WithParking)
 //
+// A Worker built by package app, the deployed functions, parks by default
+// (TASKGUARD_BUSY); a Worker of your own parks when given WithParking.
+//
 // In the default 429 mode Cloud Tasks does the waiting, and in production
 // that is slow and spreads: a busy task is retried after the queue's backoff
 // (truncated to whole seconds; with deploy's queue about 5, 15, 35, 75, 155,
