@@ -27,8 +27,10 @@ import (
 // reports the burst's span beside the ideal n × work, and the unrelated
 // tasks' start latency (enqueue to start) with and without the burst.
 //
-// The 429 mode takes minutes (the queue's retry ladder): run it with
-// go test -run '^$' -bench BenchmarkBurst -benchtime 1x ./tasks.
+// The 429 mode takes minutes (the queue's retry ladder). `make bench` runs
+// it (go test -run '^$' -bench '^BenchmarkBurst$' -benchtime 1x ./tasks),
+// and internal/benchplot writes its results into BENCHMARKS.md's burst
+// table.
 func BenchmarkBurst(b *testing.B) {
 	const n, work, unrelated = 6, 300 * time.Millisecond, 5
 	for _, mode := range []string{"park", "429"} {
@@ -39,6 +41,7 @@ func BenchmarkBurst(b *testing.B) {
 				b.ReportMetric(loaded.span.Seconds(), "burst-s")
 				b.ReportMetric((time.Duration(n) * work).Seconds(), "ideal-s")
 				b.ReportMetric(float64(loaded.busy), "answers-429")
+				b.ReportMetric(float64(loaded.unavailable), "answers-503")
 				b.ReportMetric(quiet.unrelated.Seconds()*1000, "unrelated-quiet-ms")
 				b.ReportMetric(loaded.unrelated.Seconds()*1000, "unrelated-burst-ms")
 			}
@@ -47,9 +50,10 @@ func BenchmarkBurst(b *testing.B) {
 }
 
 type burstResult struct {
-	span      time.Duration // enqueue of the burst to the end of its last run
-	unrelated time.Duration // mean enqueue-to-start of the unrelated tasks
-	busy      int           // answers 429
+	span        time.Duration // enqueue of the burst to the end of its last run
+	unrelated   time.Duration // mean enqueue-to-start of the unrelated tasks
+	busy        int           // answers 429
+	unavailable int           // answers 503
 }
 
 // burst runs n tasks of work on one lock id and, 100 ms later, unrelated
@@ -73,12 +77,16 @@ func burst(b *testing.B, park bool, n int, work time.Duration, unrelated int) bu
 		workers []*tasks.Worker
 		next    atomic.Uint64
 		busy    atomic.Int32
+		unavail atomic.Int32
 	)
 	ts := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
 		sw := &statusWriter{ResponseWriter: rw, status: 200}
 		workers[next.Add(1)%uint64(len(workers))].ServeHTTP(sw, r)
-		if sw.status == http.StatusTooManyRequests {
+		switch sw.status {
+		case http.StatusTooManyRequests:
 			busy.Add(1)
+		case http.StatusServiceUnavailable:
+			unavail.Add(1)
 		}
 	}))
 	defer ts.Close()
@@ -160,5 +168,6 @@ func burst(b *testing.B, park bool, n int, work time.Duration, unrelated int) bu
 	}
 	res.unrelated /= time.Duration(unrelated)
 	res.busy = int(busy.Load())
+	res.unavailable = int(unavail.Load())
 	return res
 }

@@ -5,9 +5,12 @@
 //	go run ./internal/benchplot -in bench.txt -md BENCHMARKS.md -svg docs/handoff.svg
 //
 // It replaces the part of the Markdown file between the markers
-// "<!-- bench:begin -->" and "<!-- bench:end -->" and leaves the rest
-// (hand-written analysis) alone; a file without the markers gets them
-// appended. Lines of the input starting with "# " (written by `make bench`:
+// "<!-- bench:begin -->" and "<!-- bench:end -->", and, when the input holds
+// a run of tasks.BenchmarkBurst, the burst table between
+// "<!-- burst:begin -->" and "<!-- burst:end -->" (park mode vs 429 mode vs
+// the ideal n × T, and unrelated ids' start latency with and without the
+// burst), and leaves the rest (hand-written analysis) alone; a file without
+// the markers gets them appended. Lines of the input starting with "# " (written by `make bench`:
 // machine, load, command) are copied into the report.
 package main
 
@@ -63,7 +66,11 @@ func run(in, mdPath, svgPath string) error {
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
-	return os.WriteFile(mdPath, []byte(splice(string(old), report(res, svgPath))), 0o644)
+	doc := splice(string(old), report(res, svgPath))
+	if res.hasBurst() {
+		doc = spliceBetween(doc, burstBegin, burstEnd, burstReport(res))
+	}
+	return os.WriteFile(mdPath, []byte(doc), 0o644)
 }
 
 // results holds the parsed benchmark output.
@@ -120,15 +127,4 @@ func (r *results) get(name, unit string) (float64, bool) {
 }
 
 // splice puts body between the markers of doc.
-func splice(doc, body string) string {
-	block := beginMarker + "\n" + body + endMarker
-	i := strings.Index(doc, beginMarker)
-	j := strings.Index(doc, endMarker)
-	if i < 0 || j < i {
-		if doc != "" && !strings.HasSuffix(doc, "\n") {
-			doc += "\n"
-		}
-		return doc + "\n" + block + "\n"
-	}
-	return doc[:i] + block + doc[j+len(endMarker):]
-}
+func splice(doc, body string) string { return spliceBetween(doc, beginMarker, endMarker, body) }
