@@ -2,8 +2,9 @@
 // functions project of its own:
 //
 //   - Worker, the Cloud Tasks target: runs each task's job under the task's
-//     lock, answering 429 with Retry-After when the lock is busy (see
-//     tasks.Worker).
+//     lock. A task whose lock is busy is parked and handed the lock by its
+//     holder (park mode, the default where the deployment can; see New), or
+//     answered 429 with Retry-After (TASKGUARD_BUSY=429; see tasks.Worker).
 //   - Enqueue, an authenticated endpoint that enqueues a task.
 //   - CleanupLocks, the Cloud Scheduler target: deletes expired Datastore
 //     lock entities and answers a JSON CleanupReport.
