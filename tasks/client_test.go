@@ -26,6 +26,7 @@ import (
 var afterTests []func()
 
 func TestMain(m *testing.M) {
+	workerProcess() // a re-executed Worker process never returns from here
 	code := m.Run()
 	for _, f := range afterTests {
 		f()
