@@ -226,7 +226,9 @@ type JobOption func(*job)
 
 // MaxWait makes the job wait up to d (at most 30 s) for its lock inside the
 // handler before answering 429, instead of answering at once. Use it only
-// for locks held briefly: the wait is billed time.
+// for locks held briefly: the wait is billed time. In park mode
+// (WithParking, the deployed functions' default) it does nothing: a busy
+// lock parks the delivery at once, and its holder hands the lock on.
 func MaxWait(d time.Duration) JobOption {
 	return func(j *job) { j.maxWait = min(max(d, 0), maxJobWait) }
 }
