@@ -3,14 +3,12 @@ package app
 import (
 	"context"
 	"fmt"
-	"reflect"
 	"sync"
 
 	"cloud.google.com/go/datastore"
 
 	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/locking/dslock"
-	"github.com/taskguard/taskguard/locking/memlock"
 	"github.com/taskguard/taskguard/tasks"
 	"github.com/taskguard/taskguard/tasks/dswait"
 )
@@ -57,7 +55,7 @@ func (a *App) parkOptions(ctx context.Context, cfg Config, given tasks.WaitList)
 	}
 	lease := cfg.Lease
 	if lease <= 0 {
-		lease = locking.DefaultLease
+		lease = a.locks.Lease()
 	}
 	a.busy = BusyPark
 	return []tasks.WorkerOption{tasks.WithParking(a.enqueue, list), tasks.WithParkingLease(lease)}, nil
@@ -72,7 +70,7 @@ func (a *App) waitList(ctx context.Context, cfg Config, given tasks.WaitList) (t
 		return given, "", nil
 	}
 	b := a.locks.Backend(locking.Strong)
-	if inProcess(b) {
+	if a.locks.InProcess(locking.Strong) {
 		// Locks in this process's memory: so are its waiters.
 		return memoryWaitList(b), "", nil
 	}
@@ -95,16 +93,4 @@ func (a *App) waitList(ctx context.Context, cfg Config, given tasks.WaitList) (t
 	default:
 		return nil, fmt.Sprintf("Strong locks are on %T, where no wait list shared by every instance is kept (only Datastore's and in-process memory's are)", b), nil
 	}
-}
-
-// inProcess reports whether b keeps its locks in this process's memory:
-// a *memlock.Backend, or the store package locking falls back to when the
-// environment names none (an unexported type, known here by its name; the
-// memory case of TestParkDefaultBurst fails should it change).
-func inProcess(b locking.Backend) bool {
-	if _, ok := b.(*memlock.Backend); ok {
-		return true
-	}
-	t := reflect.TypeOf(b)
-	return t != nil && t.PkgPath() == "github.com/taskguard/taskguard/locking" && t.Name() == "memory"
 }

@@ -133,6 +133,18 @@ func cmp(d, def time.Duration) time.Duration {
 	return d
 }
 
+// Lease returns the client's default lease: Config.Lease, or DefaultLease.
+func (c *Client) Lease() time.Duration { return c.lease }
+
+// InProcess reports whether locks of kind k are kept in this process's
+// memory (the in-memory default of FromEnvironment, or a backend such as
+// package memlock's that says so with an InProcess() bool method), and so
+// exclude nothing across instances.
+func (c *Client) InProcess(k LockKind) bool {
+	b, ok := c.Backend(k).(interface{ InProcess() bool })
+	return ok && b.InProcess()
+}
+
 // Backend returns the backend that stores locks of kind k, or nil.
 func (c *Client) Backend(k LockKind) Backend {
 	if k != Strong && k != Weak {

@@ -38,4 +38,7 @@ func (m memory) Release(_ context.Context, id, owner string) error {
 	return nil
 }
 
+// InProcess reports true: these locks live in this process only.
+func (memory) InProcess() bool { return true }
+
 func newMemory() Backend { return memory{memstore.New(time.Now)} }

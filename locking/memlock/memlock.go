@@ -53,6 +53,10 @@ func New(opts ...Option) *Backend {
 }
 
 // Acquire implements locking.Backend. It never fails.
+// InProcess reports true: the store lives in this process's memory, so its
+// locks exclude nothing across instances (see locking.Client.InProcess).
+func (b *Backend) InProcess() bool { return true }
+
 func (b *Backend) Acquire(_ context.Context, r locking.Request) (locking.Grant, error) {
 	if err := r.Validate(); err != nil {
 		return locking.Grant{}, fmt.Errorf("memlock: acquire: %w", err)
