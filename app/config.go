@@ -3,6 +3,7 @@ package app
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/url"
 	"regexp"
 	"strings"
@@ -130,6 +131,12 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 	}
 	cfg.Lease = duration(EnvLease)
 	cfg.CleanupGrace = duration(EnvCleanupGrace)
+	if v := getenv(EnvLogLevel); v != "" {
+		var level slog.Level
+		if err := level.UnmarshalText([]byte(v)); err != nil {
+			bad(EnvLogLevel, "want DEBUG, INFO, WARN or ERROR (optionally +N or -N)")
+		}
+	}
 
 	// Names Datastore would refuse: every lock call would fail.
 	for _, c := range []struct {

@@ -41,6 +41,7 @@ func TestConfigFromEnv(t *testing.T) {
 		EnvTaskServiceAccount: "nobody",
 		EnvDatastoreEmulator:  "localhost",
 		EnvBusy:               "wait",
+		EnvLogLevel:           "verbose",
 	}
 	_, err = ConfigFromEnv(env(bad))
 	if !errors.Is(err, ErrConfig) {

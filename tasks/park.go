@@ -188,6 +188,13 @@ func (w *Worker) serveParked(rw http.ResponseWriter, r *http.Request, log *slog.
 			}
 			return
 		case !run.ran:
+			if a, ok := w.policy().Answer(err); ok && a.Status == http.StatusInternalServerError {
+				// A lock error that retrying cannot mend (a misconfigured
+				// lock client): answered as in 429 mode.
+				log.ErrorContext(ctx, "tasks: could not take the lock", "error", err)
+				w.answer(rw, w.policy(), err)
+				return
+			}
 			log.ErrorContext(ctx, "tasks: could not take the lock or read the wait list; retrying", "error", err)
 			http.Error(rw, "lock unavailable", StatusRetry)
 			return

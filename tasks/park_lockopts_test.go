@@ -72,3 +72,34 @@ func TestWorkerLockOptionsInEveryMode(t *testing.T) {
 		}
 	}
 }
+
+// TestWorkerMisconfiguredLockInEveryMode: a lock the client refuses before
+// any I/O (here a lease above locking.MaxLease) is answered 500, as the
+// lockhttp.Policy says, in park mode as in 429 mode; retrying (503) could
+// not mend it.
+func TestWorkerMisconfiguredLockInEveryMode(t *testing.T) {
+	for _, mode := range []string{"429", "park"} {
+		t.Run(mode, func(t *testing.T) {
+			locker, err := locking.New(locking.Config{Strong: memlock.New()})
+			if err != nil {
+				t.Fatal(err)
+			}
+			opts := []tasks.WorkerOption{tasks.WithQueue(queueName), tasks.WithLockOptions(locking.Lease(locking.MaxLease + time.Hour))}
+			if mode == "park" {
+				c, err := tasks.NewClient(t.Context(), baseConfig("https://worker.example/"), deadEndpoint(t)...)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { _ = c.Close() })
+				opts = append(opts, tasks.WithParking(c, &tasks.MemoryWaitList{}))
+			}
+			w := newWorker(t, locker, &logBuffer{}, opts...)
+			w.Handle("ok", func(ctx context.Context, d *tasks.Delivery) error { return nil })
+			rec := httptest.NewRecorder()
+			w.ServeHTTP(rec, delivery(envelopeBody("ok", "id-1", nil)))
+			if rec.Code != http.StatusInternalServerError {
+				t.Errorf("%s mode: answer %d %q; want 500 (lock misconfigured)", mode, rec.Code, rec.Body)
+			}
+		})
+	}
+}
