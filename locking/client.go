@@ -343,8 +343,11 @@ func (c *Client) ask(ctx context.Context, b Backend, g *gate, req Request, sent 
 }
 
 // giveBackWait is how long a failed Acquire waits for its give-back before
-// returning; the give-back itself goes on for up to releaseTimeout.
-const giveBackWait = 500 * time.Millisecond
+// returning; the give-back itself goes on for up to releaseTimeout. Long
+// enough for a slow store to answer (a function instance may be frozen, or
+// its process end, once the caller returns), short enough that a store that
+// does not answer holds the caller for 2 s, not 10.
+const giveBackWait = 2 * time.Second
 
 // giveBack releases req's owner on a context detached from ctx: a grant
 // nobody will hold, or an acquire whose outcome is unknown. The owner is

@@ -200,14 +200,16 @@ func TestTortureLifeCycle(t *testing.T) {
 		start := time.Now()
 		st, sections := runWorkers(t, sc.procs, cfg, nil, nil)
 		res := torture.Check(sections, checkTimeout)
-		report(t, "%s; processes=%d acquired=%d errors=%d lost=%d cancelled while acquiring=%d while holding=%d (ran on after it: %d) replies dropped=%d in %v",
-			res, sc.procs, st.Acquired, st.Errors, st.Lost, st.CancelledAcquiring, st.CancelledHolding, st.Overran, st.DroppedReplies,
+		report(t, "%s; processes=%d acquired=%d errors=%d (releases the store failed: %d) lost=%d cancelled while acquiring=%d while holding=%d (ran on after it: %d) replies dropped=%d in %v",
+			res, sc.procs, st.Acquired, st.Errors, st.ReleaseFailed, st.Lost, st.CancelledAcquiring, st.CancelledHolding, st.Overran, st.DroppedReplies,
 			time.Since(start).Round(time.Millisecond))
 		if st.CancelledAcquiring == 0 || st.CancelledHolding == 0 || st.Overran == 0 || st.DroppedReplies == 0 {
 			t.Errorf("the faults did not bite: %+v", st)
 		}
 		assertExclusive(t, res)
-		// Nothing left held: every id is free once the workers are gone.
+		// Nothing left held: every id is free once the workers are gone,
+		// unless the store itself failed a release (then that lock expires
+		// with its lease, as documented).
 		b, closeB, err := torture.NewBackend(t.Context(), cfg)
 		if err != nil {
 			t.Fatal(err)
@@ -215,8 +217,12 @@ func TestTortureLifeCycle(t *testing.T) {
 		defer closeB()
 		for _, id := range cfg.IDs {
 			g, err := b.Acquire(t.Context(), locking.Request{ID: id, Owner: "torture-check", Lease: time.Second})
-			if err != nil || !g.Acquired {
-				t.Errorf("lock %q left held after the run: %+v, %v", id, g, err)
+			switch {
+			case err == nil && g.Acquired:
+			case st.ReleaseFailed > 0:
+				t.Logf("lock %q held after the run (%+v, %v); the store failed %d releases, whose locks expire with their lease", id, g, err, st.ReleaseFailed)
+			default:
+				t.Errorf("lock %q left held after the run although no release failed in the store: %+v, %v", id, g, err)
 			}
 		}
 	})

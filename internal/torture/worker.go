@@ -82,6 +82,9 @@ type Stats struct {
 	CancelledHolding   int64 `json:"cancelled_holding"`
 	Overran            int64 `json:"overran"`
 	DroppedReplies     int64 `json:"dropped_replies"`
+	// ReleaseFailed counts sections whose release the store failed (not a
+	// reply dropped on purpose): their locks are left to expire.
+	ReleaseFailed int64 `json:"release_failed"`
 }
 
 // Add adds o's counts to s.
@@ -93,6 +96,7 @@ func (s *Stats) Add(o Stats) {
 	s.CancelledHolding += o.CancelledHolding
 	s.Overran += o.Overran
 	s.DroppedReplies += o.DroppedReplies
+	s.ReleaseFailed += o.ReleaseFailed
 }
 
 // errReplyDropped is the error of a call whose reply dropReplies lost.
@@ -340,6 +344,12 @@ func Run(ctx context.Context, cfg Config) (Stats, error) {
 					case err != nil:
 						atomic.AddInt64(&stats.Errors, 1)
 						s.Err = err.Error()
+						if !errors.Is(err, errReplyDropped) {
+							// The body ran and returned nil: the release
+							// failed in the store, and the lock expires with
+							// its lease.
+							atomic.AddInt64(&stats.ReleaseFailed, 1)
+						}
 					}
 					if s.Exit == 0 { // never: fn always sets it, but keep Crashed honest
 						s.Exit = s.End
