@@ -30,7 +30,8 @@ const (
 	// time already waited (at most a tenth of it; see Config.MinBackoff), so
 	// a waiter notices a release within about 4% of the time it has waited,
 	// on average, and within DefaultMaxBackoff at worst; a 60-second wait
-	// costs about 75 polls (1.3 a second) instead of 50 a second.
+	// costs about 100 polls (1.7 a second; TestPollSchedule) instead of 50
+	// a second.
 	DefaultMaxBackoff = 2 * time.Second
 )
 
@@ -161,7 +162,8 @@ func (c *Client) Backend(k LockKind) Backend {
 // function returns. (To bound only the wait, use MaxWait, not a shorter ctx.)
 //
 // While the lock is held by someone else Acquire waits (unless Wait(false)),
-// polling the backend with exponential backoff and jitter, until it acquires
+// woken by the backend's announcement of a release (a Notifier) or polling
+// it with a jittered pause that grows with the time waited, until it acquires
 // the lock, MaxWait passes (a *NotAcquiredError, errors.Is ErrNotAcquired), or
 // ctx is done (an error wrapping ctx.Err()). Callers of one Client waiting for
 // the same id queue in this process: only the first polls the backend, and a

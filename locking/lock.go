@@ -208,8 +208,7 @@ func (c *Client) newLock(life context.Context, b Backend, kind LockKind, req Req
 		exited:  make(chan struct{}),
 		endLife: endLife,
 	}
-	g.holding(sent.Add(req.Lease))
-	go l.renew(life, sent)
+	go l.renew(life, sent) // the gate learnt of the holding from the grant (Client.ask)
 	return l
 }
 
