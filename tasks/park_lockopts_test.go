@@ -4,7 +4,6 @@ import (
 	"context"
 	"net/http"
 	"net/http/httptest"
-	"sync"
 	"testing"
 	"time"
 
@@ -13,18 +12,16 @@ import (
 	"github.com/taskguard/taskguard/tasks"
 )
 
-// recordingBackend records the lease of every Acquire it is asked.
-type recordingBackend struct {
-	locking.Backend
-	mu     sync.Mutex
-	leases []time.Duration
-}
-
-func (b *recordingBackend) Acquire(ctx context.Context, r locking.Request) (locking.Grant, error) {
-	b.mu.Lock()
-	b.leases = append(b.leases, r.Lease)
-	b.mu.Unlock()
-	return b.Backend.Acquire(ctx, r)
+// parking turns park mode on, with an in-memory wait list and a tasks
+// client whose calls go nowhere.
+func parking(t *testing.T) tasks.WorkerOption {
+	t.Helper()
+	c, err := tasks.NewClient(t.Context(), baseConfig("https://worker.example/"), deadEndpoint(t)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return tasks.WithParking(c, &tasks.MemoryWaitList{})
 }
 
 // TestWorkerLockOptionsInEveryMode checks that the options every job's
@@ -35,19 +32,14 @@ func TestWorkerLockOptionsInEveryMode(t *testing.T) {
 	for _, mode := range []string{"429", "park"} {
 		for _, kind := range []locking.LockKind{locking.Strong, locking.Weak} {
 			t.Run(mode+"/"+kind.String(), func(t *testing.T) {
-				strong, weak := &recordingBackend{Backend: memlock.New()}, &recordingBackend{Backend: memlock.New()}
+				strong, weak := &leaseRecorder{Backend: memlock.New()}, &leaseRecorder{Backend: memlock.New()}
 				locker, err := locking.New(locking.Config{Strong: strong, Weak: weak})
 				if err != nil {
 					t.Fatal(err)
 				}
 				opts := []tasks.WorkerOption{tasks.WithQueue(queueName), tasks.WithLockOptions(locking.Lease(lease), locking.Kind(kind))}
 				if mode == "park" {
-					c, err := tasks.NewClient(t.Context(), baseConfig("https://worker.example/"), deadEndpoint(t)...)
-					if err != nil {
-						t.Fatal(err)
-					}
-					t.Cleanup(func() { _ = c.Close() })
-					opts = append(opts, tasks.WithParking(c, &tasks.MemoryWaitList{}))
+					opts = append(opts, parking(t))
 				}
 				w := newWorker(t, locker, &logBuffer{}, opts...)
 				w.Handle("ok", func(ctx context.Context, d *tasks.Delivery) error { return nil })
@@ -86,12 +78,7 @@ func TestWorkerMisconfiguredLockInEveryMode(t *testing.T) {
 			}
 			opts := []tasks.WorkerOption{tasks.WithQueue(queueName), tasks.WithLockOptions(locking.Lease(locking.MaxLease + time.Hour))}
 			if mode == "park" {
-				c, err := tasks.NewClient(t.Context(), baseConfig("https://worker.example/"), deadEndpoint(t)...)
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(func() { _ = c.Close() })
-				opts = append(opts, tasks.WithParking(c, &tasks.MemoryWaitList{}))
+				opts = append(opts, parking(t))
 			}
 			w := newWorker(t, locker, &logBuffer{}, opts...)
 			w.Handle("ok", func(ctx context.Context, d *tasks.Delivery) error { return nil })
