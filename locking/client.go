@@ -81,6 +81,37 @@ type Client struct {
 
 	mu    sync.Mutex
 	gates map[gateKey]*gate // guarded by mu
+
+	hooksMu   sync.RWMutex
+	onRelease []func(ctx context.Context, kind LockKind, id string) // guarded by hooksMu
+}
+
+// OnRelease registers fn to be called after every release by c that the
+// store confirmed: Lock.Release, the end of With, and the release of a lock
+// whose context ended. fn runs synchronously in that release, before it
+// returns (so before Release returns, and before With returns), on a
+// context detached from the caller's and bounded by the release's own
+// 10-second budget; a lock that was lost or whose release failed does not
+// call it. Package tasks registers its hand-off to parked tasks this way
+// (tasks.HandOff). fn must be safe for concurrent use; it cannot be
+// unregistered.
+func (c *Client) OnRelease(fn func(ctx context.Context, kind LockKind, id string)) {
+	if fn == nil {
+		return
+	}
+	c.hooksMu.Lock()
+	defer c.hooksMu.Unlock()
+	c.onRelease = append(c.onRelease, fn)
+}
+
+// released calls the OnRelease hooks.
+func (c *Client) released(ctx context.Context, kind LockKind, id string) {
+	c.hooksMu.RLock()
+	hooks := c.onRelease
+	c.hooksMu.RUnlock()
+	for _, fn := range hooks {
+		fn(ctx, kind, id)
+	}
 }
 
 // New returns a client for cfg, or an error wrapping ErrInvalid when cfg is

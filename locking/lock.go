@@ -147,6 +147,7 @@ func (l *Lock) release(ctx context.Context) error {
 	switch {
 	case err == nil:
 		l.end(released, fmt.Errorf("%w: %q was released", ErrNotHeld, l.req.ID), false)
+		l.c.released(rctx, l.kind, l.req.ID)
 		return nil
 	case errors.Is(err, ErrNotHeld):
 		lostErr := fmt.Errorf("%w: %q was taken over or expired before it was released", ErrLockLost, l.req.ID)
@@ -350,6 +351,9 @@ func (l *Lock) endWithContext(life context.Context) {
 		l.c.log.Warn("locking: release after context end failed; the lease will expire", "lock_id", l.req.ID, "token", l.token, "error", err)
 	}
 	l.end(released, fmt.Errorf("%w: %q was released when its context ended: %w", ErrNotHeld, l.req.ID, life.Err()), false)
+	if err == nil {
+		l.c.released(ctx, l.kind, l.req.ID)
+	}
 }
 
 // startOverrun records that With's context ended while its function still

@@ -12,11 +12,14 @@ import (
 )
 
 // envelopeVersion is the version of the task body Enqueue writes.
-// contVersion is the version of a continuation's body (park mode): version
-// 1 plus "cont". A worker reads both.
+// wakeVersion is the version of a wake's body (park mode): the job and lock
+// id plus "wake", and no payload (a wake runs what the wait list recorded).
+// Version 2 was the continuation of an earlier park mode, which carried a
+// waiter's payload; it is refused (dropped with an ERROR log).
 const (
 	envelopeVersion = 1
-	contVersion     = 2
+	legacyVersion   = 2
+	wakeVersion     = 3
 )
 
 // envelope is the JSON body of every task:
@@ -34,32 +37,32 @@ type envelope struct {
 	Payload    json.RawMessage `json:"payload,omitempty"`
 	Data       []byte          `json:"data,omitempty"`
 	EnqueuedAt time.Time       `json:"enqueuedAt"`
-	// Cont marks a continuation (version 2 only): which waiter it is for.
-	Cont *continuation `json:"cont,omitempty"`
+	// Wake marks a wake (version 3 only): which of the lock id's wakes it
+	// is. Job is then the job whose lock options the wake takes the lock
+	// with.
+	Wake *wakeRef `json:"wake,omitempty"`
 }
 
-// continuation says which parked delivery a continuation task resumes.
-type continuation struct {
-	// Key is the waiter's key (its original task's queue and name).
-	Key string `json:"key"`
-	// Kind is contHandoff or contSafety.
-	Kind string `json:"kind"`
-	// N is, for a hand-off, the fencing token of the holding that handed
-	// off; for a safety net, its generation (from 1).
-	N uint64 `json:"n"`
-	// Arrived is when the waiter first found its lock busy.
-	Arrived time.Time `json:"arrived"`
-	// Coalesce marks a coalescing job's waiter (Waiter.Coalesce).
-	Coalesce bool `json:"coalesce,omitempty"`
-	// At is when the continuation was created, for the hand-off latency.
+// wakeRef names a wake of a lock id (see WaitList).
+type wakeRef struct {
+	// Kind is "handoff" or "safety" (WakeKind.String).
+	Kind  string `json:"kind"`
+	Epoch uint64 `json:"epoch"`
+	Gen   uint64 `json:"gen"`
+	// At is when the wake was created, for the hand-off latency.
 	At time.Time `json:"at"`
 }
 
-// Kinds of continuation.
-const (
-	contHandoff = "handoff"
-	contSafety  = "safety"
-)
+// kind returns r's WakeKind (0 when unknown).
+func (r *wakeRef) kind() WakeKind {
+	switch r.Kind {
+	case "handoff":
+		return Handoff
+	case "safety":
+		return Safety
+	}
+	return 0
+}
 
 // encodePayload places p in e: []byte as Data, json.RawMessage (checked) and
 // anything else (marshalled) as Payload.
@@ -98,8 +101,11 @@ var errVersion = errors.New("unsupported envelope version")
 // first, since a newer envelope may carry fields this version does not know).
 func decodeEnvelope(body []byte) (envelope, error) {
 	var e envelope
-	if v := peekVersion(body); v > contVersion {
+	switch v := peekVersion(body); {
+	case v > wakeVersion:
 		return e, fmt.Errorf("%w: %d", errVersion, v)
+	case v == legacyVersion:
+		return e, fmt.Errorf("%w: version 2, a continuation of an earlier park mode (drain parked tasks before deploying this version)", errMalformed)
 	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
@@ -110,12 +116,14 @@ func decodeEnvelope(body []byte) (envelope, error) {
 		return e, fmt.Errorf("%w: data after the envelope", errMalformed)
 	}
 	switch {
-	case e.V != envelopeVersion && e.V != contVersion:
+	case e.V != envelopeVersion && e.V != wakeVersion:
 		return e, fmt.Errorf("%w: version %d", errMalformed, e.V)
-	case (e.V == contVersion) != (e.Cont != nil):
-		return e, fmt.Errorf("%w: version %d with cont %v", errMalformed, e.V, e.Cont != nil)
-	case e.Cont != nil && (e.Cont.Key == "" || (e.Cont.Kind != contHandoff && e.Cont.Kind != contSafety)):
-		return e, fmt.Errorf("%w: bad cont %+v", errMalformed, *e.Cont)
+	case (e.V == wakeVersion) != (e.Wake != nil):
+		return e, fmt.Errorf("%w: version %d with wake %v", errMalformed, e.V, e.Wake != nil)
+	case e.Wake != nil && (e.Wake.kind() == 0 || e.Wake.Gen == 0):
+		return e, fmt.Errorf("%w: bad wake %+v", errMalformed, *e.Wake)
+	case e.Wake != nil && (e.Payload != nil || e.Data != nil):
+		return e, fmt.Errorf("%w: a wake carries no payload", errMalformed)
 	case e.Job == "":
 		return e, fmt.Errorf("%w: no job", errMalformed)
 	case e.LockID == "":

@@ -9,32 +9,39 @@ import (
 	"net/http"
 	"runtime/debug"
 	"strconv"
+	"strings"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/taskguard/taskguard/internal/ident"
 	"github.com/taskguard/taskguard/locking"
 )
 
 // StatusParked is the answer, in park mode, to a delivery whose lock is busy
-// and that is now recorded as a waiter with a safety net: Cloud Tasks
-// deletes the task, and a continuation will run the job.
+// and that is now recorded as a waiter with a pending wake: Cloud Tasks
+// deletes the task, and a wake will run the job.
 const StatusParked = http.StatusAccepted
 
 // DefaultSafetyMargin is added to a holder's remaining lease to schedule a
-// parked delivery's safety net: time for the lock's expiry to be judged and
-// the continuation to be dispatched. A safety net that comes too early
-// finds the lock held and schedules the next one.
+// lock id's safety wake: time for the lock's expiry to be judged and the
+// wake to be dispatched. A safety wake that comes too early finds the lock
+// held and arms the next one.
 const DefaultSafetyMargin = time.Second
 
-// handoffTimeout bounds the hand-off after a job, which runs on a context
-// detached from the request so that it happens even when the request ends.
-const handoffTimeout = 30 * time.Second
+// handoffTimeout bounds a hand-off made outside a request (OnRelease runs
+// within the release's own budget).
+const handoffTimeout = 10 * time.Second
+
+// maxSetAside bounds the waiters one wake sets aside (their job is not
+// registered) before it runs one or gives up its turn.
+const maxSetAside = 16
 
 // parking is a Worker's park mode.
 type parking struct {
-	client  *Client
+	h       *handoff
 	list    WaitList
 	margin  time.Duration
 	lease   time.Duration // the longest lease of the jobs' locks
@@ -43,11 +50,14 @@ type parking struct {
 
 // WithParking turns on park and hand-off (see the package documentation):
 // a delivery whose lock is busy is parked in list and answered StatusParked
-// instead of 429, and a holder hands the lock to the oldest waiter through
-// a continuation task that c creates (c must enqueue to the queue and URL
-// this worker serves; the worker's service account then needs to create
-// tasks on the queue and act as c's ServiceAccount). Without it the worker
-// runs in 429 mode.
+// instead of 429, and every release of a lock by the worker's lock client
+// hands the lock to the oldest waiter through a wake task that c creates (c
+// must enqueue to the queue and URL this worker serves; the worker's
+// service account then needs to create tasks on the queue and act as c's
+// ServiceAccount). NewWorker registers the hand-off on the worker's lock
+// client (HandOff), so releases by the rest of the program through that
+// client (locking.With, lockhttp.Guard, Lock.Release) hand off too.
+// Without it the worker runs in 429 mode.
 func WithParking(c *Client, list WaitList) WorkerOption {
 	return func(w *Worker) error {
 		if c == nil || list == nil {
@@ -57,24 +67,29 @@ func WithParking(c *Client, list WaitList) WorkerOption {
 		if err != nil {
 			return err
 		}
-		w.park = &parking{client: c, list: list, margin: DefaultSafetyMargin, lease: locking.DefaultLease, metrics: m}
+		lease := locking.DefaultLease
+		if w.park != nil {
+			lease = w.park.lease
+		}
+		w.park = &parking{h: &handoff{client: c, list: list}, list: list, margin: DefaultSafetyMargin, lease: lease, metrics: m}
 		return nil
 	}
 }
 
 // WithParkingLease tells a worker in park mode the longest lease its jobs'
-// locks use (locking.DefaultLease when not given): the safety net of a
-// delivery parked behind a waiter that is about to run is due that long
-// (plus DefaultSafetyMargin) later, when a holder that died would have lost
-// the lock. A delivery parked behind a busy lock uses the holder's remaining
-// lease instead. Give it after WithParking.
+// locks use (locking.DefaultLease when not given): a lock id's safety wake
+// is due that long (plus DefaultSafetyMargin) after a waiter parked behind a
+// holding of this worker, when a holder that died would have lost the lock.
+// A delivery parked behind a busy lock uses the holder's remaining lease
+// instead. It may be given before or after WithParking.
 func WithParkingLease(d time.Duration) WorkerOption {
 	return func(w *Worker) error {
-		if d <= 0 {
-			return fmt.Errorf("%w: parking lease %v", ErrInvalidConfig, d)
+		if d <= 0 || d > locking.MaxLease {
+			return fmt.Errorf("%w: parking lease %v is not in (0, %v]", ErrInvalidConfig, d, locking.MaxLease)
 		}
 		if w.park == nil {
-			return fmt.Errorf("%w: WithParkingLease without WithParking", ErrInvalidConfig)
+			w.park = &parking{lease: d}
+			return nil
 		}
 		w.park.lease = d
 		return nil
@@ -95,331 +110,536 @@ func Coalesce() JobOption {
 	return func(j *job) { j.coalesce = true }
 }
 
-// errNotRun ends a holding without running the job: not this delivery's
-// turn, or nothing (left) to run.
-var errNotRun = errors.New("tasks: not run")
+// HandOff registers on locker (locking.Client.OnRelease) the hand-off of
+// park mode: after every release of a lock by locker, when tasks wait in
+// list for that lock id and no hand-off is pending, it creates a wake task
+// through c that runs the oldest waiter within one dispatch. A Worker built
+// with WithParking registers it on its own lock client; call HandOff in a
+// program that shares lock ids with parked tasks but runs no such Worker
+// (for example an HTTP function guarded by lockhttp on the same ids), with
+// that program's lock client and the same queue and wait list. Without it
+// a task parked behind such a program's lock waits for its safety wake,
+// about a lease after the lock was taken.
+//
+// A hand-off costs one wait-list read per release (see the WaitList
+// implementation) and, when it arms a wake, one more write and one
+// CreateTask. Failures are logged at ERROR; the safety wake then runs the
+// waiter.
+func HandOff(locker *locking.Client, c *Client, list WaitList, log *slog.Logger) error {
+	if locker == nil || c == nil || list == nil {
+		return fmt.Errorf("%w: HandOff needs a lock client, a Client and a WaitList", ErrInvalidConfig)
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	h := &handoff{client: c, list: list}
+	h.register(locker, log, nil)
+	return nil
+}
 
-// parkedRun is what one holding of the lock did, in park mode.
-type parkedRun struct {
-	ran     bool  // the job ran
-	jobErr  error // its result
-	claimed bool  // the delivery's waiter record was claimed for the run
-	parked  bool  // the holding parked the delivery (a new Waiting record)
-	yielded bool  // an older waiter goes first; the delivery stays parked
-	merged  bool  // a coalescing delivery absorbed by its job's waiting run
+// handoff creates the wakes of park mode.
+type handoff struct {
+	client *Client
+	list   WaitList
+
+	once sync.Once
+}
+
+// register installs h on locker once.
+func (h *handoff) register(locker *locking.Client, log *slog.Logger, m *parkMetrics) {
+	h.once.Do(func() {
+		locker.OnRelease(func(ctx context.Context, _ locking.LockKind, id string) {
+			ctx, cancel := context.WithTimeout(ctx, handoffTimeout)
+			defer cancel()
+			h.handOff(ctx, log, m, id)
+		})
+	})
+}
+
+// handOff arms and creates a Handoff wake for lockID, when tasks wait and
+// none is pending.
+func (h *handoff) handOff(ctx context.Context, log *slog.Logger, m *parkMetrics, lockID string) {
+	wake, err := h.list.Arm(ctx, lockID, Handoff, time.Now())
+	if err == nil {
+		err = h.create(ctx, lockID, wake)
+	}
+	if err != nil {
+		log.ErrorContext(ctx, "tasks: handing the lock off failed; the lock id's safety wake will run its oldest waiter",
+			"lock_id", lockID, "error", err)
+		return
+	}
+	if !wake.IsZero() && m != nil {
+		m.countHandoff(ctx)
+	}
+}
+
+// wakeName is the task name of a wake: unique for every wake a lock id ever
+// has (Epoch is new whenever a list header is made), so that creating it
+// twice creates one task, and never meets the name of a deleted task.
+func wakeName(lockID string, w Wake) string {
+	return fmt.Sprintf("taskguard-wake\x00%s\x00%d\x00%d", lockID, w.Epoch, w.Gen)
+}
+
+// create creates the task of wake w (nothing when w is zero). When it
+// fails, w is disarmed, so that the next arming makes a new one.
+func (h *handoff) create(ctx context.Context, lockID string, w Wake) error {
+	if w.IsZero() {
+		return nil
+	}
+	env := envelope{V: wakeVersion, Job: ident.String(w.Job), LockID: ident.String(lockID), EnqueuedAt: time.Now().UTC(),
+		Wake: &wakeRef{Kind: w.Kind.String(), Epoch: w.Epoch, Gen: w.Gen, At: time.Now().UTC()}}
+	body, err := json.Marshal(env)
+	if err == nil {
+		req, rerr := h.client.request(Task{Job: w.Job, LockID: lockID, ScheduleTime: w.Due, Name: wakeName(lockID, w)})
+		if err = rerr; err == nil {
+			req.Task.GetHttpRequest().Body = body
+			_, err = h.client.tasks.CreateTask(ctx, req)
+			if alreadyExists(err) {
+				err = nil
+			}
+		}
+	}
+	if err != nil {
+		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), handoffTimeout)
+		defer cancel()
+		if derr := h.list.Disarm(dctx, lockID, w); derr != nil {
+			err = errors.Join(err, fmt.Errorf("disarming: %w", derr))
+		}
+		return fmt.Errorf("tasks: creating the %v wake of %q: %w", w.Kind, lockID, err)
+	}
+	return nil
+}
+
+// outcome is what one delivery in park mode did.
+type outcome struct {
+	ran      bool  // a job ran
+	jobErr   error // its result
+	parked   bool  // the delivery's record waits (it was parked now or before)
+	created  bool  // this delivery created its waiter record
+	merged   bool  // a coalescing delivery absorbed by its job's waiting run
+	finished bool  // the delivery's task ran already
+	running  bool  // the delivery's task runs or ran by another runner
+	retry    bool  // the delivery's own failed run is to be retried, and the lock is busy
+	passed   bool  // a wake found the lock held: the turn passed to the holder
+	wakeErr  error // a wake (safety net) could not be made: answer 503
+	listErr  error // the wait list failed
+	busy     *locking.NotAcquiredError
 }
 
 // serveParked runs a delivery in park mode and answers.
 func (w *Worker) serveParked(rw http.ResponseWriter, r *http.Request, log *slog.Logger, j *job, d *Delivery, env envelope) {
 	ctx := r.Context()
+	var (
+		o   outcome
+		err error
+	)
+	if env.Wake != nil {
+		log = log.With("wake", env.Wake.Kind, "wake_gen", env.Wake.Gen)
+		o, err = w.serveWake(ctx, log, j, d, env)
+	} else {
+		o, err = w.serveFresh(ctx, log, j, d, env)
+	}
+	w.answerParked(rw, r, log, d, o, err)
+}
+
+// answerParked writes the answer for outcome o of a delivery in park mode;
+// err is the lock's (With's) error.
+func (w *Worker) answerParked(rw http.ResponseWriter, r *http.Request, log *slog.Logger, d *Delivery, o outcome, err error) {
+	ctx := r.Context()
+	p := w.park
+	var inner *locking.NotAcquiredError
+	switch {
+	case o.listErr != nil:
+		log.ErrorContext(ctx, "tasks: parking: the wait list failed; retrying", "error", o.listErr)
+		http.Error(rw, "parking failed", StatusRetry)
+	case o.wakeErr != nil:
+		log.ErrorContext(ctx, "tasks: parking: creating the wake failed; retrying", "error", o.wakeErr)
+		http.Error(rw, "parking failed", StatusRetry)
+	case !o.ran && o.retry:
+		// This delivery's own run failed and is retried: as in 429 mode.
+		rw.Header().Set("Retry-After", strconv.Itoa(w.retryAfter(o.busy.Remaining)))
+		http.Error(rw, "lock held", StatusBusy)
+	case !o.ran && o.merged:
+		p.metrics.countCoalesced(ctx)
+		log.InfoContext(ctx, "tasks: coalesced into the job's waiting run", "coalesced", true)
+		rw.WriteHeader(StatusDone)
+	case !o.ran && o.parked:
+		if o.created {
+			p.metrics.countParked(ctx)
+		}
+		log.DebugContext(ctx, "tasks: parked")
+		rw.WriteHeader(StatusParked)
+	case !o.ran && o.passed:
+		log.DebugContext(ctx, "tasks: lock held; its holder's release hands off")
+		rw.WriteHeader(StatusDone)
+	case !o.ran && o.finished:
+		log.InfoContext(ctx, "tasks: not run: the task ran already (a duplicate delivery)")
+		rw.WriteHeader(StatusDone)
+	case !o.ran && (o.running || errors.Is(err, errNotRun) || err == nil):
+		log.DebugContext(ctx, "tasks: nothing to run: the waiter ran or runs elsewhere")
+		rw.WriteHeader(StatusDone)
+	case !o.ran:
+		if a, ok := w.policy().Answer(err); ok && a.Status == http.StatusInternalServerError {
+			// A lock error that retrying cannot mend (a misconfigured lock
+			// client): answered as in 429 mode.
+			log.ErrorContext(ctx, "tasks: could not take the lock", "error", err)
+			w.answer(rw, w.policy(), err)
+			return
+		}
+		log.ErrorContext(ctx, "tasks: could not take the lock; retrying", "error", err)
+		http.Error(rw, "lock unavailable", StatusRetry)
+	case errors.Is(err, locking.ErrLockLost):
+		log.ErrorContext(ctx, "tasks: lock lost while the job ran; retrying", "error", err)
+		http.Error(rw, "lock lost", StatusRetry)
+	case errors.As(o.jobErr, &inner):
+		rw.Header().Set("Retry-After", strconv.Itoa(w.retryAfter(inner.Remaining)))
+		http.Error(rw, "lock held", StatusBusy)
+	case o.jobErr == nil:
+		if err != nil {
+			log.WarnContext(ctx, "tasks: job done, but releasing its lock failed", "error", err)
+		}
+		rw.WriteHeader(StatusDone)
+	case errors.Is(o.jobErr, ErrPermanent):
+		w.drop(rw, r, log, o.jobErr)
+	default:
+		log.ErrorContext(ctx, "tasks: job failed; Cloud Tasks will retry", "error", o.jobErr)
+		http.Error(rw, "job failed", StatusFailed)
+	}
+}
+
+// errNotRun ends a holding without running a job.
+var errNotRun = errors.New("tasks: not run")
+
+// isBusy reports a lock that was not acquired because it is held.
+func isBusy(err error) (*locking.NotAcquiredError, bool) {
+	var busy *locking.NotAcquiredError
+	if errors.As(err, &busy) && !errors.Is(err, errNotRun) {
+		return busy, true
+	}
+	return nil, false
+}
+
+// safetyDue is when a lock id's safety wake is due behind a holding with
+// remaining lease left.
+func (p *parking) safetyDue(remaining time.Duration) time.Time {
+	return time.Now().Add(max(remaining, time.Second) + p.margin)
+}
+
+// serveFresh handles a delivery of an enqueued task (not a wake).
+func (w *Worker) serveFresh(ctx context.Context, log *slog.Logger, j *job, d *Delivery, env envelope) (outcome, error) {
 	p := w.park
 	self := d.QueueName + "/" + d.TaskName
-	me := Waiter{Key: self, Arrived: time.Now()}
+	me := Waiter{Key: self, Arrived: time.Now(), Job: d.Job, Coalesce: j.coalesce}
 	if j.coalesce {
 		// One waiter per job and lock id (the wait list is per lock id).
-		me.Key, me.Coalesce = "coalesce/"+d.QueueName+"/"+d.Job, true
-	}
-	if env.Cont != nil {
-		me.Key, me.Arrived, me.Coalesce = env.Cont.Key, env.Cont.Arrived, env.Cont.Coalesce
-		log = log.With("waiter", me.Key, "continuation", env.Cont.Kind)
+		me.Key = "coalesce/" + d.QueueName + "/" + d.Job
 	}
 	base := env
-	base.V, base.Cont = envelopeVersion, nil
+	base.V, base.Wake = envelopeVersion, nil
 	body, err := json.Marshal(base)
 	if err != nil {
-		w.drop(rw, r, log, fmt.Errorf("%w: re-encoding the envelope: %w", errMalformed, err))
-		return
+		return outcome{listErr: fmt.Errorf("re-encoding the envelope: %w", err)}, nil
 	}
 	me.Body = body
-	ranJob := false // the job ran in this delivery
-	if env.Cont != nil && env.Cont.Kind == contSafety {
-		defer func() { p.metrics.countSafetyNet(ctx, ranJob) }()
-	}
 
+	createdRecord := false
 	for try := 0; ; try++ {
-		run, err := w.holdParked(ctx, log, j, d, me, self, env.Cont)
-		ranJob = ranJob || run.ran
-		var busy *locking.NotAcquiredError
+		var o outcome
+		err := w.locker.With(ctx, d.LockID, func(lctx context.Context) error {
+			return w.holdFresh(lctx, log, j, d, me, self, &o)
+		}, w.lockOptions(j)...)
+		o.created = o.created || createdRecord
+		busy, isBusy := isBusy(err)
+		if !isBusy || o.ran {
+			return o, err
+		}
+		if try > 0 {
+			// Parked, and the lock is still held: its release hands off.
+			return outcome{parked: true, created: createdRecord}, nil
+		}
+		// The lock is busy: park behind it.
+		st, created, wake, perr := p.list.Park(ctx, d.LockID, me, p.safetyDue(busy.Remaining))
+		if perr != nil {
+			return outcome{listErr: perr}, nil
+		}
+		if err := p.h.create(ctx, d.LockID, wake); err != nil {
+			return outcome{wakeErr: err}, nil
+		}
 		switch {
-		case !run.ran && errors.As(err, &busy) && !errors.Is(err, errNotRun):
-			if try > 0 {
-				// Parked, and the lock is still held: its holder hands off.
-				rw.WriteHeader(StatusParked)
-				return
-			}
-			again := w.parkBusy(ctx, rw, log, d, me, self, env.Cont, busy)
-			if !again {
-				return
-			}
-			// Parked: try once more, in case the holder released before the
-			// record existed and saw no waiter.
+		case st == Waiting && me.Coalesce && !created:
+			return outcome{merged: true}, nil
+		case st == Waiting:
+			// Try the lock once more, in case its holder released it before
+			// this record existed and saw no waiter.
+			createdRecord = created
 			continue
-		case errors.Is(err, errNotRun) && !run.ran:
-			if run.parked {
-				if err := p.continuation(ctx, d.LockID, me, contSafety, 1, time.Now().Add(p.margin+p.lease)); err != nil {
-					log.ErrorContext(ctx, "tasks: parking: creating the safety net failed; retrying", "error", err)
-					http.Error(rw, "parking failed", StatusRetry)
-					w.handoff(ctx, log, d.LockID, d.Token)
-					return
-				}
-			}
-			if run.yielded && env.Cont != nil && env.Cont.Kind == contSafety {
-				// Keep this waiter's safety net alive past this holding.
-				if err := p.continuation(ctx, d.LockID, me, contSafety, env.Cont.N+1, time.Now().Add(p.margin+p.lease)); err != nil {
-					log.ErrorContext(ctx, "tasks: parking: renewing the safety net failed; retrying", "error", err)
-					http.Error(rw, "parking failed", StatusRetry)
-					w.handoff(ctx, log, d.LockID, d.Token)
-					return
-				}
-			}
-			w.handoff(ctx, log, d.LockID, d.Token)
-			if run.merged && try == 0 {
-				p.metrics.countCoalesced(ctx)
-				log.InfoContext(ctx, "tasks: coalesced into the job's waiting run", "coalesced", true)
-				rw.WriteHeader(StatusDone)
-				return
-			}
-			if run.yielded || run.parked || run.merged {
-				log.DebugContext(ctx, "tasks: parked behind an older waiter")
-				rw.WriteHeader(StatusParked)
-			} else {
-				log.InfoContext(ctx, "tasks: nothing to run: the waiter ran or runs elsewhere")
-				rw.WriteHeader(StatusDone)
-			}
-			return
-		case !run.ran:
-			if a, ok := w.policy().Answer(err); ok && a.Status == http.StatusInternalServerError {
-				// A lock error that retrying cannot mend (a misconfigured
-				// lock client): answered as in 429 mode.
-				log.ErrorContext(ctx, "tasks: could not take the lock", "error", err)
-				w.answer(rw, w.policy(), err)
-				return
-			}
-			log.ErrorContext(ctx, "tasks: could not take the lock or read the wait list; retrying", "error", err)
-			http.Error(rw, "lock unavailable", StatusRetry)
-			return
-		}
-		// The job ran.
-		log = log.With("token", d.Token)
-		lost := errors.Is(err, locking.ErrLockLost)
-		if !lost {
-			w.handoff(ctx, log, d.LockID, d.Token)
-		}
-		var inner *locking.NotAcquiredError
-		switch {
-		case lost:
-			log.ErrorContext(ctx, "tasks: lock lost while the job ran; retrying", "error", err)
-			http.Error(rw, "lock lost", StatusRetry)
-		case errors.As(run.jobErr, &inner):
-			rw.Header().Set("Retry-After", strconv.Itoa(w.retryAfter(inner.Remaining)))
-			http.Error(rw, "lock held", StatusBusy)
-		case run.jobErr == nil:
+		case st == Finished:
+			return outcome{finished: true}, nil
+		case st == Running:
+			_, _, _, runner, err := p.list.Peek(ctx, d.LockID, me.Key)
 			if err != nil {
-				log.WarnContext(ctx, "tasks: job done, but releasing its lock failed", "error", err)
+				return outcome{listErr: err}, nil
 			}
-			rw.WriteHeader(StatusDone)
-		case errors.Is(run.jobErr, ErrPermanent):
-			w.drop(rw, r, log, run.jobErr)
+			if runner == self {
+				return outcome{retry: true, busy: busy}, nil
+			}
+			return outcome{running: true}, nil
 		default:
-			log.ErrorContext(ctx, "tasks: job failed; Cloud Tasks will retry", "error", run.jobErr)
-			http.Error(rw, "job failed", StatusFailed)
+			return outcome{listErr: fmt.Errorf("park of %q answered %v", me.Key, st)}, nil
 		}
-		return
 	}
 }
 
-// holdParked takes the lock without waiting and, holding it, decides from
-// the wait list whether this delivery runs now, and runs it.
-func (w *Worker) holdParked(ctx context.Context, log *slog.Logger, j *job, d *Delivery, me Waiter, self string, cont *continuation) (parkedRun, error) {
+// holdFresh decides, holding the lock, what a fresh delivery does: run now
+// (nobody waits, or it is the oldest waiter), park behind older waiters,
+// or nothing (it ran already, or runs elsewhere).
+func (w *Worker) holdFresh(ctx context.Context, log *slog.Logger, j *job, d *Delivery, me Waiter, self string, o *outcome) error {
 	p := w.park
-	var run parkedRun
-	opts := w.lockOptions(j)
-	err := w.locker.With(ctx, d.LockID, func(lctx context.Context) error {
-		d.Lock = locking.FromContext(lctx)
-		d.Token = d.Lock.Token()
-		// Even a hand-off checks: a waiter that arrived earlier may have parked
-		// since the hand-off was made.
-		oldest, any, err := p.list.Oldest(lctx, d.LockID)
-		if err != nil {
-			return fmt.Errorf("tasks: wait list: %w", err)
-		}
-		switch {
-		case any && oldest.Key == me.Key:
-			ok, err := p.list.Claim(lctx, d.LockID, me.Key, self)
-			if err != nil {
-				return fmt.Errorf("tasks: wait list: %w", err)
-			}
-			if !ok {
-				return errNotRun
-			}
-			run.claimed = true
-		case !any && cont == nil && d.RetryCount == 0:
-			// Nobody waits, and a first delivery has no record: run it.
-		default:
-			st, runner, err := p.list.State(lctx, d.LockID, me.Key)
-			if err != nil {
-				return fmt.Errorf("tasks: wait list: %w", err)
-			}
-			switch {
-			case st == Running && runner == self:
-				run.claimed = true // a retry of this delivery's own run
-			case st == Waiting && me.Coalesce && cont == nil:
-				run.merged = true
-				return errNotRun
-			case st == Waiting:
-				run.yielded = true
-				return errNotRun
-			case st == Absent && me.Coalesce && cont != nil && d.RetryCount > 0:
-				// A retry of a failed coalesced run (its record went with
-				// the claim).
-			case st == Absent && !any && cont == nil:
-				// A retried first delivery that never parked.
-			case st == Absent && cont == nil:
-				// Someone older waits: queue up behind them.
-				st, err := p.list.Park(lctx, d.LockID, me)
-				if err != nil {
-					return fmt.Errorf("tasks: wait list: %w", err)
-				}
-				run.parked = st == Waiting
-				if run.parked {
-					p.metrics.countParked(ctx)
-				}
-				return errNotRun
-			default:
-				return errNotRun
-			}
-		}
-		run.ran = true
-		if cont != nil && cont.Kind == contHandoff {
-			p.metrics.observeHandoff(ctx, cont.At)
-		}
-		run.jobErr = w.callJob(lctx, log, j, d)
-		if run.claimed && !me.Coalesce && (run.jobErr == nil || errors.Is(run.jobErr, ErrPermanent)) {
-			if err := p.list.Finish(lctx, d.LockID, me.Key); err != nil {
-				log.WarnContext(ctx, "tasks: job done, but marking its waiter finished failed", "error", err)
-			}
-		}
-		return run.jobErr
-	}, opts...)
-	return run, err
-}
-
-// parkBusy handles a delivery whose lock is busy: it parks a first delivery
-// (record and safety net) or leaves a continuation's waiter parked, and
-// answers unless it reports that the caller should try the lock again.
-func (w *Worker) parkBusy(ctx context.Context, rw http.ResponseWriter, log *slog.Logger, d *Delivery, me Waiter, self string, cont *continuation, busy *locking.NotAcquiredError) (again bool) {
-	p := w.park
-	due := time.Now().Add(max(busy.Remaining, time.Second) + p.margin)
-	var (
-		st     WaiterState
-		runner string
-		err    error
-	)
-	switch {
-	case cont != nil:
-		st, runner, err = p.list.State(ctx, d.LockID, me.Key)
-	case me.Coalesce:
-		st, _, err = p.list.State(ctx, d.LockID, me.Key)
-		if err == nil && st == Waiting {
-			p.metrics.countCoalesced(ctx)
-			log.InfoContext(ctx, "tasks: coalesced into the job's waiting run", "coalesced", true)
-			rw.WriteHeader(StatusDone)
-			return false
-		}
-		if err == nil {
-			st, err = p.list.Park(ctx, d.LockID, me)
-		}
-	default:
-		st, err = p.list.Park(ctx, d.LockID, me)
-		if err == nil && st == Running {
-			_, runner, err = p.list.State(ctx, d.LockID, me.Key)
-		}
-	}
+	head, any, st, runner, err := p.list.Peek(ctx, d.LockID, me.Key)
 	if err != nil {
-		log.ErrorContext(ctx, "tasks: parking: wait list failed; retrying", "error", err)
-		http.Error(rw, "parking failed", StatusRetry)
-		return false
+		o.listErr = err
+		return errNotRun
 	}
+	claimed := false
 	switch {
+	case st == Finished:
+		o.finished = true
+		return errNotRun
 	case st == Running && runner == self:
-		// This delivery's own run failed and is retried: as in 429 mode.
-		rw.Header().Set("Retry-After", strconv.Itoa(w.retryAfter(busy.Remaining)))
-		http.Error(rw, "lock held", StatusBusy)
-		return false
-	case st != Waiting:
-		log.InfoContext(ctx, "tasks: nothing to run: the waiter ran or runs elsewhere", "state", st)
-		rw.WriteHeader(StatusDone)
-		return false
-	case cont == nil:
-		if err := p.continuation(ctx, d.LockID, me, contSafety, 1, due); err != nil {
-			log.ErrorContext(ctx, "tasks: parking: creating the safety net failed; retrying", "error", err)
-			http.Error(rw, "parking failed", StatusRetry)
-			return false
+		// A retry of this delivery's own run.
+		claimed = true
+	case st == Running:
+		o.running = true
+		return errNotRun
+	case st == Waiting && any && head.Key == me.Key:
+		_, ok, err := p.list.Claim(ctx, d.LockID, me.Key, self)
+		if err != nil {
+			o.listErr = err
+			return errNotRun
 		}
-		p.metrics.countParked(ctx)
-		log.DebugContext(ctx, "tasks: lock held; parked", "remaining", busy.Remaining)
-		return true
-	case cont.Kind == contSafety:
-		if err := p.continuation(ctx, d.LockID, me, contSafety, cont.N+1, due); err != nil {
-			log.ErrorContext(ctx, "tasks: parking: renewing the safety net failed; retrying", "error", err)
-			http.Error(rw, "parking failed", StatusRetry)
-			return false
+		if !ok {
+			o.running = true
+			return errNotRun
+		}
+		claimed = true
+	case st == Waiting && me.Coalesce:
+		o.merged = true
+		return errNotRun
+	case st == Absent && !any:
+		// Nobody waits: run now, with no record.
+	default:
+		// Older waiters go first: wait behind them (again, for a duplicate;
+		// Park is idempotent and makes sure a wake is pending).
+		st, created, wake, err := p.list.Park(ctx, d.LockID, me, p.safetyDue(p.lease))
+		if err != nil {
+			o.listErr = err
+			return errNotRun
+		}
+		if err := p.h.create(ctx, d.LockID, wake); err != nil {
+			o.wakeErr = err
+			return errNotRun
+		}
+		switch {
+		case st == Waiting && me.Coalesce && !created:
+			o.merged = true
+		case st == Waiting:
+			o.parked, o.created = true, created
+		case st == Finished:
+			o.finished = true
+		default:
+			o.running = true
+		}
+		return errNotRun
+	}
+	o.ran = true
+	o.jobErr = w.callJob(ctx, log, j, d)
+	if o.jobErr != nil && !errors.Is(o.jobErr, ErrPermanent) {
+		return o.jobErr
+	}
+	switch {
+	case claimed:
+		if err := p.list.Finish(ctx, d.LockID, me.Key, self); err != nil {
+			log.WarnContext(ctx, "tasks: job done, but marking its waiter finished failed", "error", err)
+		}
+	case !me.Coalesce:
+		// A retry or duplicate of this delivery may have parked while it
+		// ran (a run longer than the dispatch deadline is retried while it
+		// runs): it must not run again.
+		if _, _, st, _, err := p.list.Peek(ctx, d.LockID, me.Key); err != nil {
+			log.WarnContext(ctx, "tasks: job done, but reading its record failed", "error", err)
+		} else if st == Waiting {
+			if err := p.list.Finish(ctx, d.LockID, me.Key, ""); err != nil {
+				log.WarnContext(ctx, "tasks: job done, but marking its parked duplicate finished failed", "error", err)
+			}
 		}
 	}
-	rw.WriteHeader(StatusParked)
-	return false
+	return o.jobErr
 }
 
-// handoff creates a continuation for the oldest waiter of lockID, named by
-// the fencing token of the holding that just ended. Failures are logged:
-// the waiter's safety net runs it later.
-func (w *Worker) handoff(ctx context.Context, log *slog.Logger, lockID string, token uint64) {
+// serveWake handles a wake: it takes the lock and runs the lock id's oldest
+// waiter, what the wait list recorded for it, or, when the lock is busy,
+// leaves the turn to the holder's release (and a safety wake).
+func (w *Worker) serveWake(ctx context.Context, log *slog.Logger, j *job, d *Delivery, env envelope) (outcome, error) {
 	p := w.park
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), handoffTimeout)
-	defer cancel()
-	oldest, ok, err := p.list.Oldest(ctx, lockID)
-	if err == nil && ok {
-		err = p.continuation(ctx, lockID, oldest, contHandoff, token, time.Time{})
+	self := d.QueueName + "/" + d.TaskName
+	kind, gen := env.Wake.kind(), env.Wake.Gen
+	o, err := w.wakeTurn(ctx, log, j, d, self, kind, gen, env.Wake.At)
+	if kind == Safety {
+		p.metrics.countSafetyNet(ctx, o.ran)
 	}
-	if err != nil {
-		log.ErrorContext(ctx, "tasks: handing the lock off failed; the waiter's safety net will run it", "error", err)
-		return
+	return o, err
+}
+
+// wakeTurn is serveWake's work.
+func (w *Worker) wakeTurn(ctx context.Context, log *slog.Logger, j *job, d *Delivery, self string, kind WakeKind, gen uint64, at time.Time) (outcome, error) {
+	p := w.park
+	if d.RetryCount > 0 {
+		// A retry of a wake whose run failed, or whose process died, runs
+		// that run again first.
+		wt, ok, err := p.list.Running(ctx, d.LockID, self)
+		if err != nil {
+			return outcome{listErr: err}, nil
+		}
+		if ok {
+			var o outcome
+			err := w.locker.With(ctx, d.LockID, func(lctx context.Context) error {
+				return w.runWaiter(lctx, log, d, wt, self, time.Time{}, &o)
+			}, w.lockOptions(j)...)
+			if busy, isBusy := isBusy(err); isBusy && !o.ran {
+				return outcome{retry: true, busy: busy}, nil
+			}
+			return o, err
+		}
 	}
-	if ok {
-		p.metrics.countHandoff(ctx)
-		log.DebugContext(ctx, "tasks: handed the lock off", "to", oldest.Key, "waited", time.Since(oldest.Arrived))
+	taken := false
+	for try := 0; ; try++ {
+		var o outcome
+		err := w.locker.With(ctx, d.LockID, func(lctx context.Context) error {
+			if !taken {
+				if _, _, err := p.list.Take(lctx, d.LockID, kind, gen, time.Time{}); err != nil {
+					o.listErr = err
+					return errNotRun
+				}
+				taken = true
+			}
+			return w.runOldest(lctx, log, d, self, at, &o)
+		}, w.lockOptions(j)...)
+		busy, isBusy := isBusy(err)
+		if !isBusy || o.ran {
+			return o, err
+		}
+		if try > 0 {
+			// Still held: the holder's release hands off.
+			return outcome{passed: true}, nil
+		}
+		// Busy: the turn passes to the holder, whose release hands off (it
+		// reads the wait list after this Take), and to a safety wake due
+		// when its lease could end.
+		ok, wake, err := p.list.Take(ctx, d.LockID, kind, gen, p.safetyDue(busy.Remaining))
+		if err != nil {
+			return outcome{listErr: err}, nil
+		}
+		taken = true
+		if err := p.h.create(ctx, d.LockID, wake); err != nil {
+			return outcome{wakeErr: err}, nil
+		}
+		if !ok {
+			// Not the pending wake: a newer one has the turn.
+			return outcome{running: true}, nil
+		}
+		// Once more, in case the holder released before the Take.
 	}
 }
 
-// continuation creates the continuation task of kind for waiter wt, due at
-// when (now when zero). Its id is derived from the lock id, the waiter, the
-// kind and n, so that a repeated call creates nothing new.
-func (p *parking) continuation(ctx context.Context, lockID string, wt Waiter, kind string, n uint64, when time.Time) error {
+// runOldest runs, holding the lock, the oldest waiter of the lock id, as
+// the wait list recorded it. Waiters whose job is not registered (a deploy
+// removed or renamed it) are set aside: marked finished, with an ERROR log
+// naming them.
+func (w *Worker) runOldest(ctx context.Context, log *slog.Logger, d *Delivery, self string, since time.Time, o *outcome) error {
+	p := w.park
+	for range maxSetAside {
+		head, any, _, _, err := p.list.Peek(ctx, d.LockID, "")
+		if err != nil {
+			o.listErr = err
+			return errNotRun
+		}
+		if !any {
+			return errNotRun
+		}
+		if w.job(head.Job) == nil {
+			log.ErrorContext(ctx, "tasks: setting aside a parked task whose job is not registered (removed or renamed by a deploy?); it will not run",
+				"waiter", head.Key, "waiter_job", head.Job, "arrived", head.Arrived)
+			if err := p.list.Finish(ctx, d.LockID, head.Key, ""); err != nil {
+				o.listErr = err
+				return errNotRun
+			}
+			continue
+		}
+		wt, ok, err := p.list.Claim(ctx, d.LockID, head.Key, self)
+		if err != nil {
+			o.listErr = err
+			return errNotRun
+		}
+		if !ok {
+			continue // finished or claimed since the Peek
+		}
+		return w.runWaiter(ctx, log, d, wt, self, since, o)
+	}
+	return errNotRun
+}
+
+// runWaiter runs waiter wt, claimed by runner self, holding the lock, and
+// marks it finished when the job ends for good. since is when the wake
+// that runs it was made (zero: not a first hand-off).
+func (w *Worker) runWaiter(ctx context.Context, log *slog.Logger, d *Delivery, wt Waiter, self string, since time.Time, o *outcome) error {
+	p := w.park
 	env, err := decodeEnvelope(wt.Body)
+	if err == nil && env.Wake != nil {
+		err = errors.New("a wake recorded as a waiter")
+	}
+	j := w.job(wt.Job)
+	if err == nil && j == nil {
+		err = fmt.Errorf("unknown job %q", wt.Job)
+	}
+	log = log.With("waiter", wt.Key, "waited", time.Since(wt.Arrived))
 	if err != nil {
-		return fmt.Errorf("tasks: waiter %q: %w", wt.Key, err)
+		log.ErrorContext(ctx, "tasks: setting aside a parked task that cannot run", "error", err)
+		if err := p.list.Finish(ctx, d.LockID, wt.Key, self); err != nil {
+			o.listErr = err
+		}
+		return errNotRun
 	}
-	env.V = contVersion
-	env.Cont = &continuation{Key: wt.Key, Kind: kind, N: n, Arrived: wt.Arrived, Coalesce: wt.Coalesce, At: time.Now().UTC()}
-	body, err := json.Marshal(env)
-	if err != nil {
-		return fmt.Errorf("tasks: continuation of %q: %w", wt.Key, err)
+	rd := *d
+	rd.Job, rd.EnqueuedAt, rd.Payload = string(env.Job), env.EnqueuedAt, env.Data
+	if env.Payload != nil {
+		rd.Payload = env.Payload
 	}
-	name := fmt.Sprintf("taskguard-continuation\x00%s\x00%s\x00%s\x00%d", lockID, wt.Key, kind, n)
-	req, err := p.client.request(Task{Job: string(env.Job), LockID: lockID, ScheduleTime: when, Name: name})
-	if err != nil {
-		return err
+	if q, name, ok := strings.Cut(wt.Key, "/"); ok && !wt.Coalesce {
+		rd.QueueName, rd.TaskName = q, name
 	}
-	req.Task.GetHttpRequest().Body = body
-	_, err = p.client.tasks.CreateTask(ctx, req)
-	if err != nil && !alreadyExists(err) {
-		return fmt.Errorf("tasks: create continuation of %q: %w", wt.Key, err)
+	rd.Lock = locking.FromContext(ctx)
+	rd.Token = rd.Lock.Token()
+	d.Token = rd.Token
+	p.metrics.observeHandoff(ctx, since)
+	o.ran = true
+	o.jobErr = w.callJob(ctx, log, j, &rd)
+	if o.jobErr != nil && !errors.Is(o.jobErr, ErrPermanent) {
+		return o.jobErr // the record stays Running by self: this wake's retry runs it
 	}
-	return nil
+	if err := p.list.Finish(ctx, d.LockID, wt.Key, self); err != nil {
+		log.WarnContext(ctx, "tasks: job done, but marking its waiter finished failed", "error", err)
+	}
+	return o.jobErr
 }
 
 // callJob runs the job, turning a panic into an error.
 func (w *Worker) callJob(ctx context.Context, log *slog.Logger, j *job, d *Delivery) (err error) {
+	if d.Lock == nil {
+		d.Lock = locking.FromContext(ctx)
+		if d.Lock != nil {
+			d.Token = d.Lock.Token()
+		}
+	}
 	defer func() {
 		if p := recover(); p != nil {
 			log.ErrorContext(ctx, "tasks: job panicked", "token", d.Token, "panic", p, "stack", string(debug.Stack()))

@@ -2,6 +2,8 @@ package tasks
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/binary"
 	"slices"
 	"sync"
 	"time"
@@ -12,16 +14,17 @@ type WaiterState int
 
 // States of a waiter record.
 const (
-	// Absent: no record (never parked, or finished longer ago than the list
-	// keeps finished records).
+	// Absent: no record (never parked, or finished longer ago than
+	// FinishedRetention).
 	Absent WaiterState = iota
 	// Waiting: parked behind the lock, in the list.
 	Waiting
-	// Running: claimed by a runner (a continuation task) that runs or ran
-	// the job and has not finished it; out of the list.
+	// Running: claimed by a runner that runs or ran the job and has not
+	// finished it; out of the list.
 	Running
-	// Finished: the job ran to an end (success or permanent failure); out of
-	// the list, kept so that a late duplicate of the delivery is not run.
+	// Finished: the job ran to an end (success or permanent failure), or
+	// was set aside; out of the list, kept for FinishedRetention so that a
+	// late duplicate of the delivery is not run.
 	Finished
 )
 
@@ -40,63 +43,155 @@ func (s WaiterState) String() string {
 
 // A Waiter is a delivery parked behind a busy lock.
 type Waiter struct {
-	// Key identifies the delivery's task: the queue id and task name.
+	// Key identifies the delivery's task: the queue id and task name (for a
+	// coalescing job, the queue id and the job).
 	Key string
 	// Arrived is when the delivery first found the lock busy; the list is
 	// ordered by it, then by Key.
 	Arrived time.Time
-	// Body is the task's envelope, from which its continuations are made.
+	// Job is the task's job name.
+	Job string
+	// Body is the task's envelope: what runs when the waiter's turn comes.
+	// Peek leaves it nil; Claim and Running return it.
 	Body []byte
 	// Coalesce marks the record of a coalescing job (Coalesce): Claim
-	// removes it (its state becomes Absent) instead of marking it Running,
-	// so that a delivery that comes while the run runs parks a new record.
+	// removes it from its key, so that a delivery that comes while the run
+	// runs parks a new record.
 	Coalesce bool
 }
 
-// A WaitList keeps, per lock id, the deliveries parked behind that lock, for
-// a Worker in park mode (WithParking). Implementations must be safe for
-// concurrent use by many processes, each method atomic per record, and
-// strongly consistent: Oldest sees every Park that returned before it was
-// called.
-//
-// It is deliberately apart from locking.Backend: the lock core does not
-// change, and a lock store that cannot keep an ordered list still locks.
-type WaitList interface {
-	// Park records w as waiting for lockID, unless a record of w.Key exists
-	// (in any state); it returns the state of w.Key's record afterwards:
-	// Waiting when it created it, else the existing record's state (an
-	// existing Waiting record keeps its first Arrived).
-	Park(ctx context.Context, lockID string, w Waiter) (WaiterState, error)
-	// Oldest returns the Waiting record of lockID with the earliest Arrived
-	// (then the smallest Key), and false when none is waiting.
-	Oldest(ctx context.Context, lockID string) (Waiter, bool, error)
-	// State returns the state of key's record, and its runner when Running.
-	State(ctx context.Context, lockID, key string) (WaiterState, string, error)
-	// Claim moves key's record from Waiting to Running by runner and reports
-	// true; it also reports true when the record is Running by runner
-	// already. Otherwise (absent, finished, running by another runner) it
-	// reports false. Of concurrent Claims by different runners at most one
-	// reports true. A Coalesce record is removed instead of marked Running.
-	Claim(ctx context.Context, lockID, key, runner string) (bool, error)
-	// Finish marks key's record Finished. A Finished record is kept for at
-	// least FinishedRetention, so that Park of the same key reports Finished.
-	Finish(ctx context.Context, lockID, key string) error
+// WakeKind is the kind of a wake: a continuation task that gives a lock
+// id's oldest waiter its turn.
+type WakeKind int
+
+// Kinds of wake. A lock id has at most one pending wake of each kind.
+const (
+	// Handoff is due now: the lock was released while waiters wait.
+	Handoff WakeKind = iota + 1
+	// Safety is due when the current holder's lease could end: it runs the
+	// oldest waiter if the holder died without handing off.
+	Safety
+)
+
+func (k WakeKind) String() string {
+	switch k {
+	case Handoff:
+		return "handoff"
+	case Safety:
+		return "safety"
+	default:
+		return "none"
+	}
+}
+
+// A Wake is a continuation task a WaitList asks its caller to create. Its
+// task name is derived from LockID, Epoch and Gen (unique for every wake a
+// lock id ever has), so creating it twice creates one task.
+type Wake struct {
+	Kind WakeKind
+	// Epoch identifies the life of the lock id's list header (random, new
+	// when the header is created); Gen counts the wakes armed in it.
+	Epoch, Gen uint64
+	// Due is when the wake should run.
+	Due time.Time
+	// Job is the job of the oldest waiter when the wake was armed: the wake
+	// takes the lock with that job's lock options.
+	Job string
+}
+
+// IsZero reports whether w is no wake.
+func (w Wake) IsZero() bool { return w.Kind == 0 }
+
+// StaleWake is how long after its due time a pending wake that was never
+// delivered is given up and armed anew under a new name (its creation
+// failed without being undone, or the queue delayed it that long; a late
+// delivery of a superseded wake does no harm).
+const StaleWake = 2 * time.Minute
+
+// Supersedes reports whether a wake of kind due at due is to be armed
+// although one due at pending is pending, at now: when the pending one is
+// stale (StaleWake past its due time), or, for a Safety wake, due more than
+// a second later. A pending Handoff (due when armed) is never superseded
+// while fresh. A WaitList implementation applies this rule.
+func Supersedes(kind WakeKind, pending, due, now time.Time) bool {
+	if now.Sub(pending) >= StaleWake {
+		return true
+	}
+	return kind == Safety && pending.Sub(due) > time.Second
 }
 
 // FinishedRetention is how long a WaitList keeps a Finished record: Cloud
 // Tasks' dedup window, after which a task name may come back as new.
 const FinishedRetention = time.Hour
 
+// A WaitList keeps, per lock id, the deliveries parked behind that lock and
+// the lock id's pending wakes, for a Worker in park mode (WithParking).
+// Implementations must be safe for concurrent use by many processes, each
+// method atomic, and strongly consistent (a call sees every call that
+// returned before it began). waitlisttest.Run checks the contract.
+//
+// A lock id has at most one pending wake of each kind. A wake is armed
+// (Park, Arm, Take return it for their caller to create) only while a
+// waiter waits. A pending wake stops being pending when it is taken (its
+// delivery came), disarmed (its creation failed), superseded (a wake of the
+// same kind armed with an earlier due time), or StaleWake after its due time.
+type WaitList interface {
+	// Park records w as waiting for lockID unless a record of w.Key exists
+	// (a Finished record past FinishedRetention counts as absent), and, in
+	// the same step, arms the Safety wake due at safetyDue unless one is
+	// pending due no later. It returns the state of w.Key's record
+	// afterwards, whether this call created it, and the wake to create.
+	Park(ctx context.Context, lockID string, w Waiter, safetyDue time.Time) (st WaiterState, created bool, wake Wake, err error)
+	// Peek returns lockID's oldest waiting record (without its Body) and
+	// whether there is one, and the state of key's record and its runner
+	// when Running (key may be empty).
+	Peek(ctx context.Context, lockID, key string) (head Waiter, ok bool, st WaiterState, runner string, err error)
+	// Arm arms a wake of kind due at due, for lockID, when a waiter waits
+	// and no wake of kind is pending due no later; it returns the wake to
+	// create, or the zero Wake.
+	Arm(ctx context.Context, lockID string, kind WakeKind, due time.Time) (Wake, error)
+	// Disarm ends w's pending state if it is still pending (its task could
+	// not be created), so that the next Arm arms a new one.
+	Disarm(ctx context.Context, lockID string, w Wake) error
+	// Take marks the wake of kind and gen delivered: it stops being pending
+	// and ok is true, unless it is not the pending wake of its kind (taken
+	// already, disarmed or superseded). In the same step, when safetyDue is
+	// not zero, it arms the Safety wake as Park does and returns it.
+	Take(ctx context.Context, lockID string, kind WakeKind, gen uint64, safetyDue time.Time) (ok bool, wake Wake, err error)
+	// Claim moves key's record from Waiting to Running by runner and returns
+	// it, Body included; it also succeeds when the record is Running by
+	// runner already. Of concurrent Claims by different runners at most one
+	// succeeds. A Coalesce record leaves its key (its state becomes Absent)
+	// and is kept for runner only.
+	Claim(ctx context.Context, lockID, key, runner string) (Waiter, bool, error)
+	// Running returns the record runner claimed and has not finished.
+	Running(ctx context.Context, lockID, runner string) (Waiter, bool, error)
+	// Finish marks key's record Finished (creating it when absent), taking
+	// it out of the list if it waits, and ends runner's claim (runner may be
+	// empty). A Finished record is kept for at least FinishedRetention.
+	Finish(ctx context.Context, lockID, key, runner string) error
+}
+
 // MemoryWaitList is a WaitList in this process's memory, for tests and for a
 // single process (the local runner). The zero value is ready to use.
 type MemoryWaitList struct {
 	mu    sync.Mutex
-	locks map[string]map[string]*memWaiter // lock id -> key -> record; guarded by mu
+	locks map[string]*memList // guarded by mu
 	now   func() time.Time
 }
 
-type memWaiter struct {
+type memList struct {
+	epoch   uint64
+	gen     uint64
+	pending [3]Wake // by WakeKind; zero when none
+	seq     uint64
+	recs    map[string]*memRecord // key -> record
+	runs    map[string]*memRecord // runner -> claimed record
+}
+
+type memRecord struct {
 	w        Waiter
+	seq      uint64
 	state    WaiterState
 	runner   string
 	finished time.Time
@@ -109,99 +204,182 @@ func (m *MemoryWaitList) clock() time.Time {
 	return time.Now()
 }
 
-// records returns lockID's records, dropping finished ones past retention.
+func randomEpoch() uint64 {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return binary.BigEndian.Uint64(b[:]) | 1
+}
+
+// list returns lockID's list, dropping finished records past retention.
 // m.mu must be held.
-func (m *MemoryWaitList) records(lockID string) map[string]*memWaiter {
+func (m *MemoryWaitList) list(lockID string) *memList {
 	if m.locks == nil {
-		m.locks = map[string]map[string]*memWaiter{}
+		m.locks = map[string]*memList{}
 	}
-	recs := m.locks[lockID]
-	if recs == nil {
-		recs = map[string]*memWaiter{}
-		m.locks[lockID] = recs
+	l := m.locks[lockID]
+	if l == nil {
+		l = &memList{epoch: randomEpoch(), recs: map[string]*memRecord{}, runs: map[string]*memRecord{}}
+		m.locks[lockID] = l
 	}
 	now := m.clock()
-	for k, r := range recs {
+	for k, r := range l.recs {
 		if r.state == Finished && now.Sub(r.finished) > FinishedRetention {
-			delete(recs, k)
+			delete(l.recs, k)
 		}
 	}
-	return recs
+	return l
 }
 
-// Park implements WaitList.
-func (m *MemoryWaitList) Park(_ context.Context, lockID string, w Waiter) (WaiterState, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	recs := m.records(lockID)
-	if r := recs[w.Key]; r != nil {
-		return r.state, nil
-	}
-	w.Body = slices.Clone(w.Body)
-	recs[w.Key] = &memWaiter{w: w, state: Waiting}
-	return Waiting, nil
-}
-
-// Oldest implements WaitList.
-func (m *MemoryWaitList) Oldest(_ context.Context, lockID string) (Waiter, bool, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	var best *memWaiter
-	for _, r := range m.records(lockID) {
-		if r.state != Waiting {
-			continue
-		}
-		if best == nil || r.w.Arrived.Before(best.w.Arrived) || (r.w.Arrived.Equal(best.w.Arrived) && r.w.Key < best.w.Key) {
+func (l *memList) head() *memRecord {
+	var best *memRecord
+	for _, r := range l.recs {
+		if r.state == Waiting && (best == nil || r.w.Arrived.Before(best.w.Arrived) ||
+			(r.w.Arrived.Equal(best.w.Arrived) && r.w.Key < best.w.Key)) {
 			best = r
 		}
 	}
-	if best == nil {
-		return Waiter{}, false, nil
-	}
-	w := best.w
-	w.Body = slices.Clone(w.Body)
-	return w, true, nil
+	return best
 }
 
-// State implements WaitList.
-func (m *MemoryWaitList) State(_ context.Context, lockID, key string) (WaiterState, string, error) {
+// arm is the one arming rule of every WaitList method.
+func (l *memList) arm(now time.Time, kind WakeKind, due time.Time) Wake {
+	if l.head() == nil {
+		return Wake{}
+	}
+	if p := l.pending[kind]; !p.IsZero() && !Supersedes(kind, p.Due, due, now) {
+		return Wake{}
+	}
+	l.gen++
+	w := Wake{Kind: kind, Epoch: l.epoch, Gen: l.gen, Due: due, Job: l.head().w.Job}
+	l.pending[kind] = w
+	return w
+}
+
+func cloneWaiter(w Waiter) Waiter {
+	w.Body = slices.Clone(w.Body)
+	return w
+}
+
+// Park implements WaitList.
+func (m *MemoryWaitList) Park(_ context.Context, lockID string, w Waiter, safetyDue time.Time) (WaiterState, bool, Wake, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	r := m.records(lockID)[key]
-	if r == nil {
-		return Absent, "", nil
+	l := m.list(lockID)
+	st, created := Waiting, false
+	if r := l.recs[w.Key]; r != nil {
+		st = r.state
+	} else {
+		l.seq++
+		l.recs[w.Key] = &memRecord{w: cloneWaiter(w), seq: l.seq, state: Waiting}
+		created = true
 	}
-	return r.state, r.runner, nil
+	return st, created, l.arm(m.clock(), Safety, safetyDue), nil
+}
+
+// Peek implements WaitList.
+func (m *MemoryWaitList) Peek(_ context.Context, lockID, key string) (Waiter, bool, WaiterState, string, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	l := m.list(lockID)
+	st, runner := Absent, ""
+	if r := l.recs[key]; r != nil && key != "" {
+		st, runner = r.state, r.runner
+	}
+	h := l.head()
+	if h == nil {
+		return Waiter{}, false, st, runner, nil
+	}
+	w := h.w
+	w.Body = nil
+	return w, true, st, runner, nil
+}
+
+// Arm implements WaitList.
+func (m *MemoryWaitList) Arm(_ context.Context, lockID string, kind WakeKind, due time.Time) (Wake, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.list(lockID).arm(m.clock(), kind, due), nil
+}
+
+// Disarm implements WaitList.
+func (m *MemoryWaitList) Disarm(_ context.Context, lockID string, w Wake) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	l := m.list(lockID)
+	if p := l.pending[w.Kind]; !p.IsZero() && p.Epoch == w.Epoch && p.Gen == w.Gen {
+		l.pending[w.Kind] = Wake{}
+	}
+	return nil
+}
+
+// Take implements WaitList.
+func (m *MemoryWaitList) Take(_ context.Context, lockID string, kind WakeKind, gen uint64, safetyDue time.Time) (bool, Wake, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	l := m.list(lockID)
+	ok := false
+	if p := l.pending[kind]; !p.IsZero() && p.Gen == gen {
+		l.pending[kind] = Wake{}
+		ok = true
+	}
+	var w Wake
+	if !safetyDue.IsZero() {
+		w = l.arm(m.clock(), Safety, safetyDue)
+	}
+	return ok, w, nil
 }
 
 // Claim implements WaitList.
-func (m *MemoryWaitList) Claim(_ context.Context, lockID, key, runner string) (bool, error) {
+func (m *MemoryWaitList) Claim(_ context.Context, lockID, key, runner string) (Waiter, bool, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	r := m.records(lockID)[key]
-	switch {
-	case r == nil:
-		return false, nil
-	case r.state == Waiting && r.w.Coalesce:
-		delete(m.records(lockID), key)
-		return true, nil
-	case r.state == Waiting:
-		r.state, r.runner = Running, runner
-		return true, nil
-	default:
-		return r.state == Running && r.runner == runner, nil
+	l := m.list(lockID)
+	if r := l.runs[runner]; r != nil && r.w.Key == key {
+		return cloneWaiter(r.w), true, nil
 	}
+	r := l.recs[key]
+	if r == nil || r.state != Waiting {
+		return Waiter{}, false, nil
+	}
+	run := &memRecord{w: r.w, seq: r.seq, state: Running, runner: runner}
+	if r.w.Coalesce {
+		delete(l.recs, key)
+	} else {
+		r.state, r.runner = Running, runner
+		r.w.Body = nil
+	}
+	l.runs[runner] = run
+	return cloneWaiter(run.w), true, nil
+}
+
+// Running implements WaitList.
+func (m *MemoryWaitList) Running(_ context.Context, lockID, runner string) (Waiter, bool, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	r := m.list(lockID).runs[runner]
+	if r == nil {
+		return Waiter{}, false, nil
+	}
+	return cloneWaiter(r.w), true, nil
 }
 
 // Finish implements WaitList.
-func (m *MemoryWaitList) Finish(_ context.Context, lockID, key string) error {
+func (m *MemoryWaitList) Finish(_ context.Context, lockID, key, runner string) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	recs := m.records(lockID)
-	r := recs[key]
+	l := m.list(lockID)
+	if runner != "" {
+		if r := l.runs[runner]; r != nil && r.w.Key == key {
+			delete(l.runs, runner)
+			if r.w.Coalesce {
+				return nil
+			}
+		}
+	}
+	r := l.recs[key]
 	if r == nil {
-		r = &memWaiter{w: Waiter{Key: key}}
-		recs[key] = r
+		r = &memRecord{w: Waiter{Key: key}}
+		l.recs[key] = r
 	}
 	r.state, r.runner, r.finished = Finished, "", m.clock()
 	r.w.Body = nil

@@ -218,6 +218,12 @@ func NewWorker(locker *locking.Client, opts ...WorkerOption) (*Worker, error) {
 			return nil, err
 		}
 	}
+	if w.park != nil {
+		if w.park.h == nil {
+			return nil, fmt.Errorf("%w: WithParkingLease without WithParking", ErrInvalidConfig)
+		}
+		w.park.h.register(locker, w.log, w.park.metrics)
+	}
 	return w, nil
 }
 
@@ -398,6 +404,17 @@ func (w *Worker) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 	}
 	log = log.With("job", d.Job, "lock_id", d.LockID)
 	j := w.job(d.Job)
+	if env.Wake != nil {
+		if w.park == nil {
+			w.drop(rw, r, log, fmt.Errorf("%w: a wake of park mode, and this worker does not park", errMalformed))
+			return
+		}
+		if j == nil {
+			j = &job{} // the wake runs its lock id's waiters, whatever their job
+		}
+		w.serveParked(rw, r, log, j, d, env)
+		return
+	}
 	if j == nil {
 		w.drop(rw, r, log, fmt.Errorf("unknown job %q", d.Job))
 		return

@@ -2,11 +2,15 @@ package dswait
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"math/rand/v2"
+	mrand "math/rand/v2"
+	"strconv"
+	"sync"
 	"time"
 
 	"cloud.google.com/go/datastore"
@@ -18,14 +22,20 @@ import (
 
 // Kinds of the entities this package writes.
 const (
-	KindList   = "TaskguardWaitList"
-	KindWaiter = "TaskguardWaiter"
-	KindState  = "TaskguardWaitState"
+	KindWake   = "TaskguardWaitWake"
+	KindRecord = "TaskguardWaitRecord"
+	KindRun    = "TaskguardWaitRun"
+	KindBody   = "TaskguardWaitBody"
 )
 
-// MaxWait is how long a waiting or running record is kept before its
-// expiresAt passes.
+// MaxWait is how long a record that waits or runs, and a lock id's head, are
+// kept after their last write before their expiresAt passes (garbage
+// collection by a TTL policy; never read for correctness).
 const MaxWait = 30 * 24 * time.Hour
+
+// bodyPart is the largest part of a body kept in one KindBody entity
+// (Datastore's entity limit is 1 MiB).
+const bodyPart = 900_000
 
 // List is a tasks.WaitList in Datastore. It is safe for concurrent use.
 type List struct {
@@ -51,83 +61,148 @@ func New(client *datastore.Client, opts Options) (*List, error) {
 
 var _ tasks.WaitList = (*List)(nil)
 
-type stateEntity struct {
-	State     int       `datastore:"state,noindex"`
-	Runner    string    `datastore:"runner,noindex"`
-	Waiter    string    `datastore:"waiter,noindex"`
-	Coalesce  bool      `datastore:"coalesce,noindex"`
-	ExpiresAt time.Time `datastore:"expiresAt"`
+// wakeEntity is a lock id's pending wake of one kind: it exists while the
+// wake is pending. Arming inserts it (an insert that fails when it exists
+// decides between concurrent arms, without a transaction); taking it
+// deletes it, in a transaction that checks its generation.
+type wakeEntity struct {
+	Epoch     int64     `datastore:"epoch,noindex"`
+	Gen       int64     `datastore:"gen,noindex"`
+	Due       time.Time `datastore:"due,noindex"`
+	ExpiresAt time.Time `datastore:"expiresAt,noindex"`
 }
 
-type waiterEntity struct {
-	Key      string    `datastore:"key,noindex"`
+// recordEntity is a waiter record, named by its key (and, as a run, by its
+// runner).
+type recordEntity struct {
+	Key    string `datastore:"key,noindex"`
+	State  int    `datastore:"state,noindex"`
+	Runner string `datastore:"runner,noindex"`
+	// Q is set while the record waits, and indexed: the hash of the lock
+	// id, the arrival and the key, so that the lock id's waiters are a range
+	// of the index in FIFO order.
+	Q        string    `datastore:"q,omitempty"`
 	Arrived  time.Time `datastore:"arrived,noindex"`
-	Body     []byte    `datastore:"body,noindex"`
+	Job      string    `datastore:"job,noindex"`
 	Coalesce bool      `datastore:"coalesce,noindex"`
+	// The body is kept apart, in BodyParts KindBody entities named from
+	// BodyName (unique for every park), so that records stay small.
+	BodyName   string    `datastore:"bodyName,noindex"`
+	BodyParts  int       `datastore:"bodyParts,noindex"`
+	FinishedAt time.Time `datastore:"finishedAt,noindex"`
+	ExpiresAt  time.Time `datastore:"expiresAt,noindex"`
 }
 
-func hash(s string) string {
-	h := sha256.Sum256([]byte(s))
-	return hex.EncodeToString(h[:])
+// bodyEntity is a part of a waiter's body.
+type bodyEntity struct {
+	Body      []byte    `datastore:"body,noindex"`
+	ExpiresAt time.Time `datastore:"expiresAt,noindex"`
 }
 
-func (l *List) parent(lockID string) *datastore.Key {
-	k := datastore.NameKey(KindList, hash(lockID), nil)
+func hash(parts ...string) string {
+	h := sha256.New()
+	for _, p := range parts {
+		h.Write([]byte(p))
+		h.Write([]byte{0})
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+func (l *List) wakeKey(lockID string, kind tasks.WakeKind) *datastore.Key {
+	return l.child(KindWake, hash(lockID, kind.String()), nil)
+}
+
+func (l *List) child(kind, name string, parent *datastore.Key) *datastore.Key {
+	k := datastore.NameKey(kind, name, parent)
 	k.Namespace = l.namespace
 	return k
 }
 
-func (l *List) stateKey(lockID, key string) *datastore.Key {
-	k := datastore.NameKey(KindState, hash(key), l.parent(lockID))
-	k.Namespace = l.namespace
-	return k
+// Every entity but a large body's rest is a root entity: no two records
+// share an entity group.
+
+func (l *List) recordKey(lockID, key string) *datastore.Key {
+	return l.child(KindRecord, hash(lockID, key), nil)
 }
 
-func (l *List) waiterKey(lockID, name string) *datastore.Key {
-	k := datastore.NameKey(KindWaiter, name, l.parent(lockID))
-	k.Namespace = l.namespace
-	return k
+func (l *List) runKey(lockID, runner string) *datastore.Key {
+	return l.child(KindRun, hash(lockID, runner), nil)
 }
 
-// waiterName orders waiters by arrival, then by key (hex keeps byte order).
-func waiterName(w tasks.Waiter) string {
-	return fmt.Sprintf("%020d-%s", uint64(w.Arrived.UnixNano()), hex.EncodeToString([]byte(w.Key)))
+// queuePos orders a lock id's waiters by arrival, then by key (hex keeps
+// byte order), after a prefix of the lock id's hash that spreads lock ids
+// over the index.
+func queuePos(lockID string, w tasks.Waiter) string {
+	return fmt.Sprintf("%s-%020d-%s", hash(lockID), uint64(w.Arrived.UnixNano()), hex.EncodeToString([]byte(w.Key)))
 }
 
-// getState reads key's state entity in tx (or outside one when tx is nil);
-// found is false when there is none.
-func (l *List) getState(ctx context.Context, tx *datastore.Transaction, k *datastore.Key) (stateEntity, bool, error) {
-	var e stateEntity
-	var err error
-	if tx != nil {
-		err = tx.Get(k, &e)
-	} else {
-		err = l.client.Get(ctx, k, &e)
+func (l *List) bodyKeys(name string, parts int) []*datastore.Key {
+	var ks []*datastore.Key
+	for i := range parts {
+		ks = append(ks, l.child(KindBody, fmt.Sprintf("%s/%d", name, i), nil))
 	}
-	if errors.Is(err, datastore.ErrNoSuchEntity) {
-		return stateEntity{}, false, nil
+	return ks
+}
+
+// found reads the outcome of a GetMulti: which entities were found, or the
+// first error other than a missing entity.
+func found(err error, n int) ([]bool, error) {
+	ok := make([]bool, n)
+	if err == nil {
+		for i := range ok {
+			ok[i] = true
+		}
+		return ok, nil
 	}
-	if err != nil {
-		return stateEntity{}, false, err
+	var me datastore.MultiError
+	if !errors.As(err, &me) {
+		return nil, err
 	}
-	return e, true, nil
+	for i, e := range me {
+		switch {
+		case e == nil:
+			ok[i] = true
+		case errors.Is(e, datastore.ErrNoSuchEntity):
+		default:
+			return nil, e
+		}
+	}
+	return ok, nil
+}
+
+// live reports whether a found record counts (a Finished one past
+// FinishedRetention counts as absent).
+func (l *List) live(r recordEntity, ok bool) bool {
+	return ok && !(tasks.WaiterState(r.State) == tasks.Finished && l.now().Sub(r.FinishedAt) > tasks.FinishedRetention)
 }
 
 // maxAttempts bounds the attempts of a transaction that conflicts with
-// others on the same record.
-const maxAttempts = 12
+// others on the same lock id; between attempts it pauses a random time up
+// to a bound that doubles from 10 ms to maxPause.
+const (
+	maxAttempts = 40
+	maxPause    = 500 * time.Millisecond
+)
 
-// transact runs fn in a transaction, again after a conflict, with a
-// growing, jittered pause between attempts.
+// retryable reports a transaction that may succeed when tried again: a
+// conflict at commit, or a read or commit aborted by contention.
+func retryable(err error) bool {
+	return errors.Is(err, datastore.ErrConcurrentTransaction) || status.Code(err) == codes.Aborted
+}
+
+// transact runs fn in a transaction, again after a conflict or an abort,
+// with a growing, jittered pause between attempts. The transaction begins
+// with its first lookup (no separate Begin round trip).
 func (l *List) transact(ctx context.Context, fn func(tx *datastore.Transaction) error) error {
 	var err error
 	for attempt := range maxAttempts {
-		if _, err = l.client.RunInTransaction(ctx, fn, datastore.MaxAttempts(1)); !errors.Is(err, datastore.ErrConcurrentTransaction) {
+		_, err = l.client.RunInTransaction(ctx, fn, datastore.MaxAttempts(1))
+		if !retryable(err) {
 			return err
 		}
-		pause := time.Duration(attempt+1) * 5 * time.Millisecond
+		pause := min(10*time.Millisecond<<min(attempt, 10), maxPause)
 		select {
-		case <-time.After(pause + rand.N(pause)):
+		case <-time.After(pause/4 + mrand.N(pause)):
 		case <-ctx.Done():
 			return ctx.Err()
 		}
@@ -135,33 +210,171 @@ func (l *List) transact(ctx context.Context, fn func(tx *datastore.Transaction) 
 	return err
 }
 
-// Park implements tasks.WaitList. A known key is answered from a lookup;
-// a new one is created by one commit of two insert mutations, which fails
-// as a whole with ALREADY_EXISTS when another delivery created the record
-// first (then that record is read). No transaction: a burst of deliveries
-// parking one key (a coalescing job) does not contend for locks.
-func (l *List) Park(ctx context.Context, lockID string, w tasks.Waiter) (tasks.WaiterState, error) {
-	sk := l.stateKey(lockID, w.Key)
-	for range 2 {
-		e, found, err := l.getState(ctx, nil, sk)
-		if err != nil {
-			return tasks.Absent, fmt.Errorf("dswait: park %q: %w", w.Key, err)
-		}
-		if found {
-			return tasks.WaiterState(e.State), nil
-		}
-		name := waiterName(w)
-		ns := stateEntity{State: int(tasks.Waiting), Waiter: name, Coalesce: w.Coalesce, ExpiresAt: l.now().Add(MaxWait)}
-		we := waiterEntity{Key: w.Key, Arrived: w.Arrived, Body: w.Body, Coalesce: w.Coalesce}
-		_, err = l.client.Mutate(ctx, datastore.NewInsert(sk, &ns), datastore.NewInsert(l.waiterKey(lockID, name), &we))
-		if err == nil {
-			return tasks.Waiting, nil
-		}
-		if !alreadyExists(err) {
-			return tasks.Absent, fmt.Errorf("dswait: park %q: %w", w.Key, err)
-		}
+func newEpoch() int64 {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return int64(binary.BigEndian.Uint64(b[:])>>1) | 1
+}
+
+// head returns lockID's oldest waiting record: a query of lockID's range
+// of the q index (an inequality and an order on one property, served by
+// the built-in index: no index.yaml; strongly consistent in Firestore in
+// Datastore mode). Records are small: their bodies are kept apart.
+func (l *List) head(ctx context.Context, lockID string) (tasks.Waiter, bool, error) {
+	prefix := hash(lockID)
+	q := datastore.NewQuery(KindRecord).Namespace(l.namespace).
+		FilterField("q", ">=", prefix+"-").FilterField("q", "<", prefix+".").Order("q").Limit(1)
+	var es []recordEntity
+	if _, err := l.client.GetAll(ctx, q, &es); err != nil {
+		return tasks.Waiter{}, false, err
 	}
-	return tasks.Absent, fmt.Errorf("dswait: park %q: created and gone at once", w.Key)
+	if len(es) == 0 {
+		return tasks.Waiter{}, false, nil
+	}
+	return tasks.Waiter{Key: es[0].Key, Job: es[0].Job, Arrived: es[0].Arrived, Coalesce: es[0].Coalesce}, true, nil
+}
+
+// randomGen returns a positive random 63-bit number: wake names built from
+// two of them never repeat.
+func randomGen() int64 { return newEpoch() }
+
+// armHead arms a wake of kind due at due for lockID, whose oldest waiter
+// is head, unless one is pending that the rule (tasks.Supersedes) keeps:
+// 1 lookup, and 1 commit (an insert) when it arms; a transaction instead
+// when it supersedes a pending one.
+func (l *List) armHead(ctx context.Context, lockID string, head tasks.Waiter, kind tasks.WakeKind, due time.Time) (tasks.Wake, error) {
+	wk := l.wakeKey(lockID, kind)
+	var cur wakeEntity
+	err := l.client.Get(ctx, wk, &cur)
+	if err != nil && !errors.Is(err, datastore.ErrNoSuchEntity) {
+		return tasks.Wake{}, err
+	}
+	pending := err == nil
+	if pending && !tasks.Supersedes(kind, cur.Due, due, l.now()) {
+		return tasks.Wake{}, nil
+	}
+	e := wakeEntity{Epoch: randomGen(), Gen: randomGen(), Due: due.UTC(), ExpiresAt: due.Add(MaxWait).UTC()}
+	wake := tasks.Wake{Kind: kind, Epoch: uint64(e.Epoch), Gen: uint64(e.Gen), Due: due, Job: head.Job}
+	if !pending {
+		_, err = l.client.Mutate(ctx, datastore.NewInsert(wk, &e))
+		if alreadyExists(err) {
+			return tasks.Wake{}, nil // armed by a concurrent caller
+		}
+		if err != nil {
+			return tasks.Wake{}, err
+		}
+		return wake, nil
+	}
+	armed := false
+	err = l.transact(ctx, func(tx *datastore.Transaction) error {
+		armed = false
+		var cur wakeEntity
+		if err := tx.Get(wk, &cur); err == nil && !tasks.Supersedes(kind, cur.Due, due, l.now()) {
+			return nil
+		} else if err != nil && !errors.Is(err, datastore.ErrNoSuchEntity) {
+			return err
+		}
+		armed = true
+		_, err := tx.Put(wk, &e)
+		return err
+	})
+	if err != nil || !armed {
+		return tasks.Wake{}, err
+	}
+	return wake, nil
+}
+
+// writeBody writes body in parts, before the record that names it: a
+// failure leaves at most parts that no record names (removed by the TTL
+// policy on their expiresAt), never a record without its body.
+func (l *List) writeBody(ctx context.Context, name string, body []byte) (int, error) {
+	parts := max((len(body)+bodyPart-1)/bodyPart, 1)
+	keys := l.bodyKeys(name, parts)
+	exp := l.now().Add(MaxWait).UTC()
+	var muts []*datastore.Mutation
+	for i, k := range keys {
+		part := body[min(i*bodyPart, len(body)):min((i+1)*bodyPart, len(body))]
+		muts = append(muts, datastore.NewUpsert(k, &bodyEntity{Body: part, ExpiresAt: exp}))
+	}
+	_, err := l.client.Mutate(ctx, muts...)
+	return parts, err
+}
+
+// readBody reads a body written by writeBody.
+func (l *List) readBody(get func([]*datastore.Key, any) error, name string, parts int) ([]byte, error) {
+	if parts == 0 {
+		return nil, nil
+	}
+	bs := make([]bodyEntity, parts)
+	if err := get(l.bodyKeys(name, parts), bs); err != nil {
+		return nil, fmt.Errorf("reading the body: %w", err)
+	}
+	var body []byte
+	for _, b := range bs {
+		body = append(body, b.Body...)
+	}
+	return body, nil
+}
+
+// Park implements tasks.WaitList: 1 lookup, then, for a new key, 1 commit
+// of the body's parts and 1 commit of one insert (the record: all or
+// nothing), then the Safety wake: 1 query, 1 lookup of the header, and a
+// transaction (1 lookup, 1 commit) when it arms one, about once a lease.
+func (l *List) Park(ctx context.Context, lockID string, w tasks.Waiter, safetyDue time.Time) (tasks.WaiterState, bool, tasks.Wake, error) {
+	rk := l.recordKey(lockID, w.Key)
+	st, created := tasks.Waiting, false
+	for attempt := 0; ; attempt++ {
+		var known recordEntity
+		err := l.client.Get(ctx, rk, &known)
+		if err != nil && !errors.Is(err, datastore.ErrNoSuchEntity) {
+			return tasks.Absent, false, tasks.Wake{}, fmt.Errorf("dswait: park %q: %w", w.Key, err)
+		}
+		if l.live(known, err == nil) {
+			if st = tasks.WaiterState(known.State); st != tasks.Waiting {
+				return st, false, tasks.Wake{}, nil
+			}
+			break
+		}
+		stale := err == nil // a finished record past its retention: replaced
+		name := hash(lockID, w.Key, strconv.FormatInt(l.now().UnixNano(), 10), strconv.FormatUint(mrand.Uint64(), 10))
+		parts, err := l.writeBody(ctx, name, w.Body)
+		if err != nil {
+			return tasks.Absent, false, tasks.Wake{}, fmt.Errorf("dswait: park %q: writing its body: %w", w.Key, err)
+		}
+		rec := recordEntity{Key: w.Key, State: int(tasks.Waiting), Q: queuePos(lockID, w), Arrived: w.Arrived.UTC(), Job: w.Job,
+			Coalesce: w.Coalesce, BodyName: name, BodyParts: parts, ExpiresAt: l.now().Add(MaxWait).UTC()}
+		if stale {
+			err = l.transact(ctx, func(tx *datastore.Transaction) error {
+				var cur recordEntity
+				if err := tx.Get(rk, &cur); err == nil && l.live(cur, true) {
+					return status.Error(codes.AlreadyExists, "record exists")
+				}
+				_, err := tx.Put(rk, &rec)
+				return err
+			})
+		} else {
+			_, err = l.client.Mutate(ctx, datastore.NewInsert(rk, &rec))
+		}
+		if err == nil {
+			created = true
+			break
+		}
+		if !alreadyExists(err) || attempt > 0 {
+			return tasks.Absent, false, tasks.Wake{}, fmt.Errorf("dswait: park %q: %w", w.Key, err)
+		}
+		// Created by a concurrent Park: read it.
+	}
+	head := tasks.Waiter{Key: w.Key, Job: w.Job}
+	if h, ok, err := l.head(ctx, lockID); err != nil {
+		return st, created, tasks.Wake{}, fmt.Errorf("dswait: park %q: %w", w.Key, err)
+	} else if ok {
+		head = h
+	}
+	wake, err := l.armHead(ctx, lockID, head, tasks.Safety, safetyDue)
+	if err != nil {
+		return st, created, tasks.Wake{}, fmt.Errorf("dswait: park %q: arming its safety wake: %w", w.Key, err)
+	}
+	return st, created, wake, nil
 }
 
 // alreadyExists reports whether err (or one of a MultiError's) is
@@ -179,83 +392,221 @@ func alreadyExists(err error) bool {
 	return status.Code(err) == codes.AlreadyExists
 }
 
-// Oldest implements tasks.WaitList.
-func (l *List) Oldest(ctx context.Context, lockID string) (tasks.Waiter, bool, error) {
-	q := datastore.NewQuery(KindWaiter).Ancestor(l.parent(lockID)).Namespace(l.namespace).Limit(1)
-	var es []waiterEntity
-	if _, err := l.client.GetAll(ctx, q, &es); err != nil {
-		return tasks.Waiter{}, false, fmt.Errorf("dswait: oldest of %q: %w", lockID, err)
+// Peek implements tasks.WaitList: 1 query and, for a key, 1 lookup, sent
+// together.
+func (l *List) Peek(ctx context.Context, lockID, key string) (tasks.Waiter, bool, tasks.WaiterState, string, error) {
+	var (
+		wg       sync.WaitGroup
+		rec      recordEntity
+		recErr   error
+		st       = tasks.Absent
+		runner   string
+		head     tasks.Waiter
+		ok       bool
+		queryErr error
+	)
+	if key != "" {
+		wg.Go(func() {
+			recErr = l.client.Get(ctx, l.recordKey(lockID, key), &rec)
+			if errors.Is(recErr, datastore.ErrNoSuchEntity) {
+				recErr = nil
+			} else if recErr == nil && l.live(rec, true) {
+				st, runner = tasks.WaiterState(rec.State), rec.Runner
+			}
+		})
 	}
-	if len(es) == 0 {
-		return tasks.Waiter{}, false, nil
+	head, ok, queryErr = l.head(ctx, lockID)
+	wg.Wait()
+	if err := errors.Join(queryErr, recErr); err != nil {
+		return tasks.Waiter{}, false, tasks.Absent, "", fmt.Errorf("dswait: peek %q: %w", lockID, err)
 	}
-	e := es[0]
-	return tasks.Waiter{Key: e.Key, Arrived: e.Arrived, Body: e.Body, Coalesce: e.Coalesce}, true, nil
+	return head, ok, st, runner, nil
 }
 
-// State implements tasks.WaitList.
-func (l *List) State(ctx context.Context, lockID, key string) (tasks.WaiterState, string, error) {
-	e, found, err := l.getState(ctx, nil, l.stateKey(lockID, key))
+// Arm implements tasks.WaitList: 1 query (the oldest waiter) and, when one
+// waits, 1 lookup of the header, and a transaction (1 lookup, 1 commit)
+// when it arms a wake.
+func (l *List) Arm(ctx context.Context, lockID string, kind tasks.WakeKind, due time.Time) (tasks.Wake, error) {
+	head, ok, err := l.head(ctx, lockID)
+	if err == nil && ok {
+		var w tasks.Wake
+		if w, err = l.armHead(ctx, lockID, head, kind, due); err == nil {
+			return w, nil
+		}
+	}
 	if err != nil {
-		return tasks.Absent, "", fmt.Errorf("dswait: state of %q: %w", key, err)
+		return tasks.Wake{}, fmt.Errorf("dswait: arm %q: %w", lockID, err)
 	}
-	if !found {
-		return tasks.Absent, "", nil
-	}
-	return tasks.WaiterState(e.State), e.Runner, nil
+	return tasks.Wake{}, nil
 }
 
-// Claim implements tasks.WaitList.
-func (l *List) Claim(ctx context.Context, lockID, key, runner string) (bool, error) {
-	sk := l.stateKey(lockID, key)
-	var ok bool
+// Disarm implements tasks.WaitList: a transaction of 1 lookup and 1
+// commit.
+func (l *List) Disarm(ctx context.Context, lockID string, w tasks.Wake) error {
+	if _, err := l.take(ctx, lockID, w.Kind, w.Gen); err != nil {
+		return fmt.Errorf("dswait: disarm %q: %w", lockID, err)
+	}
+	return nil
+}
+
+// take deletes lockID's pending wake of kind if its generation is gen.
+func (l *List) take(ctx context.Context, lockID string, kind tasks.WakeKind, gen uint64) (bool, error) {
+	wk := l.wakeKey(lockID, kind)
+	ok := false
 	err := l.transact(ctx, func(tx *datastore.Transaction) error {
 		ok = false
-		e, found, err := l.getState(ctx, tx, sk)
-		if err != nil || !found {
+		var cur wakeEntity
+		if err := tx.Get(wk, &cur); err != nil {
+			if errors.Is(err, datastore.ErrNoSuchEntity) {
+				return nil
+			}
 			return err
 		}
-		switch tasks.WaiterState(e.State) {
-		case tasks.Running:
-			ok = e.Runner == runner
+		if uint64(cur.Gen) != gen {
 			return nil
-		case tasks.Waiting:
-		default:
-			return nil
-		}
-		if err := tx.Delete(l.waiterKey(lockID, e.Waiter)); err != nil {
-			return err
 		}
 		ok = true
-		if e.Coalesce {
-			return tx.Delete(sk)
-		}
-		e.State, e.Runner, e.ExpiresAt = int(tasks.Running), runner, l.now().Add(MaxWait)
-		_, err = tx.Put(sk, &e)
-		return err
+		return tx.Delete(wk)
 	})
-	if err != nil {
-		return false, fmt.Errorf("dswait: claim %q: %w", key, err)
-	}
-	return ok, nil
+	return ok, err
 }
 
-// Finish implements tasks.WaitList.
-func (l *List) Finish(ctx context.Context, lockID, key string) error {
-	sk := l.stateKey(lockID, key)
+// Take implements tasks.WaitList: a transaction of 1 lookup and 1 commit,
+// and, with a safetyDue, 1 query and what arming costs (see Park).
+func (l *List) Take(ctx context.Context, lockID string, kind tasks.WakeKind, gen uint64, safetyDue time.Time) (bool, tasks.Wake, error) {
+	ok, err := l.take(ctx, lockID, kind, gen)
+	var wake tasks.Wake
+	if err == nil && !safetyDue.IsZero() {
+		var head tasks.Waiter
+		var anyone bool
+		if head, anyone, err = l.head(ctx, lockID); err == nil && anyone {
+			wake, err = l.armHead(ctx, lockID, head, tasks.Safety, safetyDue)
+		}
+	}
+	if err != nil {
+		return false, tasks.Wake{}, fmt.Errorf("dswait: take a wake of %q: %w", lockID, err)
+	}
+	return ok, wake, nil
+}
+
+// Claim implements tasks.WaitList: a transaction of 1 lookup (record and
+// run) and 1 commit, then 1 lookup of the body.
+func (l *List) Claim(ctx context.Context, lockID, key, runner string) (tasks.Waiter, bool, error) {
+	var (
+		got recordEntity
+		ok  bool
+	)
+	rk, uk := l.recordKey(lockID, key), l.runKey(lockID, runner)
 	err := l.transact(ctx, func(tx *datastore.Transaction) error {
-		e, found, err := l.getState(ctx, tx, sk)
+		ok = false
+		recs := make([]recordEntity, 2)
+		fs, err := found(tx.GetMulti([]*datastore.Key{rk, uk}, recs), 2)
 		if err != nil {
 			return err
 		}
-		if found && tasks.WaiterState(e.State) == tasks.Waiting {
-			if err := tx.Delete(l.waiterKey(lockID, e.Waiter)); err != nil {
+		rec, run := recs[0], recs[1]
+		if fs[1] && run.Key == key {
+			got, ok = run, true
+			return nil
+		}
+		if !fs[0] || tasks.WaiterState(rec.State) != tasks.Waiting {
+			return nil
+		}
+		run = rec
+		run.State, run.Runner, run.Q = int(tasks.Running), runner, ""
+		if _, err := tx.Put(uk, &run); err != nil {
+			return err
+		}
+		if rec.Coalesce {
+			if err := tx.Delete(rk); err != nil {
+				return err
+			}
+		} else {
+			rec.State, rec.Runner, rec.Q = int(tasks.Running), runner, ""
+			rec.BodyName, rec.BodyParts = "", 0
+			rec.ExpiresAt = l.now().Add(MaxWait).UTC()
+			if _, err := tx.Put(rk, &rec); err != nil {
 				return err
 			}
 		}
-		_, err = tx.Put(sk, &stateEntity{State: int(tasks.Finished), ExpiresAt: l.now().Add(tasks.FinishedRetention)})
+		got, ok = run, true
+		return nil
+	})
+	if err == nil && ok {
+		var w tasks.Waiter
+		if w, err = l.waiter(ctx, got); err == nil {
+			return w, true, nil
+		}
+	}
+	if err != nil {
+		return tasks.Waiter{}, false, fmt.Errorf("dswait: claim %q: %w", key, err)
+	}
+	return tasks.Waiter{}, false, nil
+}
+
+// waiter reads r's body and returns it as a Waiter.
+func (l *List) waiter(ctx context.Context, r recordEntity) (tasks.Waiter, error) {
+	body, err := l.readBody(func(ks []*datastore.Key, dst any) error { return l.client.GetMulti(ctx, ks, dst) }, r.BodyName, r.BodyParts)
+	if err != nil {
+		return tasks.Waiter{}, err
+	}
+	return tasks.Waiter{Key: r.Key, Arrived: r.Arrived, Job: r.Job, Body: body, Coalesce: r.Coalesce}, nil
+}
+
+// Running implements tasks.WaitList: 2 lookups (the run, its body).
+func (l *List) Running(ctx context.Context, lockID, runner string) (tasks.Waiter, bool, error) {
+	var r recordEntity
+	err := l.client.Get(ctx, l.runKey(lockID, runner), &r)
+	if errors.Is(err, datastore.ErrNoSuchEntity) {
+		return tasks.Waiter{}, false, nil
+	}
+	var w tasks.Waiter
+	if err == nil {
+		w, err = l.waiter(ctx, r)
+	}
+	if err != nil {
+		return tasks.Waiter{}, false, fmt.Errorf("dswait: running %q: %w", runner, err)
+	}
+	return w, true, nil
+}
+
+// Finish implements tasks.WaitList: a transaction of 1 lookup and 1
+// commit, then 1 commit deleting the body.
+func (l *List) Finish(ctx context.Context, lockID, key, runner string) error {
+	rk := l.recordKey(lockID, key)
+	var bodies []*datastore.Key
+	err := l.transact(ctx, func(tx *datastore.Transaction) error {
+		bodies = nil
+		keys := []*datastore.Key{rk}
+		if runner != "" {
+			keys = append(keys, l.runKey(lockID, runner))
+		}
+		recs := make([]recordEntity, len(keys))
+		fs, err := found(tx.GetMulti(keys, recs), len(keys))
+		if err != nil {
+			return err
+		}
+		if runner != "" && fs[1] && recs[1].Key == key {
+			if err := tx.Delete(keys[1]); err != nil {
+				return err
+			}
+			bodies = l.bodyKeys(recs[1].BodyName, recs[1].BodyParts)
+			if recs[1].Coalesce {
+				return nil // the key's record, if any, is a newer waiter
+			}
+		}
+		if fs[0] {
+			bodies = append(bodies, l.bodyKeys(recs[0].BodyName, recs[0].BodyParts)...)
+		}
+		now := l.now().UTC()
+		fin := recordEntity{Key: key, State: int(tasks.Finished), FinishedAt: now, ExpiresAt: now.Add(tasks.FinishedRetention)}
+		_, err = tx.Put(rk, &fin)
 		return err
 	})
+	if err == nil && len(bodies) > 0 {
+		// Garbage only: a failure leaves parts the TTL policy removes.
+		_ = l.client.DeleteMulti(ctx, bodies)
+	}
 	if err != nil {
 		return fmt.Errorf("dswait: finish %q: %w", key, err)
 	}

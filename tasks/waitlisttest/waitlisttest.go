@@ -3,6 +3,7 @@
 package waitlisttest
 
 import (
+	"bytes"
 	"fmt"
 	"sync"
 	"testing"
@@ -14,53 +15,100 @@ import (
 // Run checks the WaitList contract on lists made by newList, each test on a
 // fresh list (or on fresh lock ids of a shared one: every test uses its own).
 func Run(t *testing.T, newList func(t *testing.T) tasks.WaitList) {
-	t.Run("ParkIsIdempotentAndKeepsFirstArrival", func(t *testing.T) { testPark(t, newList(t)) })
-	t.Run("OldestIsFIFOByArrivalThenKey", func(t *testing.T) { testOldest(t, newList(t)) })
+	t.Run("ParkIsIdempotent", func(t *testing.T) { testPark(t, newList(t)) })
+	t.Run("FIFOByArrivalThenKey", func(t *testing.T) { testFIFO(t, newList(t)) })
+	t.Run("ManyWaitersAndHoles", func(t *testing.T) { testMany(t, newList(t)) })
 	t.Run("ClaimHasOneWinner", func(t *testing.T) { testClaim(t, newList(t)) })
 	t.Run("FinishedIsRemembered", func(t *testing.T) { testFinish(t, newList(t)) })
+	t.Run("FinishTakesAWaiterOut", func(t *testing.T) { testFinishWaiting(t, newList(t)) })
 	t.Run("LockIDsAreSeparate", func(t *testing.T) { testSeparate(t, newList(t)) })
-	t.Run("CoalesceRecordIsRemovedByClaim", func(t *testing.T) { testCoalesce(t, newList(t)) })
+	t.Run("CoalesceRecordLeavesItsKey", func(t *testing.T) { testCoalesce(t, newList(t)) })
+	t.Run("OneSafetyWake", func(t *testing.T) { testSafety(t, newList(t)) })
+	t.Run("OneHandoffWake", func(t *testing.T) { testHandoff(t, newList(t)) })
+	t.Run("StaleWakeIsArmedAgain", func(t *testing.T) { testStale(t, newList(t)) })
+	t.Run("ConcurrentArmsArmOne", func(t *testing.T) { testConcurrentArm(t, newList(t)) })
+	t.Run("LargeBody", func(t *testing.T) { testLargeBody(t, newList(t)) })
 }
 
 var t0 = time.Date(2026, 1, 2, 3, 4, 5, 123456000, time.UTC)
 
 func lockID(t *testing.T) string { return "waitlisttest/" + t.Name() }
 
-func park(t *testing.T, l tasks.WaitList, id string, w tasks.Waiter) tasks.WaiterState {
+// far is a safety due time far enough ahead never to be stale.
+func far() time.Time { return time.Now().Add(time.Hour) }
+
+func park(t *testing.T, l tasks.WaitList, id string, w tasks.Waiter) (tasks.WaiterState, bool, tasks.Wake) {
 	t.Helper()
-	st, err := l.Park(t.Context(), id, w)
+	if w.Job == "" {
+		w.Job = "job"
+	}
+	st, created, wake, err := l.Park(t.Context(), id, w, far())
 	if err != nil {
 		t.Fatalf("Park(%q, %q): %v", id, w.Key, err)
 	}
-	return st
+	return st, created, wake
+}
+
+func peek(t *testing.T, l tasks.WaitList, id, key string) (tasks.Waiter, bool, tasks.WaiterState, string) {
+	t.Helper()
+	w, ok, st, runner, err := l.Peek(t.Context(), id, key)
+	if err != nil {
+		t.Fatalf("Peek(%q, %q): %v", id, key, err)
+	}
+	if w.Body != nil {
+		t.Fatalf("Peek returned a body")
+	}
+	return w, ok, st, runner
 }
 
 func oldest(t *testing.T, l tasks.WaitList, id string) (tasks.Waiter, bool) {
 	t.Helper()
-	w, ok, err := l.Oldest(t.Context(), id)
-	if err != nil {
-		t.Fatalf("Oldest(%q): %v", id, err)
-	}
+	w, ok, _, _ := peek(t, l, id, "")
 	return w, ok
 }
 
 func state(t *testing.T, l tasks.WaitList, id, key string) (tasks.WaiterState, string) {
 	t.Helper()
-	st, runner, err := l.State(t.Context(), id, key)
-	if err != nil {
-		t.Fatalf("State(%q, %q): %v", id, key, err)
-	}
+	_, _, st, runner := peek(t, l, id, key)
 	return st, runner
 }
 
-func claim(t *testing.T, l tasks.WaitList, id, key, runner string) bool {
+func claim(t *testing.T, l tasks.WaitList, id, key, runner string) (tasks.Waiter, bool) {
 	t.Helper()
-	ok, err := l.Claim(t.Context(), id, key, runner)
+	w, ok, err := l.Claim(t.Context(), id, key, runner)
 	if err != nil {
 		t.Fatalf("Claim(%q, %q, %q): %v", id, key, runner, err)
 	}
-	return ok
+	return w, ok
 }
+
+func finish(t *testing.T, l tasks.WaitList, id, key, runner string) {
+	t.Helper()
+	if err := l.Finish(t.Context(), id, key, runner); err != nil {
+		t.Fatalf("Finish(%q, %q, %q): %v", id, key, runner, err)
+	}
+}
+
+func arm(t *testing.T, l tasks.WaitList, id string, kind tasks.WakeKind, due time.Time) tasks.Wake {
+	t.Helper()
+	w, err := l.Arm(t.Context(), id, kind, due)
+	if err != nil {
+		t.Fatalf("Arm(%q, %v): %v", id, kind, err)
+	}
+	return w
+}
+
+func take(t *testing.T, l tasks.WaitList, id string, w tasks.Wake, safetyDue time.Time) (bool, tasks.Wake) {
+	t.Helper()
+	ok, next, err := l.Take(t.Context(), id, w.Kind, w.Gen, safetyDue)
+	if err != nil {
+		t.Fatalf("Take(%q, %v %d): %v", id, w.Kind, w.Gen, err)
+	}
+	return ok, next
+}
+
+// sameWake reports whether a and b name the same wake task.
+func sameWake(a, b tasks.Wake) bool { return a.Epoch == b.Epoch && a.Gen == b.Gen }
 
 func testPark(t *testing.T, l tasks.WaitList) {
 	id := lockID(t)
@@ -71,52 +119,58 @@ func testPark(t *testing.T, l tasks.WaitList) {
 		t.Fatalf("state of a key never parked: %v, want absent", st)
 	}
 	body := []byte(`{"v":1,"job":"j","lockId":"l"}`)
-	if st := park(t, l, id, tasks.Waiter{Key: "q/a", Arrived: t0, Body: body}); st != tasks.Waiting {
-		t.Fatalf("first Park: %v, want waiting", st)
+	if st, created, _ := park(t, l, id, tasks.Waiter{Key: "q/a", Arrived: t0, Job: "j", Body: body}); st != tasks.Waiting || !created {
+		t.Fatalf("first Park: %v created=%v, want waiting, created", st, created)
 	}
-	if st := park(t, l, id, tasks.Waiter{Key: "q/a", Arrived: t0.Add(time.Second), Body: []byte("other")}); st != tasks.Waiting {
-		t.Fatalf("second Park of the key: %v, want waiting", st)
+	if st, created, _ := park(t, l, id, tasks.Waiter{Key: "q/a", Arrived: t0.Add(time.Second), Body: []byte("other")}); st != tasks.Waiting || created {
+		t.Fatalf("second Park of the key: %v created=%v, want waiting, not created", st, created)
 	}
 	w, ok := oldest(t, l, id)
-	if !ok || w.Key != "q/a" || !w.Arrived.Equal(t0) || string(w.Body) != string(body) {
-		t.Fatalf("Oldest = %+v, %v; want q/a with the first Park's arrival %v and body", w, ok, t0)
+	if !ok || w.Key != "q/a" || !w.Arrived.Equal(t0) || w.Job != "j" {
+		t.Fatalf("Peek = %+v, %v; want q/a of job j with the first Park's arrival %v", w, ok, t0)
 	}
 
-	// Concurrent parks of one new key leave one record, and nothing behind
-	// once it is claimed.
+	// Concurrent parks of one new key leave one record, created once.
 	var wg sync.WaitGroup
-	errs := make(chan error, 8)
+	var mu sync.Mutex
+	var errs []error
+	creators := 0
 	for i := range 8 {
 		wg.Go(func() {
-			st, err := l.Park(t.Context(), id, tasks.Waiter{Key: "q/b", Arrived: t0.Add(time.Duration(i+1) * time.Second), Body: body})
+			st, created, _, err := l.Park(t.Context(), id, tasks.Waiter{Key: "q/b", Job: "j", Arrived: t0.Add(time.Duration(i+1) * time.Second), Body: body}, far())
+			mu.Lock()
+			defer mu.Unlock()
 			if err == nil && st != tasks.Waiting {
 				err = fmt.Errorf("concurrent Park: %v, want waiting", st)
 			}
-			errs <- err
+			if err != nil {
+				errs = append(errs, err)
+			}
+			if created {
+				creators++
+			}
 		})
 	}
 	wg.Wait()
-	close(errs)
-	for err := range errs {
-		if err != nil {
-			t.Fatal(err)
-		}
+	if len(errs) > 0 || creators != 1 {
+		t.Fatalf("concurrent parks of one key: %d created it, errors %v; want 1, none", creators, errs)
 	}
 	for _, k := range []string{"q/a", "q/b"} {
 		w, ok := oldest(t, l, id)
 		if !ok || w.Key != k {
-			t.Fatalf("Oldest = %q, %v; want %q", w.Key, ok, k)
+			t.Fatalf("Peek = %q, %v; want %q", w.Key, ok, k)
 		}
-		if !claim(t, l, id, k, "r") {
-			t.Fatalf("claim of %q failed", k)
+		got, ok := claim(t, l, id, k, "r-"+k)
+		if !ok || !bytes.Equal(got.Body, body) {
+			t.Fatalf("claim of %q: %v, body %q; want the first Park's body", k, ok, got.Body)
 		}
 	}
 	if w, ok := oldest(t, l, id); ok {
-		t.Fatalf("after claiming every key, Oldest = %+v: a concurrent Park left a stray record", w)
+		t.Fatalf("after claiming every key, Peek = %+v: a concurrent Park left a stray record", w)
 	}
 }
 
-func testOldest(t *testing.T, l tasks.WaitList) {
+func testFIFO(t *testing.T, l tasks.WaitList) {
 	id := lockID(t)
 	// Parked out of order; keys chosen so that key order differs from
 	// arrival order.
@@ -131,14 +185,56 @@ func testOldest(t *testing.T, l tasks.WaitList) {
 		w.Body = []byte(`{}`)
 		park(t, l, id, w)
 	}
-	want := []string{"q/z", "q/y", "q/b", "q/c", "q/a"}
-	for i, k := range want {
-		w, ok := oldest(t, l, id)
-		if !ok || w.Key != k {
-			t.Fatalf("oldest #%d = %q (%v), want %q", i, w.Key, ok, k)
+	for i, k := range []string{"q/z", "q/y", "q/b", "q/c", "q/a"} {
+		got, ok := oldest(t, l, id)
+		if !ok || got.Key != k {
+			t.Fatalf("oldest #%d = %q (%v), want %q", i, got.Key, ok, k)
 		}
-		if !claim(t, l, id, k, fmt.Sprintf("runner-%d", i)) {
+		if _, ok := claim(t, l, id, k, fmt.Sprintf("runner-%d", i)); !ok {
 			t.Fatalf("claim of the oldest %q failed", k)
+		}
+	}
+	if w, ok := oldest(t, l, id); ok {
+		t.Fatalf("oldest after claiming all = %q", w.Key)
+	}
+}
+
+// testMany parks more waiters than an implementation may list in one
+// place, takes some out of the middle and checks the order of the rest.
+func testMany(t *testing.T, l tasks.WaitList) {
+	id := lockID(t)
+	const n = 75
+	var want []string
+	for i := range n {
+		k := fmt.Sprintf("q/%03d", i)
+		park(t, l, id, tasks.Waiter{Key: k, Arrived: t0, Body: []byte(`{}`)})
+		want = append(want, k)
+	}
+	// Out of the middle and the front, as a late duplicate's run does.
+	for _, i := range []int{0, 1, 2, 40, 41, 70} {
+		finish(t, l, id, want[i], "")
+	}
+	var rest []string
+	for i, k := range want {
+		switch i {
+		case 0, 1, 2, 40, 41, 70:
+		default:
+			rest = append(rest, k)
+		}
+	}
+	for i := 0; i < len(rest); i++ {
+		k := rest[i]
+		got, ok := oldest(t, l, id)
+		if !ok || got.Key != k {
+			t.Fatalf("oldest #%d = %q (%v), want %q", i, got.Key, ok, k)
+		}
+		if _, ok := claim(t, l, id, k, "r-"+k); !ok {
+			t.Fatalf("claim of %q failed", k)
+		}
+		if i == 10 {
+			// A newcomer goes to the back.
+			park(t, l, id, tasks.Waiter{Key: "q/late", Arrived: t0, Body: []byte(`{}`)})
+			rest = append(rest, "q/late")
 		}
 	}
 	if w, ok := oldest(t, l, id); ok {
@@ -148,10 +244,10 @@ func testOldest(t *testing.T, l tasks.WaitList) {
 
 func testClaim(t *testing.T, l tasks.WaitList) {
 	id := lockID(t)
-	if claim(t, l, id, "q/none", "r") {
+	if _, ok := claim(t, l, id, "q/none", "r"); ok {
 		t.Fatal("claim of a key never parked succeeded")
 	}
-	park(t, l, id, tasks.Waiter{Key: "q/a", Arrived: t0, Body: []byte(`{}`)})
+	park(t, l, id, tasks.Waiter{Key: "q/a", Arrived: t0, Body: []byte(`{"a":1}`)})
 	const n = 8
 	var (
 		wg   sync.WaitGroup
@@ -162,7 +258,7 @@ func testClaim(t *testing.T, l tasks.WaitList) {
 	for i := range n {
 		wg.Go(func() {
 			runner := fmt.Sprintf("r%d", i)
-			ok, err := l.Claim(t.Context(), id, "q/a", runner)
+			_, ok, err := l.Claim(t.Context(), id, "q/a", runner)
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil {
@@ -183,40 +279,72 @@ func testClaim(t *testing.T, l tasks.WaitList) {
 	if st, runner := state(t, l, id, "q/a"); st != tasks.Running || runner != won[0] {
 		t.Fatalf("state after claim: %v by %q, want running by %q", st, runner, won[0])
 	}
-	if !claim(t, l, id, "q/a", won[0]) {
-		t.Error("the winner's second claim (a retry of its run) failed")
+	if w, ok := claim(t, l, id, "q/a", won[0]); !ok || string(w.Body) != `{"a":1}` {
+		t.Errorf("the winner's second claim (a retry of its run): %v, body %q", ok, w.Body)
 	}
-	if claim(t, l, id, "q/a", "another") {
+	if _, ok := claim(t, l, id, "q/a", "another"); ok {
 		t.Error("another runner claimed a running record")
+	}
+	if w, ok, err := l.Running(t.Context(), id, won[0]); err != nil || !ok || w.Key != "q/a" || string(w.Body) != `{"a":1}` {
+		t.Errorf("Running(winner) = %+v, %v, %v; want q/a with its body", w, ok, err)
+	}
+	if _, ok, err := l.Running(t.Context(), id, "another"); err != nil || ok {
+		t.Errorf("Running(another runner) = %v, %v; want nothing", ok, err)
 	}
 	if _, ok := oldest(t, l, id); ok {
 		t.Error("a running record is still in the list")
 	}
-	if st := park(t, l, id, tasks.Waiter{Key: "q/a", Arrived: t0, Body: []byte(`{}`)}); st != tasks.Running {
-		t.Errorf("Park of a running key: %v, want running (left as it is)", st)
+	if st, created, _ := park(t, l, id, tasks.Waiter{Key: "q/a", Arrived: t0, Body: []byte(`{}`)}); st != tasks.Running || created {
+		t.Errorf("Park of a running key: %v created=%v, want running (left as it is)", st, created)
 	}
 }
 
 func testFinish(t *testing.T, l tasks.WaitList) {
 	id := lockID(t)
 	park(t, l, id, tasks.Waiter{Key: "q/a", Arrived: t0, Body: []byte(`{}`)})
-	if !claim(t, l, id, "q/a", "r") {
+	if _, ok := claim(t, l, id, "q/a", "r"); !ok {
 		t.Fatal("claim failed")
 	}
-	if err := l.Finish(t.Context(), id, "q/a"); err != nil {
-		t.Fatal(err)
-	}
+	finish(t, l, id, "q/a", "r")
 	if st, _ := state(t, l, id, "q/a"); st != tasks.Finished {
 		t.Fatalf("state after Finish: %v", st)
 	}
-	if st := park(t, l, id, tasks.Waiter{Key: "q/a", Arrived: t0.Add(time.Hour), Body: []byte(`{}`)}); st != tasks.Finished {
+	if _, ok, err := l.Running(t.Context(), id, "r"); err != nil || ok {
+		t.Fatalf("Running after Finish: %v, %v; want nothing", ok, err)
+	}
+	if st, created, _ := park(t, l, id, tasks.Waiter{Key: "q/a", Arrived: t0.Add(time.Hour), Body: []byte(`{}`)}); st != tasks.Finished || created {
 		t.Fatalf("Park of a finished key: %v, want finished (a late duplicate must not run)", st)
 	}
-	if claim(t, l, id, "q/a", "r") {
+	if _, ok := claim(t, l, id, "q/a", "r"); ok {
 		t.Error("claim of a finished record succeeded")
 	}
 	if _, ok := oldest(t, l, id); ok {
 		t.Error("a finished record is in the list")
+	}
+	// A key that never parked (a run with no record) is remembered too.
+	finish(t, l, id, "q/direct", "")
+	if st, _ := state(t, l, id, "q/direct"); st != tasks.Finished {
+		t.Errorf("state of a key finished without a record: %v, want finished", st)
+	}
+}
+
+func testFinishWaiting(t *testing.T, l tasks.WaitList) {
+	id := lockID(t)
+	park(t, l, id, tasks.Waiter{Key: "q/a", Arrived: t0, Body: []byte(`{}`)})
+	park(t, l, id, tasks.Waiter{Key: "q/b", Arrived: t0, Body: []byte(`{}`)})
+	finish(t, l, id, "q/a", "")
+	if w, ok := oldest(t, l, id); !ok || w.Key != "q/b" {
+		t.Fatalf("after finishing the waiting q/a, oldest = %q (%v), want q/b", w.Key, ok)
+	}
+	if _, ok := claim(t, l, id, "q/a", "r"); ok {
+		t.Error("a waiter finished while it waited was claimed")
+	}
+	finish(t, l, id, "q/b", "")
+	if w, ok := oldest(t, l, id); ok {
+		t.Errorf("oldest after finishing every waiter = %q", w.Key)
+	}
+	if w := arm(t, l, id, tasks.Handoff, time.Now()); !w.IsZero() {
+		t.Errorf("a wake armed with no waiter: %+v", w)
 	}
 }
 
@@ -226,8 +354,14 @@ func testSeparate(t *testing.T, l tasks.WaitList) {
 	if _, ok := oldest(t, l, b); ok {
 		t.Fatal("a waiter of one lock id shows on another")
 	}
-	if st := park(t, l, b, tasks.Waiter{Key: "q/x", Arrived: t0, Body: []byte(`{}`)}); st != tasks.Waiting {
+	if st, created, _ := park(t, l, b, tasks.Waiter{Key: "q/x", Arrived: t0, Body: []byte(`{}`)}); st != tasks.Waiting || !created {
 		t.Fatalf("the same key on another lock id: %v, want a new waiting record", st)
+	}
+	if w := arm(t, l, b, tasks.Handoff, time.Now()); w.IsZero() {
+		t.Fatal("no hand-off armed on b")
+	}
+	if w := arm(t, l, a, tasks.Handoff, time.Now()); w.IsZero() {
+		t.Fatal("a's hand-off is taken for b's")
 	}
 }
 
@@ -235,23 +369,176 @@ func testCoalesce(t *testing.T, l tasks.WaitList) {
 	id := lockID(t)
 	c := tasks.Waiter{Key: "coalesce/q/job", Arrived: t0, Body: []byte(`{"first":true}`), Coalesce: true}
 	park(t, l, id, c)
-	if st := park(t, l, id, tasks.Waiter{Key: c.Key, Arrived: t0.Add(time.Second), Body: []byte(`{}`), Coalesce: true}); st != tasks.Waiting {
-		t.Fatalf("second Park of a coalescing key: %v, want the waiting record", st)
+	if st, created, _ := park(t, l, id, tasks.Waiter{Key: c.Key, Arrived: t0.Add(time.Second), Body: []byte(`{}`), Coalesce: true}); st != tasks.Waiting || created {
+		t.Fatalf("second Park of a coalescing key: %v created=%v, want the waiting record", st, created)
 	}
 	w, ok := oldest(t, l, id)
-	if !ok || w.Key != c.Key || !w.Coalesce || string(w.Body) != `{"first":true}` || !w.Arrived.Equal(t0) {
-		t.Fatalf("Oldest = %+v, %v; want the first coalescing record, marked Coalesce", w, ok)
+	if !ok || w.Key != c.Key || !w.Coalesce || !w.Arrived.Equal(t0) {
+		t.Fatalf("Peek = %+v, %v; want the first coalescing record, marked Coalesce", w, ok)
 	}
-	if !claim(t, l, id, c.Key, "r1") {
-		t.Fatal("claim of a coalescing record failed")
+	got, ok := claim(t, l, id, c.Key, "r1")
+	if !ok || string(got.Body) != `{"first":true}` || !got.Coalesce {
+		t.Fatalf("claim of a coalescing record: %v, %+v", ok, got)
 	}
 	if st, _ := state(t, l, id, c.Key); st != tasks.Absent {
 		t.Fatalf("state after claiming a coalescing record: %v, want absent", st)
 	}
-	if claim(t, l, id, c.Key, "r1") {
-		t.Error("a second claim of a removed coalescing record succeeded")
+	if st, created, _ := park(t, l, id, tasks.Waiter{Key: c.Key, Arrived: t0.Add(2 * time.Second), Body: []byte(`{"second":true}`), Coalesce: true}); st != tasks.Waiting || !created {
+		t.Fatalf("Park after the coalesced run was claimed: %v, want a new waiting record", st)
 	}
-	if st := park(t, l, id, tasks.Waiter{Key: c.Key, Arrived: t0.Add(2 * time.Second), Body: []byte(`{}`), Coalesce: true}); st != tasks.Waiting {
-		t.Errorf("Park after the coalesced run was claimed: %v, want a new waiting record", st)
+	// The first run's retry still finds what it runs.
+	if w, ok, err := l.Running(t.Context(), id, "r1"); err != nil || !ok || string(w.Body) != `{"first":true}` {
+		t.Fatalf("Running(r1) = %+v, %v, %v", w, ok, err)
 	}
+	finish(t, l, id, c.Key, "r1")
+	if st, _ := state(t, l, id, c.Key); st != tasks.Waiting {
+		t.Fatalf("finishing the first coalesced run changed the newer waiting record: %v, want waiting", st)
+	}
+	if got, ok := claim(t, l, id, c.Key, "r2"); !ok || string(got.Body) != `{"second":true}` {
+		t.Fatalf("claim of the second coalescing record: %v, %q", ok, got.Body)
+	}
+}
+
+func testSafety(t *testing.T, l tasks.WaitList) {
+	id := lockID(t)
+	due := time.Now().Add(30 * time.Second)
+	_, _, w1, err := l.Park(t.Context(), id, tasks.Waiter{Key: "q/a", Job: "ja", Arrived: t0, Body: []byte(`{}`)}, due)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w1.Kind != tasks.Safety || w1.Gen == 0 || !w1.Due.Equal(due) || w1.Job != "ja" {
+		t.Fatalf("first Park armed %+v; want a Safety wake due %v for the head's job ja", w1, due)
+	}
+	// Later parks behind the same holding: the pending safety wake covers them.
+	for i := range 5 {
+		_, _, w, err := l.Park(t.Context(), id, tasks.Waiter{Key: fmt.Sprintf("q/b%d", i), Job: "jb", Arrived: t0, Body: []byte(`{}`)}, due.Add(time.Duration(i)*time.Second))
+		if err != nil || !w.IsZero() {
+			t.Fatalf("park #%d armed %+v (%v); want none: one safety wake per lock id", i, w, err)
+		}
+	}
+	// An earlier due time supersedes it.
+	_, _, w2, err := l.Park(t.Context(), id, tasks.Waiter{Key: "q/c", Job: "jc", Arrived: t0, Body: []byte(`{}`)}, due.Add(-10*time.Second))
+	if err != nil || w2.Kind != tasks.Safety || sameWake(w2, w1) {
+		t.Fatalf("an earlier due armed %+v (%v); want a new Safety wake after gen %d", w2, err, w1.Gen)
+	}
+	if ok, _ := take(t, l, id, w1, time.Time{}); ok {
+		t.Error("the superseded safety wake was taken")
+	}
+	ok, next := take(t, l, id, w2, due.Add(5*time.Second))
+	if !ok || next.Kind != tasks.Safety || sameWake(next, w2) {
+		t.Fatalf("Take of the pending safety wake: %v, next %+v; want taken and a new one armed", ok, next)
+	}
+	if ok, _ := take(t, l, id, w2, time.Time{}); ok {
+		t.Error("a safety wake was taken twice")
+	}
+	// The handoff slot is separate.
+	if h := arm(t, l, id, tasks.Handoff, time.Now()); h.Kind != tasks.Handoff {
+		t.Errorf("a pending safety wake kept a hand-off from being armed: %+v", h)
+	}
+}
+
+func testHandoff(t *testing.T, l tasks.WaitList) {
+	id := lockID(t)
+	if w := arm(t, l, id, tasks.Handoff, time.Now()); !w.IsZero() {
+		t.Fatalf("a hand-off armed for a lock id nobody waits for: %+v", w)
+	}
+	park(t, l, id, tasks.Waiter{Key: "q/a", Job: "ja", Arrived: t0, Body: []byte(`{}`)})
+	park(t, l, id, tasks.Waiter{Key: "q/b", Job: "jb", Arrived: t0, Body: []byte(`{}`)})
+	h1 := arm(t, l, id, tasks.Handoff, time.Now())
+	if h1.Kind != tasks.Handoff || h1.Job != "ja" {
+		t.Fatalf("first hand-off: %+v; want one for the head's job ja", h1)
+	}
+	for range 5 {
+		if w := arm(t, l, id, tasks.Handoff, time.Now()); !w.IsZero() {
+			t.Fatalf("a second hand-off armed while one is pending: %+v", w)
+		}
+	}
+	if err := l.Disarm(t.Context(), id, h1); err != nil {
+		t.Fatal(err)
+	}
+	h2 := arm(t, l, id, tasks.Handoff, time.Now())
+	if h2.IsZero() || sameWake(h2, h1) {
+		t.Fatalf("after Disarm, Arm gave %+v; want a new hand-off", h2)
+	}
+	if ok, _ := take(t, l, id, h1, time.Time{}); ok {
+		t.Error("a disarmed hand-off was taken")
+	}
+	if ok, _ := take(t, l, id, h2, time.Time{}); !ok {
+		t.Fatal("the pending hand-off was not taken")
+	}
+	h3 := arm(t, l, id, tasks.Handoff, time.Now())
+	if h3.IsZero() || sameWake(h3, h2) {
+		t.Fatalf("after Take, Arm gave %+v; want a new hand-off", h3)
+	}
+	if _, ok := claim(t, l, id, "q/a", "r"); !ok {
+		t.Fatal("claim failed")
+	}
+	if ok, _ := take(t, l, id, h3, time.Time{}); !ok {
+		t.Fatal("take failed")
+	}
+	if h := arm(t, l, id, tasks.Handoff, time.Now()); h.Job != "jb" {
+		t.Errorf("hand-off after the head was claimed: %+v; want one for the new head's job jb", h)
+	}
+}
+
+func testStale(t *testing.T, l tasks.WaitList) {
+	id := lockID(t)
+	old := time.Now().Add(-tasks.StaleWake - time.Minute)
+	_, _, w1, err := l.Park(t.Context(), id, tasks.Waiter{Key: "q/a", Job: "j", Arrived: t0, Body: []byte(`{}`)}, old)
+	if err != nil || w1.IsZero() {
+		t.Fatalf("park armed %+v (%v)", w1, err)
+	}
+	// Its creation failed and was never undone: after StaleWake it is
+	// armed anew under a new name.
+	_, _, w2, err := l.Park(t.Context(), id, tasks.Waiter{Key: "q/b", Job: "j", Arrived: t0, Body: []byte(`{}`)}, time.Now().Add(time.Minute))
+	if err != nil || w2.IsZero() || sameWake(w2, w1) {
+		t.Fatalf("park behind a stale safety wake armed %+v (%v); want a new one", w2, err)
+	}
+}
+
+func testConcurrentArm(t *testing.T, l tasks.WaitList) {
+	id := lockID(t)
+	park(t, l, id, tasks.Waiter{Key: "q/a", Job: "j", Arrived: t0, Body: []byte(`{}`)})
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		armed []tasks.Wake
+		errs  []error
+	)
+	for range 8 {
+		wg.Go(func() {
+			w, err := l.Arm(t.Context(), id, tasks.Handoff, time.Now())
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				errs = append(errs, err)
+			}
+			if !w.IsZero() {
+				armed = append(armed, w)
+			}
+		})
+	}
+	wg.Wait()
+	if len(errs) > 0 || len(armed) != 1 {
+		t.Fatalf("8 concurrent Arms armed %d hand-offs (%v), errors %v; want 1", len(armed), armed, errs)
+	}
+}
+
+func testLargeBody(t *testing.T, l tasks.WaitList) {
+	id := lockID(t)
+	body := bytes.Repeat([]byte("0123456789abcdef"), (1<<20)/16) // 1 MiB
+	if st, created, _ := park(t, l, id, tasks.Waiter{Key: "q/big", Arrived: t0, Body: body}); st != tasks.Waiting || !created {
+		t.Fatalf("Park of a 1 MiB body: %v created=%v", st, created)
+	}
+	if w, ok := oldest(t, l, id); !ok || w.Key != "q/big" {
+		t.Fatalf("a parked 1 MiB waiter is not listed: %+v, %v", w, ok)
+	}
+	w, ok := claim(t, l, id, "q/big", "r")
+	if !ok || !bytes.Equal(w.Body, body) {
+		t.Fatalf("claim of the 1 MiB waiter: %v, body of %d bytes, equal=%v", ok, len(w.Body), bytes.Equal(w.Body, body))
+	}
+	if w, ok, err := l.Running(t.Context(), id, "r"); err != nil || !ok || !bytes.Equal(w.Body, body) {
+		t.Fatalf("Running of the 1 MiB waiter: %v, %v, body of %d bytes", ok, err, len(w.Body))
+	}
+	finish(t, l, id, "q/big", "r")
 }
