@@ -1063,6 +1063,13 @@ func checkPlan(t *testing.T, s scenario, cmds []command) plan {
 				t.Errorf("%s: the Valkey password is a plain environment variable", name)
 			}
 		}
+		if !e.weak(name) {
+			for _, k := range weakEnvNames {
+				if _, ok := d.env[k]; ok {
+					t.Errorf("%s takes no Weak locks but gets %s", name, k)
+				}
+			}
+		}
 		wantEnv := maps.Clone(e.env)
 		if e.weak(name) {
 			maps.Copy(wantEnv, e.weakEnv)
