@@ -1497,7 +1497,9 @@ func runGcloud(t *testing.T, gcloud string, cmds []command) []result {
 	for i := range cmds {
 		configs[i] = t.TempDir()
 	}
-	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	// gcloud takes 1-4 s per call on a quiet machine and several times that
+	// on a loaded one; the budget only stops a gcloud that hangs.
+	ctx, cancel := context.WithTimeout(t.Context(), max(3*time.Minute, time.Duration(len(cmds))*15*time.Second))
 	defer cancel()
 	results := make([]result, len(cmds))
 	var g errgroup.Group
