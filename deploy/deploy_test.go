@@ -1323,6 +1323,59 @@ func TestDryRunFailsWhereTheDeployWould(t *testing.T) {
 	dryRun(t, "all.sh", nil, with("SOURCE_DIR", vendoredShop(t)))
 }
 
+// TestDryRunAcceptsAModuleVendoredByGo runs the real `go mod vendor` (offline,
+// from the module cache) on a copy of the example module whose replace
+// points at this checkout, and checks that the dry run accepts the result:
+// the check reads vendor/modules.txt as Go writes it.
+func TestDryRunAcceptsAModuleVendoredByGo(t *testing.T) {
+	dir := t.TempDir()
+	files, err := filepath.Glob(filepath.Join(shopDir(t), "*"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	root, err := filepath.Abs("..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range files {
+		name := filepath.Base(f)
+		if name != "go.mod" && name != "go.sum" && !strings.HasSuffix(name, ".go") {
+			continue
+		}
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if name == "go.mod" {
+			b = regexp.MustCompile(`(?m)^(replace github\.com/taskguard/taskguard =>) \S+$`).ReplaceAll(b, []byte("$1 "+root))
+		}
+		if err := os.WriteFile(filepath.Join(dir, name), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	env := map[string]string{
+		"DRY_RUN": "1", "PROJECT": fakeProject, "SOURCE_DIR": dir, "WORKER_FUNCTION": "ShopWorker",
+		"CLEANUP_FUNCTION": "ShopCleanupLocks", "ENQUEUE_FUNCTION": "none", "EXTRA_FUNCTIONS": "Checkout",
+	}
+	if _, stderr, err := runScript(t, "all.sh", nil, env); err == nil || !strings.Contains(stderr, "run 'go mod vendor'") {
+		t.Fatalf("before vendoring: err %v, stderr %q; want the dry run to ask for go mod vendor", err, stderr)
+	}
+	vendor := exec.CommandContext(t.Context(), "go", "mod", "vendor")
+	vendor.Dir = dir
+	vendor.Env = append(os.Environ(), "GOFLAGS=-mod=mod", "GOPROXY=off", "GOWORK=off")
+	if out, err := vendor.CombinedOutput(); err != nil {
+		t.Fatalf("go mod vendor (offline, from the module cache): %v\n%s", err, out)
+	}
+	cmds := dryRun(t, "all.sh", nil, env)
+	i := slices.IndexFunc(cmds, func(c command) bool { return c.is("functions", "deploy") && c.arg(2, 0) == "ShopWorker" })
+	if i < 0 {
+		t.Fatal("the vendored module's Worker is not deployed")
+	}
+	if src, _ := cmds[i].flag("source"); src != dir {
+		t.Errorf("--source=%q, want the vendored module %q", src, dir)
+	}
+}
+
 // TestBothDeployPathsGiveOneProfile deploys the same configurations with
 // gcloud functions deploy and with gcloud run deploy, and checks that every
 // function gets the same CPU, memory, concurrency, billing, instances,
