@@ -2,6 +2,7 @@ package app
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -169,10 +170,10 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, opts ...Option) (*Ap
 			copts = tasks.EmulatorOptions(cfg.TasksEmulator)
 		}
 		a.enqueue, err = tasks.NewClient(ctx, tasks.Config{
-			Queue:          cfg.Queue,
-			WorkerURL:      cfg.WorkerURL,
-			ServiceAccount: cfg.TaskServiceAccount,
-			WorkerTimeout:  workerTimeout,
+			Queue:            cfg.Queue,
+			WorkerURL:        cfg.WorkerURL,
+			ServiceAccount:   cfg.TaskServiceAccount,
+			DispatchDeadline: cmp.Or(cfg.TaskDeadline, tasks.DefaultEnvTaskDeadline),
 		}, copts...)
 		if err != nil {
 			return nil, err
@@ -208,10 +209,6 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, opts ...Option) (*Ap
 type cleaner interface {
 	Cleanup(context.Context, dslock.CleanupOptions) (dslock.Report, error)
 }
-
-// workerTimeout is the Worker function's --timeout in deploy/ (1800 s); the
-// tasks' dispatch deadline is derived from it.
-const workerTimeout = 30 * time.Minute
 
 // Close releases the App's own connections: to Cloud Tasks, and to
 // Datastore for the wait list when New made one. The lock client is not

@@ -22,9 +22,10 @@ const (
 	EnvDatastoreKind      = "TASKGUARD_DATASTORE_KIND"
 	EnvMemcache           = "MEMCACHE_SERVERS"
 	EnvValkey             = "VALKEY_ADDR"
-	EnvQueue              = "TASKGUARD_QUEUE"
-	EnvWorkerURL          = "TASKGUARD_WORKER_URL"
-	EnvTaskServiceAccount = "TASKGUARD_TASK_SERVICE_ACCOUNT"
+	EnvQueue              = tasks.EnvQueue
+	EnvWorkerURL          = tasks.EnvWorkerURL
+	EnvTaskServiceAccount = tasks.EnvTaskServiceAccount
+	EnvTaskDeadline       = tasks.EnvTaskDeadline
 	EnvLease              = "TASKGUARD_LEASE"
 	EnvCleanupGrace       = "TASKGUARD_CLEANUP_GRACE"
 	EnvTasksEmulator      = "CLOUD_TASKS_EMULATOR_HOST"
@@ -74,6 +75,12 @@ type Config struct {
 	// the full queue name, the Worker function's URL, and the service account
 	// whose OIDC token Cloud Tasks presents to the worker. All three or none.
 	Queue, WorkerURL, TaskServiceAccount string
+	// TaskDeadline is the dispatch deadline of the tasks the functions create
+	// (Enqueue's, park mode's continuations): TASKGUARD_TASK_DEADLINE, a Go
+	// duration within [15s, 30m], which deploy/ sets from TASK_DEADLINE, the
+	// Worker function's timeout too. Zero when unset: then
+	// tasks.DefaultEnvTaskDeadline (30 min), deploy/'s default.
+	TaskDeadline time.Duration
 	// TasksEmulator is the host:port of a local Cloud Tasks emulator
 	// (CLOUD_TASKS_EMULATOR_HOST); empty in production.
 	TasksEmulator string
@@ -130,6 +137,11 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 		return d
 	}
 	cfg.Lease = duration(EnvLease)
+	if cfg.TaskDeadline = duration(EnvTaskDeadline); cfg.TaskDeadline != 0 &&
+		(cfg.TaskDeadline < tasks.MinDispatchDeadline || cfg.TaskDeadline > tasks.MaxDispatchDeadline) {
+		bad(EnvTaskDeadline, "want a dispatch deadline within [%v, %v]", tasks.MinDispatchDeadline, tasks.MaxDispatchDeadline)
+		cfg.TaskDeadline = 0
+	}
 	cfg.CleanupGrace = duration(EnvCleanupGrace)
 	if v := getenv(EnvLogLevel); v != "" {
 		var level slog.Level

@@ -21,12 +21,13 @@ func TestConfigFromEnv(t *testing.T) {
 		EnvMemcache:           "10.0.0.3:11211, 10.0.0.4:11211",
 		EnvValkey:             "10.0.0.5:6379",
 		EnvBusy:               "429",
+		EnvTaskDeadline:       "300s",
 	}
 	cfg, err := ConfigFromEnv(env(valid))
 	if err != nil {
 		t.Fatalf("valid configuration refused: %v", err)
 	}
-	if cfg.Lease != 45*time.Second || cfg.CleanupGrace != 20*time.Minute || !cfg.EnqueueEnabled() || cfg.Busy != Busy429 || cfg.DatastoreProject != "my-project" {
+	if cfg.Lease != 45*time.Second || cfg.CleanupGrace != 20*time.Minute || !cfg.EnqueueEnabled() || cfg.Busy != Busy429 || cfg.DatastoreProject != "my-project" || cfg.TaskDeadline != 5*time.Minute {
 		t.Errorf("config = %+v", cfg)
 	}
 	if cfg, err := ConfigFromEnv(env(nil)); err != nil || cfg.EnqueueEnabled() {
@@ -42,6 +43,7 @@ func TestConfigFromEnv(t *testing.T) {
 		EnvDatastoreEmulator:  "localhost",
 		EnvBusy:               "wait",
 		EnvLogLevel:           "verbose",
+		EnvTaskDeadline:       "1h",
 	}
 	_, err = ConfigFromEnv(env(bad))
 	if !errors.Is(err, ErrConfig) {

@@ -20,4 +20,7 @@ apis=(
 if [[ -n "$VPC_NETWORK" ]]; then
   apis+=(compute.googleapis.com)   # Direct VPC egress
 fi
+if [[ ${#SECRETS[@]} -gt 0 ]]; then
+  apis+=(secretmanager.googleapis.com)   # the Valkey password and CA
+fi
 run gcloud services enable "${apis[@]}" --project="$PROJECT"

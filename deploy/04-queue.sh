@@ -5,8 +5,11 @@
 # A task whose lock is busy is answered with a retryable status, so the retry
 # settings decide how long a job waits for its lock: keep QUEUE_MAX_BACKOFF at
 # or above TASKGUARD_LEASE so that retries outlast a dead holder's lease.
-# Grants RUNTIME_SA roles/cloudtasks.enqueuer on this queue only: Enqueue creates
-# tasks on it, and so does the Worker in park mode (its continuations).
+# Grants roles/cloudtasks.enqueuer on this queue only to the accounts that
+# create tasks: ENQUEUE_SA (Enqueue), WORKER_SA (park mode's continuations)
+# and EXTRA_SA (your functions enqueue). The tasks' dispatch deadline is set
+# per task by the code that creates it, from TASKGUARD_TASK_DEADLINE
+# (TASK_DEADLINE); a queue has no such setting.
 # Usage: deploy/04-queue.sh [--dry-run]
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -27,5 +30,10 @@ else
   run gcloud tasks queues create "$QUEUE" "${settings[@]}"
 fi
 
-run_retry gcloud tasks queues add-iam-policy-binding "$QUEUE" --location="$QUEUE_LOCATION" \
-  --member="serviceAccount:$RUNTIME_SA_EMAIL" --role=roles/cloudtasks.enqueuer --project="$PROJECT" --format=none
+creators=("$WORKER_SA_EMAIL")
+[[ "$ENQUEUE_FUNCTION" == none ]] || creators+=("$ENQUEUE_SA_EMAIL")
+[[ ${#EXTRA[@]} -eq 0 ]] || creators+=("$EXTRA_SA_EMAIL")
+for email in "${creators[@]}"; do
+  run_retry gcloud tasks queues add-iam-policy-binding "$QUEUE" --location="$QUEUE_LOCATION" \
+    --member="serviceAccount:$email" --role=roles/cloudtasks.enqueuer --project="$PROJECT" --format=none
+done

@@ -1,24 +1,36 @@
 #!/usr/bin/env bash
-# 05-functions.sh: deploy the functions (gen2, private): WORKER_FUNCTION,
+# 05-functions.sh: deploy the functions (gen2): WORKER_FUNCTION,
 # ENQUEUE_FUNCTION (unless none), CLEANUP_FUNCTION and EXTRA_FUNCTIONS, from
-# the module in SOURCE_DIR, and optionally give them Direct VPC egress for
-# Memorystore.
+# the module in SOURCE_DIR, each as its own service account, with one
+# instance profile, and optionally Direct VPC egress for Memorystore.
 #
 # DEPLOY_WITH=functions (the default): `gcloud functions deploy`, which creates
-# or updates, so rerunning redeploys the same configuration. DEPLOY_WITH=run:
-# `gcloud run deploy SERVICE --function=NAME --base-image=RUNTIME`, the same
-# function deployed as a Cloud Run service (its name in lower case), with the
-# VPC flags in the same call. All run as RUNTIME_SA, refuse unauthenticated
-# calls, and receive the same environment (the names package app reads).
+# or updates, so rerunning redeploys the same configuration; the settings it
+# has no flag for (billing, Direct VPC egress) are applied to the function's
+# Cloud Run service with `gcloud run services update` right after, on every
+# run. DEPLOY_WITH=run: `gcloud run deploy SERVICE --function=NAME
+# --base-image=RUNTIME`, the same function deployed as a Cloud Run service
+# (its name in lower case), everything in one call. Either way every function
+# gets the same profile:
+#
+#   --cpu=CPU --memory=MEMORY --concurrency=CONCURRENCY   (1 vCPU, 512Mi, 80)
+#   billing BILLING: request (--cpu-throttling) or instance (--no-cpu-throttling)
+#   --min-instances: WORKER_MIN_INSTANCES for the Worker, 0 for the others
+#   ingress: TARGET_INGRESS (internal) for Worker and CleanupLocks, which only
+#            Cloud Tasks and Cloud Scheduler of PROJECT call; ENDPOINT_INGRESS
+#            (all) for Enqueue and EXTRA_FUNCTIONS
+#   --no-allow-unauthenticated, except PUBLIC_FUNCTIONS (--allow-unauthenticated)
+#
+# and the same environment (the names package app reads; the Weak-lock
+# settings and the Valkey secrets only where Weak locks are taken: the Worker
+# and EXTRA_FUNCTIONS).
 #
 # Timeouts:
-#   Worker        WORKER_TIMEOUT (1800s). A task's dispatch deadline is at most
-#                 30 min; with the function timeout at or above it, Cloud Tasks
-#                 gives up waiting first and retries, and the retry finds the lock
-#                 still held (renewed every fraction of TASKGUARD_LEASE), so two
-#                 runs of one id never overlap. When a request is cut anyway, its
-#                 context ends, renewal stops, and the lock frees itself within
-#                 TASKGUARD_LEASE; a straggler is fenced by its older token.
+#   Worker        WORKER_TIMEOUT, by default TASK_DEADLINE (1800s), the tasks'
+#                 dispatch deadline, which the functions read as
+#                 TASKGUARD_TASK_DEADLINE: Cloud Tasks and the platform give
+#                 up on an attempt at the same time, and the Worker's jobs end
+#                 before both. A WORKER_TIMEOUT below TASK_DEADLINE is refused.
 #   CleanupLocks  CLEANUP_TIMEOUT (600s) >= SCHEDULER_ATTEMPT_DEADLINE (same by
 #                 default); the cleanup stops within its request deadline and
 #                 reports whether it finished; the next day's run continues.
@@ -28,10 +40,8 @@
 # TASKGUARD_WORKER_URL defaults to the Worker's deterministic Cloud Run URL,
 # https://SERVICE-PROJECT_NUMBER.REGION.run.app, known before the first deploy.
 #
-# Direct VPC egress (VPC_NETWORK and VPC_SUBNET set): gcloud functions deploy
-# (SDK 528) has no --network/--subnet flags, so with DEPLOY_WITH=functions it is
-# applied to each function's Cloud Run service with `gcloud run services
-# update`, after every deploy; DEPLOY_WITH=run needs no second step.
+# gcloud functions deploy (SDK 528) has no --network/--subnet nor billing
+# flags; DEPLOY_WITH=run needs no second step.
 # Usage: deploy/05-functions.sh [--dry-run]
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -39,15 +49,13 @@ if [[ -z "$TASKGUARD_WORKER_URL" ]]; then
   number="$(project_number)"
   TASKGUARD_WORKER_URL="https://$(service_name "$WORKER_FUNCTION")-${number}.${REGION}.run.app"
 fi
-env_vars="$(functions_env "$TASKGUARD_WORKER_URL")"
 
 common=(
   --region="$REGION"
   --source="$SOURCE_DIR"
-  --no-allow-unauthenticated
-  --service-account="$RUNTIME_SA_EMAIL"
+  --cpu="$CPU"
   --memory="$MEMORY"
-  --set-env-vars="$env_vars"
+  --concurrency="$CONCURRENCY"
   --project="$PROJECT"
 )
 if [[ -n "$MAX_INSTANCES" ]]; then
@@ -56,22 +64,37 @@ fi
 if [[ -n "$BUILD_SERVICE_ACCOUNT" ]]; then
   common+=(--build-service-account="projects/$PROJECT/serviceAccounts/$BUILD_SERVICE_ACCOUNT")
 fi
+billing=(--cpu-throttling)
+[[ "$BILLING" == instance ]] && billing=(--no-cpu-throttling)
+vpc=()
+if [[ -n "$VPC_NETWORK" ]]; then
+  vpc=(--network="$VPC_NETWORK" --subnet="$VPC_SUBNET" --vpc-egress=private-ranges-only)
+fi
 
-deploy_function() { # name timeout
+deploy_function() { # name timeout role
+  local name="$1" timeout="$2" role="$3" ingress min=0 auth=--no-allow-unauthenticated
+  local own=(--timeout="$timeout" --service-account="$(sa_of "$role")"
+    --set-env-vars="$(functions_env "$TASKGUARD_WORKER_URL" "$role")")
+  ingress="$(ingress_of "$role")"
+  [[ "$role" == worker ]] && min="$WORKER_MIN_INSTANCES"
+  own+=(--min-instances="$min")
+  is_public "$name" && auth=--allow-unauthenticated
+  if weak_locks "$role" && [[ -n "$FUNCTION_SECRETS" ]]; then
+    own+=(--set-secrets="$FUNCTION_SECRETS")
+  fi
   if [[ "$DEPLOY_WITH" == run ]]; then
-    local vpc=()
-    if [[ -n "$VPC_NETWORK" ]]; then
-      vpc=(--network="$VPC_NETWORK" --subnet="$VPC_SUBNET" --vpc-egress=private-ranges-only)
-    fi
-    run gcloud run deploy "$(service_name "$1")" --function="$1" --base-image="$RUNTIME" --timeout="$2" \
-      "${common[@]}" "${vpc[@]}"
+    run gcloud run deploy "$(service_name "$name")" --function="$name" --base-image="$RUNTIME" \
+      "${own[@]}" "${common[@]}" "$auth" --ingress="$ingress" "${billing[@]}" "${vpc[@]}"
     return
   fi
-  run gcloud functions deploy "$1" --gen2 --runtime="$RUNTIME" --trigger-http --entry-point="$1" --timeout="$2" "${common[@]}"
-  if [[ -n "$VPC_NETWORK" ]]; then
-    run gcloud run services update "$(service_name "$1")" --region="$REGION" --project="$PROJECT" \
-      --network="$VPC_NETWORK" --subnet="$VPC_SUBNET" --vpc-egress=private-ranges-only
-  fi
+  case "$ingress" in
+    internal) ingress=internal-only ;;
+    internal-and-cloud-load-balancing) ingress=internal-and-gclb ;;
+  esac
+  run gcloud functions deploy "$name" --gen2 --runtime="$RUNTIME" --trigger-http --entry-point="$name" \
+    "${own[@]}" "${common[@]}" "$auth" --ingress-settings="$ingress"
+  run gcloud run services update "$(service_name "$name")" --region="$REGION" --project="$PROJECT" \
+    "${billing[@]}" "${vpc[@]}"
 }
 
 for f in "${FUNCTIONS[@]}"; do

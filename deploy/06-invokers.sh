@@ -6,6 +6,8 @@
 #   ENQUEUE_FUNCTION  the members in ENQUEUE_INVOKERS (comma-separated, e.g.
 #                     serviceAccount:api@p.iam.gserviceaccount.com,group:ops@example.com); none by default
 #   EXTRA_FUNCTIONS   the members in EXTRA_INVOKERS, on each; none by default
+#                     (PUBLIC_FUNCTIONS among them are open to anyone: allUsers,
+#                     granted by 05-functions.sh with --allow-unauthenticated)
 #
 # With DEPLOY_WITH=functions: gcloud functions add-invoker-policy-binding; with
 # DEPLOY_WITH=run: gcloud run services add-iam-policy-binding on the function's
@@ -13,17 +15,17 @@
 # Usage: deploy/06-invokers.sh [--dry-run]
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-# Checked before any grant; one member a line.
-enqueue_members="$(iam_members ENQUEUE_INVOKERS)"
-extra_members="$(iam_members EXTRA_INVOKERS)"
+# ENQUEUE_MEMBERS and EXTRA_MEMBERS were checked by lib.sh before any step
+# ran; one member a line. PUBLIC_FUNCTIONS were deployed
+# --allow-unauthenticated (allUsers) by 05-functions.sh.
 
 grant_invoker "$WORKER_FUNCTION" "serviceAccount:$TASKS_SA_EMAIL"
 grant_invoker "$CLEANUP_FUNCTION" "serviceAccount:$SCHEDULER_SA_EMAIL"
 while IFS= read -r member; do
   [[ -z "$member" ]] || grant_invoker "$ENQUEUE_FUNCTION" "$member" </dev/null
-done <<<"$enqueue_members"
+done <<<"$ENQUEUE_MEMBERS"
 for name in "${EXTRA[@]}"; do
   while IFS= read -r member; do
     [[ -z "$member" ]] || grant_invoker "$name" "$member" </dev/null
-  done <<<"$extra_members"
+  done <<<"$EXTRA_MEMBERS"
 done

@@ -171,7 +171,7 @@ func TestCloudBuild(t *testing.T) {
 				t.Errorf("substitution %s is declared but never used (Cloud Build rejects that)", name)
 			}
 		}
-		for _, name := range []string{"_REGION", "_QUEUE", "_RUNTIME_SA", "_TASKS_SA", "_SCHEDULER_SA"} {
+		for _, name := range []string{"_REGION", "_QUEUE", "_WORKER_SA", "_ENQUEUE_SA", "_CLEANUP_SA", "_TASKS_SA", "_SCHEDULER_SA"} {
 			if b.Substitutions[name] == "" {
 				t.Errorf("substitution %s needs a default", name)
 			}

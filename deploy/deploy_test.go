@@ -16,10 +16,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"slices"
 	"strconv"
@@ -30,6 +32,7 @@ import (
 	"time"
 
 	"github.com/taskguard/taskguard/locking"
+	"github.com/taskguard/taskguard/locking/redislock"
 	"github.com/taskguard/taskguard/tasks/dswait"
 	"go.uber.org/goleak"
 	"golang.org/x/sync/errgroup"
@@ -60,7 +63,15 @@ var functionEnvNames = []string{
 	"GOOGLE_CLOUD_PROJECT", "TASKGUARD_DATASTORE_DATABASE", "TASKGUARD_DATASTORE_NAMESPACE",
 	"TASKGUARD_DATASTORE_KIND", "MEMCACHE_SERVERS", "VALKEY_ADDR",
 	"TASKGUARD_QUEUE", "TASKGUARD_WORKER_URL", "TASKGUARD_TASK_SERVICE_ACCOUNT", "TASKGUARD_LEASE",
-	"TASKGUARD_CLEANUP_GRACE", "TASKGUARD_BUSY",
+	"TASKGUARD_CLEANUP_GRACE", "TASKGUARD_BUSY", "TASKGUARD_TASK_DEADLINE",
+	redislock.EnvCluster, redislock.EnvTLS, redislock.EnvIAMAuth, redislock.EnvValkeyUsername, redislock.EnvTLSCAFile,
+}
+
+// weakEnvNames are the names only the functions that take Weak locks (the
+// Worker and EXTRA_FUNCTIONS) get.
+var weakEnvNames = []string{
+	"MEMCACHE_SERVERS", "VALKEY_ADDR",
+	redislock.EnvCluster, redislock.EnvTLS, redislock.EnvIAMAuth, redislock.EnvValkeyUsername, redislock.EnvTLSCAFile,
 }
 
 // command is one command line a script would run, split into arguments.
@@ -240,13 +251,22 @@ func scenarios(t *testing.T) []scenario {
 				"GOOGLE_CLOUD_PROJECT":          fakeProject,
 				"REGION":                        "europe-west1",
 				"QUEUE":                         "locks-queue",
-				"RUNTIME_SA":                    "tg-run",
+				"WORKER_SA":                     "tg-work",
+				"ENQUEUE_SA":                    "tg-enq",
+				"CLEANUP_SA":                    "tg-clean",
 				"TASKS_SA":                      "tg-tasks",
 				"SCHEDULER_SA":                  "tg-cron",
 				"BUILD_SERVICE_ACCOUNT":         "builder@" + fakeProject + ".iam.gserviceaccount.com",
 				"ENQUEUE_INVOKERS":              "serviceAccount:api@other-project.iam.gserviceaccount.com, group:ops@example.com",
 				"MAX_INSTANCES":                 "20",
-				"MEMORY":                        "512Mi",
+				"MEMORY":                        "4Gi",
+				"CPU":                           "2",
+				"CONCURRENCY":                   "40",
+				"BILLING":                       "instance",
+				"WORKER_MIN_INSTANCES":          "2",
+				"TARGET_INGRESS":                "all",
+				"ENDPOINT_INGRESS":              "internal-and-cloud-load-balancing",
+				"TASK_DEADLINE":                 "15m",
 				"WORKER_TIMEOUT":                "3600s",
 				"CLEANUP_TIMEOUT":               "15m",
 				"SCHEDULER_ATTEMPT_DEADLINE":    "900s",
@@ -258,6 +278,11 @@ func scenarios(t *testing.T) []scenario {
 				"TASKGUARD_DATASTORE_KIND":      "Lock",
 				"MEMCACHE_SERVERS":              "10.0.0.3:11211,10.0.0.4:11211",
 				"VALKEY_ADDR":                   "10.0.1.5:6379",
+				"VALKEY_CLUSTER":                "true",
+				"VALKEY_TLS":                    "true",
+				"VALKEY_USERNAME":               "default",
+				"VALKEY_PASSWORD_SECRET":        "valkey-auth:3",
+				"VALKEY_TLS_CA_SECRET":          "valkey-ca",
 				"TASKGUARD_WORKER_URL":          "https://worker.example.com/run",
 				"TASKGUARD_LEASE":               "1m30s",
 				"TASKGUARD_CLEANUP_GRACE":       "24h",
@@ -273,22 +298,41 @@ func scenarios(t *testing.T) []scenario {
 		cloudBuildScenario(t),
 		{
 			name: "a module of its own, with gcloud run deploy",
-			env: map[string]string{
-				"DRY_RUN":          "1",
-				"PROJECT":          fakeProject,
-				"REGION":           "europe-west1",
-				"SOURCE_DIR":       shopDir(t),
-				"DEPLOY_WITH":      "run",
-				"WORKER_FUNCTION":  "ShopWorker",
-				"ENQUEUE_FUNCTION": "none",
-				"CLEANUP_FUNCTION": "ShopCleanupLocks",
-				"EXTRA_FUNCTIONS":  "Checkout:120s Refunds",
-				"EXTRA_INVOKERS":   "serviceAccount:web@" + fakeProject + ".iam.gserviceaccount.com",
-				"VPC_NETWORK":      "default",
-				"VPC_SUBNET":       "functions",
-				"MAX_INSTANCES":    "5",
-			},
+			env:  moduleEnv(t, "run"),
 		},
+		{
+			name: "a module of its own, with gcloud functions deploy",
+			env:  moduleEnv(t, "functions"),
+		},
+	}
+}
+
+// moduleEnv configures the deploy of a module of its own (the shop, vendored),
+// with a public function, Valkey with IAM authentication and a dedicated
+// database, by the deploy command given.
+func moduleEnv(t *testing.T, with string) map[string]string {
+	t.Helper()
+	return map[string]string{
+		"DRY_RUN":                      "1",
+		"PROJECT":                      fakeProject,
+		"REGION":                       "europe-west1",
+		"SOURCE_DIR":                   vendoredShop(t),
+		"DEPLOY_WITH":                  with, // "": the default
+		"WORKER_FUNCTION":              "ShopWorker",
+		"ENQUEUE_FUNCTION":             "none",
+		"CLEANUP_FUNCTION":             "ShopCleanupLocks",
+		"EXTRA_FUNCTIONS":              "Checkout:120s Webhook",
+		"EXTRA_INVOKERS":               "serviceAccount:web@" + fakeProject + ".iam.gserviceaccount.com",
+		"PUBLIC_FUNCTIONS":             "Webhook",
+		"VPC_NETWORK":                  "default",
+		"VPC_SUBNET":                   "functions",
+		"MAX_INSTANCES":                "5",
+		"WORKER_MIN_INSTANCES":         "1",
+		"TASK_DEADLINE":                "300s",
+		"TASKGUARD_DATASTORE_DATABASE": "shop-locks",
+		"VALKEY_ADDR":                  "rediss://10.0.1.5:6379",
+		"VALKEY_IAM_AUTH":              "true",
+		"VALKEY_TLS_CA_SECRET":         "valkey-ca:latest",
 	}
 }
 
@@ -303,22 +347,92 @@ func shopDir(t *testing.T) string {
 	return d
 }
 
+// vendoredShop is a copy of the example module's root package, go.mod and
+// go.sum, as it is uploaded after `go mod vendor`: its vendor/modules.txt
+// records the local replace of taskguard (the line `go mod vendor` writes;
+// the dry run reads nothing else of vendor/), and a webhook function of its
+// own, registered under the name Webhook.
+func vendoredShop(t *testing.T) string {
+	t.Helper()
+	src := shopDir(t)
+	dir := t.TempDir()
+	files, err := filepath.Glob(filepath.Join(src, "*"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range files {
+		name := filepath.Base(f)
+		if name != "go.mod" && name != "go.sum" && !strings.HasSuffix(name, ".go") {
+			continue
+		}
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, name), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	replaced := localReplace(t, filepath.Join(dir, "go.mod"))
+	if err := os.MkdirAll(filepath.Join(dir, "vendor"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	modules := "# github.com/taskguard/taskguard v0.0.0-00010101000000-000000000000 => " + replaced + "\n## explicit; go 1.26\n"
+	if err := os.WriteFile(filepath.Join(dir, "vendor", "modules.txt"), []byte(modules), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	webhook := "package shop\n\nimport (\n\t\"net/http\"\n\n\t\"github.com/GoogleCloudPlatform/functions-framework-go/functions\"\n)\n\n" +
+		"func init() {\n\tfunctions.HTTP(\"Webhook\", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusNoContent) })\n}\n"
+	if err := os.WriteFile(filepath.Join(dir, "webhook.go"), []byte(webhook), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// localReplace returns the local directory go.mod replaces taskguard with.
+func localReplace(t *testing.T, gomod string) string {
+	t.Helper()
+	b, err := os.ReadFile(gomod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`(?m)^replace\s+github\.com/taskguard/taskguard\s*=>\s*(\S+)`).FindSubmatch(b)
+	if m == nil {
+		t.Fatalf("%s replaces taskguard with no local directory", gomod)
+	}
+	return string(m[1])
+}
+
 // expectation is what a scenario's commands must do, computed from its
 // configuration and the documented defaults (repeated here on purpose: a
 // changed default must be a deliberate change of this test too).
 type expectation struct {
 	project, region, queue, kind, database string
+	dedicatedDatabase                      bool
 	worker, enqueue, cleanup               string         // function names; enqueue "" when not deployed
 	extras                                 map[string]int // extra function → timeout in seconds
 	extraInvokers                          []string
+	public                                 map[string]bool
 	run                                    bool // DEPLOY_WITH=run
 	source                                 string
-	runtimeSA, tasksSA, schedulerSA        string
+	workerSA, enqueueSA, cleanupSA         string
+	extraSA, tasksSA, schedulerSA          string
 	enqueueInvokers                        []string
-	env                                    map[string]string
+	env, weakEnv                           map[string]string // every function's; the Worker's and extras' on top
+	secrets                                string            // --set-secrets of the Worker and extras; "" none
+	secretIDs                              []string
+	iamAuth                                bool
 	ttl, vpc                               bool
 	network, subnet                        string
-	minWorkerTimeout                       int // seconds
+	deadline, workerTimeout                int // seconds
+	profile                                profile
+	minWorker                              string
+	targetIngress, endpointIngress         string
+}
+
+// profile is the instance profile every function gets, in either deploy path.
+type profile struct {
+	cpu, memory, concurrency, billing, maxInstances string
 }
 
 // functions are the names of the functions the scenario deploys.
@@ -333,6 +447,30 @@ func (e expectation) functions() []string {
 	return names
 }
 
+// role returns the role of the function name: worker, enqueue, cleanup or extra.
+func (e expectation) role(name string) string {
+	switch name {
+	case e.worker:
+		return "worker"
+	case e.enqueue:
+		return "enqueue"
+	case e.cleanup:
+		return "cleanup"
+	}
+	return "extra"
+}
+
+// serviceAccount returns the account the function runs as.
+func (e expectation) serviceAccount(name string) string {
+	return map[string]string{"worker": e.workerSA, "enqueue": e.enqueueSA, "cleanup": e.cleanupSA, "extra": e.extraSA}[e.role(name)]
+}
+
+// weak reports whether the function takes Weak locks.
+func (e expectation) weak(name string) bool {
+	r := e.role(name)
+	return r == "worker" || r == "extra"
+}
+
 func expect(s scenario) expectation {
 	get := func(k, def string) string {
 		if v, ok := s.env[k]; ok && v != "" {
@@ -343,25 +481,44 @@ func expect(s scenario) expectation {
 	project := get("PROJECT", get("GOOGLE_CLOUD_PROJECT", ""))
 	region := get("REGION", "us-central1")
 	email := func(id string) string { return id + "@" + project + ".iam.gserviceaccount.com" }
+	deadline, _ := seconds(get("TASK_DEADLINE", "1800s"))
+	workerTimeout, _ := seconds(get("WORKER_TIMEOUT", get("TASK_DEADLINE", "1800s")))
 	e := expectation{
-		project:          project,
-		region:           region,
-		queue:            get("QUEUE", "taskguard"),
-		kind:             get("TASKGUARD_DATASTORE_KIND", "TaskguardLock"),
-		database:         get("TASKGUARD_DATASTORE_DATABASE", "(default)"),
-		runtimeSA:        email(get("RUNTIME_SA", "taskguard-runtime")),
-		tasksSA:          email(get("TASKS_SA", "taskguard-tasks")),
-		schedulerSA:      email(get("SCHEDULER_SA", "taskguard-scheduler")),
-		ttl:              get("ENABLE_TTL", "1") == "1",
-		network:          get("VPC_NETWORK", ""),
-		subnet:           get("VPC_SUBNET", ""),
-		minWorkerTimeout: 1800, // the longest dispatch deadline Cloud Tasks allows
-		worker:           get("WORKER_FUNCTION", "Worker"),
-		enqueue:          get("ENQUEUE_FUNCTION", "Enqueue"),
-		cleanup:          get("CLEANUP_FUNCTION", "CleanupLocks"),
-		extras:           map[string]int{},
-		run:              get("DEPLOY_WITH", "functions") == "run",
-		source:           get("SOURCE_DIR", ""),
+		project:           project,
+		region:            region,
+		queue:             get("QUEUE", "taskguard"),
+		kind:              get("TASKGUARD_DATASTORE_KIND", "TaskguardLock"),
+		database:          get("TASKGUARD_DATASTORE_DATABASE", "(default)"),
+		dedicatedDatabase: get("TASKGUARD_DATASTORE_DATABASE", "") != "",
+		workerSA:          email(get("WORKER_SA", "taskguard-worker")),
+		enqueueSA:         email(get("ENQUEUE_SA", "taskguard-enqueue")),
+		cleanupSA:         email(get("CLEANUP_SA", "taskguard-cleanup")),
+		extraSA:           email(get("EXTRA_SA", "taskguard-extra")),
+		tasksSA:           email(get("TASKS_SA", "taskguard-tasks")),
+		schedulerSA:       email(get("SCHEDULER_SA", "taskguard-scheduler")),
+		ttl:               get("ENABLE_TTL", "1") == "1",
+		network:           get("VPC_NETWORK", ""),
+		subnet:            get("VPC_SUBNET", ""),
+		deadline:          deadline,
+		workerTimeout:     workerTimeout,
+		worker:            get("WORKER_FUNCTION", "Worker"),
+		enqueue:           get("ENQUEUE_FUNCTION", "Enqueue"),
+		cleanup:           get("CLEANUP_FUNCTION", "CleanupLocks"),
+		extras:            map[string]int{},
+		public:            map[string]bool{},
+		run:               get("DEPLOY_WITH", "functions") == "run",
+		source:            get("SOURCE_DIR", ""),
+		iamAuth:           get("VALKEY_IAM_AUTH", "") == "true",
+		profile: profile{
+			cpu:          get("CPU", "1"),
+			memory:       get("MEMORY", "512Mi"),
+			concurrency:  get("CONCURRENCY", "80"),
+			billing:      get("BILLING", "request"),
+			maxInstances: get("MAX_INSTANCES", ""),
+		},
+		minWorker:       get("WORKER_MIN_INSTANCES", "0"),
+		targetIngress:   get("TARGET_INGRESS", "internal"),
+		endpointIngress: get("ENDPOINT_INGRESS", "all"),
 	}
 	if e.enqueue == "none" {
 		e.enqueue = ""
@@ -373,6 +530,9 @@ func expect(s scenario) expectation {
 		}
 		d, _ := seconds(timeout)
 		e.extras[name] = d
+	}
+	for _, f := range strings.Fields(get("PUBLIC_FUNCTIONS", "")) {
+		e.public[f] = true
 	}
 	for m := range strings.SplitSeq(get("EXTRA_INVOKERS", ""), ",") {
 		if m = strings.TrimSpace(m); m != "" {
@@ -391,14 +551,38 @@ func expect(s scenario) expectation {
 		"TASKGUARD_QUEUE":                "projects/" + project + "/locations/" + region + "/queues/" + e.queue,
 		"TASKGUARD_WORKER_URL":           get("TASKGUARD_WORKER_URL", "https://"+strings.ToLower(e.worker)+"-123456789012."+region+".run.app"),
 		"TASKGUARD_TASK_SERVICE_ACCOUNT": e.tasksSA,
+		"TASKGUARD_TASK_DEADLINE":        strconv.Itoa(deadline) + "s",
 		"TASKGUARD_LEASE":                get("TASKGUARD_LEASE", locking.DefaultLease.String()),
 		"TASKGUARD_CLEANUP_GRACE":        get("TASKGUARD_CLEANUP_GRACE", "1h"),
 	}
-	for _, k := range []string{"TASKGUARD_DATASTORE_DATABASE", "TASKGUARD_DATASTORE_NAMESPACE", "MEMCACHE_SERVERS", "VALKEY_ADDR", "TASKGUARD_BUSY"} {
+	for _, k := range []string{"TASKGUARD_DATASTORE_DATABASE", "TASKGUARD_DATASTORE_NAMESPACE", "TASKGUARD_BUSY"} {
 		if v := get(k, ""); v != "" {
 			e.env[k] = v
 		}
 	}
+	e.weakEnv = map[string]string{}
+	for _, k := range []string{"MEMCACHE_SERVERS", "VALKEY_ADDR", "VALKEY_CLUSTER", "VALKEY_TLS", "VALKEY_IAM_AUTH", "VALKEY_USERNAME"} {
+		if v := get(k, ""); v != "" {
+			e.weakEnv[k] = v
+		}
+	}
+	ref := func(v string) string {
+		if strings.Contains(v, ":") {
+			return v
+		}
+		return v + ":latest"
+	}
+	var secrets []string
+	if v := get("VALKEY_PASSWORD_SECRET", ""); v != "" {
+		secrets = append(secrets, "VALKEY_PASSWORD="+ref(v))
+		e.secretIDs = append(e.secretIDs, strings.Split(v, ":")[0])
+	}
+	if v := get("VALKEY_TLS_CA_SECRET", ""); v != "" {
+		secrets = append(secrets, "/secrets/valkey-ca/ca.pem="+ref(v))
+		e.secretIDs = append(e.secretIDs, strings.Split(v, ":")[0])
+		e.weakEnv[redislock.EnvTLSCAFile] = "/secrets/valkey-ca/ca.pem"
+	}
+	e.secrets = strings.Join(secrets, ",")
 	return e
 }
 
@@ -447,6 +631,7 @@ var knownCommands = [][]string{
 	{"iam", "service-accounts", "describe"},
 	{"iam", "service-accounts", "create"},
 	{"iam", "service-accounts", "add-iam-policy-binding"},
+	{"secrets", "add-iam-policy-binding"},
 	{"projects", "describe"},
 	{"projects", "add-iam-policy-binding"},
 	{"tasks", "queues", "describe"},
@@ -465,15 +650,94 @@ var knownCommands = [][]string{
 	{"scheduler", "jobs", "update", "http"},
 }
 
-type binding struct{ resource, member, role string }
+type binding struct{ resource, member, role, condition string }
 
-// checkPlan checks what a scenario's commands would do.
-func checkPlan(t *testing.T, s scenario, cmds []command) {
+// deployed is what one function gets, read from its deploy command and, on
+// the functions path, the `run services update` after it: the same fields
+// in both deploy paths.
+type deployed struct {
+	profile
+	serviceAccount, timeout, minInstances, ingress, auth, secrets string
+	env                                                           map[string]string
+	vpc                                                           bool
+}
+
+// plan is what a scenario's commands do, by function and in IAM.
+type plan struct {
+	bindings []binding
+	deploys  map[string]command  // function → its deploy command
+	settings map[string]deployed // function → what it gets
+}
+
+// functionsIngress maps gcloud functions deploy's --ingress-settings to the
+// names of gcloud run deploy's --ingress.
+var functionsIngress = map[string]string{"internal-only": "internal", "all": "all", "internal-and-gclb": "internal-and-cloud-load-balancing"}
+
+// readDeploy fills in the settings a deploy command gives, in run deploy's terms.
+func readDeploy(t *testing.T, c command) deployed {
+	t.Helper()
+	d := deployed{}
+	d.cpu, _ = c.flag("cpu")
+	d.memory, _ = c.flag("memory")
+	d.concurrency, _ = c.flag("concurrency")
+	d.maxInstances, _ = c.flag("max-instances")
+	d.minInstances, _ = c.flag("min-instances")
+	d.serviceAccount, _ = c.flag("service-account")
+	d.timeout, _ = c.flag("timeout")
+	d.secrets, _ = c.flag("set-secrets")
+	if ing, ok := c.flag("ingress"); ok {
+		d.ingress = ing
+	} else if ing, ok := c.flag("ingress-settings"); ok {
+		d.ingress = "functions:" + ing
+		if v, known := functionsIngress[ing]; known {
+			d.ingress = v
+		}
+	}
+	_, open := c.flag("allow-unauthenticated")
+	_, closed := c.flag("no-allow-unauthenticated")
+	switch {
+	case open && !closed:
+		d.auth = "public"
+	case closed && !open:
+		d.auth = "private"
+	default:
+		d.auth = fmt.Sprintf("ambiguous (allow %v, no-allow %v)", open, closed)
+	}
+	readBilling(&d, c)
+	env, err := parseEnvVars(must(c.flag("set-env-vars")))
+	if err != nil {
+		t.Errorf("--set-env-vars: %v: %s", err, c)
+	}
+	d.env = env
+	return d
+}
+
+// readBilling reads --cpu-throttling (request-based billing) or
+// --no-cpu-throttling (instance-based) and Direct VPC egress.
+func readBilling(d *deployed, c command) {
+	_, throttled := c.flag("cpu-throttling")
+	_, always := c.flag("no-cpu-throttling")
+	switch {
+	case throttled && !always:
+		d.billing = "request"
+	case always && !throttled:
+		d.billing = "instance"
+	}
+	if _, ok := c.flag("network"); ok {
+		d.vpc = true
+	}
+}
+
+// checkPlan checks what a scenario's commands would do, and returns them
+// read by function.
+func checkPlan(t *testing.T, s scenario, cmds []command) plan {
 	t.Helper()
 	e := expect(s)
 	var (
 		bindings  []binding
 		deploys   = map[string]command{}
+		settings  = map[string]deployed{}
+		updated   = map[string]command{} // service → run services update
 		vpc       = map[string]bool{}
 		timeouts  = map[string]int{}
 		count     = map[string]int{}
@@ -506,24 +770,31 @@ func checkPlan(t *testing.T, s scenario, cmds []command) {
 		role, _ := c.flag("role")
 		switch strings.Join(path, " ") {
 		case "projects add-iam-policy-binding":
-			bindings = append(bindings, binding{"project " + c.arg(2, 0), member, role})
+			cond, ok := c.flag("condition")
+			if !ok {
+				t.Errorf("a project-level grant without --condition (None or a condition) prompts when the policy has conditions: %s", c)
+			}
+			bindings = append(bindings, binding{"project " + c.arg(2, 0), member, role, cond})
 		case "iam service-accounts add-iam-policy-binding":
-			bindings = append(bindings, binding{"service account " + c.arg(3, 0), member, role})
+			bindings = append(bindings, binding{"service account " + c.arg(3, 0), member, role, ""})
+		case "secrets add-iam-policy-binding":
+			bindings = append(bindings, binding{"secret " + c.arg(2, 0), member, role, ""})
 		case "tasks queues add-iam-policy-binding":
 			loc, _ := c.flag("location")
-			bindings = append(bindings, binding{"queue " + loc + "/" + c.arg(3, 0), member, role})
+			bindings = append(bindings, binding{"queue " + loc + "/" + c.arg(3, 0), member, role, ""})
 		case "functions add-invoker-policy-binding":
 			reg, _ := c.flag("region")
-			bindings = append(bindings, binding{"function " + reg + "/" + strings.ToLower(c.arg(2, 0)), member, "roles/run.invoker"})
+			bindings = append(bindings, binding{"function " + reg + "/" + strings.ToLower(c.arg(2, 0)), member, "roles/run.invoker", ""})
 		case "run services add-iam-policy-binding":
 			reg, _ := c.flag("region")
-			bindings = append(bindings, binding{"function " + reg + "/" + c.arg(3, 0), member, role})
+			bindings = append(bindings, binding{"function " + reg + "/" + c.arg(3, 0), member, role, ""})
 		case "functions deploy":
 			name := c.arg(2, 0)
 			if _, dup := deploys[name]; dup {
 				t.Errorf("%s deployed twice", name)
 			}
 			deploys[name] = c
+			settings[name] = readDeploy(t, c)
 		case "run deploy":
 			name, _ := c.flag("function")
 			if _, dup := deploys[name]; dup {
@@ -533,6 +804,7 @@ func checkPlan(t *testing.T, s scenario, cmds []command) {
 				t.Errorf("%s deployed as service %q, want its name in lower case: %s", name, c.arg(2, 0), c)
 			}
 			deploys[name] = c
+			settings[name] = readDeploy(t, c)
 			if e.vpc {
 				net, _ := c.flag("network")
 				sub, _ := c.flag("subnet")
@@ -543,13 +815,16 @@ func checkPlan(t *testing.T, s scenario, cmds []command) {
 				vpc[c.arg(2, 0)] = true
 			}
 		case "run services update":
-			net, _ := c.flag("network")
-			sub, _ := c.flag("subnet")
-			egress, _ := c.flag("vpc-egress")
-			if net != e.network || sub != e.subnet || egress != "private-ranges-only" {
-				t.Errorf("VPC egress: got network=%q subnet=%q egress=%q, want %q %q private-ranges-only: %s", net, sub, egress, e.network, e.subnet, c)
+			if _, ok := c.flag("network"); ok || e.vpc {
+				net, _ := c.flag("network")
+				sub, _ := c.flag("subnet")
+				egress, _ := c.flag("vpc-egress")
+				if net != e.network || sub != e.subnet || egress != "private-ranges-only" {
+					t.Errorf("VPC egress: got network=%q subnet=%q egress=%q, want %q %q private-ranges-only: %s", net, sub, egress, e.network, e.subnet, c)
+				}
+				vpc[c.arg(3, 0)] = true
 			}
-			vpc[c.arg(3, 0)] = true
+			updated[c.arg(3, 0)] = c
 		case "firestore databases create":
 			if v, _ := c.flag("type"); v != "datastore-mode" {
 				t.Errorf("database type %q, want datastore-mode: %s", v, c)
@@ -591,11 +866,22 @@ func checkPlan(t *testing.T, s scenario, cmds []command) {
 			}
 			timeouts["scheduler"] = d
 		case "services enable":
-			for _, api := range []string{"cloudfunctions", "run", "cloudbuild", "artifactregistry", "cloudtasks", "cloudscheduler", "datastore", "firestore", "iam", "logging"} {
+			apis := []string{"cloudfunctions", "run", "cloudbuild", "artifactregistry", "cloudtasks", "cloudscheduler", "datastore", "firestore", "iam", "logging"}
+			if len(e.secretIDs) > 0 {
+				apis = append(apis, "secretmanager")
+			}
+			for _, api := range apis {
 				if !slices.Contains(c, api+".googleapis.com") {
 					t.Errorf("API %s is not enabled: %s", api, c)
 				}
 			}
+		}
+	}
+	// On the functions path, billing and VPC egress come from the service update.
+	for name, d := range settings {
+		if c, ok := updated[strings.ToLower(name)]; ok && !e.run {
+			readBilling(&d, c)
+			settings[name] = d
 		}
 	}
 
@@ -604,16 +890,23 @@ func checkPlan(t *testing.T, s scenario, cmds []command) {
 	if s.exists {
 		fresh, rerun = 0, 1
 	}
+	accounts := 4 // Worker, CleanupLocks, Cloud Tasks, Cloud Scheduler
+	if e.enqueue != "" {
+		accounts++
+	}
+	if len(e.extras) > 0 {
+		accounts++
+	}
 	for path, want := range map[string]int{
 		"firestore databases create":   fresh,
-		"iam service-accounts create":  3 * fresh,
+		"iam service-accounts create":  accounts * fresh,
 		"tasks queues create":          fresh,
 		"tasks queues update":          rerun,
 		"scheduler jobs create http":   fresh,
 		"scheduler jobs update http":   rerun,
 		"services enable":              1,
 		"firestore fields ttls update": map[bool]int{true: 2, false: 0}[e.ttl],
-		"run services update":          map[bool]int{true: len(e.functions()), false: 0}[e.vpc && !e.run],
+		"run services update":          map[bool]int{true: 0, false: len(e.functions())}[e.run],
 		"run deploy":                   map[bool]int{true: len(e.functions()), false: 0}[e.run],
 	} {
 		if count[path] != want {
@@ -624,26 +917,54 @@ func checkPlan(t *testing.T, s scenario, cmds []command) {
 		t.Errorf("TTL policies on %v; want on the lock kind %s and on park mode's wait records %s", ttlGroups, e.kind, dswait.KindState)
 	}
 
-	// Least privilege: exactly these grants, nothing project-wide but Datastore access.
+	// Least privilege: one account per function, exactly these grants.
 	sa := func(email string) string { return "serviceAccount:" + email }
+	datastoreCond := "None"
+	if e.dedicatedDatabase {
+		datastoreCond = `expression=resource.name == "projects/` + e.project + `/databases/` + e.database + `",title=taskguard database ` + e.database + ` only`
+	}
+	datastoreUsers := []string{e.workerSA, e.cleanupSA}
+	taskCreators := []string{e.workerSA}
+	weakUsers := []string{e.workerSA}
+	if e.enqueue != "" {
+		taskCreators = append(taskCreators, e.enqueueSA)
+	}
+	if len(e.extras) > 0 {
+		datastoreUsers = append(datastoreUsers, e.extraSA)
+		taskCreators = append(taskCreators, e.extraSA)
+		weakUsers = append(weakUsers, e.extraSA)
+	}
 	wantBindings := []binding{
-		{"project " + e.project, sa(e.runtimeSA), "roles/datastore.user"},
-		{"service account " + e.tasksSA, sa(e.runtimeSA), "roles/iam.serviceAccountUser"},
-		{"queue " + e.region + "/" + e.queue, sa(e.runtimeSA), "roles/cloudtasks.enqueuer"},
-		{"function " + e.region + "/" + strings.ToLower(e.worker), sa(e.tasksSA), "roles/run.invoker"},
-		{"function " + e.region + "/" + strings.ToLower(e.cleanup), sa(e.schedulerSA), "roles/run.invoker"},
+		{"function " + e.region + "/" + strings.ToLower(e.worker), sa(e.tasksSA), "roles/run.invoker", ""},
+		{"function " + e.region + "/" + strings.ToLower(e.cleanup), sa(e.schedulerSA), "roles/run.invoker", ""},
+	}
+	for _, u := range datastoreUsers {
+		wantBindings = append(wantBindings, binding{"project " + e.project, sa(u), "roles/datastore.user", datastoreCond})
+	}
+	for _, u := range taskCreators {
+		wantBindings = append(wantBindings,
+			binding{"service account " + e.tasksSA, sa(u), "roles/iam.serviceAccountUser", ""},
+			binding{"queue " + e.region + "/" + e.queue, sa(u), "roles/cloudtasks.enqueuer", ""})
+	}
+	for _, u := range weakUsers {
+		for _, id := range e.secretIDs {
+			wantBindings = append(wantBindings, binding{"secret " + id, sa(u), "roles/secretmanager.secretAccessor", ""})
+		}
+		if e.iamAuth {
+			wantBindings = append(wantBindings, binding{"project " + e.project, sa(u), "roles/memorystore.dbConnectionUser", "None"})
+		}
 	}
 	for _, m := range e.enqueueInvokers {
-		wantBindings = append(wantBindings, binding{"function " + e.region + "/" + strings.ToLower(e.enqueue), m, "roles/run.invoker"})
+		wantBindings = append(wantBindings, binding{"function " + e.region + "/" + strings.ToLower(e.enqueue), m, "roles/run.invoker", ""})
 	}
 	for name := range e.extras {
 		for _, m := range e.extraInvokers {
-			wantBindings = append(wantBindings, binding{"function " + e.region + "/" + strings.ToLower(name), m, "roles/run.invoker"})
+			wantBindings = append(wantBindings, binding{"function " + e.region + "/" + strings.ToLower(name), m, "roles/run.invoker", ""})
 		}
 	}
 	sortBindings := func(b []binding) {
 		slices.SortFunc(b, func(x, y binding) int {
-			return strings.Compare(x.resource+x.member+x.role, y.resource+y.member+y.role)
+			return strings.Compare(x.resource+x.member+x.role+x.condition, y.resource+y.member+y.role+y.condition)
 		})
 	}
 	sortBindings(bindings)
@@ -651,8 +972,14 @@ func checkPlan(t *testing.T, s scenario, cmds []command) {
 	if !slices.Equal(bindings, wantBindings) {
 		t.Errorf("IAM bindings:\n got %v\nwant %v", bindings, wantBindings)
 	}
+	for _, b := range bindings {
+		if strings.HasPrefix(b.member, "allUsers") || strings.HasPrefix(b.member, "allAuthenticatedUsers") {
+			t.Errorf("a grant to %s: public functions are opened by PUBLIC_FUNCTIONS alone: %v", b.member, b)
+		}
+	}
 
-	// The functions: private, gen2, go126, the runtime SA, the right env, timeouts that fit.
+	// The functions: gen2, go126, each its own account, one profile, the right
+	// env, timeouts that fit.
 	names := e.functions()
 	if len(deploys) != len(names) {
 		t.Errorf("%d functions deployed, want %d (%v)", len(deploys), len(names), names)
@@ -663,11 +990,12 @@ func checkPlan(t *testing.T, s scenario, cmds []command) {
 			t.Errorf("%s is not deployed", name)
 			continue
 		}
-		flags := []string{"gen2", "trigger-http", "no-allow-unauthenticated"}
-		want := map[string]string{"entry-point": name, "runtime": "go126", "region": e.region, "service-account": e.runtimeSA}
+		d := settings[name]
+		flags := []string{"gen2", "trigger-http"}
+		want := map[string]string{"entry-point": name, "runtime": "go126", "region": e.region}
 		if e.run {
-			flags = []string{"no-allow-unauthenticated"}
-			want = map[string]string{"function": name, "base-image": "go126", "region": e.region, "service-account": e.runtimeSA}
+			flags = nil
+			want = map[string]string{"function": name, "base-image": "go126", "region": e.region}
 		}
 		if e.source != "" {
 			want["source"] = e.source
@@ -677,43 +1005,84 @@ func checkPlan(t *testing.T, s scenario, cmds []command) {
 				t.Errorf("%s: want --%s: %s", name, f, c)
 			}
 		}
-		if _, ok := c.flag("allow-unauthenticated"); ok {
-			t.Errorf("%s must not allow unauthenticated calls: %s", name, c)
-		}
 		for f, want := range want {
 			if v, _ := c.flag(f); v != want {
 				t.Errorf("%s: --%s=%q, want %q", name, f, v, want)
 			}
 		}
-		d, err := seconds(must(c.flag("timeout")))
+		wantAuth := map[bool]string{true: "public", false: "private"}[e.public[name]]
+		if d.auth != wantAuth {
+			t.Errorf("%s: %s, want %s: %s", name, d.auth, wantAuth, c)
+		}
+		if d.serviceAccount != e.serviceAccount(name) {
+			t.Errorf("%s runs as %q, want its own account %q", name, d.serviceAccount, e.serviceAccount(name))
+		}
+		if d.profile != e.profile {
+			t.Errorf("%s: profile %+v, want %+v", name, d.profile, e.profile)
+		}
+		if cpu, _ := strconv.Atoi(d.cpu); cpu < 1 {
+			t.Errorf("%s: --cpu=%q, want at least 1 vCPU", name, d.cpu)
+		}
+		wantMin := "0"
+		if name == e.worker {
+			wantMin = e.minWorker
+		}
+		if d.minInstances != wantMin {
+			t.Errorf("%s: --min-instances=%q, want %q", name, d.minInstances, wantMin)
+		}
+		wantIngress := e.endpointIngress
+		if name == e.worker || name == e.cleanup {
+			wantIngress = e.targetIngress
+		}
+		if d.ingress != wantIngress {
+			t.Errorf("%s: ingress %q, want %q", name, d.ingress, wantIngress)
+		}
+		secrets := ""
+		if e.weak(name) {
+			secrets = e.secrets
+		}
+		if d.secrets != secrets {
+			t.Errorf("%s: --set-secrets=%q, want %q", name, d.secrets, secrets)
+		}
+		dur, err := seconds(d.timeout)
 		if err != nil {
 			t.Errorf("%s: %v", name, err)
 		}
-		if want, extra := e.extras[name]; extra && d != want {
-			t.Errorf("%s: --timeout=%ds, want %ds", name, d, want)
+		if want, extra := e.extras[name]; extra && dur != want {
+			t.Errorf("%s: --timeout=%ds, want %ds", name, dur, want)
 		}
 		role := map[string]string{e.worker: "Worker", e.cleanup: "CleanupLocks"}[name]
 		if role != "" {
-			timeouts[role] = d
+			timeouts[role] = dur
 		}
-		env, err := parseEnvVars(must(c.flag("set-env-vars")))
-		if err != nil {
-			t.Errorf("%s: --set-env-vars: %v", name, err)
-		}
-		for k := range env {
+		for k := range d.env {
 			if !slices.Contains(functionEnvNames, k) {
 				t.Errorf("%s: environment variable %s is not one the functions read", name, k)
 			}
+			if k == redislock.EnvValkeyPassword {
+				t.Errorf("%s: the Valkey password is a plain environment variable", name)
+			}
 		}
-		if !mapsEqual(env, e.env) {
-			t.Errorf("%s environment:\n got %v\nwant %v", name, env, e.env)
+		if !e.weak(name) {
+			for _, k := range weakEnvNames {
+				if _, ok := d.env[k]; ok {
+					t.Errorf("%s takes no Weak locks but gets %s", name, k)
+				}
+			}
+		}
+		wantEnv := maps.Clone(e.env)
+		if e.weak(name) {
+			maps.Copy(wantEnv, e.weakEnv)
+		}
+		if !maps.Equal(d.env, wantEnv) {
+			t.Errorf("%s environment:\n got %v\nwant %v", name, d.env, wantEnv)
 		}
 		if e.vpc && !vpc[strings.ToLower(name)] {
 			t.Errorf("%s has no Direct VPC egress", name)
 		}
 	}
-	if timeouts["Worker"] < e.minWorkerTimeout {
-		t.Errorf("Worker timeout %ds < %ds: Cloud Tasks could still be waiting when the platform cuts the request", timeouts["Worker"], e.minWorkerTimeout)
+	if timeouts["Worker"] != e.workerTimeout || timeouts["Worker"] < e.deadline {
+		t.Errorf("Worker timeout %ds, want %ds, at least the dispatch deadline %ds: the platform would cut a request Cloud Tasks still waits for", timeouts["Worker"], e.workerTimeout, e.deadline)
 	}
 	if timeouts["Worker"] > 3600 || timeouts["CleanupLocks"] > 3600 {
 		t.Errorf("HTTP function timeouts above 3600s: %v", timeouts)
@@ -721,21 +1090,10 @@ func checkPlan(t *testing.T, s scenario, cmds []command) {
 	if timeouts["scheduler"] > timeouts["CleanupLocks"] {
 		t.Errorf("scheduler attempt deadline %ds exceeds CleanupLocks' timeout %ds", timeouts["scheduler"], timeouts["CleanupLocks"])
 	}
+	return plan{bindings: bindings, deploys: deploys, settings: settings}
 }
 
 func must(v string, _ bool) string { return v }
-
-func mapsEqual(a, b map[string]string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for k, v := range a {
-		if w, ok := b[k]; !ok || w != v {
-			return false
-		}
-	}
-	return true
-}
 
 // TestDryRunPlans runs all.sh in dry-run mode for each scenario and checks
 // what its commands would do.
@@ -859,11 +1217,36 @@ func TestScriptsRejectBadConfiguration(t *testing.T) {
 		{"lease not a Go duration", "05-functions.sh", nil, with("TASKGUARD_LEASE", "60"), "not a Go duration", 1},
 		{"busy mode unknown", "05-functions.sh", nil, with("TASKGUARD_BUSY", "wait"), "TASKGUARD_BUSY=wait: want park or 429", 1},
 		{"network without subnet", "05-functions.sh", nil, with("VPC_NETWORK", "default"), "both VPC_NETWORK and VPC_SUBNET", 1},
-		{"service account id", "03-service-accounts.sh", nil, with("RUNTIME_SA", "Runtime_SA"), "must be 6-30 lowercase", 1},
+		{"service account id", "03-service-accounts.sh", nil, with("WORKER_SA", "Worker_SA"), "must be 6-30 lowercase", 1},
+		{"one account for every function", "all.sh", nil, with("RUNTIME_SA", "taskguard-runtime"), "RUNTIME_SA (one account for every function) is replaced by one account per function", 1},
+		{"one account for two roles", "all.sh", nil, with("CLEANUP_SA", "taskguard-worker"), "service account 'taskguard-worker' is named for two roles", 1},
 		{"invoker not a member", "06-invokers.sh", nil, with("ENQUEUE_INVOKERS", "bob@example.com"), "is not an IAM member", 1},
 		{"semicolon in an env value", "05-functions.sh", nil, with("TASKGUARD_DATASTORE_NAMESPACE", "a;b"), "TASKGUARD_DATASTORE_NAMESPACE must not contain ';'", 1},
 		{"queue attempts", "04-queue.sh", nil, with("QUEUE_MAX_ATTEMPTS", "0"), "QUEUE_MAX_ATTEMPTS=0", 1},
-		{"extra invoker not a member", "06-invokers.sh", nil, with("EXTRA_FUNCTIONS", "Checkout", "EXTRA_INVOKERS", "allUsers"), "EXTRA_INVOKERS: 'allUsers' is not an IAM member", 1},
+		// A webhook made public as a new user would try it: refused before step 01, with the way that works.
+		{"allUsers as an extra invoker", "all.sh", nil, with("EXTRA_FUNCTIONS", "Checkout", "EXTRA_INVOKERS", "allUsers"), "EXTRA_INVOKERS: 'allUsers' is not an IAM member this variable takes: to let anyone call one of your functions (a webhook), list it in PUBLIC_FUNCTIONS", 1},
+		{"allUsers as an Enqueue invoker", "all.sh", nil, with("ENQUEUE_INVOKERS", "group:ops@example.com,allUsers"), "ENQUEUE_INVOKERS: 'allUsers' is not an IAM member this variable takes", 1},
+		{"Worker made public", "all.sh", nil, with("PUBLIC_FUNCTIONS", "Worker"), "PUBLIC_FUNCTIONS: 'Worker' is not one of EXTRA_FUNCTIONS", 1},
+		{"public function behind internal ingress", "all.sh", nil, with("EXTRA_FUNCTIONS", "Hook", "PUBLIC_FUNCTIONS", "Hook", "ENDPOINT_INGRESS", "internal"), "PUBLIC_FUNCTIONS needs ENDPOINT_INGRESS=all", 1},
+		{"extra function the module does not register", "all.sh", nil, with("EXTRA_FUNCTIONS", "Checkout"), "does not register a function named Checkout", 1},
+		{"timeout below the dispatch deadline", "all.sh", nil, with("WORKER_TIMEOUT", "600s"), "WORKER_TIMEOUT (600s) is below TASK_DEADLINE (1800s), the tasks' dispatch deadline: set TASK_DEADLINE=600s instead", 1},
+		{"dispatch deadline above 30 min", "all.sh", nil, with("TASK_DEADLINE", "3600s"), "TASK_DEADLINE must be between 15s and 1800s", 1},
+		{"dispatch deadline below 15 s", "all.sh", nil, with("TASK_DEADLINE", "10s"), "TASK_DEADLINE must be between 15s and 1800s", 1},
+		{"below 1 vCPU", "all.sh", nil, with("CPU", "0.5"), "CPU=0.5: want 1, 2, 4, 6 or 8 vCPUs", 1},
+		{"memory below 512Mi", "all.sh", nil, with("MEMORY", "256Mi"), "MEMORY=256Mi: want at least 512Mi", 1},
+		{"memory for 4 vCPUs", "all.sh", nil, with("CPU", "4", "MEMORY", "1Gi"), "4 vCPUs need at least 2Gi", 1},
+		{"concurrency", "all.sh", nil, with("CONCURRENCY", "0"), "CONCURRENCY=0: want 1 to 1000", 1},
+		{"billing", "all.sh", nil, with("BILLING", "always"), "BILLING=always: want request", 1},
+		{"min instances", "all.sh", nil, with("WORKER_MIN_INSTANCES", "-1"), "WORKER_MIN_INSTANCES=-1", 1},
+		{"min instances above the cap", "all.sh", nil, with("WORKER_MIN_INSTANCES", "3", "MAX_INSTANCES", "2"), "WORKER_MIN_INSTANCES (3) exceeds MAX_INSTANCES (2)", 1},
+		{"ingress name of the other command", "all.sh", nil, with("TARGET_INGRESS", "internal-only"), "TARGET_INGRESS=internal-only: want internal, all or internal-and-cloud-load-balancing", 1},
+		{"Valkey password as a plain variable", "all.sh", nil, with("VALKEY_ADDR", "10.0.0.5:6379", "VALKEY_PASSWORD", "hunter2"), "put the password in Secret Manager and set VALKEY_PASSWORD_SECRET", 1},
+		{"Valkey password in the address", "all.sh", nil, with("VALKEY_ADDR", "redis://default:hunter2@10.0.0.5:6379"), "VALKEY_ADDR must not carry a password", 1},
+		{"Valkey IAM auth and a password", "all.sh", nil, with("VALKEY_ADDR", "10.0.0.5:6379", "VALKEY_IAM_AUTH", "true", "VALKEY_PASSWORD_SECRET", "valkey-auth"), "IAM authentication takes no password", 1},
+		{"Valkey CA without TLS", "all.sh", nil, with("VALKEY_ADDR", "10.0.0.5:6379", "VALKEY_TLS_CA_SECRET", "valkey-ca"), "VALKEY_TLS_CA_SECRET is set but TLS is not on", 1},
+		{"Valkey setting without an address", "all.sh", nil, with("VALKEY_CLUSTER", "true"), "VALKEY_CLUSTER is set but VALKEY_ADDR is not", 1},
+		{"Valkey boolean", "all.sh", nil, with("VALKEY_ADDR", "10.0.0.5:6379", "VALKEY_TLS", "yes"), "VALKEY_TLS=yes: want true or false", 1},
+		{"Valkey secret version", "all.sh", nil, with("VALKEY_ADDR", "10.0.0.5:6379", "VALKEY_PASSWORD_SECRET", "auth:v2"), "VALKEY_PASSWORD_SECRET=auth:v2: want SECRET or SECRET:VERSION", 1},
 		{"deploy command", "05-functions.sh", nil, with("DEPLOY_WITH", "lambda"), "DEPLOY_WITH=lambda: want functions or run", 1},
 		{"function name", "05-functions.sh", nil, with("WORKER_FUNCTION", "shop_worker"), "WORKER_FUNCTION=shop_worker: not a function name", 1},
 		{"extra function name", "05-functions.sh", nil, with("EXTRA_FUNCTIONS", "Checkout 2fa"), "EXTRA_FUNCTIONS: '2fa' is not a function name", 1},
@@ -889,6 +1272,164 @@ func TestScriptsRejectBadConfiguration(t *testing.T) {
 	}
 }
 
+// TestDryRunFailsWhereTheDeployWould checks that a module the real deploy
+// could not build or start stops the dry run, before any step: a local
+// replace whose code is not uploaded (no vendor/), and a function name the
+// module's root package does not register.
+func TestDryRunFailsWhereTheDeployWould(t *testing.T) {
+	shop := map[string]string{
+		"DRY_RUN": "1", "PROJECT": fakeProject, "WORKER_FUNCTION": "ShopWorker",
+		"CLEANUP_FUNCTION": "ShopCleanupLocks", "ENQUEUE_FUNCTION": "none", "EXTRA_FUNCTIONS": "Checkout",
+	}
+	with := func(kv ...string) map[string]string {
+		m := maps.Clone(shop)
+		for i := 0; i < len(kv); i += 2 {
+			m[kv[i]] = kv[i+1]
+		}
+		return m
+	}
+	stale := vendoredShop(t)
+	if err := os.WriteFile(filepath.Join(stale, "vendor", "modules.txt"), []byte("# golang.org/x/sync v0.10.0\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name, stderr string
+		env          map[string]string
+	}{
+		{"a local replace without vendor/", "replaces a module with the local directory ../.., which is not uploaded: run 'go mod vendor' in " + shopDir(t) + " first",
+			with("SOURCE_DIR", shopDir(t))},
+		{"vendor/ without the replacement", "vendor/modules.txt does not record the replacement by ../..", with("SOURCE_DIR", stale)},
+		{"a Worker the module does not register", "does not register a function named ShopWorkr", with("SOURCE_DIR", vendoredShop(t), "WORKER_FUNCTION", "ShopWorkr")},
+		{"an extra function the module does not register", "does not register a function named Refunds", with("SOURCE_DIR", vendoredShop(t), "EXTRA_FUNCTIONS", "Checkout Refunds")},
+		{"taskguard's names in a module that registers others", "does not register a function named Worker", with("SOURCE_DIR", vendoredShop(t), "WORKER_FUNCTION", "Worker")},
+		{"no module", "has no go.mod", with("SOURCE_DIR", t.TempDir())},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			stdout, stderr, err := runScript(t, "all.sh", nil, tt.env)
+			var exit *exec.ExitError
+			if !errors.As(err, &exit) || exit.ExitCode() != 1 {
+				t.Fatalf("err %v, want exit status 1; stderr:\n%s", err, stderr)
+			}
+			if !strings.Contains(stderr, tt.stderr) {
+				t.Errorf("stderr %q does not say %q", stderr, tt.stderr)
+			}
+			if stdout != "" {
+				t.Errorf("printed commands before refusing the module:\n%s", stdout)
+			}
+		})
+	}
+	// The same module passes once vendored, and with the names it registers.
+	dryRun(t, "all.sh", nil, with("SOURCE_DIR", vendoredShop(t)))
+}
+
+// TestDryRunAcceptsAModuleVendoredByGo runs the real `go mod vendor` (offline,
+// from the module cache) on a copy of the example module whose replace
+// points at this checkout, and checks that the dry run accepts the result:
+// the check reads vendor/modules.txt as Go writes it.
+func TestDryRunAcceptsAModuleVendoredByGo(t *testing.T) {
+	dir := t.TempDir()
+	files, err := filepath.Glob(filepath.Join(shopDir(t), "*"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	root, err := filepath.Abs("..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range files {
+		name := filepath.Base(f)
+		if name != "go.mod" && name != "go.sum" && !strings.HasSuffix(name, ".go") {
+			continue
+		}
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if name == "go.mod" {
+			b = regexp.MustCompile(`(?m)^(replace github\.com/taskguard/taskguard =>) \S+$`).ReplaceAll(b, []byte("$1 "+root))
+		}
+		if err := os.WriteFile(filepath.Join(dir, name), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	env := map[string]string{
+		"DRY_RUN": "1", "PROJECT": fakeProject, "SOURCE_DIR": dir, "WORKER_FUNCTION": "ShopWorker",
+		"CLEANUP_FUNCTION": "ShopCleanupLocks", "ENQUEUE_FUNCTION": "none", "EXTRA_FUNCTIONS": "Checkout",
+	}
+	if _, stderr, err := runScript(t, "all.sh", nil, env); err == nil || !strings.Contains(stderr, "run 'go mod vendor'") {
+		t.Fatalf("before vendoring: err %v, stderr %q; want the dry run to ask for go mod vendor", err, stderr)
+	}
+	vendor := exec.CommandContext(t.Context(), "go", "mod", "vendor")
+	vendor.Dir = dir
+	vendor.Env = append(os.Environ(), "GOFLAGS=-mod=mod", "GOPROXY=off", "GOWORK=off")
+	if out, err := vendor.CombinedOutput(); err != nil {
+		t.Fatalf("go mod vendor (offline, from the module cache): %v\n%s", err, out)
+	}
+	cmds := dryRun(t, "all.sh", nil, env)
+	i := slices.IndexFunc(cmds, func(c command) bool { return c.is("functions", "deploy") && c.arg(2, 0) == "ShopWorker" })
+	if i < 0 {
+		t.Fatal("the vendored module's Worker is not deployed")
+	}
+	if src, _ := cmds[i].flag("source"); src != dir {
+		t.Errorf("--source=%q, want the vendored module %q", src, dir)
+	}
+}
+
+// TestBothDeployPathsGiveOneProfile deploys the same configurations with
+// gcloud functions deploy and with gcloud run deploy, and checks that every
+// function gets the same CPU, memory, concurrency, billing, instances,
+// ingress, authentication, account, secrets, environment and timeout either
+// way; and that the profile is the documented one: the Worker with at least
+// 1 vCPU and a concurrency above 1, billing and minimum instances explicit.
+func TestBothDeployPathsGiveOneProfile(t *testing.T) {
+	configs := map[string]map[string]string{
+		"defaults": {"DRY_RUN": "1", "PROJECT": fakeProject},
+		"instance billing, warm Worker": {"DRY_RUN": "1", "PROJECT": fakeProject, "BILLING": "instance", "WORKER_MIN_INSTANCES": "1",
+			"CPU": "2", "MEMORY": "2Gi", "CONCURRENCY": "250", "TARGET_INGRESS": "all", "TASK_DEADLINE": "10m"},
+		"a module of its own": moduleEnv(t, ""),
+	}
+	for name, env := range configs {
+		t.Run(name, func(t *testing.T) {
+			byPath := map[string]plan{}
+			for _, with := range []string{"functions", "run"} {
+				env := maps.Clone(env)
+				env["DEPLOY_WITH"] = with
+				byPath[with] = checkPlan(t, scenario{name: name + ", " + with, env: env}, dryRun(t, "all.sh", nil, env))
+			}
+			f, r := byPath["functions"].settings, byPath["run"].settings
+			if len(f) == 0 || len(f) != len(r) {
+				t.Fatalf("functions deploy gives %d functions, run deploy %d", len(f), len(r))
+			}
+			for fn, fs := range f {
+				rs, ok := r[fn]
+				if !ok {
+					t.Errorf("%s: deployed by functions deploy only", fn)
+					continue
+				}
+				if !maps.Equal(fs.env, rs.env) {
+					t.Errorf("%s: environment differs:\n functions %v\n      run %v", fn, fs.env, rs.env)
+				}
+				fs.env, rs.env = nil, nil
+				if !reflect.DeepEqual(fs, rs) {
+					t.Errorf("%s: the deploy paths differ:\n functions %+v\n      run %+v", fn, fs, rs)
+				}
+				if fs.billing == "" || fs.minInstances == "" || fs.ingress == "" || fs.concurrency == "" || fs.cpu == "" {
+					t.Errorf("%s: left to the platform's default: %+v", fn, fs)
+				}
+			}
+			e := expect(scenario{env: env})
+			w := f[e.worker]
+			if cpu, _ := strconv.Atoi(w.cpu); cpu < 1 {
+				t.Errorf("Worker: %s vCPU, want at least 1", w.cpu)
+			}
+			if c, _ := strconv.Atoi(w.concurrency); c < 2 {
+				t.Errorf("Worker: concurrency %s, want several requests per instance", w.concurrency)
+			}
+		})
+	}
+}
+
 // TestScriptsWarnAboutRiskyTimings checks the warnings for settings that are
 // allowed but weaken the guarantees the README describes.
 func TestScriptsWarnAboutRiskyTimings(t *testing.T) {
@@ -898,8 +1439,9 @@ func TestScriptsWarnAboutRiskyTimings(t *testing.T) {
 		want string // "" means no warning
 	}{
 		{"defaults", nil, ""},
-		{"worker timeout below the longest dispatch deadline", map[string]string{"WORKER_TIMEOUT": "600s"}, "WORKER_TIMEOUT=600s is below 1800s"},
-		{"lease longer than the worker timeout", map[string]string{"TASKGUARD_LEASE": "1h"}, "TASKGUARD_LEASE (1h) >= WORKER_TIMEOUT"},
+		{"a shorter deadline, the Worker's timeout following it", map[string]string{"TASK_DEADLINE": "300s"}, ""},
+		{"one request per instance", map[string]string{"CONCURRENCY": "1"}, "CONCURRENCY=1: every delivery gets an instance of its own"},
+		{"lease longer than the dispatch deadline", map[string]string{"TASKGUARD_LEASE": "1h"}, "TASKGUARD_LEASE (1h) >= TASK_DEADLINE"},
 		{"backoff shorter than the lease", map[string]string{"TASKGUARD_LEASE": "10m", "QUEUE_MAX_BACKOFF": "60s"}, "QUEUE_MAX_BACKOFF (60s) < TASKGUARD_LEASE"},
 	}
 	for _, tt := range tests {
@@ -1008,7 +1550,9 @@ func runGcloud(t *testing.T, gcloud string, cmds []command) []result {
 	for i := range cmds {
 		configs[i] = t.TempDir()
 	}
-	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	// gcloud takes 1-4 s per call on a quiet machine and several times that
+	// on a loaded one; the budget only stops a gcloud that hangs.
+	ctx, cancel := context.WithTimeout(t.Context(), max(3*time.Minute, time.Duration(len(cmds))*15*time.Second))
 	defer cancel()
 	results := make([]result, len(cmds))
 	var g errgroup.Group
@@ -1137,10 +1681,31 @@ var mutations = []mutation{
 		stderr: "argument --set-env-vars",
 	},
 	{
-		name:   "VPC egress setting",
-		target: isCmd("run", "services", "update"),
+		name: "VPC egress setting",
+		target: func(c command) bool {
+			_, vpc := c.flag("vpc-egress")
+			return c.is("run", "services", "update") && vpc
+		},
 		change: replaceFlag("vpc-egress", "private-only"),
 		stderr: "Invalid choice",
+	},
+	{
+		name:   "run deploy's ingress name on functions deploy",
+		target: isCmd("functions", "deploy"),
+		change: replaceFlag("ingress-settings", "internal"),
+		stderr: "Invalid choice",
+	},
+	{
+		name:   "functions deploy's ingress name on run deploy",
+		target: isCmd("run", "deploy"),
+		change: replaceFlag("ingress", "internal-only"),
+		stderr: "argument --ingress",
+	},
+	{
+		name:   "billing flag on functions deploy (not in gcloud 528)",
+		target: isCmd("functions", "deploy"),
+		change: func(c command) command { return append(slices.Clone(c), "--no-cpu-throttling") },
+		stderr: "unrecognized arguments",
 	},
 	{
 		name:   "Direct VPC flags on functions deploy (not in gcloud 528)",

@@ -1,9 +1,7 @@
 package shop
 
 import (
-	"context"
 	"os"
-	"sync"
 	"time"
 
 	"github.com/GoogleCloudPlatform/functions-framework-go/functions"
@@ -20,7 +18,12 @@ import (
 // Worker and CleanupLocks under the shop's own names, with the shop's job.
 // Enqueue is left out: the shop enqueues from its own code.
 func init() {
-	s := &Shop{Tasks: &lazyEnqueuer{}, Work: workFromEnv()}
+	// The queue comes from the environment deploy/ gives every function
+	// (TASKGUARD_QUEUE, TASKGUARD_WORKER_URL, TASKGUARD_TASK_SERVICE_ACCOUNT,
+	// TASKGUARD_TASK_DEADLINE; CLOUD_TASKS_EMULATOR_HOST locally). The client
+	// is built on the first checkout, and built again after a start-up error
+	// that may pass (credentials not found yet) instead of keeping it.
+	s := &Shop{Tasks: tasks.LazyClientFromEnv(), Work: workFromEnv()}
 	functions.HTTP("Checkout", s.Checkout())
 	app.Register(functions.HTTP, app.Functions{Worker: "ShopWorker", CleanupLocks: "ShopCleanupLocks"},
 		app.WithJob(ReceiptJob, s.SendReceipt))
@@ -33,32 +36,4 @@ func workFromEnv() time.Duration {
 		return d
 	}
 	return 100 * time.Millisecond
-}
-
-// lazyEnqueuer is the production Enqueuer: a tasks.Client for the queue
-// taskguard's configuration names (TASKGUARD_QUEUE, TASKGUARD_WORKER_URL,
-// TASKGUARD_TASK_SERVICE_ACCOUNT), connected to CLOUD_TASKS_EMULATOR_HOST
-// when set, built on the first Enqueue.
-type lazyEnqueuer struct {
-	once sync.Once
-	c    *tasks.Client
-	err  error
-}
-
-func (l *lazyEnqueuer) Enqueue(ctx context.Context, t tasks.Task) (string, error) {
-	l.once.Do(func() {
-		cfg, err := app.ConfigFromEnv(os.Getenv)
-		if err != nil {
-			l.err = err
-			return
-		}
-		l.c, l.err = tasks.NewClient(context.Background(), tasks.Config{
-			Queue: cfg.Queue, WorkerURL: cfg.WorkerURL, ServiceAccount: cfg.TaskServiceAccount,
-			WorkerTimeout: 30 * time.Minute,
-		})
-	})
-	if l.err != nil {
-		return "", l.err
-	}
-	return l.c.Enqueue(ctx, t)
 }

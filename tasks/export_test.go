@@ -1,0 +1,10 @@
+package tasks
+
+import "context"
+
+// SetConnect replaces how l builds its Client, for injecting start-up
+// failures; connect receives the NewClientFromEnv l would have called.
+func SetConnect(l *LazyClient, connect func(ctx context.Context, real func(context.Context) (*Client, error)) (*Client, error)) {
+	real := l.connect
+	l.connect = func(ctx context.Context) (*Client, error) { return connect(ctx, real) }
+}
