@@ -52,7 +52,17 @@ func validate(id, owner string, r *locking.Request) error {
 // entity, which fails with AlreadyExists when it exists. A held lock is then
 // read (2 RPCs); after that, this Backend remembers the id as held and the
 // next Acquire of it reads first, so a poll of a held lock costs 1 RPC and a
-// takeover 2 (read, then an update conditional on the version read).
+// takeover 2 (read, then an update conditional on the version read). It
+// keeps reading first while it holds such a lock and for a minute after
+// releasing it, so that it never sends an Insert that fails on the next
+// holder's entity (see the package documentation).
+//
+// Contention is answered with a fresh read: a write refused with Aborted is
+// not sent again as it was. When every write of the call meets contention
+// (at most 5), or the store answers Aborted to 5 reads in a row, Acquire
+// returns a Grant with Acquired false and a nil error: the lock is busy, and
+// the caller's waiting (locking.Client's backoff, within its MaxWait)
+// decides whether to try again.
 //
 // Two takers of one expired lock cannot both win: each update is
 // conditional on the version both read, and only the first commit keeps it.
@@ -169,7 +179,10 @@ func (b *Backend) abandon(ctx context.Context, k *pb.Key, owner string, unsure b
 // judged as at acquisition. It returns the fencing token of the acquisition,
 // and an error wrapping locking.ErrNotHeld when the entity is gone or names
 // another owner. A lease that expired but was not taken over or cleaned up
-// is still r.Owner's and is renewed. It implements locking.Backend.
+// is still r.Owner's and is renewed. Under contention (the entity kept
+// changing under 5 conditional writes, or the store kept answering Aborted)
+// it returns an error, not ErrNotHeld: the caller may renew again later. It
+// implements locking.Backend.
 //
 // When this Backend made the last write of the holding (the acquisition or
 // the previous renewal), Renew sends the update conditional on that write's
@@ -232,8 +245,9 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 
 // Release deletes the entity of id if, and only if, it names owner. It
 // returns an error wrapping locking.ErrNotHeld when the entity is gone or
-// names another owner, and never deletes another owner's entity. It
-// implements locking.Backend.
+// names another owner, and never deletes another owner's entity; under
+// contention (as for Renew) it returns another error and the lock stays
+// held until its lease ends. It implements locking.Backend.
 //
 // A delete whose outcome is unknown (timeout, lost connection) is resolved
 // by reading the entity back. Still owner's: the delete did not land, and is
