@@ -45,8 +45,9 @@ fuzz-short: ## fuzz every target for FUZZTIME (5s) each
 # The benchmarks (internal/bench, and tasks.BenchmarkBurst) run once each (-benchtime=1x: every one
 # takes its own fixed number of samples) against the real servers, and
 # internal/benchplot turns their output into the tables of BENCHMARKS.md and
-# the hand-off plot. The raw output, with the machine it ran on, is kept in
-# $(BENCH_OUT).
+# the hand-off plot. BenchmarkDistance runs Datastore through internal/netdelay
+# (loopback and +15 ms each way, side by side). The raw output, with the
+# machine it ran on, is kept in $(BENCH_OUT).
 BENCH_OUT ?= docs/bench/bench.txt
 BENCH_FLAGS ?= -run='^$$' -bench=. -benchtime=1x -benchmem -timeout=45m
 # The burst on one lock id, park mode vs 429 mode with deploy's queue (the

@@ -49,6 +49,9 @@ func run() error {
 	subsecond := flag.Bool("subsecond-backoffs", false, "keep sub-second backoffs (the service truncates them to whole seconds)")
 	noThrottling := flag.Bool("no-system-throttling", false, "do not slow the queue after 429 and 503 answers (the service does)")
 	reuse := flag.Duration("queue-reuse-delay", taskstest.DefaultQueueReuseDelay, "how long a deleted queue's name stays reserved")
+	createLatency := flag.Duration("create-task-latency", 0, "added to every CreateTask call, like the service's (e.g. 50ms)")
+	dispatchDelay := flag.Duration("dispatch-delay", 0, "delay before every attempt is sent, like the service's dispatch latency (e.g. 50ms)")
+	dispatchJitter := flag.Duration("dispatch-jitter", 0, "up to this much more, drawn per attempt (e.g. 50ms)")
 	verbose := flag.Bool("v", false, "log every attempt")
 	flag.Var(&queues, "queue", "create this queue (full name) at start with default settings; repeatable")
 	flag.Parse()
@@ -67,6 +70,9 @@ func run() error {
 		SubsecondBackoffs:   *subsecond,
 		NoSystemThrottling:  *noThrottling,
 		QueueReuseDelay:     *reuse,
+		CreateTaskLatency:   *createLatency,
+		DispatchDelay:       *dispatchDelay,
+		DispatchJitter:      *dispatchJitter,
 		Logger:              logger,
 	})
 	if err != nil {

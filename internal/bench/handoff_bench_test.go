@@ -28,6 +28,12 @@ type handoffResult struct {
 // locker may appear several times for goroutines of one instance) take id in
 // turn, holding it for hold, until samples hand-offs have happened.
 func runHandoff(ctx context.Context, owners []locker, id string, samples int, hold time.Duration) (handoffResult, error) {
+	return runHandoffObserved(ctx, owners, id, samples, hold, nil)
+}
+
+// runHandoffObserved is runHandoff calling onRelease(k), when not nil, just
+// before the holder of holding k (from 0) calls Release.
+func runHandoffObserved(ctx context.Context, owners []locker, id string, samples int, hold time.Duration, onRelease func(k int)) (handoffResult, error) {
 	var (
 		mu                     sync.Mutex
 		acqAt, relCall, relEnd []time.Time // by holding, in order
@@ -72,6 +78,9 @@ func runHandoff(ctx context.Context, owners []locker, id string, samples int, ho
 				}
 				if !last {
 					_ = sleepCtx(ctx, pause)
+				}
+				if onRelease != nil {
+					onRelease(k)
 				}
 				called := time.Now()
 				err = release(context.WithoutCancel(ctx))

@@ -9,7 +9,10 @@
 // a run of tasks.BenchmarkBurst, the burst table between
 // "<!-- burst:begin -->" and "<!-- burst:end -->" (park mode vs 429 mode vs
 // the ideal n × T, and unrelated ids' start latency with and without the
-// burst), and leaves the rest (hand-written analysis) alone; a file without
+// burst), when it holds a run of BenchmarkDistance, the loopback and
+// production-like figures between "<!-- distance:begin -->" and
+// "<!-- distance:end -->" (an input of BenchmarkDistance alone updates only
+// that section), and leaves the rest (hand-written analysis) alone; a file without
 // the markers gets them appended. Lines of the input starting with "# " (written by `make bench`:
 // machine, load, command) are copied into the report.
 package main
@@ -59,16 +62,22 @@ func run(in, mdPath, svgPath string) error {
 	if len(res.metrics) == 0 {
 		return errors.New("benchplot: no benchmark results in the input")
 	}
-	if err := os.WriteFile(svgPath, []byte(plot(res)), 0o644); err != nil {
-		return err
-	}
 	old, err := os.ReadFile(mdPath)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
-	doc := splice(string(old), report(res, svgPath))
+	doc := string(old)
+	if !res.distanceOnly() {
+		if err := os.WriteFile(svgPath, []byte(plot(res)), 0o644); err != nil {
+			return err
+		}
+		doc = splice(doc, report(res, svgPath))
+	}
 	if res.hasBurst() {
 		doc = spliceBetween(doc, burstBegin, burstEnd, burstReport(res))
+	}
+	if res.hasDistance() {
+		doc = spliceBetween(doc, distanceBegin, distanceEnd, distanceReport(res))
 	}
 	return os.WriteFile(mdPath, []byte(doc), 0o644)
 }

@@ -7,7 +7,6 @@ import (
 	"time"
 
 	pb "cloud.google.com/go/datastore/apiv1/datastorepb"
-	"google.golang.org/protobuf/types/known/timestamppb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
@@ -37,10 +36,14 @@ type CleanupOptions struct {
 
 // Report says what one Cleanup run did.
 type Report struct {
-	// Scanned is how many keys the expiry query returned.
+	// Scanned is how many lock entities the scan returned: every entity
+	// of the kind, held or not.
 	Scanned int
-	// Expired is how many of those were, when read back, past their lease
-	// by more than the grace period (what a dry run would delete).
+	// Live is how many of those were, when read, held or past their lease
+	// by less than the grace period (or gone already): left alone.
+	Live int
+	// Expired is how many were, when read, past their lease by more than
+	// the grace period (what a dry run would delete).
 	Expired int
 	// Deleted is how many entities were deleted. It includes expired
 	// entities found gone when a page is read again after a commit that
@@ -48,9 +51,8 @@ type Report struct {
 	// their holders released them in the same instant, which is the same
 	// outcome.
 	Deleted int
-	// Skipped is how many scanned entities were left in place: renewed,
-	// re-acquired or released since the query, or not yet expired by the
-	// authoritative clock.
+	// Skipped is how many expired entities were left in place: renewed,
+	// re-acquired or released between the read and the delete.
 	Skipped int
 	// Errors is how many expired entities could not be deleted because of
 	// errors (see the error Cleanup returned); none of them was deleted.
@@ -71,12 +73,15 @@ type Report struct {
 }
 
 // Cleanup deletes lock entities whose lease ended more than opts.Grace ago,
-// page by page: a keys-only query on the indexed expiresAt property finds
-// candidates (expiresAt is written from the writer's clock), a lookup of each
-// page reads them back, the lease is judged as Acquire judges it (on server
-// times where the server gives them) plus the grace period, and the expired
-// ones are deleted in one commit per page, each delete conditional on the
-// version just read. An entity renewed, re-acquired or released after the
+// page by page: a keys-only query over the kind in key order (the built-in
+// key index; no property of a lock entity is indexed, see the package
+// documentation) lists every lock entity, a lookup of each page reads them,
+// the lease is judged as Acquire judges it (on server times where the server
+// gives them) plus the grace period, and the expired ones are deleted in one
+// commit per page, each delete conditional on the version just read. Held
+// locks are read and left alone (Report.Live): a run reads every lock
+// entity, which is as many as there are locks held plus those abandoned
+// (released locks are deleted at once). An entity renewed, re-acquired or released after the
 // read makes the conditional commit fail with FailedPrecondition, naming no
 // key; the deletes ahead of that entity in the commit may nevertheless have
 // been applied (both emulators apply them, and the rest not). The page is
@@ -84,15 +89,15 @@ type Report struct {
 // changed one survives and counts as Skipped, and the others are deleted by
 // the next commit. A live lease is never deleted.
 //
-// Each expired entity is counted once: in Deleted, Skipped (it changed, or
-// kept changing past the retries), Errors (a read or commit failed and it was
-// not deleted) or Unknown (its delete was sent but the outcome could not be
-// read back, as when ctx ends during the commit).
+// Each scanned entity is counted once: in Live, or, when expired, in Deleted,
+// Skipped (it changed, or kept changing past the retries), Errors (a read or
+// commit failed and it was not deleted) or Unknown (its delete was sent but
+// the outcome could not be read back, as when ctx ends during the commit).
 //
 // Cleanup is idempotent and safe to run from several places at once. It
 // stops when ctx ends and returns the Report so far (Finished false) with an
-// error wrapping ctx's error; a later run resumes, since deleted entities no
-// longer match the query. Errors on single pages are counted in the Report
+// error wrapping ctx's error; a later run starts again from the first key
+// and finds the deleted entities gone. Errors on single pages are counted in the Report
 // and returned joined after the run; transient RPC errors are retried inside
 // ctx.
 func (b *Backend) Cleanup(ctx context.Context, opts CleanupOptions) (Report, error) {
@@ -109,10 +114,6 @@ func (b *Backend) Cleanup(ctx context.Context, opts CleanupOptions) (Report, err
 	if batch == 0 {
 		batch = MaxCleanupBatch
 	}
-	// Candidates: expiresAt (writer's clock) before the reader's now minus
-	// the grace period. Writers whose clocks run behind make entities
-	// candidates early (the read-back rejects them); writers ahead, late.
-	cutoff := b.now().Add(-grace)
 	var errs []error
 	var cursor []byte
 	for {
@@ -120,7 +121,7 @@ func (b *Backend) Cleanup(ctx context.Context, opts CleanupOptions) (Report, err
 			rep.Elapsed = time.Since(start)
 			return rep, errors.Join(append(errs, ctxErr(ctx, "cleanup"))...)
 		}
-		keys, next, done, err := b.expiredKeys(ctx, cutoff, batch, cursor)
+		keys, next, done, err := b.scanKeys(ctx, batch, cursor)
 		if err != nil {
 			rep.Elapsed = time.Since(start)
 			return rep, errors.Join(append(errs, err)...)
@@ -144,16 +145,13 @@ func (b *Backend) Cleanup(ctx context.Context, opts CleanupOptions) (Report, err
 	}
 }
 
-// expiredKeys runs one page of the keys-only expiry query.
-func (b *Backend) expiredKeys(ctx context.Context, cutoff time.Time, limit int, cursor []byte) (keys []*pb.Key, next []byte, done bool, err error) {
+// scanKeys runs one page of the keys-only scan of the kind, in key order.
+// The keys are SHA-256 hashes, spread evenly: no page is a hot range.
+func (b *Backend) scanKeys(ctx context.Context, limit int, cursor []byte) (keys []*pb.Key, next []byte, done bool, err error) {
 	q := &pb.Query{
-		Kind:       []*pb.KindExpression{{Name: b.kind}},
-		Projection: []*pb.Projection{{Property: &pb.PropertyReference{Name: "__key__"}}},
-		Filter: &pb.Filter{FilterType: &pb.Filter_PropertyFilter{PropertyFilter: &pb.PropertyFilter{
-			Property: &pb.PropertyReference{Name: propExpiresAt},
-			Op:       pb.PropertyFilter_LESS_THAN,
-			Value:    &pb.Value{ValueType: &pb.Value_TimestampValue{TimestampValue: timestamppb.New(cutoff)}},
-		}}},
+		Kind:        []*pb.KindExpression{{Name: b.kind}},
+		Projection:  []*pb.Projection{{Property: &pb.PropertyReference{Name: "__key__"}}},
+		Order:       []*pb.PropertyOrder{{Property: &pb.PropertyReference{Name: "__key__"}, Direction: pb.PropertyOrder_ASCENDING}},
 		StartCursor: cursor,
 		Limit:       wrapperspb.Int32(int32(limit)),
 	}
@@ -163,7 +161,7 @@ func (b *Backend) expiredKeys(ctx context.Context, cutoff time.Time, limit int, 
 		PartitionId: &pb.PartitionId{ProjectId: b.project, DatabaseId: b.database, NamespaceId: b.namespace},
 		QueryType:   &pb.RunQueryRequest_Query{Query: q},
 	}
-	res, err := read(ctx, b, "cleanup: query", func(ctx context.Context, c pb.DatastoreClient) (*pb.RunQueryResponse, error) {
+	res, err := read(ctx, b, "cleanup: scan", func(ctx context.Context, c pb.DatastoreClient) (*pb.RunQueryResponse, error) {
 		return c.RunQuery(ctx, req)
 	})
 	if err != nil {
@@ -171,11 +169,18 @@ func (b *Backend) expiredKeys(ctx context.Context, cutoff time.Time, limit int, 
 	}
 	bt := res.GetBatch()
 	for _, er := range bt.GetEntityResults() {
-		keys = append(keys, er.GetEntity().GetKey())
+		k := er.GetEntity().GetKey()
+		// The legacy emulator's kind queries return the kind's entities
+		// of every database (and a Lookup of another database's key then
+		// never answers): keep those of this Backend's partition only.
+		if p := k.GetPartitionId(); p.GetDatabaseId() != b.database || p.GetNamespaceId() != b.namespace {
+			continue
+		}
+		keys = append(keys, k)
 	}
 	// An empty page ends the query; the legacy emulator reports
 	// MORE_RESULTS_AFTER_LIMIT even on its last page.
-	done = len(keys) == 0 || bt.GetMoreResults() == pb.QueryResultBatch_NO_MORE_RESULTS
+	done = len(bt.GetEntityResults()) == 0 || bt.GetMoreResults() == pb.QueryResultBatch_NO_MORE_RESULTS
 	return keys, bt.GetEndCursor(), done, nil
 }
 
@@ -199,21 +204,32 @@ func (b *Backend) cleanPage(ctx context.Context, keys []*pb.Key, grace time.Dura
 		var cands []*pb.Key
 		for _, k := range pending {
 			er, ok := found[k.GetPath()[0].GetName()]
-			if !ok {
-				if unsure {
-					rep.Deleted++ // our own delete, applied unseen (or a release just as it)
+			switch {
+			case !ok && unsure:
+				rep.Deleted++ // our own delete, applied unseen (or a release just as it)
+				continue
+			case !ok && attempt == 0:
+				rep.Live++ // released since the scan
+				continue
+			case !ok:
+				rep.Skipped++ // released between our read and our delete
+				continue
+			}
+			rec, err := decode(er)
+			if err != nil {
+				if attempt == 0 {
+					rep.Live++ // not ours to judge
 				} else {
 					rep.Skipped++
 				}
 				continue
 			}
-			rec, err := decode(er)
-			if err != nil {
-				rep.Skipped++
-				continue
-			}
 			if a := b.judge(rec, readTime); a.remaining+grace > 0 {
-				rep.Skipped++
+				if attempt == 0 {
+					rep.Live++
+				} else {
+					rep.Skipped++ // renewed or re-acquired since our read
+				}
 				continue
 			}
 			cands = append(cands, k)

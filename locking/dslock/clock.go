@@ -65,7 +65,12 @@ func subSat(a, b time.Duration) time.Duration {
 
 // hints remembers ids this Backend recently found held, so that the next
 // Acquire of such an id starts with a read (1 RPC for a poll of a held lock)
-// instead of a create (1 RPC for a free lock, 2 when held).
+// instead of a create (1 RPC for a free lock, 2 when held, one of them a
+// failed write on the lock's entity). A hint outlives the Acquire that
+// succeeds after it, and the Release of that holding (see released): a lock
+// that was contended here is likely to be again, and its next Acquire here
+// then reads instead of sending an Insert that fails on a waiter's holding.
+// An id not found held for a minute goes back to create-first.
 type hints struct {
 	mu sync.Mutex
 	m  map[string]time.Time // key name -> monotonic deadline of the hint; guarded by mu
@@ -105,6 +110,16 @@ func (h *hints) held(name string, remaining time.Duration) {
 		}
 	}
 	h.m[name] = now.Add(addSat(max(remaining, 0), hintLinger))
+}
+
+// released notes that this Backend released its holding of name: a hint
+// there (the lock was found held here not long ago) lasts hintLinger more.
+func (h *hints) released(name string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if _, ok := h.m[name]; ok {
+		h.m[name] = time.Now().Add(hintLinger)
+	}
 }
 
 func (h *hints) forget(name string) {

@@ -40,10 +40,17 @@
 //     milliseconds rounded up (1 ns is held for 1 ms, never 0), and the
 //     arithmetic of expiry saturates instead of wrapping around, so no
 //     stored or skewed value turns a held lease into an expired one;
-//   - transient errors (Unavailable, DeadlineExceeded, Aborted,
-//     ResourceExhausted, Internal) are retried with capped, jittered
-//     exponential backoff inside the caller's ctx; each attempt is bounded by
-//     Options.RPCTimeout.
+//   - transient errors (Unavailable, DeadlineExceeded, ResourceExhausted,
+//     Internal) are retried with capped, jittered exponential backoff inside
+//     the caller's ctx; each attempt is bounded by Options.RPCTimeout;
+//   - contention is answered, not retried blindly: a write refused with
+//     Aborted was not applied, and is followed by a fresh read and a write
+//     judged on it (a conditional write whose base version went stale fails
+//     however often it is sent again); a call that meets contention on every
+//     one of its writes (at most 5), or Aborted on 5 reads in a row, ends:
+//     Acquire reports the lock as not acquired (busy, as when held), Renew
+//     and Release return an error. No call retries a contended entity until
+//     its ctx ends.
 //
 // No transactions are used, so the same code runs on databases in optimistic
 // and in pessimistic concurrency mode, and no transaction is ever left open
@@ -56,6 +63,14 @@
 // free again (Lookup, Insert) or expired (Lookup, conditional Update). Polls
 // read rather than attempt a write, so that waiters never add writes to the
 // one entity the holder renews (a store limits sustained writes per entity).
+// The Backend keeps reading first after it acquired such a lock, and for a
+// minute after it released it: its next Acquire of a lock that was contended
+// here reads instead of sending an Insert that would fail on the next
+// holder's entity. So a hand-off from one instance to another costs two
+// writes on the lock's entity, the holder's Delete and the waiter's Insert,
+// and no failed write, however often the lock changes hands; a failed Insert
+// remains only where an instance meets a held lock it has not seen for a
+// minute (its first try, 2 RPCs).
 //
 // Renew and Release are 1 RPC each when this Backend made the holding's last
 // write (its Acquire or last Renew): it remembers that write's version and
@@ -107,7 +122,7 @@
 //
 //	id         string     unindexed  the lock id, for people (invalid UTF-8 replaced, cut to 1024 bytes)
 //	owner      string     unindexed  the holder's owner token
-//	expiresAt  timestamp  indexed    renewedAt + lease (writer's clock): for Cleanup and a TTL policy
+//	expiresAt  timestamp  unindexed  renewedAt + lease (writer's clock): for a TTL policy and people
 //	renewedAt  timestamp  unindexed  writer's clock at the last acquire or renewal
 //	leaseMs    integer    unindexed  the lease granted then, in milliseconds (rounded up)
 //	token      integer    unindexed  the fencing token, present once the holding was renewed
@@ -120,21 +135,29 @@
 // caller's own delete and created again (see Backend.Release). An entity
 // without origin is its holding's own incarnation.
 //
-// Only expiresAt is indexed; the query Cleanup runs (one inequality on one
-// property of one kind) needs no composite index.
+// No property is indexed. Every acquire and renewal writes a later expiresAt;
+// were it indexed, its index entries would always be appended at the end of
+// one range, which caps a kind at about 500 writes per second across all
+// lock ids (the store's guidance on monotonically increasing indexed
+// values): 5,000 locks renewed every 10 seconds would reach it. Unindexed,
+// a write touches the entity and its key's built-in index entry only, and
+// the keys (SHA-256 hashes) are spread evenly. Cleanup scans the kind by
+// key; a TTL policy needs no index on its field.
 //
 // # Cleanup
 //
 // Released locks are deleted at once; locks whose holders died stay until
 // taken over. Backend.Cleanup deletes those whose lease ended more than a
 // grace period ago (CleanupOptions.Grace, DefaultCleanupGrace = 15 minutes),
-// never a live lease: it pages through a keys-only query on expiresAt, reads
-// each page back, judges each lease as Acquire does, and deletes the expired
-// ones with deletes conditional on the version read, so a lock renewed or
-// re-acquired in between survives. It stops when its ctx ends and resumes on
-// the next run; it is idempotent; DryRun only counts. Its Report counts each
-// expired entity once, as deleted, skipped, failed, or unknown when the run
-// ended while its delete was in flight. Each page costs three
+// never a live lease: it pages through a keys-only scan of the kind in key
+// order, reads each page, judges each lease as Acquire does, and deletes the
+// expired ones with deletes conditional on the version read, so a lock
+// renewed or re-acquired in between survives. A run reads every lock entity:
+// those held (released locks are deleted at once) and those abandoned. It
+// stops when its ctx ends and starts over on the next run; it is idempotent;
+// DryRun only counts. Its Report counts each scanned entity once, as live,
+// or, expired, as deleted, skipped, failed, or unknown when the run ended
+// while its delete was in flight. Each page costs three
 // RPCs (query, lookup, commit) and holds up to 500 keys (the legacy emulator
 // returns at most 300 per query batch). Run it from a scheduled function,
 // daily or hourly.

@@ -302,7 +302,7 @@ func (b *Backend) entityOf(k *pb.Key, id, owner string, lease time.Duration, tok
 	props := map[string]*pb.Value{
 		propID:        {ValueType: &pb.Value_StringValue{StringValue: readable(id)}, ExcludeFromIndexes: true},
 		propOwner:     {ValueType: &pb.Value_StringValue{StringValue: owner}, ExcludeFromIndexes: true},
-		propExpiresAt: {ValueType: &pb.Value_TimestampValue{TimestampValue: timestamppb.New(now.Add(lease))}},
+		propExpiresAt: {ValueType: &pb.Value_TimestampValue{TimestampValue: timestamppb.New(now.Add(lease))}, ExcludeFromIndexes: true},
 		propRenewedAt: {ValueType: &pb.Value_TimestampValue{TimestampValue: timestamppb.New(now)}, ExcludeFromIndexes: true},
 		propLeaseMs:   {ValueType: &pb.Value_IntegerValue{IntegerValue: leaseMillis(lease)}, ExcludeFromIndexes: true},
 	}

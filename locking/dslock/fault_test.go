@@ -302,7 +302,8 @@ func TestFaults(t *testing.T) {
 					}
 					// Without faults: 4 commits (acquire, the other owner's
 					// insert, renew, release) and 1 lookup (the other owner's
-					// Acquire finding it held); each fault adds one retry.
+					// Acquire finding it held); each fault adds one retry
+					// (after an ABORTED commit, a read and a new commit).
 					normal := map[string]int{"Commit": 4, "Lookup": 1}[tc.method]
 					n := 0
 					for _, m := range log.take() {

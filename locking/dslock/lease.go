@@ -15,7 +15,9 @@ import (
 
 // errContended is returned by Renew and Release when the entity changed under
 // every one of maxWrites conditional writes while still naming the caller as
-// owner (a caller renewing one holding from several goroutines at once).
+// owner (a caller renewing one holding from several goroutines at once), or
+// when the store kept answering ABORTED (contention) to the writes or reads
+// of one call. Acquire reports the lock as not acquired instead.
 var errContended = errors.New("dslock: lock entity kept changing")
 
 // maxWrites bounds the conditional writes of one call when other writers
@@ -50,7 +52,17 @@ func validate(id, owner string, r *locking.Request) error {
 // entity, which fails with AlreadyExists when it exists. A held lock is then
 // read (2 RPCs); after that, this Backend remembers the id as held and the
 // next Acquire of it reads first, so a poll of a held lock costs 1 RPC and a
-// takeover 2 (read, then an update conditional on the version read).
+// takeover 2 (read, then an update conditional on the version read). It
+// keeps reading first while it holds such a lock and for a minute after
+// releasing it, so that it never sends an Insert that fails on the next
+// holder's entity (see the package documentation).
+//
+// Contention is answered with a fresh read: a write refused with Aborted is
+// not sent again as it was. When every write of the call meets contention
+// (at most 5), or the store answers Aborted to 5 reads in a row, Acquire
+// returns a Grant with Acquired false and a nil error: the lock is busy, and
+// the caller's waiting (locking.Client's backoff, within its MaxWait)
+// decides whether to try again.
 //
 // Two takers of one expired lock cannot both win: each update is
 // conditional on the version both read, and only the first commit keeps it.
@@ -77,18 +89,23 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 			res, err := b.commit(ctx, "acquire", &pb.Mutation{Operation: &pb.Mutation_Insert{Insert: b.entity(k, r.ID, r.Owner, r.Lease, 0)}})
 			switch {
 			case err == nil:
-				b.hints.forget(name)
 				b.held.put(name, r.Owner, holding{version: int64(version(res)), token: version(res), origin: version(res)}, r.Lease)
 				return locking.Grant{Acquired: true, Token: version(res)}, nil
 			case errors.Is(err, errAmbiguous):
 				unsure, lastErr = true, err
-			case status.Code(err) == codes.AlreadyExists:
+			case status.Code(err) == codes.AlreadyExists, status.Code(err) == codes.Aborted:
+				// Held, or being written by another: read it.
 			default:
 				return locking.Grant{}, b.abandon(ctx, k, r.Owner, unsure, err)
 			}
 		}
 
 		rec, found, readTime, err := b.lookup(ctx, "acquire", k)
+		if errors.Is(err, errContended) && !unsure {
+			// The store keeps answering ABORTED: busy, as a held lock is.
+			b.hints.held(name, 0)
+			return locking.Grant{}, nil
+		}
 		if err != nil {
 			return locking.Grant{}, b.abandon(ctx, k, r.Owner, unsure, err)
 		}
@@ -97,7 +114,6 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 			// response was lost, or an earlier Acquire with this owner.
 			// A takeover, unlike an Insert, stored an incarnation older
 			// than its own token.
-			b.hints.forget(name)
 			b.held.put(name, r.Owner, holding{version: rec.version, token: rec.fencing(), origin: rec.incarnation()}, r.Lease)
 			return locking.Grant{Acquired: true, Token: rec.fencing(), TookOver: rec.incarnation() != rec.fencing()}, nil
 		}
@@ -123,7 +139,6 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 		res, err := b.commit(ctx, "take over", conditional(&pb.Mutation{Operation: &pb.Mutation_Update{Update: b.entityOf(k, r.ID, r.Owner, r.Lease, 0, rec.incarnation())}}, rec.version))
 		switch {
 		case err == nil:
-			b.hints.forget(name)
 			b.held.put(name, r.Owner, holding{version: int64(version(res)), token: version(res), origin: rec.incarnation()}, r.Lease)
 			return locking.Grant{Acquired: true, Token: version(res), TookOver: true}, nil
 		case errors.Is(err, errAmbiguous):
@@ -164,7 +179,10 @@ func (b *Backend) abandon(ctx context.Context, k *pb.Key, owner string, unsure b
 // judged as at acquisition. It returns the fencing token of the acquisition,
 // and an error wrapping locking.ErrNotHeld when the entity is gone or names
 // another owner. A lease that expired but was not taken over or cleaned up
-// is still r.Owner's and is renewed. It implements locking.Backend.
+// is still r.Owner's and is renewed. Under contention (the entity kept
+// changing under 5 conditional writes, or the store kept answering Aborted)
+// it returns an error, not ErrNotHeld: the caller may renew again later. It
+// implements locking.Backend.
 //
 // When this Backend made the last write of the holding (the acquisition or
 // the previous renewal), Renew sends the update conditional on that write's
@@ -196,6 +214,7 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 			return locking.Grant{}, err
 		}
 	}
+	var last error // the last write's failure
 	for writes := 0; ; writes++ {
 		rec, found, _, err := b.lookup(ctx, "renew", k)
 		if err != nil {
@@ -206,7 +225,7 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 			return locking.Grant{}, fmt.Errorf("dslock: renew %q: %w", r.ID, locking.ErrNotHeld)
 		}
 		if writes >= maxWrites {
-			return locking.Grant{}, fmt.Errorf("dslock: renew %q: %w", r.ID, errContended)
+			return locking.Grant{}, contendedErr("renew", r.ID, last)
 		}
 		token, origin := rec.fencing(), rec.incarnation()
 		res, err := b.commit(ctx, "renew", conditional(&pb.Mutation{Operation: &pb.Mutation_Update{Update: b.entityOf(k, r.ID, r.Owner, r.Lease, token, origin)}}, rec.version))
@@ -217,6 +236,7 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 		case errors.Is(err, errAmbiguous), conflict(err):
 			// Read again: if it is still ours (our own write landed
 			// unseen), renew once more; if not, report it lost.
+			last = err
 		default:
 			return locking.Grant{}, err
 		}
@@ -225,8 +245,9 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 
 // Release deletes the entity of id if, and only if, it names owner. It
 // returns an error wrapping locking.ErrNotHeld when the entity is gone or
-// names another owner, and never deletes another owner's entity. It
-// implements locking.Backend.
+// names another owner, and never deletes another owner's entity; under
+// contention (as for Renew) it returns another error and the lock stays
+// held until its lease ends. It implements locking.Backend.
 //
 // A delete whose outcome is unknown (timeout, lost connection) is resolved
 // by reading the entity back. Still owner's: the delete did not land, and is
@@ -255,17 +276,19 @@ func (b *Backend) Release(ctx context.Context, id, owner string) error {
 	name := k.GetPath()[0].GetName()
 	unsure := false // a delete of ours may have landed unseen
 	var mine uint64 // incarnation of owner's holding, once known
+	var last error  // the last delete's failure
 	if h, ok := b.held.get(name, owner); ok {
 		mine = h.origin
 		_, err := b.commit(ctx, "release", conditional(&pb.Mutation{Operation: &pb.Mutation_Delete{Delete: k}}, h.version))
 		switch {
 		case err == nil:
 			b.held.drop(name, owner, holding{})
-			b.hints.forget(name)
+			b.hints.released(name)
 			return nil
 		case errors.Is(err, errAmbiguous):
-			unsure = true
+			unsure, last = true, err
 		case conflict(err):
+			last = err
 		default:
 			return err
 		}
@@ -288,21 +311,32 @@ func (b *Backend) Release(ctx context.Context, id, owner string) error {
 		}
 		mine = rec.incarnation()
 		if writes >= maxWrites {
-			return fmt.Errorf("dslock: release %q: %w", id, errContended)
+			return contendedErr("release", id, last)
 		}
 		_, err = b.commit(ctx, "release", conditional(&pb.Mutation{Operation: &pb.Mutation_Delete{Delete: k}}, rec.version))
 		switch {
 		case err == nil:
 			b.held.drop(name, owner, holding{})
-			b.hints.forget(name)
+			b.hints.released(name)
 			return nil
 		case errors.Is(err, errAmbiguous):
-			unsure = true
+			unsure, last = true, err
 		case conflict(err):
+			last = err
 		default:
 			return err
 		}
 	}
+}
+
+// contendedErr is the error of a Renew or Release of id that gave up after
+// maxWrites conflicting writes; last, the final write's failure, is wrapped
+// too, so that status.Code reads ABORTED when the store answered that.
+func contendedErr(op, id string, last error) error {
+	if last == nil {
+		return fmt.Errorf("dslock: %s %q: %w", op, id, errContended)
+	}
+	return fmt.Errorf("dslock: %s %q: %w (last write: %w)", op, id, errContended, last)
 }
 
 func version(res *pb.CommitResponse) uint64 {

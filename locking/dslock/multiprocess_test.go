@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -29,6 +30,14 @@ const (
 	workerProjEnv   = "DSLOCK_TEST_PROJECT"
 	workerIDEnv     = "DSLOCK_TEST_ID"
 	workerRoundsEnv = "DSLOCK_TEST_ROUNDS"
+	// Optional: goroutines per worker (default workerGoroutines), how long
+	// each holds the lock (default 2ms), how long the first holding of the
+	// run lasts (default: hold), and how long a goroutine pauses after each
+	// release before it tries again (default 0).
+	workerGoroutinesEnv = "DSLOCK_TEST_GOROUTINES"
+	workerHoldEnv       = "DSLOCK_TEST_HOLD"
+	workerFirstHoldEnv  = "DSLOCK_TEST_FIRST_HOLD"
+	workerPauseEnv      = "DSLOCK_TEST_PAUSE"
 
 	workerGoroutines = 2
 )
@@ -135,15 +144,29 @@ func runWorker() error {
 		return err
 	}
 	name, id := os.Getenv(workerEnv), os.Getenv(workerIDEnv)
+	goroutines := workerGoroutines
+	if n, err := strconv.Atoi(os.Getenv(workerGoroutinesEnv)); err == nil && n > 0 {
+		goroutines = n
+	}
+	hold := 2 * time.Millisecond
+	if d, err := time.ParseDuration(os.Getenv(workerHoldEnv)); err == nil {
+		hold = d
+	}
+	firstHold := hold
+	if d, err := time.ParseDuration(os.Getenv(workerFirstHoldEnv)); err == nil {
+		firstHold = d
+	}
+	pause, _ := time.ParseDuration(os.Getenv(workerPauseEnv))
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	var (
-		mu   sync.Mutex // serialises stdout
-		wg   sync.WaitGroup
-		errs = make([]error, workerGoroutines)
+		mu    sync.Mutex // serialises stdout
+		wg    sync.WaitGroup
+		errs  = make([]error, goroutines)
+		first atomic.Bool
 	)
 	enc := json.NewEncoder(os.Stdout)
-	for g := range workerGoroutines {
+	for g := range goroutines {
 		wg.Go(func() {
 			errs[g] = func() error {
 				cc, err := grpc.NewClient("passthrough:///"+os.Getenv(workerHostEnv), grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -162,7 +185,11 @@ func runWorker() error {
 				for range rounds {
 					err := c.With(ctx, id, func(ctx context.Context) error {
 						s := section{Worker: name, G: g, Enter: time.Now().UnixNano(), Token: locking.FromContext(ctx).Token()}
-						time.Sleep(2 * time.Millisecond)
+						if first.CompareAndSwap(false, true) {
+							time.Sleep(firstHold)
+						} else {
+							time.Sleep(hold)
+						}
 						s.Exit = time.Now().UnixNano()
 						mu.Lock()
 						defer mu.Unlock()
@@ -171,6 +198,7 @@ func runWorker() error {
 					if err != nil {
 						return err
 					}
+					time.Sleep(pause)
 				}
 				return nil
 			}()

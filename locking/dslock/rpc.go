@@ -22,6 +22,10 @@ const (
 	backoffMax = time.Second
 )
 
+// maxAborts bounds how many ABORTED answers in a row one read takes before
+// it reports the entity as contended (errContended) instead of retrying.
+const maxAborts = 5
+
 // transient reports whether an RPC failing with code c may succeed when
 // repeated.
 func transient(c codes.Code) bool {
@@ -72,6 +76,7 @@ func read[T any](ctx context.Context, b *Backend, op string, call func(context.C
 	if err != nil {
 		return zero, err
 	}
+	aborts := 0
 	for n := 0; ; n++ {
 		actx, cancel := context.WithTimeout(b.outgoing(ctx), b.timeout)
 		res, err := call(actx, c)
@@ -85,19 +90,34 @@ func read[T any](ctx context.Context, b *Backend, op string, call func(context.C
 		if !transient(status.Code(err)) {
 			return zero, fmt.Errorf("dslock: %s: %w", op, err)
 		}
+		if status.Code(err) == codes.Aborted {
+			// Contention: bounded, so that a hot entity ends in an
+			// answer within the caller's budget, not in retries until
+			// ctx ends.
+			if aborts++; aborts >= maxAborts {
+				return zero, fmt.Errorf("dslock: %s: %w: %w", op, errContended, err)
+			}
+		} else {
+			aborts = 0
+		}
 		if sleep(ctx, n) != nil {
 			return zero, ctxErr(ctx, op)
 		}
 	}
 }
 
-// commit sends one non-transactional commit. Refusals that certainly did not
-// apply (Aborted, ResourceExhausted) are retried with backoff inside ctx.
-// A failure after which the write may have applied returns an error wrapping
-// errAmbiguous and is not repeated here: repeating a conditional write could
-// fail on the version its own first attempt created, so the caller reads the
-// entity back instead. Other errors (AlreadyExists, FailedPrecondition,
-// NotFound, ...) are returned wrapped; status.Code still reads them.
+// commit sends one non-transactional commit. A refusal for load
+// (ResourceExhausted) is retried with backoff inside ctx. A refusal for
+// contention (Aborted: the write was not applied, and another writer is at
+// the entity) is returned after a short jittered pause, for the caller to
+// read the entity again and decide afresh (see conflict): a conditional write
+// whose base version went stale fails however often it is repeated, and a
+// fresh read is what tells a stale write from a busy store. A failure after
+// which the write may have applied returns an error wrapping errAmbiguous and
+// is not repeated here: repeating a conditional write could fail on the
+// version its own first attempt created, so the caller reads the entity back
+// instead. Other errors (AlreadyExists, FailedPrecondition, NotFound, ...)
+// are returned wrapped; status.Code still reads them.
 func (b *Backend) commit(ctx context.Context, op string, muts ...*pb.Mutation) (*pb.CommitResponse, error) {
 	req := &pb.CommitRequest{
 		ProjectId:  b.project,
@@ -122,6 +142,11 @@ func (b *Backend) commit(ctx context.Context, op string, muts ...*pb.Mutation) (
 			return nil, fmt.Errorf("%w: %s: %w", errAmbiguous, op, err)
 		case ctx.Err() != nil:
 			return nil, ctxErr(ctx, op)
+		case c == codes.Aborted:
+			if sleep(ctx, 0) != nil {
+				return nil, ctxErr(ctx, op)
+			}
+			return nil, fmt.Errorf("dslock: %s: %w", op, err)
 		case transient(c):
 			if sleep(ctx, n) != nil {
 				return nil, ctxErr(ctx, op)
@@ -163,9 +188,13 @@ func conditional(m *pb.Mutation, base int64) *pb.Mutation {
 	return m
 }
 
-// conflict reports whether err says the entity changed under a conditional
-// write: another version (FailedPrecondition) or no entity left (NotFound).
+// conflict reports whether err says the entity changed, or is being changed,
+// under a write that was not applied: another version (FailedPrecondition),
+// no entity left (NotFound), or contention (Aborted). The answer to each is
+// the same: read the entity again and judge afresh. (The service does not
+// document which code a FAIL-strategy conflict gets; both emulators answer
+// FailedPrecondition.)
 func conflict(err error) bool {
 	c := status.Code(err)
-	return c == codes.FailedPrecondition || c == codes.NotFound
+	return c == codes.FailedPrecondition || c == codes.NotFound || c == codes.Aborted
 }

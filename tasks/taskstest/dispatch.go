@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/http"
 	"strconv"
 	"strings"
@@ -142,11 +143,28 @@ func formatETA(t time.Time) string {
 	return fmt.Sprintf("%d.%06d", us/1e6, us%1e6)
 }
 
+// jitter returns a uniformly drawn duration in [0, d), 0 when d <= 0.
+func jitter(d time.Duration) time.Duration {
+	if d <= 0 {
+		return 0
+	}
+	return time.Duration(rand.Int64N(int64(d)))
+}
+
 // attempt sends one request and records its outcome.
 func (s *Server) attempt(in attemptInput, dispatched time.Time) {
 	defer s.wg.Done()
 	ctx, cancel := context.WithTimeout(s.ctx, in.deadline)
 	defer cancel()
+	if d := s.opts.DispatchDelay + jitter(s.opts.DispatchJitter); d > 0 {
+		t := time.NewTimer(d)
+		select {
+		case <-t.C:
+			dispatched = time.Now()
+		case <-ctx.Done():
+			t.Stop()
+		}
+	}
 	rec := Attempt{
 		Queue:      in.queue,
 		Task:       in.t.id,

@@ -106,4 +106,7 @@
 // [Server.WaitIdle] blocks until a queue has no task left, and
 // [Server.Attempts] (or [Options.OnAttempt]) reports every dispatch with the
 // headers sent, the answer, any Retry-After, and what the emulator did next.
+// [Options.CreateTaskLatency] and [Options.DispatchDelay] (with
+// [Options.DispatchJitter]) add the service's latencies, which the emulator
+// otherwise does not have, for benchmarks that model a deployment.
 package taskstest

@@ -271,7 +271,39 @@ func (s *Server) queueLocked(name string) (*queue, error) {
 // CreateTask validates and adds a task, as the service does: ALREADY_EXISTS
 // for a name in use or within its dedup window, INVALID_ARGUMENT for a bad
 // name, URL, deadline, schedule time or size, NOT_FOUND for a missing queue.
-func (s *Server) CreateTask(_ context.Context, req *cloudtaskspb.CreateTaskRequest) (*cloudtaskspb.Task, error) {
+func (s *Server) CreateTask(ctx context.Context, req *cloudtaskspb.CreateTaskRequest) (*cloudtaskspb.Task, error) {
+	half := s.opts.CreateTaskLatency / 2
+	if err := s.pause(ctx, half); err != nil {
+		return nil, err
+	}
+	t, err := s.createTask(req)
+	if perr := s.pause(ctx, s.opts.CreateTaskLatency-half); perr != nil && err == nil {
+		// The task exists; the caller gave up waiting for the answer, as
+		// with the service.
+		return nil, perr
+	}
+	return t, err
+}
+
+// pause waits d (Options.CreateTaskLatency's halves) or until ctx or the
+// server ends.
+func (s *Server) pause(ctx context.Context, d time.Duration) error {
+	if d <= 0 {
+		return nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return status.FromContextError(ctx.Err()).Err()
+	case <-s.ctx.Done():
+		return status.Error(codes.Unavailable, "taskstest: server closed")
+	}
+}
+
+func (s *Server) createTask(req *cloudtaskspb.CreateTaskRequest) (*cloudtaskspb.Task, error) {
 	now := time.Now()
 	parent := req.GetParent()
 	if !queueRE.MatchString(parent) {

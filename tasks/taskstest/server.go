@@ -81,6 +81,17 @@ type Options struct {
 	// OnAttempt, when set, is called after every attempt finished, from the
 	// dispatching goroutine.
 	OnAttempt func(Attempt)
+	// CreateTaskLatency, when > 0, is added to every CreateTask call: half
+	// before the task is created, half before the answer, as a round trip to
+	// the service would. Zero answers at once. For benchmarks that model a
+	// deployment (internal/netdelay).
+	CreateTaskLatency time.Duration
+	// DispatchDelay and DispatchJitter, when > 0, hold every attempt's HTTP
+	// request back by DispatchDelay plus a uniformly drawn part of
+	// [0, DispatchJitter) after the emulator starts the attempt, as the
+	// service's dispatch latency would. Attempt.Dispatched is when the
+	// request was sent. Zero sends at once.
+	DispatchDelay, DispatchJitter time.Duration
 }
 
 // Attempt records one dispatch of a task.
