@@ -3,12 +3,35 @@ package fence_test
 import (
 	"context"
 	"errors"
+	"fmt"
+	"os"
 	"testing"
 
+	"go.uber.org/goleak"
+
 	"github.com/taskguard/taskguard/locking"
+	"github.com/taskguard/taskguard/locking/dslock/dstest"
 	"github.com/taskguard/taskguard/locking/fence"
 	"github.com/taskguard/taskguard/locking/memlock"
 )
+
+var emulators *dstest.Set
+
+func TestMain(m *testing.M) {
+	if os.Getenv(holderEnv) != "" {
+		os.Exit(holder())
+	}
+	emulators = dstest.StartSet(dstest.Firestore)
+	code := m.Run()
+	emulators.Close()
+	if code == 0 {
+		if err := goleak.Find(); err != nil {
+			fmt.Fprintln(os.Stderr, "goleak:", err)
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
 
 func TestAdmit(t *testing.T) {
 	ours := func(h uint64) fence.State { return fence.State{Format: fence.Format, LockID: "a", Highest: h} }
