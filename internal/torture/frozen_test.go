@@ -85,8 +85,8 @@ func TestTortureFrozenFence(t *testing.T) {
 				}
 				t.Error(p)
 			}
-			report(t, "%d freezes of 1.2-3 leases (%v) over %v; %d sections, %d overlapping under the lock alone; fenced writes: %d landed, %d refused as stale, %d failed otherwise; resource history: %d writes, %d stale",
-				freezes, frozenLease, dur, len(sections), overlaps, st.FencedWrites, st.FenceRefused, st.FenceErrors, len(history), stale)
+			report(t, "%d freezes of 1.2-3 leases (%v) over %v; %d sections, %d overlapping under the lock alone; fenced writes: %d landed, %d refused as stale, %d failed otherwise (first: %q); resource history: %d writes, %d stale",
+				freezes, frozenLease, dur, len(sections), overlaps, st.FencedWrites, st.FenceRefused, st.FenceErrors, st.FenceError, len(history), stale)
 			if int64(len(history)) != st.FencedWrites {
 				t.Errorf("the history holds %d writes, the workers counted %d landed", len(history), st.FencedWrites)
 			}

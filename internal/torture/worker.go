@@ -97,6 +97,8 @@ type Stats struct {
 	FencedWrites int64 `json:"fenced_writes"`
 	FenceRefused int64 `json:"fence_refused"`
 	FenceErrors  int64 `json:"fence_errors"`
+	// FenceError is the first of those other failures, for the report.
+	FenceError string `json:"fence_error,omitempty"`
 }
 
 // Add adds o's counts to s.
@@ -112,6 +114,9 @@ func (s *Stats) Add(o Stats) {
 	s.FencedWrites += o.FencedWrites
 	s.FenceRefused += o.FenceRefused
 	s.FenceErrors += o.FenceErrors
+	if s.FenceError == "" {
+		s.FenceError = o.FenceError
+	}
 }
 
 // errReplyDropped is the error of a call whose reply dropReplies lost.
@@ -250,6 +255,7 @@ func Run(ctx context.Context, cfg Config) (Stats, error) {
 		first   error
 	)
 	fail := func(err error) { errOnce.Do(func() { first = err }) }
+	var fenceErr atomic.Value // the first fenced write that failed other than as stale
 	res, err := openResource(ctx, cfg)
 	if err != nil {
 		return stats, err
@@ -344,8 +350,9 @@ func Run(ctx context.Context, cfg Config) (Stats, error) {
 							case errors.Is(err, fence.ErrStale):
 								atomic.AddInt64(&stats.FenceRefused, 1)
 							default:
-								atomic.AddInt64(&stats.FenceErrors, 1)
-								fmt.Fprintln(os.Stderr, "torture worker: fenced write:", err)
+								if atomic.AddInt64(&stats.FenceErrors, 1) == 1 {
+									fenceErr.Store(err.Error())
+								}
 							}
 							cancelWrite()
 						}
@@ -401,6 +408,9 @@ func Run(ctx context.Context, cfg Config) (Stats, error) {
 		}
 	}
 	wg.Wait()
+	if e, ok := fenceErr.Load().(string); ok {
+		stats.FenceError = e
+	}
 	return stats, first
 }
 

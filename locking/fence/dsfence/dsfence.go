@@ -18,14 +18,21 @@
 // and, when the token is higher than the highest accepted — the first write
 // of a holding — puts the record, which travels in the transaction's own
 // commit: no extra RPC, one more entity written. A Field costs nothing
-// beyond the entity's own read and write. A transaction that reads a fence
-// record conflicts with one that raises it, so a stale holder racing the
-// next holder is either refused or ordered before it: Datastore retries or
-// fails one of the commits (RunInTransaction retries up to three times by
-// default), and the retried check then refuses the stale token. The fence
-// record is written once per holding, well within Datastore's guidance of
-// about one sustained write per second per entity for holdings of a second
-// or more.
+// beyond the entity's own read and write. The fence record is written once
+// per holding, well within Datastore's guidance of about one sustained
+// write per second per entity for holdings of a second or more.
+//
+// Racing holders. A transaction that read a fence record conflicts with
+// one that raises it, so writes land in token order however a stale holder
+// and the next one interleave. With optimistic concurrency the stale
+// holder's commit fails and RunInTransaction's retry refuses its token.
+// With pessimistic concurrency (Firestore in Datastore mode's default) the
+// stale holder's open transaction holds a lock on the record: its write,
+// checked before the next holder's, lands first, and the next holder's
+// transaction waits or fails with datastore.ErrConcurrentTransaction, to be
+// retried. So a holder frozen inside its transaction — between Check and
+// commit — delays the next holder's writes until it resumes or Datastore
+// ends its transaction; it never lands a write after them.
 package dsfence
 
 import (

@@ -8,6 +8,7 @@ import (
 	"os"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"cloud.google.com/go/datastore"
 	"go.uber.org/goleak"
@@ -296,6 +297,62 @@ func TestField(t *testing.T) {
 			if err := f.Admit("o1", tok(9)); !errors.Is(err, fence.ErrForeign) {
 				t.Errorf("Admit on %+v = %v, want ErrForeign", f, err)
 			}
+		}
+	})
+}
+
+// TestRacingTransactions interleaves two holders: the stale one checks the
+// fence (its token is still the highest), then the next holder tries to
+// raise the fence and write while the stale transaction is open, then the
+// stale one tries to commit. Whatever the store decides, writes land in
+// token order: either the next holder commits and the stale commit is
+// refused (the legacy emulator's optimistic transactions: the stale one is
+// retried and its check refuses the token), or the open stale transaction's
+// locks make the next holder's transaction fail (Firestore's pessimistic
+// ones: "concurrent transaction"), the stale write lands first, and the next
+// holder's retry lands after it and fences it off.
+func TestRacingTransactions(t *testing.T) {
+	eachEmulator(t, func(t *testing.T, c *datastore.Client, _ *counts) {
+		ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+		defer cancel()
+		stale, next := fence.Token{LockID: "race", Value: 5}, fence.Token{LockID: "race", Value: 7}
+		if err := write(ctx, c, dsfence.Records{}, "race", stale); err != nil {
+			t.Fatal(err)
+		}
+		attempts := 0
+		var nextErr error
+		_, err := c.RunInTransaction(ctx, func(tx *datastore.Transaction) error {
+			attempts++
+			if err := dsfence.Check(tx, "race", stale); err != nil {
+				return err
+			}
+			if attempts == 1 {
+				nextErr = write(ctx, c, dsfence.Records{}, "race", next)
+			}
+			_, err := tx.Put(datastore.NameKey("Order", "race", nil), &order{Writer: 5})
+			return err
+		})
+		t.Logf("stale transaction: %d attempts, %v; next holder's write: %v", attempts, err, nextErr)
+		switch {
+		case nextErr == nil:
+			if !errors.Is(err, fence.ErrStale) {
+				t.Fatalf("the next holder committed, then the stale transaction ended with %v; want ErrStale", err)
+			}
+		case err != nil:
+			t.Fatalf("both transactions failed: stale %v, next %v", err, nextErr)
+		default:
+			if w := readOrder(t, c, "race"); w != 5 {
+				t.Fatalf("the stale transaction committed first but the order was written by %d", w)
+			}
+			if err := write(ctx, c, dsfence.Records{}, "race", next); err != nil {
+				t.Fatalf("the next holder's retry: %v", err)
+			}
+			if err := write(ctx, c, dsfence.Records{}, "race", stale); !errors.Is(err, fence.ErrStale) {
+				t.Fatalf("the stale holder's next write: %v, want ErrStale", err)
+			}
+		}
+		if w := readOrder(t, c, "race"); w != 7 {
+			t.Fatalf("the order was last written by %d, want 7", w)
 		}
 	})
 }
