@@ -48,6 +48,8 @@ const (
 	// holder stays stopped a little longer.
 	frozenLease = 400 * time.Millisecond
 	frozenID    = "order-frozen"
+	// takerLease is the lease of the process that takes the lock over.
+	takerLease = 10 * time.Second
 )
 
 // store is where both processes write the order: a Datastore entity or a
@@ -283,8 +285,9 @@ func frozenTrialsOn(t *testing.T, c *locking.Client, st store, e *dstest.Emulato
 			t.Fatal(err)
 		}
 		// The holder's lease runs out while it is stopped; this process
-		// then takes the lock over and writes.
-		l, err := c.Acquire(ctx, frozenID, locking.MaxWait(10*time.Second))
+		// then takes the lock over and writes. Its own lease is long: a
+		// loaded machine must not make it lose the lock too.
+		l, err := c.Acquire(ctx, frozenID, locking.MaxWait(10*time.Second), locking.Lease(takerLease))
 		if err != nil {
 			t.Fatalf("trial %d: take over: %v", trial, err)
 		}
