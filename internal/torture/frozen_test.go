@@ -4,6 +4,8 @@ package torture_test
 
 import (
 	"math/rand/v2"
+	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -20,7 +22,7 @@ const frozenLease = 500 * time.Millisecond
 // contend on the Firestore emulator's locks and end each section with a
 // write through the fence — to Datastore, or to PostgreSQL — made whether
 // or not they still hold the lock, while this process freezes a random
-// worker with SIGSTOP past its lease and resumes it with SIGCONT, again and
+// worker — one inside a section when there is one — with SIGSTOP past its lease and resumes it with SIGCONT, again and
 // again, so that holders resume mid-section, mid-write, mid-transaction.
 // The lock alone then lets sections overlap; the resource's own history
 // (versions in commit order, each with its token) must show no stale write:
@@ -51,9 +53,12 @@ func TestTortureFrozenFence(t *testing.T) {
 			for i := range procs {
 				ws[i] = spawn(t, dir, i, cfg)
 			}
-			freezes := 0
+			freezes, caught := 0, 0
 			for end := time.Now().Add(dur - 3*frozenLease); time.Now().Before(end); {
-				pid := ws[rand.N(procs)].cmd.Process.Pid
+				pid, holding := freezeTarget(dir, ws)
+				if holding {
+					caught++
+				}
 				if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
 					t.Fatal(err)
 				}
@@ -85,8 +90,8 @@ func TestTortureFrozenFence(t *testing.T) {
 				}
 				t.Error(p)
 			}
-			report(t, "%d freezes of 1.2-3 leases (%v) over %v; %d sections, %d overlapping under the lock alone; fenced writes: %d landed, %d refused as stale, %d failed otherwise (first: %q); resource history: %d writes, %d stale",
-				freezes, frozenLease, dur, len(sections), overlaps, st.FencedWrites, st.FenceRefused, st.FenceErrors, st.FenceError, len(history), stale)
+			report(t, "%d freezes of 1.2-3 leases (%v) over %v, %d of a process inside a section; %d sections, %d overlapping under the lock alone; fenced writes: %d landed, %d refused as stale, %d failed otherwise (first: %q); resource history: %d writes, %d stale",
+				freezes, frozenLease, dur, caught, len(sections), overlaps, st.FencedWrites, st.FenceRefused, st.FenceErrors, st.FenceError, len(history), stale)
 			if int64(len(history)) != st.FencedWrites {
 				t.Errorf("the history holds %d writes, the workers counted %d landed", len(history), st.FencedWrites)
 			}
@@ -98,4 +103,24 @@ func TestTortureFrozenFence(t *testing.T) {
 			}
 		})
 	}
+}
+
+// freezeTarget returns the pid of a worker inside a section now (from the
+// record files: entered, not yet exited), so that freezes catch holders, or
+// a random worker's when none is.
+func freezeTarget(dir string, ws []*worker) (pid int, holding bool) {
+	if secs, err := torture.ReadSections(dir); err == nil {
+		var pids []int
+		for _, s := range secs {
+			if s.Enter != 0 && s.Exit == 0 {
+				if p, err := strconv.Atoi(strings.SplitN(s.Owner, "/", 2)[0]); err == nil {
+					pids = append(pids, p)
+				}
+			}
+		}
+		if len(pids) > 0 {
+			return pids[rand.N(len(pids))], true
+		}
+	}
+	return ws[rand.N(len(ws))].cmd.Process.Pid, false
 }
