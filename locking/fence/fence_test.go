@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"testing"
 
@@ -12,7 +15,10 @@ import (
 	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/locking/dslock/dstest"
 	"github.com/taskguard/taskguard/locking/fence"
+	"github.com/taskguard/taskguard/locking/lockhttp"
 	"github.com/taskguard/taskguard/locking/memlock"
+	"github.com/taskguard/taskguard/tasks"
+	"github.com/taskguard/taskguard/tasks/taskstest"
 )
 
 var emulators *dstest.Set
@@ -111,4 +117,48 @@ func TestTokenSources(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestTokenWhereTheJobWrites: fence.FromContext gives the held lock's token
+// inside a tasks.Worker job and a lockhttp.Guard handler, equal to the
+// Delivery's own.
+func TestTokenWhereTheJobWrites(t *testing.T) {
+	c, err := locking.New(locking.Config{Strong: memlock.New(), Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Run("tasks.Worker", func(t *testing.T) {
+		w, err := tasks.NewWorker(c, tasks.WithLogger(slog.New(slog.DiscardHandler)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got, want fence.Token
+		w.Handle("write", func(ctx context.Context, d *tasks.Delivery) error {
+			got, want = fence.FromContext(ctx), fence.Token{LockID: d.LockID, Value: d.Token}
+			if fence.Of(d.Lock) != want {
+				t.Errorf("fence.Of(d.Lock) = %+v, want %+v", fence.Of(d.Lock), want)
+			}
+			return nil
+		})
+		req, err := taskstest.NewRequest(tasks.Task{Job: "write", LockID: "order-9"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		rec := httptest.NewRecorder()
+		w.ServeHTTP(rec, req)
+		if rec.Code != tasks.StatusDone || got != want || got.Validate() != nil || got.LockID != "order-9" {
+			t.Fatalf("delivery answered %d; the job's token %+v, the delivery's %+v", rec.Code, got, want)
+		}
+	})
+	t.Run("lockhttp.Guard", func(t *testing.T) {
+		var got fence.Token
+		h := lockhttp.GuardFunc(c, lockhttp.Query("order", "order-"), func(w http.ResponseWriter, r *http.Request) {
+			got = fence.FromContext(r.Context())
+		})
+		rec := httptest.NewRecorder()
+		h(rec, httptest.NewRequest(http.MethodPost, "/?order=10", nil))
+		if rec.Code != http.StatusOK || got.LockID != "order-10" || got.Validate() != nil {
+			t.Fatalf("answered %d; the handler's token %+v, want a valid token of order-10", rec.Code, got)
+		}
+	})
 }
