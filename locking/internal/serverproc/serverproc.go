@@ -1,7 +1,8 @@
-// Package serverproc starts a real server binary (memcached, redis-server) as
-// a child process on a free loopback port for tests, waits until it answers,
-// and stops it by its pid in t.Cleanup. It is the shared engine of
-// locking/mclock/mctest and locking/redislock/redistest.
+// Package serverproc starts a real server binary (memcached, redis-server,
+// postgres) as a child process on a free loopback port for tests, waits
+// until it answers, and stops it by its pid in t.Cleanup. It is the shared
+// engine of locking/mclock/mctest, locking/redislock/redistest and
+// locking/fence/sqlfence/pgtest.
 package serverproc
 
 import (
