@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs and is not in go.mod: the real servers the
-# tests start (memcached, redis-server from Debian), the Datastore emulators
+# tests start (memcached, redis-server, postgresql from Debian), the Datastore emulators
 # (they come with the gcloud CLI on this kind of machine and are only checked),
 # and staticcheck. Adding a service is one line in the lists below.
 set -euo pipefail
@@ -17,6 +17,11 @@ missing=()
 for p in "${apt_packages[@]}"; do
   command -v "$p" >/dev/null 2>&1 || missing+=("$p")
 done
+# PostgreSQL (for the SQL fence's tests): Debian keeps its server binaries
+# outside PATH, in /usr/lib/postgresql/<version>/bin.
+if ! command -v postgres >/dev/null 2>&1 && ! compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null; then
+  missing+=(postgresql)
+fi
 if ((${#missing[@]})); then
   echo "deps: installing ${missing[*]} from Debian" >&2
   if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi

@@ -4,7 +4,9 @@
 //
 //   - Checkout, its own HTTP function, guarded per customer with
 //     lockhttp: one checkout per customer at a time, across every instance;
-//     the others are answered 429 with Retry-After.
+//     the others are answered 429 with Retry-After. It writes the order
+//     through the fence of the customer's lock (Orders), so a checkout
+//     that lost its lock while frozen cannot write after the next one.
 //   - send-receipt, its own Cloud Tasks job, enqueued by Checkout and run
 //     by the ShopWorker function under the same customer lock.
 //   - ShopCleanupLocks, taskguard's cleanup of expired Datastore locks.
@@ -27,6 +29,7 @@ import (
 	"time"
 
 	"github.com/taskguard/taskguard/locking"
+	"github.com/taskguard/taskguard/locking/fence"
 	"github.com/taskguard/taskguard/locking/lockhttp"
 	"github.com/taskguard/taskguard/tasks"
 )
@@ -44,48 +47,51 @@ type Shop struct {
 	// Work is how long a checkout's payment takes (a stand-in for calling
 	// the payment provider).
 	Work time.Duration
+	// Orders keeps the charged orders; in memory when nil (set it before
+	// the first checkout).
+	Orders Orders
 	// Log receives the shop's log lines; slog.Default() when nil.
 	Log *slog.Logger
 
 	mu       sync.Mutex
-	charges  map[string]uint64 // order → fencing token of the charge; guarded by mu
-	receipts map[string]int    // order → receipts sent; guarded by mu
-}
-
-// order is what Checkout charges and the receipt job sends.
-type order struct {
-	Customer string `json:"customer"`
-	Order    string `json:"order"`
+	mem      MemoryOrders   // the Orders when Orders is nil
+	receipts map[string]int // order → receipts sent; guarded by mu
 }
 
 // Checkout is the HTTP function: POST /?customer=ID&order=ID charges the
 // order and enqueues its receipt, holding the lock "customer/ID". It
 // answers 200 {"order", "token"}; 429 with Retry-After while another
-// checkout of the customer runs; 400 without a customer or order.
+// checkout of the customer runs; 400 without a customer or order; 409 when
+// the fence refused the charge (this checkout lost its lock and a later one
+// has written).
 func (s *Shop) Checkout() func(http.ResponseWriter, *http.Request) {
 	return lockhttp.GuardFunc(s.Locks, lockhttp.Query("customer", "customer/"), s.checkout)
 }
 
 func (s *Shop) checkout(w http.ResponseWriter, r *http.Request) {
 	ctx := r.Context()
-	o := order{Customer: r.URL.Query().Get("customer"), Order: r.URL.Query().Get("order")}
+	o := Order{Customer: r.URL.Query().Get("customer"), Order: r.URL.Query().Get("order")}
 	if o.Order == "" {
 		http.Error(w, "order is required", http.StatusBadRequest)
 		return
 	}
-	token := locking.FromContext(ctx).Token()
+	tok := fence.FromContext(ctx) // the lock "customer/ID" that lockhttp holds
 	select {
 	case <-time.After(s.Work): // the payment
 	case <-ctx.Done(): // the request ended, or the lock was lost
 		http.Error(w, "checkout interrupted", http.StatusServiceUnavailable)
 		return
 	}
-	s.mu.Lock()
-	if s.charges == nil {
-		s.charges = map[string]uint64{}
+	switch err := s.orders().Charge(ctx, o, tok); {
+	case errors.Is(err, fence.ErrStale):
+		s.log().WarnContext(ctx, "charge refused: the lock was lost", "order", o.Order, "error", err)
+		http.Error(w, "checkout lost its lock to a later one", http.StatusConflict)
+		return
+	case err != nil:
+		s.log().ErrorContext(ctx, "charging failed", "order", o.Order, "error", err)
+		http.Error(w, "could not record the order", http.StatusBadGateway)
+		return
 	}
-	s.charges[o.Order] = token
-	s.mu.Unlock()
 	// The receipt runs under the customer's lock too, after this checkout.
 	if _, err := s.Tasks.Enqueue(ctx, tasks.Task{Job: ReceiptJob, LockID: "customer/" + o.Customer, Name: o.Order, Payload: o}); err != nil && !errors.Is(err, tasks.ErrDuplicate) {
 		s.log().ErrorContext(ctx, "enqueueing the receipt failed", "order", o.Order, "error", err)
@@ -93,13 +99,13 @@ func (s *Shop) checkout(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.Header().Set("Content-Type", "application/json")
-	_ = json.NewEncoder(w).Encode(map[string]any{"order": o.Order, "token": token})
+	_ = json.NewEncoder(w).Encode(map[string]any{"order": o.Order, "token": tok.Value})
 }
 
 // SendReceipt is the receipt job, run by the Worker under the task's lock,
 // "customer/ID".
 func (s *Shop) SendReceipt(ctx context.Context, d *tasks.Delivery) error {
-	var o order
+	var o Order
 	if err := d.Decode(&o); err != nil || o.Order == "" {
 		return tasks.Permanent(fmt.Errorf("payload is not an order: %v", err))
 	}
@@ -115,11 +121,15 @@ func (s *Shop) SendReceipt(ctx context.Context, d *tasks.Delivery) error {
 
 // Charged returns the fencing token the order was charged under, and
 // whether it was.
-func (s *Shop) Charged(orderID string) (uint64, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	tok, ok := s.charges[orderID]
-	return tok, ok
+func (s *Shop) Charged(ctx context.Context, orderID string) (uint64, bool, error) {
+	return s.orders().Charged(ctx, orderID)
+}
+
+func (s *Shop) orders() Orders {
+	if s.Orders != nil {
+		return s.Orders
+	}
+	return &s.mem
 }
 
 // Receipts returns how many receipts were sent for the order.

@@ -3,6 +3,7 @@ package shop_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"log/slog"
 	"net/http"
@@ -16,6 +17,7 @@ import (
 	"example.com/shop"
 	"github.com/taskguard/taskguard/app"
 	"github.com/taskguard/taskguard/locking"
+	"github.com/taskguard/taskguard/locking/fence"
 	"github.com/taskguard/taskguard/locking/memlock"
 	"github.com/taskguard/taskguard/tasks"
 	"github.com/taskguard/taskguard/tasks/taskstest"
@@ -75,7 +77,7 @@ func TestCheckoutAndReceipt(t *testing.T) {
 	if a := post(t, srv.URL+"/?customer=z&order=o1"); a.status != http.StatusTooManyRequests || a.retryAfter == "" {
 		t.Errorf("checkout while the customer's lock is held = %+v; want 429 with Retry-After", a)
 	}
-	if _, charged := s.Charged("o1"); charged || len(q.got) != 0 {
+	if _, charged, _ := s.Charged(t.Context(), "o1"); charged || len(q.got) != 0 {
 		t.Fatalf("a refused checkout charged or enqueued")
 	}
 	if err := held.Release(t.Context()); err != nil {
@@ -86,7 +88,7 @@ func TestCheckoutAndReceipt(t *testing.T) {
 	if a.status != http.StatusOK || json.Unmarshal([]byte(a.body), &out) != nil || out.Token == 0 {
 		t.Fatalf("checkout = %+v; want 200 with the lock's token", a)
 	}
-	if tok, _ := s.Charged("o1"); tok != out.Token || len(q.got) != 1 {
+	if tok, _, _ := s.Charged(t.Context(), "o1"); tok != out.Token || len(q.got) != 1 {
 		t.Fatalf("charged with token %d, %d tasks enqueued; want token %d, 1 task", tok, len(q.got), out.Token)
 	}
 
@@ -152,5 +154,52 @@ func TestReceiptThroughEmulator(t *testing.T) {
 	}
 	if n := s.Receipts("o2"); n != 1 {
 		t.Errorf("%d receipts sent for o2; want 1", n)
+	}
+}
+
+// TestStaleCheckoutRefused: a later holder of the customer's lock has
+// charged with a higher token (here, written straight to the orders); a
+// checkout holding an older token is refused 409 by the fence, and its
+// order is not charged.
+func TestStaleCheckoutRefused(t *testing.T) {
+	orders := &shop.MemoryOrders{}
+	s := &shop.Shop{Locks: memLocks(t), Tasks: &fakeTasks{}, Orders: orders, Log: quiet}
+	srv := httptest.NewServer(http.HandlerFunc(s.Checkout()))
+	defer srv.Close()
+	later := fence.Token{LockID: "customer/w", Value: 1 << 50}
+	if err := orders.Charge(t.Context(), shop.Order{Customer: "w", Order: "o0"}, later); err != nil {
+		t.Fatal(err)
+	}
+	if a := post(t, srv.URL+"/?customer=w&order=o1"); a.status != http.StatusConflict {
+		t.Errorf("checkout with a stale token = %+v; want 409", a)
+	}
+	if _, charged, _ := s.Charged(t.Context(), "o1"); charged {
+		t.Errorf("the stale checkout's order was charged")
+	}
+	if a := post(t, srv.URL+"/?customer=v&order=o2"); a.status != http.StatusOK {
+		t.Errorf("checkout of another customer = %+v; want 200", a)
+	}
+}
+
+func TestMemoryOrdersFence(t *testing.T) {
+	var m shop.MemoryOrders
+	ctx := t.Context()
+	o := shop.Order{Customer: "c", Order: "o"}
+	for _, step := range []struct {
+		tok  fence.Token
+		want error
+	}{
+		{fence.Token{LockID: "customer/c", Value: 4}, nil},
+		{fence.Token{LockID: "customer/c", Value: 3}, fence.ErrStale},
+		{fence.Token{}, fence.ErrInvalid},
+		{fence.Token{LockID: "customer/d", Value: 9}, fence.ErrWrongLock},
+		{fence.Token{LockID: "customer/c", Value: 6}, nil},
+	} {
+		if err := m.Charge(ctx, o, step.tok); !errors.Is(err, step.want) || (err == nil) != (step.want == nil) {
+			t.Fatalf("Charge(%+v) = %v, want %v", step.tok, err, step.want)
+		}
+	}
+	if tok, ok, _ := m.Charged(ctx, "o"); !ok || tok != 6 {
+		t.Fatalf("Charged = %d, %v; want 6", tok, ok)
 	}
 }

@@ -17,7 +17,14 @@ import (
 	"time"
 
 	"cloud.google.com/go/cloudtasks/apiv2/cloudtaskspb"
+	"cloud.google.com/go/datastore"
+	"google.golang.org/api/option"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/types/known/durationpb"
+
+	"example.com/shop"
+	"github.com/taskguard/taskguard/locking/fence/dsfence"
 
 	"github.com/taskguard/taskguard/locking/dslock/dstest"
 	"github.com/taskguard/taskguard/tasks/taskstest"
@@ -130,6 +137,31 @@ func TestTwoInstancesOnFirestore(t *testing.T) {
 	}
 	if ok != 1 || busy != n-1 {
 		t.Errorf("%d checkouts went through and %d were answered 429; want 1 and %d", ok, busy, n-1)
+	}
+	// The order that went through is in Datastore, under its token, and
+	// the customer's fence record holds that token.
+	dc, err := datastore.NewClient(t.Context(), e.ProjectID, option.WithEndpoint(e.Host), option.WithoutAuthentication(),
+		option.WithGRPCDialOption(grpc.WithTransportCredentials(insecure.NewCredentials())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dc.Close()
+	for i, a := range answers {
+		var out struct{ Token int64 }
+		if a.status != http.StatusOK || json.Unmarshal([]byte(a.body), &out) != nil {
+			continue
+		}
+		var o struct {
+			Customer string
+			Token    int64
+		}
+		if err := dc.Get(t.Context(), datastore.NameKey(shop.OrderKind, fmt.Sprintf("o%d", i), nil), &o); err != nil || o.Token != out.Token || o.Customer != "z" {
+			t.Errorf("order o%d in Datastore = %+v (%v); want customer z, token %d", i, o, err, out.Token)
+		}
+		var f dsfence.Field // a fence record has a Field's properties
+		if err := dc.Get(t.Context(), dsfence.Records{}.Key("customer/z"), &f); err != nil || f.Token != out.Token || f.LockID != "customer/z" {
+			t.Errorf("fence record of customer/z = %+v (%v); want token %d", f, err, out.Token)
+		}
 	}
 
 	if err := emu.WaitIdle(t.Context(), queue); err != nil {

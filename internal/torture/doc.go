@@ -14,5 +14,8 @@
 // The tests of this package run the torture against both Datastore
 // emulators, memcached and redis-server, with faults injected by
 // internal/faultproxy, processes killed inside their critical sections, and
-// skewed clocks. TASKGUARD_TORTURE=long selects the long run (make torture).
+// skewed clocks. A frozen-holder phase stops workers with SIGSTOP past their
+// lease while each section writes through the fence (package locking/fence)
+// to Datastore or PostgreSQL, and checks the resource's own history
+// (CheckHistory) for a stale write. TASKGUARD_TORTURE=long selects the long run (make torture).
 package torture

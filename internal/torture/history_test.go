@@ -67,3 +67,27 @@ func TestRecorder(t *testing.T) {
 		t.Fatalf("ReadSections = %+v", got)
 	}
 }
+
+func TestCheckHistory(t *testing.T) {
+	w := func(id string, v, tok int64) torture.Write {
+		return torture.Write{ID: id, Version: v, Token: tok, Owner: "o"}
+	}
+	for _, tc := range []struct {
+		name      string
+		ws        []torture.Write
+		stale     int
+		wantProbs int
+	}{
+		{"tokens rise or stay", []torture.Write{w("a", 2, 5), w("a", 1, 5), w("a", 3, 9), w("b", 1, 2)}, 0, 0},
+		{"a stale write landed", []torture.Write{w("a", 1, 5), w("a", 2, 9), w("a", 3, 7), w("b", 1, 1)}, 1, 1},
+		{"a version missing", []torture.Write{w("a", 1, 5), w("a", 3, 9)}, 0, 1},
+		{"a version twice", []torture.Write{w("a", 1, 5), w("a", 1, 6)}, 0, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			stale, probs := torture.CheckHistory(tc.ws)
+			if stale != tc.stale || len(probs) != tc.wantProbs {
+				t.Fatalf("CheckHistory = %d stale, problems %q; want %d stale, %d problems", stale, probs, tc.stale, tc.wantProbs)
+			}
+		})
+	}
+}

@@ -20,6 +20,7 @@ import (
 
 	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/locking/dslock"
+	"github.com/taskguard/taskguard/locking/fence"
 	"github.com/taskguard/taskguard/locking/mclock"
 	"github.com/taskguard/taskguard/locking/redislock"
 )
@@ -69,6 +70,12 @@ type Config struct {
 	// store applied the write (Acquire, Renew and Release alike).
 	LifeFaults bool
 	DropReply  float64
+	// Fence, when set (FenceDatastore, FencePostgres), makes every section
+	// end with a write through the fence to that resource, with the
+	// section's token, whether or not the lock is still held (as a holder
+	// frozen mid-section does when it resumes). FenceDSN is the PostgreSQL
+	// database's.
+	Fence, FenceDSN string
 }
 
 // Stats are what a worker process counts besides its sections.
@@ -85,6 +92,13 @@ type Stats struct {
 	// ReleaseFailed counts sections whose release the store failed (not a
 	// reply dropped on purpose): their locks are left to expire.
 	ReleaseFailed int64 `json:"release_failed"`
+	// Under Fence: writes that landed, writes the fence refused as stale,
+	// and writes that failed otherwise.
+	FencedWrites int64 `json:"fenced_writes"`
+	FenceRefused int64 `json:"fence_refused"`
+	FenceErrors  int64 `json:"fence_errors"`
+	// FenceError is the first of those other failures, for the report.
+	FenceError string `json:"fence_error,omitempty"`
 }
 
 // Add adds o's counts to s.
@@ -97,6 +111,12 @@ func (s *Stats) Add(o Stats) {
 	s.Overran += o.Overran
 	s.DroppedReplies += o.DroppedReplies
 	s.ReleaseFailed += o.ReleaseFailed
+	s.FencedWrites += o.FencedWrites
+	s.FenceRefused += o.FenceRefused
+	s.FenceErrors += o.FenceErrors
+	if s.FenceError == "" {
+		s.FenceError = o.FenceError
+	}
 }
 
 // errReplyDropped is the error of a call whose reply dropReplies lost.
@@ -235,6 +255,14 @@ func Run(ctx context.Context, cfg Config) (Stats, error) {
 		first   error
 	)
 	fail := func(err error) { errOnce.Do(func() { first = err }) }
+	var fenceErr atomic.Value // the first fenced write that failed other than as stale
+	res, err := openResource(ctx, cfg)
+	if err != nil {
+		return stats, err
+	}
+	if res != nil {
+		defer res.close()
+	}
 	deadline := time.Now().Add(cfg.Duration)
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	kind := Kind(cfg.Store)
@@ -311,6 +339,23 @@ func Run(ctx context.Context, cfg Config) (Stats, error) {
 							case <-fctx.Done():
 							}
 						}
+						if res != nil {
+							// The write does not look at fctx: a holder that
+							// lost its lock writes all the same, and the
+							// fence must refuse it.
+							writeCtx, cancelWrite := context.WithTimeout(context.WithoutCancel(fctx), fencedWriteTimeout)
+							switch err := res.write(writeCtx, id, fence.Of(l), s.Owner); {
+							case err == nil:
+								atomic.AddInt64(&stats.FencedWrites, 1)
+							case errors.Is(err, fence.ErrStale):
+								atomic.AddInt64(&stats.FenceRefused, 1)
+							default:
+								if atomic.AddInt64(&stats.FenceErrors, 1) == 1 {
+									fenceErr.Store(err.Error())
+								}
+							}
+							cancelWrite()
+						}
 						s.Lost = errors.Is(context.Cause(fctx), locking.ErrLockLost)
 						s.Exit = time.Now().UnixNano()
 						if wctx.Err() != nil && !s.Lost {
@@ -363,6 +408,9 @@ func Run(ctx context.Context, cfg Config) (Stats, error) {
 		}
 	}
 	wg.Wait()
+	if e, ok := fenceErr.Load().(string); ok {
+		stats.FenceError = e
+	}
 	return stats, first
 }
 

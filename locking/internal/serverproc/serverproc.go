@@ -1,7 +1,8 @@
-// Package serverproc starts a real server binary (memcached, redis-server) as
-// a child process on a free loopback port for tests, waits until it answers,
-// and stops it by its pid in t.Cleanup. It is the shared engine of
-// locking/mclock/mctest and locking/redislock/redistest.
+// Package serverproc starts a real server binary (memcached, redis-server,
+// postgres) as a child process on a free loopback port for tests, waits
+// until it answers, and stops it by its pid in t.Cleanup. It is the shared
+// engine of locking/mclock/mctest, locking/redislock/redistest and
+// locking/fence/sqlfence/pgtest.
 package serverproc
 
 import (
@@ -34,7 +35,18 @@ type Spec struct {
 	// external server to use instead of starting one. Such a server is shared:
 	// it cannot be restarted.
 	EnvAddr string
+	// Setup, when set, adjusts the command before it starts (another user
+	// to run as, a working directory). It must keep cmd.SysProcAttr's
+	// Pdeathsig.
+	Setup func(cmd *exec.Cmd)
+	// StopSignal, when set, is sent to stop the server instead of SIGKILL,
+	// for a server that must clean up after itself (PostgreSQL's shared
+	// memory); SIGKILL follows if it has not exited after stopTimeout.
+	StopSignal os.Signal
 }
+
+// stopTimeout bounds how long a server given a StopSignal may take to exit.
+const stopTimeout = 10 * time.Second
 
 // readyTimeout bounds how long a fresh server may take to answer.
 const readyTimeout = 15 * time.Second
@@ -57,6 +69,7 @@ type process struct {
 	cmd    *exec.Cmd
 	exited chan struct{} // closed once cmd.Wait returned
 	output *syncBuffer   // combined stdout and stderr, for error messages
+	stop   os.Signal     // Spec.StopSignal
 }
 
 // Start starts the server described by spec and registers its stop with
@@ -144,10 +157,13 @@ func (s *Server) start(path string, port int) error {
 	out := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	setPdeathsig(cmd)
+	if s.spec.Setup != nil {
+		s.spec.Setup(cmd)
+	}
 	if err := cmd.Start(); err != nil {
 		return err
 	}
-	p := &process{cmd: cmd, exited: make(chan struct{}), output: out}
+	p := &process{cmd: cmd, exited: make(chan struct{}), output: out, stop: s.spec.StopSignal}
 	go func() {
 		_ = cmd.Wait()
 		close(p.exited)
@@ -193,8 +209,19 @@ func (s *Server) stop() error {
 // kill stops the process with SIGKILL and waits until it has exited. The
 // servers keep nothing on disk, so nothing is lost that a graceful stop would
 // keep, and a kill is instant (memcached takes most of a second to honour
-// SIGTERM) and is what a crash looks like to clients.
+// SIGTERM) and is what a crash looks like to clients. A server with a
+// StopSignal gets that first, and SIGKILL only if it has not exited after
+// stopTimeout.
 func (p *process) kill() error {
+	if p.stop != nil {
+		if err := p.cmd.Process.Signal(p.stop); err == nil {
+			select {
+			case <-p.exited:
+				return nil
+			case <-time.After(stopTimeout):
+			}
+		}
+	}
 	if err := p.cmd.Process.Kill(); err != nil && !errors.Is(err, os.ErrProcessDone) {
 		return err
 	}
