@@ -6,10 +6,10 @@
 # expiresAt property of the lock kind: Google then deletes expired lock entities,
 # typically within 24 hours of expiry. That is garbage collection only: lock
 # correctness never depends on it, and CleanupLocks remains the primary cleanup.
-# It sets one on the park mode's wait-state records (TaskguardWaitState, package
-# tasks/dswait) too: their expiresAt is the dedup window after a record finished,
-# or 30 days after it was parked or claimed; nothing else deletes them (waiter
-# entities, TaskguardWaiter, are deleted when claimed).
+# It sets one on each kind of park mode's wait list (package tasks/dswait:
+# TaskguardWaitRecord, TaskguardWaitRun, TaskguardWaitBody, TaskguardWaitWake)
+# too: their expiresAt is the dedup window after a record finished, or 30 days
+# after it was last written; the TTL is garbage collection, never read.
 # Setting the same TTL policy again changes nothing.
 # Usage: deploy/02-datastore.sh [--dry-run]
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -26,6 +26,8 @@ fi
 if [[ "$ENABLE_TTL" == 1 ]]; then
   run gcloud firestore fields ttls update expiresAt --collection-group="$TASKGUARD_DATASTORE_KIND" \
     --enable-ttl --async "${db[@]}"
-  run gcloud firestore fields ttls update expiresAt --collection-group="$WAIT_STATE_KIND" \
-    --enable-ttl --async "${db[@]}"
+  for kind in "${WAIT_KINDS[@]}"; do
+    run gcloud firestore fields ttls update expiresAt --collection-group="$kind" \
+      --enable-ttl --async "${db[@]}"
+  done
 fi

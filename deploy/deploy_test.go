@@ -832,8 +832,8 @@ func checkPlan(t *testing.T, s scenario, cmds []command) plan {
 		case "firestore fields ttls update":
 			group, _ := c.flag("collection-group")
 			db, _ := c.flag("database")
-			if _, on := c.flag("enable-ttl"); !on || c.arg(4, 0) != "expiresAt" || (group != e.kind && group != dswait.KindState) || db != e.database {
-				t.Errorf("TTL policy must enable TTL on %s.expiresAt or %s.expiresAt in database %s: %s", e.kind, dswait.KindState, e.database, c)
+			if _, on := c.flag("enable-ttl"); !on || c.arg(4, 0) != "expiresAt" || (group != e.kind && !slices.Contains(dswait.Kinds, group)) || db != e.database {
+				t.Errorf("TTL policy must enable TTL on %s.expiresAt or one of %v in database %s: %s", e.kind, dswait.Kinds, e.database, c)
 			}
 			ttlGroups[group] = true
 		case "tasks queues create", "tasks queues update":
@@ -905,7 +905,7 @@ func checkPlan(t *testing.T, s scenario, cmds []command) plan {
 		"scheduler jobs create http":   fresh,
 		"scheduler jobs update http":   rerun,
 		"services enable":              1,
-		"firestore fields ttls update": map[bool]int{true: 2, false: 0}[e.ttl],
+		"firestore fields ttls update": map[bool]int{true: 1 + len(dswait.Kinds), false: 0}[e.ttl],
 		"run services update":          map[bool]int{true: 0, false: len(e.functions())}[e.run],
 		"run deploy":                   map[bool]int{true: len(e.functions()), false: 0}[e.run],
 	} {
@@ -913,8 +913,13 @@ func checkPlan(t *testing.T, s scenario, cmds []command) plan {
 			t.Errorf("%d × gcloud %s, want %d", count[path], path, want)
 		}
 	}
-	if e.ttl && (!ttlGroups[e.kind] || !ttlGroups[dswait.KindState]) {
-		t.Errorf("TTL policies on %v; want on the lock kind %s and on park mode's wait records %s", ttlGroups, e.kind, dswait.KindState)
+	if e.ttl && !ttlGroups[e.kind] {
+		t.Errorf("TTL policies on %v; want one on the lock kind %s", ttlGroups, e.kind)
+	}
+	for _, k := range dswait.Kinds {
+		if e.ttl && !ttlGroups[k] {
+			t.Errorf("TTL policies on %v; want one on park mode's %s", ttlGroups, k)
+		}
 	}
 
 	// Least privilege: one account per function, exactly these grants.

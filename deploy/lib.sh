@@ -255,7 +255,7 @@ TASKS_SA_EMAIL="$(sa_email "$TASKS_SA")"
 SCHEDULER_SA_EMAIL="$(sa_email "$SCHEDULER_SA")"
 TASKGUARD_QUEUE="projects/${PROJECT}/locations/${QUEUE_LOCATION}/queues/${QUEUE}"
 DATASTORE_DATABASE_ID="${TASKGUARD_DATASTORE_DATABASE:-(default)}"
-WAIT_STATE_KIND=TaskguardWaitState               # tasks/dswait.KindState: park mode's wait records
+WAIT_KINDS=(TaskguardWaitRecord TaskguardWaitRun TaskguardWaitBody TaskguardWaitWake)  # tasks/dswait.Kinds: park mode's wait list
 VALKEY_CA_FILE=/secrets/valkey-ca/ca.pem         # where the CA secret is mounted (VALKEY_TLS_CA_FILE)
 
 # The functions to deploy, "NAME TIMEOUT ROLE" each (ROLE: worker, enqueue,

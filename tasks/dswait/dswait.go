@@ -28,6 +28,10 @@ const (
 	KindBody   = "TaskguardWaitBody"
 )
 
+// Kinds are the kinds this package writes; each has expiresAt (unindexed),
+// for a TTL policy (deploy/02-datastore.sh sets one on each).
+var Kinds = []string{KindRecord, KindRun, KindBody, KindWake}
+
 // MaxWait is how long a record that waits or runs, and a lock id's head, are
 // kept after their last write before their expiresAt passes (garbage
 // collection by a TTL policy; never read for correctness).
