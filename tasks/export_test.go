@@ -1,6 +1,9 @@
 package tasks
 
-import "context"
+import (
+	"context"
+	"time"
+)
 
 // SetConnect replaces how l builds its Client, for injecting start-up
 // failures; connect receives the NewClientFromEnv l would have called.
@@ -8,3 +11,6 @@ func SetConnect(l *LazyClient, connect func(ctx context.Context, real func(conte
 	real := l.connect
 	l.connect = func(ctx context.Context) (*Client, error) { return connect(ctx, real) }
 }
+
+// SetWaitListClock sets the clock m judges retention by.
+func SetWaitListClock(m *MemoryWaitList, now func() time.Time) { m.now = now }

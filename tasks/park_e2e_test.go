@@ -15,6 +15,7 @@ import (
 
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
+	"google.golang.org/api/option"
 
 	"github.com/taskguard/taskguard/deploy"
 	"github.com/taskguard/taskguard/locking"
@@ -92,6 +93,13 @@ type parkFleet struct {
 	lockers []*locking.Client
 	reader  *sdkmetric.ManualReader // the workers' park metrics
 
+	logs *logBuffer // the workers' WARN and ERROR lines
+	// handler is what the queue delivers to (the workers behind one URL).
+	handler http.Handler
+	// newBackend returns a backend on the workers' lock store, for a holder
+	// of the workers' locks outside the fleet (a program of its own).
+	newBackend func() locking.Backend
+
 	// dead[i] marks worker i as a killed process: it serves no more
 	// requests, and a request it was serving ends without an answer.
 	dead []atomic.Bool
@@ -106,6 +114,15 @@ type parkFleet struct {
 func newParkFleet(t *testing.T, n int, lease time.Duration, list tasks.WaitList,
 	wrap func(i int, dead *atomic.Bool, b locking.Backend) locking.Backend, register func(i int, w *tasks.Worker)) *parkFleet {
 	t.Helper()
+	return newParkFleetWith(t, n, lease, list, wrap, register)
+}
+
+// newParkFleetWith is newParkFleet whose workers' Cloud Tasks client gets
+// clientOpts too (an interceptor that injects failures).
+func newParkFleetWith(t *testing.T, n int, lease time.Duration, list tasks.WaitList,
+	wrap func(i int, dead *atomic.Bool, b locking.Backend) locking.Backend, register func(i int, w *tasks.Worker),
+	clientOpts ...option.ClientOption) *parkFleet {
+	t.Helper()
 	settings, err := deploy.DefaultQueue()
 	if err != nil {
 		t.Fatal(err)
@@ -115,7 +132,7 @@ func newParkFleet(t *testing.T, n int, lease time.Duration, list tasks.WaitList,
 	f.srv = startQueue(t, taskstest.Options{}, settings.Queue(queueName))
 	var workers []*tasks.Worker
 	var next atomic.Uint64
-	ts := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+	f.handler = http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
 		i := int(next.Add(1) % uint64(len(workers)))
 		for f.dead[i].Load() {
 			i = (i + 1) % len(workers) // the platform routes around a dead instance
@@ -128,14 +145,16 @@ func newParkFleet(t *testing.T, n int, lease time.Duration, list tasks.WaitList,
 		f.mu.Lock()
 		f.answers[sw.status]++
 		f.mu.Unlock()
-	}))
+	})
+	ts := httptest.NewServer(f.handler)
 	t.Cleanup(ts.Close)
-	f.client, err = tasks.NewClient(t.Context(), baseConfig(ts.URL+"/Worker"), f.srv.ClientOptions()...)
+	f.client, err = tasks.NewClient(t.Context(), baseConfig(ts.URL+"/Worker"), append(f.srv.ClientOptions(), clientOpts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = f.client.Close() })
 	logs := &logBuffer{}
+	f.logs = logs
 	logger := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -145,6 +164,7 @@ func newParkFleet(t *testing.T, n int, lease time.Duration, list tasks.WaitList,
 	f.reader = sdkmetric.NewManualReader()
 	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(f.reader))
 	mk := e2eBackend(t)
+	f.newBackend = mk
 	for i := range n {
 		b := mk()
 		if wrap != nil {

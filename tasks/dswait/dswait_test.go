@@ -2,7 +2,9 @@ package dswait_test
 
 import (
 	"os"
+	"sync"
 	"testing"
+	"time"
 
 	"cloud.google.com/go/datastore"
 	"go.uber.org/goleak"
@@ -56,6 +58,18 @@ func TestConformance(t *testing.T) {
 	for _, m := range []dstest.Mode{dstest.Firestore, dstest.Legacy} {
 		t.Run(m.String(), func(t *testing.T) {
 			waitlisttest.Run(t, func(t *testing.T) tasks.WaitList { return newList(t, m) })
+		})
+	}
+}
+
+func TestRetention(t *testing.T) {
+	for _, m := range []dstest.Mode{dstest.Firestore, dstest.Legacy} {
+		t.Run(m.String(), func(t *testing.T) {
+			l := newList(t, m).(*dswait.List)
+			var mu sync.Mutex
+			now := time.Now()
+			dswait.SetClock(l, func() time.Time { mu.Lock(); defer mu.Unlock(); return now })
+			waitlisttest.RunRetention(t, l, func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() })
 		})
 	}
 }

@@ -542,3 +542,30 @@ func testLargeBody(t *testing.T, l tasks.WaitList) {
 	}
 	finish(t, l, id, "q/big", "r")
 }
+
+// RunRetention checks that a Finished record counts as absent once
+// tasks.FinishedRetention has passed: a task re-enqueued under the same name
+// after Cloud Tasks' dedup window parks and runs. advance moves l's clock
+// forward.
+func RunRetention(t *testing.T, l tasks.WaitList, advance func(time.Duration)) {
+	id := lockID(t)
+	park(t, l, id, tasks.Waiter{Key: "q/named", Arrived: t0, Body: []byte(`{"first":1}`)})
+	if _, ok := claim(t, l, id, "q/named", "r1"); !ok {
+		t.Fatal("claim failed")
+	}
+	finish(t, l, id, "q/named", "r1")
+	advance(tasks.FinishedRetention - time.Minute)
+	if st, created, _ := park(t, l, id, tasks.Waiter{Key: "q/named", Arrived: t0, Body: []byte(`{}`)}); st != tasks.Finished || created {
+		t.Fatalf("Park within the dedup window: %v created=%v, want finished", st, created)
+	}
+	advance(2 * time.Minute)
+	if st, _ := state(t, l, id, "q/named"); st != tasks.Absent {
+		t.Fatalf("state after the dedup window: %v, want absent", st)
+	}
+	if st, created, _ := park(t, l, id, tasks.Waiter{Key: "q/named", Arrived: t0, Body: []byte(`{"again":1}`)}); st != tasks.Waiting || !created {
+		t.Fatalf("Park of the name re-enqueued after the dedup window: %v created=%v, want a new waiting record", st, created)
+	}
+	if w, ok := claim(t, l, id, "q/named", "r2"); !ok || string(w.Body) != `{"again":1}` {
+		t.Fatalf("claim of the re-enqueued task: %v, body %q", ok, w.Body)
+	}
+}
