@@ -156,7 +156,7 @@ func TestEnqueueRefusesBadInputBeforeAnyRPC(t *testing.T) {
 }
 
 // startQueue starts an emulator with the jobs queue and returns it.
-func startQueue(t *testing.T, opts taskstest.Options, q *cloudtaskspb.Queue) *taskstest.Server {
+func startQueue(t testing.TB, opts taskstest.Options, q *cloudtaskspb.Queue) *taskstest.Server {
 	t.Helper()
 	srv := taskstest.Start(t, opts)
 	admin, err := srv.NewClient(t.Context())

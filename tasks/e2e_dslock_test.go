@@ -27,7 +27,7 @@ var datastore struct {
 }
 
 func init() {
-	e2eStore = func(t *testing.T) func() locking.Backend {
+	e2eStore = func(t testing.TB) func() locking.Backend {
 		t.Helper()
 		datastore.once.Do(func() {
 			mode := dstest.Firestore

@@ -35,7 +35,7 @@ import (
 // It is memlock (one in-memory store shared by all) unless e2eStore is set:
 // e2e_dslock_test.go sets it to dslock on a real Datastore emulator (that
 // file carries an ignore build tag until locking/dslock is on main).
-func e2eBackend(t *testing.T) func() locking.Backend {
+func e2eBackend(t testing.TB) func() locking.Backend {
 	t.Helper()
 	if e2eStore != nil {
 		return e2eStore(t)
@@ -46,7 +46,7 @@ func e2eBackend(t *testing.T) func() locking.Backend {
 
 // e2eStore, when set, replaces memlock as the lock store of the end-to-end
 // tests.
-var e2eStore func(t *testing.T) func() locking.Backend
+var e2eStore func(t testing.TB) func() locking.Backend
 
 // answer is one HTTP answer a worker instance gave.
 type answer struct {

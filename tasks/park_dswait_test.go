@@ -13,7 +13,7 @@ import (
 // The park tests also run with the wait list in Datastore (tasks/dswait), on
 // the emulator the end-to-end tests keep their locks in.
 func init() {
-	waitLists["datastore"] = func(t *testing.T) tasks.WaitList {
+	waitLists["datastore"] = func(t testing.TB) tasks.WaitList {
 		t.Helper()
 		e2eBackend(t) // starts (once) and resets the emulator
 		e := datastore.emu

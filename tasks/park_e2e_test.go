@@ -94,6 +94,7 @@ type parkFleet struct {
 	reader  *sdkmetric.ManualReader // the workers' park metrics
 
 	logs *logBuffer // the workers' WARN and ERROR lines
+	url  string     // the workers' URL
 	// handler is what the queue delivers to (the workers behind one URL).
 	handler http.Handler
 	// newBackend returns a backend on the workers' lock store, for a holder
@@ -111,7 +112,7 @@ type parkFleet struct {
 // newParkFleet starts n workers; wrap (when not nil) wraps worker i's lock
 // backend, given the flag that marks worker i dead, and register registers
 // worker i's jobs.
-func newParkFleet(t *testing.T, n int, lease time.Duration, list tasks.WaitList,
+func newParkFleet(t testing.TB, n int, lease time.Duration, list tasks.WaitList,
 	wrap func(i int, dead *atomic.Bool, b locking.Backend) locking.Backend, register func(i int, w *tasks.Worker)) *parkFleet {
 	t.Helper()
 	return newParkFleetWith(t, n, lease, list, wrap, register)
@@ -119,7 +120,7 @@ func newParkFleet(t *testing.T, n int, lease time.Duration, list tasks.WaitList,
 
 // newParkFleetWith is newParkFleet whose workers' Cloud Tasks client gets
 // clientOpts too (an interceptor that injects failures).
-func newParkFleetWith(t *testing.T, n int, lease time.Duration, list tasks.WaitList,
+func newParkFleetWith(t testing.TB, n int, lease time.Duration, list tasks.WaitList,
 	wrap func(i int, dead *atomic.Bool, b locking.Backend) locking.Backend, register func(i int, w *tasks.Worker),
 	clientOpts ...option.ClientOption) *parkFleet {
 	t.Helper()
@@ -148,6 +149,7 @@ func newParkFleetWith(t *testing.T, n int, lease time.Duration, list tasks.WaitL
 	})
 	ts := httptest.NewServer(f.handler)
 	t.Cleanup(ts.Close)
+	f.url = ts.URL + "/Worker"
 	f.client, err = tasks.NewClient(t.Context(), baseConfig(ts.URL+"/Worker"), append(f.srv.ClientOptions(), clientOpts...)...)
 	if err != nil {
 		t.Fatal(err)
@@ -188,7 +190,7 @@ func newParkFleetWith(t *testing.T, n int, lease time.Duration, list tasks.WaitL
 
 // metrics returns the workers' park metrics: counters by name and
 // attributes, histograms as "<name> count".
-func (f *parkFleet) metrics(t *testing.T) map[string]int64 {
+func (f *parkFleet) metrics(t testing.TB) map[string]int64 {
 	t.Helper()
 	var rm metricdata.ResourceMetrics
 	if err := f.reader.Collect(context.Background(), &rm); err != nil {
@@ -236,8 +238,8 @@ func TestParkBurstOnOneLockID(t *testing.T) {
 
 // waitLists are the WaitList implementations the park tests run on; the
 // Datastore one is added by park_dswait_test.go.
-var waitLists = map[string]func(t *testing.T) tasks.WaitList{
-	"memory": func(t *testing.T) tasks.WaitList { return &tasks.MemoryWaitList{} },
+var waitLists = map[string]func(t testing.TB) tasks.WaitList{
+	"memory": func(t testing.TB) tasks.WaitList { return &tasks.MemoryWaitList{} },
 }
 
 func testParkBurst(t *testing.T, name string, list tasks.WaitList) {

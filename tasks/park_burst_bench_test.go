@@ -1,0 +1,212 @@
+package tasks_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"cloud.google.com/go/cloudtasks/apiv2/cloudtaskspb"
+	"google.golang.org/api/option"
+	"google.golang.org/grpc"
+
+	"github.com/taskguard/taskguard/tasks"
+)
+
+// BenchmarkParkBurst is the burst of issue-sized bursts on one lock id in
+// park mode: N tasks of 100 ms enqueued at once through the real client
+// into the emulator (deploy's queue: max burst 50), delivered to three
+// Workers with the default 30 s lease, the wait list in memory or in
+// Datastore (the Firestore emulator, which also keeps the locks). Meanwhile
+// unrelated tasks on other lock ids are enqueued every 200 ms. It reports,
+// per N and wait list: the span (first enqueue to the last run's end)
+// against the ideal N × 100 ms and the bound 1.3 × ideal + 1 s, the
+// CreateTask calls the Workers made and the dispatches the queue made per
+// task, the runs that were missing, repeated or overlapping, and the
+// unrelated tasks' start latency (enqueue to start: mean and max).
+//
+// TASKGUARD_BURST_SIZES (default "10,50,200,1000") chooses the N. `make
+// bench` runs it; the loopback figures are in BENCHMARKS.md.
+func BenchmarkParkBurst(b *testing.B) {
+	sizes := []int{10, 50, 200, 1000}
+	if s := os.Getenv("TASKGUARD_BURST_SIZES"); s != "" {
+		sizes = nil
+		for _, f := range strings.Split(s, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(f))
+			if err != nil || n <= 0 {
+				b.Fatalf("TASKGUARD_BURST_SIZES=%q: %q is not a size", s, f)
+			}
+			sizes = append(sizes, n)
+		}
+	}
+	for _, name := range []string{"memory", "datastore"} {
+		for _, n := range sizes {
+			b.Run(fmt.Sprintf("list=%s/n=%d", name, n), func(b *testing.B) {
+				for range b.N {
+					r := parkBurst(b, waitLists[name](b), n)
+					ideal := time.Duration(n) * 100 * time.Millisecond
+					b.ReportMetric(r.span.Seconds(), "burst-s")
+					b.ReportMetric(ideal.Seconds(), "ideal-s")
+					b.ReportMetric(r.span.Seconds()/(1.3*ideal.Seconds()+1), "of-bound")
+					b.ReportMetric(float64(r.creates)/float64(n), "createtasks/task")
+					b.ReportMetric(float64(r.dispatches)/float64(n), "dispatches/task")
+					b.ReportMetric(float64(r.missing), "missing")
+					b.ReportMetric(float64(r.repeated), "repeated")
+					b.ReportMetric(float64(r.overlaps), "overlaps")
+					b.ReportMetric(r.otherMean.Seconds()*1000, "other-mean-ms")
+					b.ReportMetric(r.otherMax.Seconds()*1000, "other-max-ms")
+				}
+			})
+		}
+	}
+}
+
+type parkBurstResult struct {
+	span                time.Duration
+	creates, dispatches int
+	missing, repeated   int
+	overlaps            int
+	otherMean, otherMax time.Duration
+}
+
+func parkBurst(b *testing.B, list tasks.WaitList, n int) parkBurstResult {
+	const work = 100 * time.Millisecond
+	var (
+		creates atomic.Int64
+		mu      sync.Mutex
+		runs    = map[int]int{}
+		ends    []time.Time
+		starts  = map[int]time.Time{}
+		inside  atomic.Int32
+		over    atomic.Int32
+	)
+	count := func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		if _, ok := req.(*cloudtaskspb.CreateTaskRequest); ok {
+			creates.Add(1)
+		}
+		return invoker(ctx, method, req, reply, cc, opts...)
+	}
+	f := newParkFleetWith(b, 3, 30*time.Second, list, nil, func(_ int, w *tasks.Worker) {
+		w.Handle("burst", func(ctx context.Context, d *tasks.Delivery) error {
+			if inside.Add(1) != 1 {
+				over.Add(1)
+			}
+			defer inside.Add(-1)
+			var i int
+			if err := d.Decode(&i); err != nil {
+				return tasks.Permanent(err)
+			}
+			time.Sleep(work)
+			mu.Lock()
+			runs[i]++
+			ends = append(ends, time.Now())
+			mu.Unlock()
+			return nil
+		})
+		w.Handle("other", func(ctx context.Context, d *tasks.Delivery) error {
+			var i int
+			_ = d.Decode(&i)
+			mu.Lock()
+			if _, ok := starts[i]; !ok {
+				starts[i] = time.Now()
+			}
+			mu.Unlock()
+			return nil
+		})
+	}, option.WithGRPCDialOption(grpc.WithChainUnaryInterceptor(count)))
+	// The Workers' client counts CreateTask; the enqueuer is another.
+	enq, err := tasks.NewClient(b.Context(), baseConfig(f.url), f.srv.ClientOptions()...)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer enq.Close()
+
+	start := time.Now()
+	for i := range n {
+		if _, err := enq.Enqueue(b.Context(), tasks.Task{Job: "burst", LockID: "hot", Payload: i}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	ideal := time.Duration(n) * work
+	var (
+		enqueued  = map[int]time.Time{}
+		otherStop = make(chan struct{})
+		otherDone = make(chan struct{})
+	)
+	go func() {
+		defer close(otherDone)
+		for i := 0; ; i++ {
+			select {
+			case <-otherStop:
+				return
+			case <-time.After(200 * time.Millisecond):
+			}
+			mu.Lock()
+			enqueued[i] = time.Now()
+			mu.Unlock()
+			if _, err := enq.Enqueue(context.Background(), tasks.Task{Job: "other", LockID: fmt.Sprintf("cold-%d", i), Payload: i}); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	}()
+	limit := time.Now().Add(3*ideal + time.Minute)
+	for {
+		mu.Lock()
+		done := len(runs)
+		mu.Unlock()
+		if done >= n || time.Now().After(limit) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	close(otherStop)
+	<-otherDone
+	ctx, cancel := context.WithTimeout(b.Context(), 2*time.Minute)
+	defer cancel()
+	if err := f.srv.WaitIdle(ctx, queueName); err != nil {
+		b.Logf("the queue did not empty: %v", err)
+	}
+
+	mu.Lock()
+	defer mu.Unlock()
+	var r parkBurstResult
+	for _, e := range ends {
+		r.span = max(r.span, e.Sub(start))
+	}
+	for i := range n {
+		switch c := runs[i]; {
+		case c == 0:
+			r.missing++
+		case c > 1:
+			r.repeated += c - 1
+		}
+	}
+	r.overlaps = int(over.Load())
+	r.creates = int(creates.Load())
+	var lat []time.Duration
+	for i, at := range enqueued {
+		if s, ok := starts[i]; ok {
+			lat = append(lat, s.Sub(at))
+		}
+	}
+	r.dispatches = len(f.srv.Attempts()) - len(enqueued)
+	if len(lat) > 0 {
+		var sum time.Duration
+		for _, d := range lat {
+			sum += d
+		}
+		r.otherMean = sum / time.Duration(len(lat))
+		r.otherMax = slices.Max(lat)
+	}
+	if r.missing > 0 || r.repeated > 0 || r.overlaps > 0 {
+		b.Errorf("%d tasks: %d missing, %d ran more than once, %d overlapped", n, r.missing, r.repeated, r.overlaps)
+	}
+	return r
+}
