@@ -224,6 +224,16 @@ type outcome struct {
 	wakeErr  error // a wake (safety net) could not be made: answer 503
 	listErr  error // the wait list failed
 	busy     *locking.NotAcquiredError
+
+	beforeJob func() // waits for the wake's Take, before its job runs
+	after     func() // waits for work that went with the release
+}
+
+// joinAfter waits for the work that went on beside the release.
+func (o *outcome) joinAfter() {
+	if o.after != nil {
+		o.after()
+	}
 }
 
 // serveParked runs a delivery in park mode and answers.
@@ -505,25 +515,55 @@ func (w *Worker) wakeTurn(ctx context.Context, log *slog.Logger, j *job, d *Deli
 			err := w.locker.With(ctx, d.LockID, func(lctx context.Context) error {
 				return w.runWaiter(lctx, log, d, wt, self, time.Time{}, &o)
 			}, w.lockOptions(j)...)
+			o.joinAfter()
 			if busy, isBusy := isBusy(err); isBusy && !o.ran {
 				return outcome{retry: true, busy: busy}, nil
 			}
 			return o, err
 		}
 	}
+	// The oldest waiter is read while the lock is taken: the lock decides
+	// nothing about who is oldest, and only a holder claims.
+	type peeked struct {
+		head Waiter
+		ok   bool
+		err  error
+	}
+	pre := make(chan peeked, 1)
+	go func() {
+		head, ok, _, _, err := p.list.Peek(ctx, d.LockID, "")
+		pre <- peeked{head, ok, err}
+	}()
+	first := sync.OnceValue(func() peeked { return <-pre })
+	defer first()
+	prefetched := func() (Waiter, bool, error) { r := first(); return r.head, r.ok, r.err }
 	taken := false
 	for try := 0; ; try++ {
 		var o outcome
 		err := w.locker.With(ctx, d.LockID, func(lctx context.Context) error {
-			if !taken {
-				if _, _, err := p.list.Take(lctx, d.LockID, kind, gen, time.Time{}); err != nil {
-					o.listErr = err
-					return errNotRun
-				}
-				taken = true
+			if taken {
+				return w.runOldest(lctx, log, d, self, at, nil, &o)
 			}
-			return w.runOldest(lctx, log, d, self, at, &o)
+			// The Take goes with the first reads of the wait list, and ends
+			// before the job runs (so before the release, which must see
+			// this wake taken to hand off again).
+			took := make(chan error, 1)
+			go func() {
+				_, _, err := p.list.Take(lctx, d.LockID, kind, gen, time.Time{})
+				took <- err
+			}()
+			var takeErr error
+			o.beforeJob = sync.OnceFunc(func() { takeErr = <-took })
+			err := w.runOldest(lctx, log, d, self, at, prefetched, &o)
+			o.beforeJob()
+			if takeErr != nil && !o.ran {
+				o.listErr = takeErr
+				return errNotRun
+			}
+			taken = true
+			return err
 		}, w.lockOptions(j)...)
+		o.joinAfter()
 		busy, isBusy := isBusy(err)
 		if !isBusy || o.ran {
 			return o, err
@@ -555,10 +595,21 @@ func (w *Worker) wakeTurn(ctx context.Context, log *slog.Logger, j *job, d *Deli
 // the wait list recorded it. Waiters whose job is not registered (a deploy
 // removed or renamed it) are set aside: marked finished, with an ERROR log
 // naming them.
-func (w *Worker) runOldest(ctx context.Context, log *slog.Logger, d *Delivery, self string, since time.Time, o *outcome) error {
+func (w *Worker) runOldest(ctx context.Context, log *slog.Logger, d *Delivery, self string, since time.Time,
+	prefetched func() (Waiter, bool, error), o *outcome) error {
 	p := w.park
 	for range maxSetAside {
-		head, any, _, _, err := p.list.Peek(ctx, d.LockID, "")
+		var (
+			head Waiter
+			any  bool
+			err  error
+		)
+		if prefetched != nil {
+			head, any, err = prefetched()
+			prefetched = nil
+		} else {
+			head, any, _, _, err = p.list.Peek(ctx, d.LockID, "")
+		}
 		if err != nil {
 			o.listErr = err
 			return errNotRun
@@ -621,14 +672,26 @@ func (w *Worker) runWaiter(ctx context.Context, log *slog.Logger, d *Delivery, w
 	rd.Token = rd.Lock.Token()
 	d.Token = rd.Token
 	p.metrics.observeHandoff(ctx, since)
+	if o.beforeJob != nil {
+		o.beforeJob()
+	}
 	o.ran = true
 	o.jobErr = w.callJob(ctx, log, j, &rd)
 	if o.jobErr != nil && !errors.Is(o.jobErr, ErrPermanent) {
 		return o.jobErr // the record stays Running by self: this wake's retry runs it
 	}
-	if err := p.list.Finish(ctx, d.LockID, wt.Key, self); err != nil {
-		log.WarnContext(ctx, "tasks: job done, but marking its waiter finished failed", "error", err)
-	}
+	// The record is out of the list (Running): marking it finished can go
+	// with the release and its hand-off; the answer waits for both.
+	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), handoffTimeout)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		defer cancel()
+		if err := p.list.Finish(fctx, d.LockID, wt.Key, self); err != nil {
+			log.WarnContext(fctx, "tasks: job done, but marking its waiter finished failed", "error", err)
+		}
+	}()
+	o.after = func() { <-done }
 	return o.jobErr
 }
 

@@ -29,7 +29,9 @@ import (
 // against the ideal N × 100 ms and the bound 1.3 × ideal + 1 s, the
 // CreateTask calls the Workers made and the dispatches the queue made per
 // task, the runs that were missing, repeated or overlapping, and the
-// unrelated tasks' start latency (enqueue to start: mean and max).
+// unrelated tasks' start latency (enqueue to start: median and max; the
+// max includes the queue's own rate limit while it first dispatches the
+// burst, (N − 50) / 50 s with deploy's queue).
 //
 // TASKGUARD_BURST_SIZES (default "10,50,200,1000") chooses the N. `make
 // bench` runs it; the loopback figures are in BENCHMARKS.md.
@@ -59,7 +61,7 @@ func BenchmarkParkBurst(b *testing.B) {
 					b.ReportMetric(float64(r.missing), "missing")
 					b.ReportMetric(float64(r.repeated), "repeated")
 					b.ReportMetric(float64(r.overlaps), "overlaps")
-					b.ReportMetric(r.otherMean.Seconds()*1000, "other-mean-ms")
+					b.ReportMetric(r.otherP50.Seconds()*1000, "other-p50-ms")
 					b.ReportMetric(r.otherMax.Seconds()*1000, "other-max-ms")
 				}
 			})
@@ -72,7 +74,7 @@ type parkBurstResult struct {
 	creates, dispatches int
 	missing, repeated   int
 	overlaps            int
-	otherMean, otherMax time.Duration
+	otherP50, otherMax  time.Duration
 }
 
 func parkBurst(b *testing.B, list tasks.WaitList, n int) parkBurstResult {
@@ -198,12 +200,8 @@ func parkBurst(b *testing.B, list tasks.WaitList, n int) parkBurstResult {
 	}
 	r.dispatches = len(f.srv.Attempts()) - len(enqueued)
 	if len(lat) > 0 {
-		var sum time.Duration
-		for _, d := range lat {
-			sum += d
-		}
-		r.otherMean = sum / time.Duration(len(lat))
-		r.otherMax = slices.Max(lat)
+		slices.Sort(lat)
+		r.otherP50, r.otherMax = lat[len(lat)/2], lat[len(lat)-1]
 	}
 	if r.missing > 0 || r.repeated > 0 || r.overlaps > 0 {
 		b.Errorf("%d tasks: %d missing, %d ran more than once, %d overlapped", n, r.missing, r.repeated, r.overlaps)

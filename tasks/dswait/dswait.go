@@ -247,13 +247,27 @@ func randomGen() int64 { return newEpoch() }
 // 1 lookup, and 1 commit (an insert) when it arms; a transaction instead
 // when it supersedes a pending one.
 func (l *List) armHead(ctx context.Context, lockID string, head tasks.Waiter, kind tasks.WakeKind, due time.Time) (tasks.Wake, error) {
-	wk := l.wakeKey(lockID, kind)
-	var cur wakeEntity
-	err := l.client.Get(ctx, wk, &cur)
-	if err != nil && !errors.Is(err, datastore.ErrNoSuchEntity) {
+	cur, pending, err := l.readWake(ctx, lockID, kind)
+	if err != nil {
 		return tasks.Wake{}, err
 	}
-	pending := err == nil
+	return l.armRead(ctx, lockID, head, kind, due, cur, pending)
+}
+
+// readWake reads lockID's pending wake of kind, if any.
+func (l *List) readWake(ctx context.Context, lockID string, kind tasks.WakeKind) (wakeEntity, bool, error) {
+	var cur wakeEntity
+	err := l.client.Get(ctx, l.wakeKey(lockID, kind), &cur)
+	if errors.Is(err, datastore.ErrNoSuchEntity) {
+		return wakeEntity{}, false, nil
+	}
+	return cur, err == nil, err
+}
+
+// armRead is armHead once the pending wake has been read.
+func (l *List) armRead(ctx context.Context, lockID string, head tasks.Waiter, kind tasks.WakeKind, due time.Time, cur wakeEntity, pending bool) (tasks.Wake, error) {
+	wk := l.wakeKey(lockID, kind)
+	var err error
 	if pending && !tasks.Supersedes(kind, cur.Due, due, l.now()) {
 		return tasks.Wake{}, nil
 	}
@@ -427,14 +441,23 @@ func (l *List) Peek(ctx context.Context, lockID, key string) (tasks.Waiter, bool
 	return head, ok, st, runner, nil
 }
 
-// Arm implements tasks.WaitList: 1 query (the oldest waiter) and, when one
-// waits, 1 lookup of the header, and a transaction (1 lookup, 1 commit)
-// when it arms a wake.
+// Arm implements tasks.WaitList: 1 query (the oldest waiter) and 1 lookup
+// (the pending wake), sent together, and 1 commit (an insert) when it arms
+// a wake.
 func (l *List) Arm(ctx context.Context, lockID string, kind tasks.WakeKind, due time.Time) (tasks.Wake, error) {
+	// The query and the lookup are sent together.
+	var (
+		wg      sync.WaitGroup
+		cur     wakeEntity
+		pending bool
+		werr    error
+	)
+	wg.Go(func() { cur, pending, werr = l.readWake(ctx, lockID, kind) })
 	head, ok, err := l.head(ctx, lockID)
-	if err == nil && ok {
+	wg.Wait()
+	if err = errors.Join(err, werr); err == nil && ok {
 		var w tasks.Wake
-		if w, err = l.armHead(ctx, lockID, head, kind, due); err == nil {
+		if w, err = l.armRead(ctx, lockID, head, kind, due, cur, pending); err == nil {
 			return w, nil
 		}
 	}
