@@ -58,56 +58,70 @@
 //   - Park. A delivery that finds its lock busy records itself as a waiter of
 //     that lock id in a WaitList (durably; ordered by when it first arrived;
 //     keyed by queue and task name, so a duplicate delivery finds its record)
-//     and creates a safety-net continuation task due when the holder's lease
-//     could end (its remaining lease plus a margin). Only when both exist
-//     does it answer 202 Accepted; if either fails, 503 and nothing is lost.
-//     It then tries the lock once more, so that a release between its first
-//     try and its record (which would see no waiter) cannot strand it.
-//   - Hand off. Whoever holds a lock id checks its wait list before running
-//     anything: if an older waiter exists, a fresh delivery parks behind it
-//     and lets go (FIFO: a newcomer never overtakes). After a job, the holder
-//     releases the lock and at once creates a continuation for the oldest
-//     waiter. Continuations are ordinary tasks of the same queue carrying the
-//     original job, lock id and payload plus the waiter's key (envelope
-//     version 2; a worker that reads only version 1 answers 503 and Cloud
-//     Tasks retries it after the deploy).
-//   - Claim. A continuation runs the job only if, holding the lock, it can
-//     claim its waiter record (waiting -> running, one winner), so a hand-off
-//     and a safety net, or two hand-offs, never both run it. When the job
-//     ends the record is marked done (kept for the dedup window, so that a
-//     late duplicate of the original delivery does not run it again).
-//   - Names. Continuation ids are derived, not random: a hand-off's from the
-//     waiter's key and the fencing token of the holding that handed off, a
-//     safety net's from the key and its generation. A duplicate delivery
-//     therefore creates no duplicate continuation (ALREADY_EXISTS is
-//     success), and each holding hands off at most once per waiter.
-//   - Crashes. If the holder dies, its lock expires with its lease and the
-//     parked waiters' safety nets, due by then, take the lock and resume the
-//     hand-off chain. A safety net that finds the lock still held schedules
-//     the next one (generation + 1) while its waiter is still waiting.
+//     and makes sure the lock id's safety wake is pending: a wake task due
+//     when the holder's lease could end. Only when both exist does it answer
+//     202 Accepted; if either fails, 503 and nothing is lost (its retry parks
+//     again, idempotently, and arms the safety wake again). It then tries the
+//     lock once more, so that a release between its first try and its record
+//     (which would see no waiter) cannot strand it.
+//   - Wakes. A wake is a task of the same queue that carries the lock id, a
+//     job name (whose lock options it takes the lock with) and its own
+//     identity, and no payload: holding the lock, it claims the lock id's
+//     oldest waiter and runs what the wait list recorded for it (a forged or
+//     replayed request runs nothing of its own). Per lock id at most one
+//     hand-off wake and one safety wake are pending, whatever the burst; each
+//     wake's name is unique (random), so no name ever meets Cloud Tasks'
+//     dedup window. A pending wake stops being pending when its delivery
+//     takes it, when its creation fails (disarmed) or StaleWake after it was
+//     due.
+//   - Hand off. Every release of a lock by a lock client on which the
+//     hand-off is registered (HandOff; NewWorker registers it on the
+//     Worker's client, which the deployed functions share with lockhttp and
+//     locking.With) arms a hand-off wake when someone waits and none is
+//     pending, and creates it before the release returns. Whoever holds a
+//     lock id checks its wait list before running anything: a fresh delivery
+//     behind an older waiter parks (FIFO: a newcomer never overtakes) and
+//     lets go, and its release finds the hand-off already pending.
+//   - A wake that finds the lock held takes itself (no longer pending),
+//     arms the safety wake for that holder's lease, and tries the lock once
+//     more: the holder's release, which reads the wait list after the take,
+//     hands off again. A holder without the hand-off, or one that dies,
+//     leaves its waiters to the safety wake.
+//   - Claim. A waiter runs only if, holding the lock, a runner claims its
+//     record (waiting -> running, one winner), so two wakes, or a wake and a
+//     duplicate delivery, never both run it. When the job ends for good the
+//     record is marked finished (kept for FinishedRetention, Cloud Tasks'
+//     dedup window, so that a late duplicate of the task does not run it
+//     again; after it, a task re-enqueued under the same name parks anew).
+//     A delivery that ran at once, with nobody waiting, looks at its record
+//     after the run and marks finished a duplicate of itself parked
+//     meanwhile (a retry of a run longer than its dispatch deadline).
+//   - Removed jobs. A waiter whose job is not registered (a deploy removed
+//     or renamed it) is set aside, marked finished with an ERROR log naming
+//     it, and the next waiter runs: it never blocks its lock id.
 //   - Coalescing (opt-in per job: Coalesce). A coalescing job has one
 //     waiter per lock id: while it waits, further deliveries are absorbed
 //     (204, logged with coalesced=true); its run gets the payload of the
 //     delivery that parked it, and absorbed payloads are dropped. Its
-//     record is removed when claimed, so a delivery that comes during the
-//     run parks a new one.
-//   - Failures. A continuation whose job fails answers 500 and keeps its
-//     record running under its own task name: Cloud Tasks retries that
-//     continuation under the queue's backoff, and its retry may claim the
-//     record again. If the lock is busy then, that retry is answered as in
-//     429 mode: only failing jobs pay the 429 costs.
+//     record leaves its key when claimed, so a delivery that comes during
+//     the run parks a new one.
+//   - Failures. A wake whose job fails answers 500 and keeps the record
+//     running under its own task name: Cloud Tasks retries that wake under
+//     the queue's backoff, and its retry runs the record again (the release
+//     after the failure has handed off to the next waiter meanwhile). If the
+//     lock is busy then, that retry is answered as in 429 mode: only failing
+//     jobs pay the 429 costs.
 //
-// The cost of a task that waits: Cloud Tasks operations, 1 CreateTask for
-// its safety net (more only if a holding outlives a lease) and 1 for its
-// hand-off (plus one per fresh delivery that overtook the lock while the
-// hand-off was in flight), and the dispatches of those continuations.
-// WaitList operations, 1 Park, then per hand-off 1 Oldest, and 1 Claim and
-// 1 Done for the run; see the WaitList implementation for the RPCs each
-// costs. No delivery waits in the handler, and none is answered 429 or 503
-// for a busy lock.
+// The cost of a task that waits, measured by BenchmarkParkBurst (bursts of
+// 10 to 1,000 tasks on one lock id): 1 CreateTask (its hand-off wake; the
+// safety wakes add about one per lease per lock id) and 2 dispatches (its
+// own delivery and its wake). WaitList operations: 1 Park, the releasing
+// holder's Arm, the wake's Take, Peek and Claim, and 1 Finish; see the
+// WaitList implementation for the RPCs each costs. No delivery waits in the
+// handler, and none is answered 429 or 503 for a busy lock.
 //
-// The WaitList is separate from the lock backends: package locking does not
-// change, and a lock backend that cannot keep an ordered wait list
+// The WaitList is separate from the lock backends: package locking only
+// calls the hand-off on release (locking.Client.OnRelease), and a lock backend that cannot keep an ordered wait list
 // (memcached) still works, with the wait list kept elsewhere (tasks/dswait
 // keeps it in Datastore) or with the 429 mode. MemoryWaitList serves tests
 // and a single process.

@@ -3,40 +3,49 @@
 //
 // # Layout
 //
-// Every lock id has an entity group, the ancestor key
-// (KindList, hex SHA-256 of the lock id), that need not exist as an entity.
-// Under it:
+// Every entity is a root entity (no entity groups: writes for different
+// waiters never conflict), in the List's namespace:
 //
-//   - one KindWaiter entity per waiting delivery, named by its arrival
-//     (zero-padded Unix nanoseconds) and its hex-encoded key, so that key
-//     order is FIFO order; it holds the waiter's key, arrival and task body
-//     (unindexed) and exists only while the waiter waits;
-//   - one KindState entity per waiter key (named by the hex SHA-256 of the
-//     key) holding the record's state (waiting, running and by which runner,
-//     finished), the name of its KindWaiter entity, and expiresAt.
+//   - KindRecord, one per waiter key and lock id (named by the hex SHA-256
+//     of both): its state (waiting, running and by which runner, finished),
+//     job, arrival and the name of its body; while it waits, an indexed
+//     property q (the lock id's hash, the arrival in nanoseconds, the hex
+//     key) places it in its lock id's FIFO: the oldest waiter is a query of
+//     that range ordered by q, one inequality and one order on one
+//     property, served by the built-in indexes (no index.yaml). Lock ids are
+//     spread over the index by their hash.
+//   - KindBody, the task's body in parts of at most 900,000 bytes, written
+//     before the record that names it (a failure leaves unnamed parts, never
+//     a record without its body), deleted when the task finishes.
+//   - KindRun, one per runner that claimed a record and has not finished it
+//     (what a retry of that runner runs again).
+//   - KindWake, at most one per lock id and kind (hand-off, safety): it
+//     exists while the wake is pending. Arming inserts it (an insert that
+//     fails when it exists decides between concurrent arms, with no
+//     transaction); taking it deletes it in a transaction that checks its
+//     generation.
 //
-// Oldest is an ancestor query (strongly consistent, served by the built-in
-// indexes: no index.yaml) on KindWaiter with limit 1. Park creates both
-// entities in one commit of insert mutations; Claim and Finish are
-// transactions on the KindState entity (and the KindWaiter entity), tried
-// again after a conflict (up to 12 attempts, with jittered pauses).
+// Park inserts the record with one non-transactional insert of one entity
+// (all or nothing); Claim and Finish are transactions on the record and the
+// run, tried again after a conflict or an ABORTED answer (up to 40
+// attempts, with jittered pauses that double up to 500 ms).
 //
-// # Cost (Datastore RPCs, each a round trip)
+// # Cost (Datastore RPCs; a transaction is 3: begin, lookup, commit)
 //
-//   - Park: 1 lookup, then, when the key is new, 1 commit (2 inserts).
-//   - Oldest: 1 query reading at most 1 entity.
-//   - State: 1 lookup.
-//   - Claim, Finish: a transaction of 1 lookup and 1 commit (a Coalesce
-//     record is deleted by its Claim).
+//   - Park: 1 lookup, 1 commit of the body, 1 insert, then the safety wake:
+//     1 query and 1 lookup, and 1 insert when it arms one.
+//   - Peek: 1 query, and 1 lookup for a key, sent together.
+//   - Arm: 1 query and 1 lookup sent together, 1 insert when it arms.
+//   - Take, Disarm: a transaction.
+//   - Claim: a transaction and 1 lookup of the body.
+//   - Running: 2 lookups.
+//   - Finish: a transaction and 1 delete of the body.
 //
 // # Garbage collection
 //
-// expiresAt is set on every KindState entity: FinishedRetention after a
-// record finished, MaxWait after it was parked or claimed (a record stuck
-// that long is abandoned). A TTL policy on expiresAt for the collection
-// group KindState deletes them (gcloud firestore fields ttls update
-// expiresAt --collection-group=TaskguardWaitState --enable-ttl); KindWaiter
-// entities are deleted when claimed. TTL is garbage collection only, never a
-// correctness mechanism: a record's state is read, never inferred from
-// expiresAt.
+// Every entity has an unindexed expiresAt: FinishedRetention after a record
+// finished, MaxWait after the last write otherwise. A TTL policy on
+// expiresAt for each of Kinds deletes them (deploy/02-datastore.sh sets
+// them). TTL is garbage collection only, never a correctness mechanism: a
+// record's state is read, never inferred from expiresAt.
 package dswait
