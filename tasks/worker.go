@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"os"
 	"regexp"
 	"runtime/debug"
 	"strconv"
@@ -21,8 +22,9 @@ import (
 	"github.com/taskguard/taskguard/locking/lockhttp"
 )
 
-// Headers Cloud Tasks sets on every delivery (and strips from requests that
-// do not come from Cloud Tasks).
+// Headers Cloud Tasks sets on every delivery. For an HTTP target nothing
+// strips them from requests that do not come from Cloud Tasks: they are no
+// authentication.
 const (
 	headerQueueName        = "X-CloudTasks-QueueName"
 	headerTaskName         = "X-CloudTasks-TaskName"
@@ -104,11 +106,17 @@ type JobFunc func(ctx context.Context, d *Delivery) error
 //     X-CloudTasks-QueueName header, or names another queue than the one set
 //     with WithQueue.
 //
-// Security: Cloud Tasks headers are stripped from requests that do not come
-// from Cloud Tasks, so the 403 check turns away stray traffic, but it is not
-// authentication. The real gate is the platform's OIDC check: deploy the
-// worker with --no-allow-unauthenticated and grant roles/run.invoker only to
-// the service account in Config.ServiceAccount.
+// Security: for an HTTP target (a Cloud Run function) nothing strips
+// X-CloudTasks-* headers from requests that do not come from Cloud Tasks, so
+// the 403 check turns away stray traffic but is not authentication. The real
+// gate is the platform's OIDC check: deploy the worker with
+// --no-allow-unauthenticated (and internal ingress) and grant
+// roles/run.invoker only to the service account in Config.ServiceAccount.
+//
+// Busy mode: a Worker is in 429 mode unless given WithParking; the deployed
+// functions (package app) park by default. On Cloud Run (K_SERVICE set) a
+// Worker built without WithParking logs at WARN once, at NewWorker, what
+// 429 mode costs there.
 type Worker struct {
 	locker        *locking.Client
 	log           *slog.Logger
@@ -223,6 +231,8 @@ func NewWorker(locker *locking.Client, opts ...WorkerOption) (*Worker, error) {
 			return nil, fmt.Errorf("%w: WithParkingLease without WithParking", ErrInvalidConfig)
 		}
 		w.park.h.register(locker, w.log, w.park.metrics)
+	} else if os.Getenv("K_SERVICE") != "" {
+		w.log.Warn("tasks: this Worker answers a busy lock 429 (no WithParking): on Cloud Tasks that means the queue's backoff (5, 15, 35 ... s), an attempt spent per 429, and system throttling of the whole queue; give it WithParking to park busy tasks instead")
 	}
 	return w, nil
 }
