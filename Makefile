@@ -54,6 +54,9 @@ BENCH_FLAGS ?= -run='^$$' -bench=. -benchtime=1x -benchmem -timeout=45m
 # 429 mode waits for the queue's retry ladder: minutes); benchplot writes its
 # table into BENCHMARKS.md's burst section.
 BURST_FLAGS ?= -run='^$$' -bench='^BenchmarkBurst$$' -benchtime=1x -timeout=20m
+# Park mode at N = 10, 50, 200 and 1,000 tasks on one lock id, on the
+# in-memory and the Datastore wait lists (about 8 minutes).
+PARK_BURST_FLAGS ?= -run='^$$' -bench='^BenchmarkParkBurst$$' -benchtime=1x -timeout=30m
 
 bench: deps ## benchmarks against the real servers; rewrites BENCHMARKS.md and docs/bench/handoff.svg
 	@mkdir -p $(dir $(BENCH_OUT))
@@ -64,6 +67,8 @@ bench: deps ## benchmarks against the real servers; rewrites BENCHMARKS.md and d
 	  echo "# $$(go version)"; \
 	  echo "# load average (1, 5, 15 min) before: $$(cut -d' ' -f1-3 /proc/loadavg)"; } > $(BENCH_OUT)
 	set -o pipefail; go test $(BENCH_FLAGS) ./internal/bench | tee -a $(BENCH_OUT)
+	@echo "# park burst command: go test $(PARK_BURST_FLAGS) ./tasks" >> $(BENCH_OUT)
+	set -o pipefail; go test $(PARK_BURST_FLAGS) ./tasks | tee -a $(BENCH_OUT)
 	@echo "# burst command: go test $(BURST_FLAGS) ./tasks" >> $(BENCH_OUT)
 	set -o pipefail; go test $(BURST_FLAGS) ./tasks | tee -a $(BENCH_OUT)
 	@echo "# load average (1, 5, 15 min) after: $$(cut -d' ' -f1-3 /proc/loadavg)" >> $(BENCH_OUT)

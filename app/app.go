@@ -189,6 +189,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, opts ...Option) (*Ap
 	if cfg.Queue != "" {
 		wopts = append(wopts, tasks.WithQueue(cfg.Queue))
 	}
+	wopts = append(wopts, tasks.WithJobDeadline(JobDeadline(cmp.Or(cfg.TaskDeadline, tasks.DefaultEnvTaskDeadline))))
 	popts, err := a.parkOptions(ctx, cfg, o.waits)
 	if err != nil {
 		_ = a.Close()
@@ -203,6 +204,14 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, opts ...Option) (*Ap
 		a.worker.Handle(j.name, j.fn, j.opts...)
 	}
 	return a, nil
+}
+
+// JobDeadline is the deadline the Worker gives every job of tasks whose
+// dispatch deadline is dispatch: a tenth less, and at least 5 s less, so
+// that the job is told to stop and the Worker answers before Cloud Tasks
+// cancels the attempt (at least 1 s).
+func JobDeadline(dispatch time.Duration) time.Duration {
+	return max(dispatch-max(dispatch/10, 5*time.Second), time.Second)
 }
 
 // cleaner is what CleanupLocks needs of a *dslock.Backend.

@@ -709,7 +709,9 @@ func (w *Worker) callJob(ctx context.Context, log *slog.Logger, j *job, d *Deliv
 			err = fmt.Errorf("%w: %v", errPanic, p)
 		}
 	}()
-	return j.fn(context.WithValue(ctx, deliveryKey{}, d), d)
+	jctx, cancel := w.jobContext(ctx)
+	defer cancel()
+	return j.fn(context.WithValue(jctx, deliveryKey{}, d), d)
 }
 
 func alreadyExists(err error) bool { return status.Code(err) == codes.AlreadyExists }

@@ -125,6 +125,7 @@ type Worker struct {
 	maxRetryAfter time.Duration
 	lockOpts      []locking.Option // every job's, before its own
 	park          *parking         // park mode (park.go); nil: 429 mode
+	jobDeadline   time.Duration    // 0: none but the request's
 
 	mu   sync.RWMutex
 	jobs map[string]*job // guarded by mu
@@ -198,6 +199,38 @@ func WithLockOptions(opts ...locking.Option) WorkerOption {
 		w.lockOpts = append(w.lockOpts, opts...)
 		return nil
 	}
+}
+
+// ErrJobDeadline is the cause (context.Cause) of a job's context ended by
+// the Worker's job deadline (WithJobDeadline).
+var ErrJobDeadline = errors.New("tasks: the job's deadline passed (it must finish within its task's dispatch deadline)")
+
+// WithJobDeadline bounds every job's run to d (at least 1 s, at most
+// MaxDispatchDeadline): its context ends then, with context.Cause
+// ErrJobDeadline, and the Worker answers as for any job error (500,
+// retried). Give d a margin below the tasks' dispatch deadline (package
+// app gives the deadline minus a tenth, at least 5 s), so that the job
+// stops, and the Worker answers, before Cloud Tasks cancels the attempt and
+// retries it while the job still runs. A job longer than the dispatch
+// deadline does not belong in a task: split it into tasks that each finish
+// within it (each enqueueing the next, with its progress in the payload or
+// in a store), or run it as a Cloud Run job or a Workflows step.
+func WithJobDeadline(d time.Duration) WorkerOption {
+	return func(w *Worker) error {
+		if d < time.Second || d > MaxDispatchDeadline {
+			return fmt.Errorf("%w: job deadline %v is not in [1s, %v]", ErrInvalidConfig, d, MaxDispatchDeadline)
+		}
+		w.jobDeadline = d
+		return nil
+	}
+}
+
+// jobContext bounds a job's context by the job deadline.
+func (w *Worker) jobContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	if w.jobDeadline <= 0 {
+		return ctx, func() {}
+	}
+	return context.WithTimeoutCause(ctx, w.jobDeadline, ErrJobDeadline)
 }
 
 // NewWorker returns a worker that takes its locks from locker, or from the
@@ -456,7 +489,9 @@ func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, 
 			}
 			jobErr = err
 		}()
-		return j.fn(context.WithValue(ctx, deliveryKey{}, d), d)
+		jctx, cancel := w.jobContext(ctx)
+		defer cancel()
+		return j.fn(context.WithValue(jctx, deliveryKey{}, d), d)
 	}, opts...)
 	log = log.With("token", d.Token)
 	if ran {
