@@ -8,15 +8,17 @@
 //
 //   - KindRecord, one per waiter key and lock id (named by the hex SHA-256
 //     of both): its state (waiting, running and by which runner, finished),
-//     job, arrival and the name of its body; while it waits, an indexed
+//     job, arrival and its body (up to 32 KiB; a larger one is kept apart);
+//     while it waits, an indexed
 //     property q (the lock id's hash, the arrival in nanoseconds, the hex
 //     key) places it in its lock id's FIFO: the oldest waiter is a query of
 //     that range ordered by q, one inequality and one order on one
 //     property, served by the built-in indexes (no index.yaml). Lock ids are
 //     spread over the index by their hash.
-//   - KindBody, the task's body in parts of at most 900,000 bytes, written
-//     before the record that names it (a failure leaves unnamed parts, never
-//     a record without its body), deleted when the task finishes.
+//   - KindBody, a body over 32 KiB in parts of at most 900,000 bytes,
+//     written before the record that names it (a failure leaves unnamed
+//     parts, never a record without its body), deleted when the task
+//     finishes.
 //   - KindRun, one per runner that claimed a record and has not finished it
 //     (what a retry of that runner runs again).
 //   - KindWake, at most one per lock id and kind (hand-off, safety): it
@@ -32,14 +34,14 @@
 //
 // # Cost (Datastore RPCs; a transaction is 3: begin, lookup, commit)
 //
-//   - Park: 1 lookup, 1 commit of the body, 1 insert, then the safety wake:
-//     1 query and 1 lookup, and 1 insert when it arms one.
+//   - Park: 1 lookup, 1 insert (1 commit more for a body kept apart), then
+//     the safety wake: 1 query and 1 lookup, and 1 insert when it arms one.
 //   - Peek: 1 query, and 1 lookup for a key, sent together.
 //   - Arm: 1 query and 1 lookup sent together, 1 insert when it arms.
 //   - Take, Disarm: a transaction.
-//   - Claim: a transaction and 1 lookup of the body.
-//   - Running: 2 lookups.
-//   - Finish: a transaction and 1 delete of the body.
+//   - Claim: a transaction (and 1 lookup of a body kept apart).
+//   - Running: 1 lookup (2 for a body kept apart).
+//   - Finish: a transaction (and 1 delete of a body kept apart).
 //
 // # Garbage collection
 //

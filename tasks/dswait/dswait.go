@@ -38,8 +38,12 @@ var Kinds = []string{KindRecord, KindRun, KindBody, KindWake}
 const MaxWait = 30 * 24 * time.Hour
 
 // bodyPart is the largest part of a body kept in one KindBody entity
-// (Datastore's entity limit is 1 MiB).
-const bodyPart = 900_000
+// (Datastore's entity limit is 1 MiB); inlineBody the largest body kept in
+// its record.
+const (
+	bodyPart   = 900_000
+	inlineBody = 32 << 10
+)
 
 // List is a tasks.WaitList in Datastore. It is safe for concurrent use.
 type List struct {
@@ -89,8 +93,10 @@ type recordEntity struct {
 	Arrived  time.Time `datastore:"arrived,noindex"`
 	Job      string    `datastore:"job,noindex"`
 	Coalesce bool      `datastore:"coalesce,noindex"`
-	// The body is kept apart, in BodyParts KindBody entities named from
-	// BodyName (unique for every park), so that records stay small.
+	// A body of at most inlineBody bytes is kept in Body; a larger one
+	// apart, in BodyParts KindBody entities named from BodyName (unique for
+	// every park), so that records stay small.
+	Body       []byte    `datastore:"body,noindex"`
 	BodyName   string    `datastore:"bodyName,noindex"`
 	BodyParts  int       `datastore:"bodyParts,noindex"`
 	FinishedAt time.Time `datastore:"finishedAt,noindex"`
@@ -320,9 +326,6 @@ func (l *List) writeBody(ctx context.Context, name string, body []byte) (int, er
 
 // readBody reads a body written by writeBody.
 func (l *List) readBody(get func([]*datastore.Key, any) error, name string, parts int) ([]byte, error) {
-	if parts == 0 {
-		return nil, nil
-	}
 	bs := make([]bodyEntity, parts)
 	if err := get(l.bodyKeys(name, parts), bs); err != nil {
 		return nil, fmt.Errorf("reading the body: %w", err)
@@ -335,9 +338,9 @@ func (l *List) readBody(get func([]*datastore.Key, any) error, name string, part
 }
 
 // Park implements tasks.WaitList: 1 lookup, then, for a new key, 1 commit
-// of the body's parts and 1 commit of one insert (the record: all or
-// nothing), then the Safety wake: 1 query, 1 lookup of the header, and a
-// transaction (1 lookup, 1 commit) when it arms one, about once a lease.
+// of one insert (the record, its body inline: all or nothing; a body over
+// inlineBody is written apart first, 1 commit more), then the Safety wake:
+// 1 query and 1 lookup, and 1 insert when it arms one, about once a lease.
 func (l *List) Park(ctx context.Context, lockID string, w tasks.Waiter, safetyDue time.Time) (tasks.WaiterState, bool, tasks.Wake, error) {
 	rk := l.recordKey(lockID, w.Key)
 	st, created := tasks.Waiting, false
@@ -354,13 +357,16 @@ func (l *List) Park(ctx context.Context, lockID string, w tasks.Waiter, safetyDu
 			break
 		}
 		stale := err == nil // a finished record past its retention: replaced
-		name := hash(lockID, w.Key, strconv.FormatInt(l.now().UnixNano(), 10), strconv.FormatUint(mrand.Uint64(), 10))
-		parts, err := l.writeBody(ctx, name, w.Body)
-		if err != nil {
-			return tasks.Absent, false, tasks.Wake{}, fmt.Errorf("dswait: park %q: writing its body: %w", w.Key, err)
-		}
 		rec := recordEntity{Key: w.Key, State: int(tasks.Waiting), Q: queuePos(lockID, w), Arrived: w.Arrived.UTC(), Job: w.Job,
-			Coalesce: w.Coalesce, BodyName: name, BodyParts: parts, ExpiresAt: l.now().Add(MaxWait).UTC()}
+			Coalesce: w.Coalesce, ExpiresAt: l.now().Add(MaxWait).UTC()}
+		if len(w.Body) <= inlineBody {
+			rec.Body = w.Body
+		} else {
+			rec.BodyName = hash(lockID, w.Key, strconv.FormatInt(l.now().UnixNano(), 10), strconv.FormatUint(mrand.Uint64(), 10))
+			if rec.BodyParts, err = l.writeBody(ctx, rec.BodyName, w.Body); err != nil {
+				return tasks.Absent, false, tasks.Wake{}, fmt.Errorf("dswait: park %q: writing its body: %w", w.Key, err)
+			}
+		}
 		if stale {
 			err = l.transact(ctx, func(tx *datastore.Transaction) error {
 				var cur recordEntity
@@ -517,7 +523,7 @@ func (l *List) Take(ctx context.Context, lockID string, kind tasks.WakeKind, gen
 }
 
 // Claim implements tasks.WaitList: a transaction of 1 lookup (record and
-// run) and 1 commit, then 1 lookup of the body.
+// run) and 1 commit (and 1 lookup of a body kept apart).
 func (l *List) Claim(ctx context.Context, lockID, key, runner string) (tasks.Waiter, bool, error) {
 	var (
 		got recordEntity
@@ -550,7 +556,7 @@ func (l *List) Claim(ctx context.Context, lockID, key, runner string) (tasks.Wai
 			}
 		} else {
 			rec.State, rec.Runner, rec.Q = int(tasks.Running), runner, ""
-			rec.BodyName, rec.BodyParts = "", 0
+			rec.Body, rec.BodyName, rec.BodyParts = nil, "", 0
 			rec.ExpiresAt = l.now().Add(MaxWait).UTC()
 			if _, err := tx.Put(rk, &rec); err != nil {
 				return err
@@ -573,6 +579,9 @@ func (l *List) Claim(ctx context.Context, lockID, key, runner string) (tasks.Wai
 
 // waiter reads r's body and returns it as a Waiter.
 func (l *List) waiter(ctx context.Context, r recordEntity) (tasks.Waiter, error) {
+	if r.BodyParts == 0 {
+		return tasks.Waiter{Key: r.Key, Arrived: r.Arrived, Job: r.Job, Body: r.Body, Coalesce: r.Coalesce}, nil
+	}
 	body, err := l.readBody(func(ks []*datastore.Key, dst any) error { return l.client.GetMulti(ctx, ks, dst) }, r.BodyName, r.BodyParts)
 	if err != nil {
 		return tasks.Waiter{}, err
@@ -580,7 +589,7 @@ func (l *List) waiter(ctx context.Context, r recordEntity) (tasks.Waiter, error)
 	return tasks.Waiter{Key: r.Key, Arrived: r.Arrived, Job: r.Job, Body: body, Coalesce: r.Coalesce}, nil
 }
 
-// Running implements tasks.WaitList: 2 lookups (the run, its body).
+// Running implements tasks.WaitList: 1 lookup (2 for a body kept apart).
 func (l *List) Running(ctx context.Context, lockID, runner string) (tasks.Waiter, bool, error) {
 	var r recordEntity
 	err := l.client.Get(ctx, l.runKey(lockID, runner), &r)
@@ -598,7 +607,7 @@ func (l *List) Running(ctx context.Context, lockID, runner string) (tasks.Waiter
 }
 
 // Finish implements tasks.WaitList: a transaction of 1 lookup and 1
-// commit, then 1 commit deleting the body.
+// commit (and 1 commit deleting a body kept apart).
 func (l *List) Finish(ctx context.Context, lockID, key, runner string) error {
 	rk := l.recordKey(lockID, key)
 	var bodies []*datastore.Key
