@@ -2,27 +2,22 @@ package tasks_test
 
 import (
 	"context"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
 	"path/filepath"
-	"sync/atomic"
 	"testing"
 	"time"
 
-	"cloud.google.com/go/cloudtasks/apiv2/cloudtaskspb"
 	dsclient "cloud.google.com/go/datastore"
 	"google.golang.org/api/option"
 
-	"github.com/taskguard/taskguard/deploy"
 	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/locking/dslock"
 	"github.com/taskguard/taskguard/locking/lockhttp"
 	"github.com/taskguard/taskguard/tasks"
 	"github.com/taskguard/taskguard/tasks/dswait"
-	"github.com/taskguard/taskguard/tasks/taskstest"
 )
 
 // TestHandOffFromEveryRelease: a task parked behind a lock held by another
@@ -39,23 +34,7 @@ func TestHandOffFromEveryRelease(t *testing.T) {
 		lease = 10 * time.Second // a safety wake would come after it
 		hold  = time.Second
 	)
-	settings, err := deploy.DefaultQueue()
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := taskstest.Start(t, taskstest.Options{})
-	if _, err := srv.CreateQueue(t.Context(), &cloudtaskspb.CreateQueueRequest{Parent: location, Queue: settings.Queue(queueName)}); err != nil {
-		t.Fatal(err)
-	}
-	var target atomic.Pointer[httputil.ReverseProxy]
-	front := &http.Server{Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) { target.Load().ServeHTTP(rw, r) })}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = front.Serve(ln) }()
-	t.Cleanup(func() { _ = front.Close() })
-	workerURL := "http://" + ln.Addr().String() + "/Worker"
+	srv, workerURL, target := frontedQueue(t)
 	logPath := filepath.Join(t.TempDir(), "runs.log")
 	_, addr := startWorkerProcess(t, workerProcessConfig{Project: emu.ProjectID, TasksEmulator: srv.Addr(), WorkerURL: workerURL,
 		Log: logPath, Lease: lease, Work: 10 * time.Millisecond}, emu.Host)

@@ -149,6 +149,29 @@ func startWorkerProcess(t *testing.T, cfg workerProcessConfig, datastoreHost str
 	return nil, ""
 }
 
+// frontedQueue starts the emulator with deploy's queue and one URL for the
+// Worker, as Cloud Run gives: it forwards to the process target names.
+func frontedQueue(t *testing.T) (*taskstest.Server, string, *atomic.Pointer[httputil.ReverseProxy]) {
+	t.Helper()
+	settings, err := deploy.DefaultQueue()
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := taskstest.Start(t, taskstest.Options{})
+	if _, err := srv.CreateQueue(t.Context(), &cloudtaskspb.CreateQueueRequest{Parent: location, Queue: settings.Queue(queueName)}); err != nil {
+		t.Fatal(err)
+	}
+	target := &atomic.Pointer[httputil.ReverseProxy]{}
+	front := &http.Server{Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) { target.Load().ServeHTTP(rw, r) })}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = front.Serve(ln) }()
+	t.Cleanup(func() { _ = front.Close() })
+	return srv, "http://" + ln.Addr().String() + "/Worker", target
+}
+
 // TestParkHolderSIGKILL kills, with SIGKILL, the Worker process that holds
 // a lock while its job runs, with tasks parked behind it on the Datastore
 // emulator: every parked task still runs, once, on the other process, never
@@ -163,27 +186,7 @@ func TestParkHolderSIGKILL(t *testing.T) {
 		lease  = 2 * time.Second
 		work   = 300 * time.Millisecond
 	)
-	settings, err := deploy.DefaultQueue()
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := taskstest.Start(t, taskstest.Options{})
-	if _, err := srv.CreateQueue(t.Context(), &cloudtaskspb.CreateQueueRequest{Parent: location, Queue: settings.Queue(queueName)}); err != nil {
-		t.Fatal(err)
-	}
-
-	// One URL for the Worker, as Cloud Run gives: it forwards to the live
-	// process.
-	var target atomic.Pointer[httputil.ReverseProxy]
-	front := &http.Server{Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) { target.Load().ServeHTTP(rw, r) })}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = front.Serve(ln) }()
-	t.Cleanup(func() { _ = front.Close() })
-	workerURL := "http://" + ln.Addr().String() + "/Worker"
-
+	srv, workerURL, target := frontedQueue(t)
 	logPath := filepath.Join(t.TempDir(), "runs.log")
 	cfg := workerProcessConfig{Project: emu.ProjectID, TasksEmulator: srv.Addr(), WorkerURL: workerURL, Log: logPath, Lease: lease, Work: work}
 	holder, holderAddr := startWorkerProcess(t, cfg, emu.Host)
