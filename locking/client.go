@@ -263,6 +263,22 @@ func (c *Client) acquire(ctx, sctx, life context.Context, id string, o options, 
 		w.n = c.notifiers[o.kind]
 	}
 	defer w.stop()
+	if o.wait {
+		// After a long run of local hand-offs, leave the lock to another
+		// process's waiter for a moment (see gate).
+		if pause := g.yield(c, w.n != nil); pause > 0 {
+			if !deadline.IsZero() {
+				pause = min(pause, max(0, time.Until(deadline)))
+			}
+			paused := time.Now()
+			err := w.sleep(ctx, pause)
+			st.waited += time.Since(paused)
+			if err != nil {
+				g.leave()
+				return nil, fmt.Errorf("locking: acquire %q: %w", id, err)
+			}
+		}
+	}
 	for {
 		sent := time.Now()
 		grant, err := c.ask(sctx, b, g, req, sent)
@@ -338,6 +354,7 @@ func (c *Client) ask(ctx context.Context, b Backend, g *gate, req Request, sent 
 	grant, err = b.Acquire(ctx, req)
 	if err == nil && grant.Acquired {
 		g.holding(sent.Add(req.Lease))
+		g.granted(sent)
 	}
 	g.answered(grant, err)
 	answered = true

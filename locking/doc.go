@@ -85,7 +85,13 @@
 // Config.MaxBackoff, so that short waits notice a release quickly and long
 // waits cost little. Callers of one Client waiting for the same id queue
 // in-process behind a single poller; when a holder in this process releases,
-// the next local waiter tries at once. Wait(false) fails at once with a
+// the next local waiter tries at once. Those local hand-offs are bounded, as
+// sync.Mutex bounds them in starvation mode, so that waiters in other
+// processes are not starved: after 4 hand-offs in a row that together lasted
+// 10·MinBackoff (200 ms) or more, the next local waiter leaves the lock free
+// for one window — a tenth of the run, plus MinBackoff (MinBackoff alone on a
+// Notifier) — in which a waiter elsewhere that began waiting during the run
+// polls. Wait(false) fails at once with a
 // *NotAcquiredError (errors.Is ErrNotAcquired), whose Remaining hints how
 // long the holder's lease runs (also when another caller in this process
 // learnt it): the tasks package turns that into a Retry-After.

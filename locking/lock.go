@@ -161,7 +161,8 @@ func (l *Lock) release(ctx context.Context) error {
 // releaseEnded is Release of a lock that is no longer held, or is being
 // released on the holder's behalf.
 func (l *Lock) releaseEnded() error {
-	<-l.done // a release on the holder's behalf may be under way
+	<-l.done   // a release on the holder's behalf may be under way
+	<-l.exited // and the give-back of a lost holding: nothing runs after Release
 	l.mu.Lock()
 	err, lossy := l.err, l.lossy
 	l.mu.Unlock()

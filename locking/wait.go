@@ -46,12 +46,17 @@ const waitDivisor = 10
 // waits poll often and notice a release quickly; long waits poll rarely, so
 // their cost grows with the logarithm of the time waited, not with the time.
 func (c *Client) pollGap(waited time.Duration) time.Duration {
-	hi := min(max(waited/waitDivisor, c.minBackoff), c.maxBackoff)
+	hi := c.maxPollGap(waited)
 	lo := max(c.minBackoff, hi/2)
 	if hi <= lo {
 		return lo
 	}
 	return lo + mrand.N(hi-lo+1)
+}
+
+// maxPollGap is the longest pause pollGap returns after waited.
+func (c *Client) maxPollGap(waited time.Duration) time.Duration {
+	return min(max(waited/waitDivisor, c.minBackoff), c.maxBackoff)
 }
 
 // waiter is one Acquire's waiting between polls: a watch of the backend's

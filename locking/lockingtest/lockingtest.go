@@ -88,6 +88,7 @@ func Run(t *testing.T, newBackend NewBackend, opts Options) {
 		{"InvalidInput", s.invalidInput},
 		{"Nested", s.nested},
 		{"Contention", s.contention},
+		{"RemoteWaiterNotStarved", s.remoteNotStarved},
 		{"Life/WithHoldsUntilFnReturns", s.withOutlivesContext},
 		{"Life/GrantAfterContextEnd", s.grantAfterContextEnd},
 		{"Life/NotReentrant", s.notReentrant},
