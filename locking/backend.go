@@ -99,3 +99,54 @@ func (r Request) Validate() error {
 	}
 	return nil
 }
+
+// Wrapper is how a decorator around a Backend (metrics, tracing, a poll
+// counter, a hand-off on Release) keeps the capabilities of the Backend it
+// wraps: Unwrap returns that Backend.
+//
+// Beyond its three methods a Backend may have capabilities that the client
+// uses when it finds them: Notifier (it announces releases, so waiters need
+// not poll) and InProcessBackend (its locks live in this process only). The
+// client looks for each on the Backend it was configured with and then, for
+// as long as the value is a Wrapper, on the Backend it wraps — the
+// convention of errors.Unwrap. A decorator that does not implement Unwrap
+// hides them: a wrapped Notifier's waiters then poll, at up to 1/MinBackoff
+// tries a second, instead of being woken within a round trip. A decorator
+// that implements a capability itself (a Watch of its own) is found first.
+// Unwrap must not return its receiver; a chain is followed for at most 64
+// steps.
+type Wrapper interface {
+	Unwrap() Backend
+}
+
+// InProcessBackend is a Backend that says whether its locks live in this
+// process's memory only (package memlock's does, and the in-memory store of
+// the default client): such locks exclude nothing across instances, which
+// Client.InProcess reports and code that needs cross-instance exclusion
+// refuses.
+type InProcessBackend interface {
+	InProcess() bool
+}
+
+// maxUnwrap bounds the chain of Unwrap calls that capability follows.
+const maxUnwrap = 64
+
+// capability returns the first value of the chain b, b.Unwrap(), ... that
+// implements T.
+func capability[T any](b Backend) (T, bool) {
+	for range maxUnwrap {
+		if b == nil {
+			break
+		}
+		if c, ok := b.(T); ok {
+			return c, true
+		}
+		w, ok := b.(Wrapper)
+		if !ok {
+			break
+		}
+		b = w.Unwrap()
+	}
+	var zero T
+	return zero, false
+}

@@ -48,8 +48,9 @@ type Config struct {
 	// waited: jitter over [h/2, h] where h is a tenth of the time waited,
 	// within [MinBackoff, MaxBackoff]. So one waiting id polls its backend
 	// at most 1/MinBackoff times a second from one Client, and a long wait
-	// costs little. On a backend that announces releases (a Notifier) the
-	// waiter is woken by the announcement and polls only every SafetyPoll.
+	// costs little. On a backend that announces releases (a Notifier, also
+	// behind decorators that implement Wrapper) the waiter is woken by the
+	// announcement and polls only every SafetyPoll.
 	MinBackoff, MaxBackoff time.Duration
 	// Logger receives the client's rare log lines: a renewal that failed and
 	// is being retried, a lock lost, a release that failed. slog.Default()
@@ -120,7 +121,7 @@ func New(cfg Config) (*Client, error) {
 		if b != nil {
 			c.metered[k] = &meteredBackend{b: b, t: tel, kind: LockKind(k)}
 		}
-		if n, ok := b.(Notifier); ok {
+		if n, ok := capability[Notifier](b); ok {
 			c.notifiers[k] = n
 		}
 	}
@@ -139,10 +140,11 @@ func (c *Client) Lease() time.Duration { return c.lease }
 
 // InProcess reports whether locks of kind k are kept in this process's
 // memory (the in-memory default of FromEnvironment, or a backend such as
-// package memlock's that says so with an InProcess() bool method), and so
-// exclude nothing across instances.
+// package memlock's that says so, an InProcessBackend, also when wrapped by
+// a decorator that implements Wrapper), and so exclude nothing across
+// instances.
 func (c *Client) InProcess(k LockKind) bool {
-	b, ok := c.Backend(k).(interface{ InProcess() bool })
+	b, ok := capability[InProcessBackend](c.Backend(k))
 	return ok && b.InProcess()
 }
 

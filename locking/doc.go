@@ -127,7 +127,8 @@
 // A Backend is a handful of atomic operations on one store; everything
 // above is written once in this package. Package lockingtest is the
 // conformance suite every backend passes; memlock is the in-memory backend,
-// the double for tests.
+// the double for tests. Optional capabilities (Notifier, InProcessBackend)
+// are found through decorators that implement Wrapper's Unwrap.
 //
 // # The default client
 //

@@ -363,6 +363,9 @@ func (m *meteredBackend) record(ctx context.Context, op operation, start time.Ti
 	m.t.backendDuration.Record(ctx, time.Since(start).Seconds(), a.rec...)
 }
 
+// Unwrap returns the backend it counts the calls of.
+func (m *meteredBackend) Unwrap() Backend { return m.b }
+
 func (m *meteredBackend) Acquire(ctx context.Context, r Request) (Grant, error) {
 	start := time.Now()
 	g, err := m.b.Acquire(ctx, r)

@@ -10,7 +10,8 @@ import (
 // A Notifier is a Backend that can announce releases, so that waiters need
 // not poll for them. It is optional: the client uses it when the Backend it
 // was configured with implements it (package redislock's does, through
-// Valkey/Redis pub/sub).
+// Valkey/Redis pub/sub), or wraps one that does and says so with Unwrap (see
+// Wrapper).
 //
 // Announcements may be lost (pub/sub delivers at most once, and nothing is
 // delivered while a connection is down); the client covers a lost one with a
