@@ -16,11 +16,14 @@ var (
 
 	// ErrLockLost reports that a lock stopped being held before its holder
 	// released it: renewals failed until the lease ran out, another owner took
-	// it over, or the store no longer has it.
+	// it over, or the store no longer has it. Lock.Err, Lock.Release and With
+	// return it for a lost lock.
 	ErrLockLost = errors.New("locking: lock lost")
 
-	// ErrNotHeld reports a Release of a lock this owner does not hold (any
-	// more): it was released already, lost, or taken over.
+	// ErrNotHeld reports, from a Backend, that the owner does not hold the
+	// lock (any more); from Lock.Release and Lock.Err, that the lock was
+	// released already (by Release, or when its context ended). A lost lock
+	// is reported with ErrLockLost instead: one sentinel per meaning.
 	ErrNotHeld = errors.New("locking: lock not held")
 
 	// ErrReentrant reports an Acquire or With of a lock that an enclosing

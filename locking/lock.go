@@ -80,8 +80,8 @@ func (l *Lock) Token() uint64 { return l.token }
 func (l *Lock) Done() <-chan struct{} { return l.done }
 
 // Err returns nil while the lock is held. After Done is closed it returns an
-// error wrapping ErrLockLost if the lock was lost, or ErrNotHeld if it was
-// released or ended with its context.
+// error wrapping ErrLockLost if the lock was lost, or one wrapping
+// ErrNotHeld if it was released or ended with its context (never both).
 func (l *Lock) Err() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -109,12 +109,13 @@ func (l *Lock) lostErr() error {
 // timeout, still releases the lock.
 //
 // It returns nil once the store has removed this holding. It returns an
-// error wrapping ErrNotHeld when the lock is no longer held: released
-// before, lost (then it wraps ErrLockLost too), or taken over by another
-// owner without this holder having noticed yet (the backend refuses to
-// remove a lock it does not hold, and the error wraps ErrLockLost as well).
-// Any other error is the backend's; the lock then expires at the end of its
-// lease. Done is closed when Release returns.
+// error wrapping ErrLockLost when the lock was lost — before, or found at
+// this call to be taken over or expired (the backend refuses to remove a
+// lock it does not hold) — and one wrapping ErrNotHeld when it was released
+// before (by Release, or when its context ended). Each error wraps one of
+// the two, never both. Any other error is the backend's; the lock then
+// expires at the end of its lease. Done is closed, and nothing of the lock
+// runs any more, when Release returns.
 func (l *Lock) Release(ctx context.Context) error {
 	ctx, span := l.c.tel.startRelease(ctx, l)
 	var err error
@@ -150,8 +151,8 @@ func (l *Lock) release(ctx context.Context) error {
 		return nil
 	case errors.Is(err, ErrNotHeld):
 		lostErr := fmt.Errorf("%w: %q was taken over or expired before it was released", ErrLockLost, l.req.ID)
-		l.end(lost, fmt.Errorf("%w (%w)", ErrNotHeld, lostErr), true)
-		return fmt.Errorf("locking: release %q: %w (%w)", l.req.ID, ErrNotHeld, lostErr)
+		l.end(lost, lostErr, true)
+		return fmt.Errorf("locking: release %q: %w", l.req.ID, lostErr)
 	default:
 		l.end(released, fmt.Errorf("%w: %q: release failed: %w", ErrNotHeld, l.req.ID, err), false)
 		return fmt.Errorf("locking: release %q: %w", l.req.ID, err)
@@ -164,11 +165,8 @@ func (l *Lock) releaseEnded() error {
 	<-l.done   // a release on the holder's behalf may be under way
 	<-l.exited // and the give-back of a lost holding: nothing runs after Release
 	l.mu.Lock()
-	err, lossy := l.err, l.lossy
+	err := l.err
 	l.mu.Unlock()
-	if lossy && !errors.Is(err, ErrNotHeld) {
-		return fmt.Errorf("locking: release %q: %w (%w)", l.req.ID, ErrNotHeld, err)
-	}
 	return fmt.Errorf("locking: release %q: %w", l.req.ID, err)
 }
 
@@ -291,7 +289,9 @@ func (l *Lock) renew(life context.Context, acquired time.Time) {
 			next, attempt = interval, 0
 			l.renewWarn.reset()
 		case errors.Is(err, ErrNotHeld):
-			l.loseTo(fmt.Errorf("%w: %q: %w", ErrLockLost, l.req.ID, err))
+			// The store's words, not its ErrNotHeld: a lost lock is
+			// reported with ErrLockLost only.
+			l.loseTo(fmt.Errorf("%w: %q: %v", ErrLockLost, l.req.ID, err))
 			return
 		default:
 			if ok, left := l.renewWarn.allow(); ok {

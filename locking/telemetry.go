@@ -63,7 +63,7 @@ func resultOf(err error) result {
 	switch {
 	case err == nil:
 		return resultOK
-	case errors.Is(err, ErrNotHeld):
+	case errors.Is(err, ErrNotHeld), errors.Is(err, ErrLockLost):
 		return resultNotHeld
 	}
 	return resultError
