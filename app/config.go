@@ -1,7 +1,6 @@
 package app
 
 import (
-	"errors"
 	"fmt"
 	"log/slog"
 	"net/url"
@@ -9,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/locking/dslock"
 	"github.com/taskguard/taskguard/tasks"
 )
@@ -51,8 +51,9 @@ const (
 	Busy429 = "429"
 )
 
-// ErrConfig marks an invalid configuration.
-var ErrConfig = errors.New("taskguard: invalid configuration")
+// ErrConfig marks an invalid configuration. It wraps locking.ErrInvalid, as
+// every bad-configuration error of this module does.
+var ErrConfig = locking.NewInvalid("taskguard: invalid configuration")
 
 // Config is the functions' configuration, read from the environment by
 // ConfigFromEnv. The lock backends themselves are chosen, and their

@@ -14,7 +14,6 @@ import (
 
 	"github.com/taskguard/taskguard/cloudlog"
 	"github.com/taskguard/taskguard/locking"
-	"github.com/taskguard/taskguard/tasks"
 )
 
 // Functions names the functions Register registers and Handler serves. An
@@ -165,8 +164,9 @@ func (l *lazyApp) get() (*App, time.Time, error) {
 		return a, time.Time{}, nil
 	}
 	l.err = err
-	l.permanent = errors.Is(err, ErrConfig) || errors.Is(err, locking.ErrInvalid) ||
-		errors.Is(err, locking.ErrNoStrongBackend) || errors.Is(err, tasks.ErrInvalidConfig)
+	// Every bad-configuration error of the module wraps locking.ErrInvalid
+	// (ErrConfig, tasks.ErrInvalidConfig, ErrNoStrongBackend, the backends').
+	l.permanent = errors.Is(err, locking.ErrInvalid)
 	l.backoff = min(max(2*l.backoff, minBuildBackoff), maxBuildBackoff)
 	l.next = l.now().Add(l.backoff)
 	log := l.logger()

@@ -38,7 +38,9 @@ const (
 // Config configures a Client. Only the backends are required.
 type Config struct {
 	// Strong stores Strong locks; Weak stores Weak locks. At least one must be
-	// set. A kind with no backend fails with ErrNoBackend.
+	// set. When Weak is nil, Weak locks use Strong (a stronger lock is always
+	// a valid weak one), as the Default client does; when Strong is nil,
+	// Strong locks fail with ErrNoBackend (a weak lock is not a strong one).
 	Strong, Weak Backend
 	// Lease is the default lease (DefaultLease when zero).
 	Lease time.Duration
@@ -97,6 +99,9 @@ func New(cfg Config) (*Client, error) {
 		if d.v < 0 || d.v > MaxLease {
 			return nil, invalid("Config: %s %v is not in [0, %v] (0: the default)", d.name, d.v, MaxLease)
 		}
+	}
+	if cfg.Weak == nil {
+		cfg.Weak = cfg.Strong
 	}
 	c := &Client{
 		backends:   [2]Backend{cfg.Strong, cfg.Weak},

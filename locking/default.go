@@ -33,7 +33,8 @@ var productionEnv = []string{"K_SERVICE", "K_REVISION", "CLOUD_RUN_JOB", "GAE_SE
 // Strong lock taken there would exclude nothing across instances. The error
 // wrapping it names the fix. FromEnvironment returns it; the Default client
 // fails every lock call with it.
-var ErrNoStrongBackend = errors.New("locking: no Strong lock backend in production")
+// It wraps ErrInvalid: the deployment is misconfigured.
+var ErrNoStrongBackend = NewInvalid("locking: no Strong lock backend in production")
 
 // memoryStore is the process-wide in-memory store: every client that falls
 // back to memory in this process (Default, FromEnvironment) shares it, so

@@ -35,7 +35,8 @@ var (
 	ErrReentrant = errors.New("locking: lock already held by this context (locks are not re-entrant)")
 
 	// ErrNoBackend reports a lock kind for which the client has no backend.
-	ErrNoBackend = errors.New("locking: no backend for this lock kind")
+	// It wraps ErrInvalid: the client is configured without it.
+	ErrNoBackend = NewInvalid("locking: no backend for this lock kind")
 
 	// ErrInvalid reports bad input: an empty id, a duration that is not
 	// positive or is above MaxLease, an unknown kind. It is returned before any I/O.
@@ -68,6 +69,18 @@ func (e *NotAcquiredError) Error() string {
 
 // Is reports whether target is ErrNotAcquired.
 func (e *NotAcquiredError) Is(target error) bool { return target == ErrNotAcquired }
+
+// NewInvalid returns a new error whose text is text and that wraps
+// ErrInvalid: a package's own sentinel for one kind of bad input or
+// configuration (mclock.ErrInvalidOptions, tasks.ErrInvalidConfig, ...), so
+// that errors.Is(err, ErrInvalid) alone tells bad configuration from a
+// failing store, whichever package refused it.
+func NewInvalid(text string) error { return &invalidError{text} }
+
+type invalidError struct{ text string }
+
+func (e *invalidError) Error() string { return e.text }
+func (e *invalidError) Unwrap() error { return ErrInvalid }
 
 func invalid(format string, args ...any) error {
 	return fmt.Errorf("%w: "+format, append([]any{ErrInvalid}, args...)...)

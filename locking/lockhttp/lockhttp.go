@@ -17,9 +17,9 @@
 //   - lock lost (locking.ErrLockLost): 503 Service Unavailable;
 //   - the lock store failed, or the request ended while the lock was taken:
 //     503 Service Unavailable;
-//   - the lock client cannot work as configured (locking.ErrInvalid,
-//     ErrNoBackend, ErrNoStrongBackend, ErrReentrant): 500 Internal Server
-//     Error.
+//   - the lock client cannot work as configured (locking.ErrInvalid, which
+//     ErrNoBackend, ErrNoStrongBackend and every package's bad-configuration
+//     error wrap; ErrReentrant): 500 Internal Server Error.
 //
 // For Cloud Run functions written for the Functions Framework, GuardFunc
 // wraps a func(w, r):
@@ -103,8 +103,7 @@ func (p Policy) Answer(err error) (a Answer, ok bool) {
 			status = http.StatusTooManyRequests
 		}
 		return Answer{Status: status, RetryAfter: p.RetryAfter(busy.Remaining), Message: "lock held"}, true
-	case busy != nil, errors.Is(err, locking.ErrInvalid), errors.Is(err, locking.ErrNoBackend),
-		errors.Is(err, locking.ErrNoStrongBackend), errors.Is(err, locking.ErrReentrant):
+	case busy != nil, errors.Is(err, locking.ErrInvalid), errors.Is(err, locking.ErrReentrant):
 		return Answer{Status: http.StatusInternalServerError, Message: "lock misconfigured"}, true
 	default:
 		return Answer{Status: http.StatusServiceUnavailable, Message: "lock unavailable"}, true

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -61,7 +60,7 @@ const iamConnLifetime = 30 * time.Minute
 
 // ErrInvalidEnv is returned (wrapped) by FromEnv when the environment names
 // a server but a value is malformed.
-var ErrInvalidEnv = errors.New("redislock: invalid environment")
+var ErrInvalidEnv = locking.NewInvalid("redislock: invalid environment")
 
 func init() {
 	locking.RegisterProvider(locking.Weak, "valkey", FromEnv)
