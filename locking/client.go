@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	mrand "math/rand/v2"
+	"os"
 	"sync"
 	"time"
 
@@ -81,6 +82,8 @@ type Client struct {
 	maxBackoff time.Duration
 	log        *slog.Logger
 	err        error // set on a Default() client whose configuration failed
+	cloudRun   bool  // K_SERVICE was set when the client was made
+	ctxEnds    ctxEndWarn
 
 	mu    sync.Mutex
 	gates map[gateKey]*gate // guarded by mu
@@ -110,6 +113,7 @@ func New(cfg Config) (*Client, error) {
 		maxBackoff: cmp(cfg.MaxBackoff, DefaultMaxBackoff),
 		log:        cfg.Logger,
 		gates:      make(map[gateKey]*gate),
+		cloudRun:   os.Getenv("K_SERVICE") != "",
 	}
 	if c.maxBackoff < c.minBackoff {
 		return nil, invalid("Config: MaxBackoff %v is below MinBackoff %v", c.maxBackoff, c.minBackoff)
@@ -167,6 +171,12 @@ func (c *Client) Backend(k LockKind) Backend {
 // Done closes; code that goes on after that runs unguarded, so watch
 // ctx.Done() or Lock.Done(), or use With, which keeps the lock until its
 // function returns. (To bound only the wait, use MaxWait, not a shorter ctx.)
+// A lock left to end with a request's context (Acquire(r.Context()) without
+// Release) is released after the answer, when Cloud Run may have throttled
+// the instance's CPU or frozen it: the release can come late, or only when
+// the lease runs out. Release before answering, or use With. On Cloud Run
+// (K_SERVICE set) the client warns when a lock ends that way: once per id,
+// at most every 10 seconds.
 //
 // While the lock is held by someone else Acquire waits (unless Wait(false)),
 // woken by the backend's announcement of a release (a Notifier) or polling
@@ -368,36 +378,25 @@ func (c *Client) ask(ctx context.Context, b Backend, g *gate, req Request, sent 
 	return grant, err
 }
 
-// giveBackWait is how long a failed Acquire waits for its give-back before
-// returning; the give-back itself goes on for up to releaseTimeout. Long
-// enough for a slow store to answer (a function instance may be frozen, or
-// its process end, once the caller returns), short enough that a store that
-// does not answer holds the caller for 2 s, not 10.
+// giveBackWait bounds the give-back of a failed Acquire. Long enough for a
+// slow store to answer, short enough that a store that does not answer
+// holds the caller (whose context may have ended) for 2 s, not 10.
 const giveBackWait = 2 * time.Second
 
-// giveBack releases req's owner on a context detached from ctx: a grant
-// nobody will hold, or an acquire whose outcome is unknown. The owner is
-// unique to the request, so this never removes another owner's lock. It
-// waits for the release at most giveBackWait, so that a store that does not
-// answer does not hold the caller (whose context may have ended) for long;
-// the release goes on in the background until releaseTimeout.
+// giveBack releases req's owner inside the failing Acquire, before it
+// returns — a function instance may be frozen, or its process end, once the
+// caller answers, so nothing is left to run after — on a context detached
+// from ctx and bounded by giveBackWait: a grant nobody will hold, or an
+// acquire whose outcome is unknown. The owner is unique to the request, so
+// this never removes another owner's lock. A store that does not answer in
+// time keeps the holding until its lease runs out.
 func (c *Client) giveBack(ctx context.Context, b Backend, req Request) {
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		rctx, cancel := detached(ctx)
-		defer cancel()
-		err := b.Release(rctx, req.ID, req.Owner)
-		if err != nil && !errors.Is(err, ErrNotHeld) {
-			c.log.Warn("locking: could not give back an acquire nobody holds; it expires with its lease",
-				"lock_id", req.ID, "lease", req.Lease, "error", err)
-		}
-	}()
-	t := time.NewTimer(giveBackWait)
-	defer t.Stop()
-	select {
-	case <-done:
-	case <-t.C:
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), giveBackWait)
+	defer cancel()
+	err := b.Release(rctx, req.ID, req.Owner)
+	if err != nil && !errors.Is(err, ErrNotHeld) {
+		c.log.Warn("locking: could not give back an acquire nobody holds; it expires with its lease",
+			"lock_id", req.ID, "lease", req.Lease, "error", err)
 	}
 }
 

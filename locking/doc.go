@@ -37,7 +37,17 @@
 // ends, the function's context is cancelled but the lock stays held and
 // renewed until the function returns, and a warning is logged while it
 // overruns. A lock from Acquire is released when its context ends; code that
-// goes on running after that is unguarded.
+// goes on running after that is unguarded. On Cloud Run a lock left to end
+// with a request's context is released after the answer, when the instance's
+// CPU may be throttled, so later (up to a lease later): Release it before
+// answering, or use With. The client warns when that happens (K_SERVICE set).
+//
+// A held lock runs one goroutine, its renewer, which makes each renewal
+// inline; Release (and the end of the lock's context) cancels a renewal under
+// way and waits for it, and a failed Acquire gives back what the store may
+// have granted inside the call. Nothing of a lock runs after Release returns
+// or Acquire fails, unless a backend ignores its context (then Release waits
+// for it at most 10 seconds, and a give-back at most 2).
 //
 // Every end-of-life call (Release, the release when a context ends, the
 // return of a grant nobody will hold) runs on a context detached from the

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sync"
 	"time"
 )
@@ -132,6 +133,24 @@ func (l *Lock) Release(ctx context.Context) error {
 	return err
 }
 
+// join waits for the renewer to return: at once when it is between two
+// renewals, or as soon as the renewal under way returns (its context is
+// cancelled with the lock's life). A backend that ignores its context is
+// waited for at most releaseTimeout; its call then ends in the background.
+func (l *Lock) join() {
+	select {
+	case <-l.exited:
+		return
+	default:
+	}
+	t := time.NewTimer(releaseTimeout)
+	defer t.Stop()
+	select {
+	case <-l.exited:
+	case <-t.C:
+	}
+}
+
 // detached returns a context with ctx's values that ends after
 // releaseTimeout, whatever ctx does.
 func detached(ctx context.Context) (context.Context, context.CancelFunc) {
@@ -141,7 +160,7 @@ func detached(ctx context.Context) (context.Context, context.CancelFunc) {
 // release stops the renewals and removes the lock from the backend.
 func (l *Lock) release(ctx context.Context) error {
 	l.endLife(errReleased)
-	<-l.exited
+	l.join()
 	rctx, cancel := detached(ctx)
 	defer cancel()
 	err := l.b.Release(rctx, l.req.ID, l.req.Owner)
@@ -162,8 +181,8 @@ func (l *Lock) release(ctx context.Context) error {
 // releaseEnded is Release of a lock that is no longer held, or is being
 // released on the holder's behalf.
 func (l *Lock) releaseEnded() error {
-	<-l.done   // a release on the holder's behalf may be under way
-	<-l.exited // and the give-back of a lost holding: nothing runs after Release
+	<-l.done // a release on the holder's behalf may be under way
+	l.join() // and the give-back of a lost holding: nothing runs after Release
 	l.mu.Lock()
 	err := l.err
 	l.mu.Unlock()
@@ -219,11 +238,12 @@ func (c *Client) newLock(life context.Context, b Backend, kind LockKind, req Req
 // before any other owner can take the lock over, unless clocks run at rates
 // more than 10% apart or the backend itself misjudges time.
 //
-// Renewals run on a context of their own, bounded by that count: when life
-// ends during one (Release, or the context the lock was acquired with), the
-// renewal is abandoned and the lock released, never declared lost. A renewal
-// still pending when the count runs out is waited for in the background and
-// the holding it may have extended is given back.
+// Renewals run in this goroutine, the lock's only one, on a context that
+// ends with life and with that count: when life ends during one (Release,
+// or the context the lock was acquired with), the renewal is cancelled and
+// the lock released, never declared lost. A watchdog timer declares the
+// loss when the count runs out even if the backend's call goes on; once it
+// returns, the holding it may have extended is given back.
 func (l *Lock) renew(life context.Context, acquired time.Time) {
 	defer close(l.exited)
 	lease := l.req.Lease
@@ -250,37 +270,33 @@ func (l *Lock) renew(life context.Context, acquired time.Time) {
 		}
 		l.warnOverrun()
 		sent := time.Now()
-		rctx, cancel := context.WithDeadline(context.WithoutCancel(life), lostAt)
-		res := make(chan error, 1)
-		go func() {
-			_, err := l.b.Renew(rctx, l.req)
-			res <- err
-		}()
-		var err error
-		t = time.NewTimer(time.Until(lostAt))
-		select {
-		case err = <-res:
-		case <-life.Done():
-			// Released, or the lock's context ended: the renewal no longer
-			// matters, and the release below removes what it may extend.
-			t.Stop()
-			cancel()
+		// The renewal runs inline, on a context that ends with the lock's
+		// life (Release, or the context it was acquired with) and at
+		// lostAt. A watchdog declares the loss at lostAt even if the
+		// backend ignores its context and the call goes on.
+		rctx, cancel := context.WithDeadline(life, lostAt)
+		fired := make(chan struct{})
+		watchdog := time.AfterFunc(time.Until(lostAt), func() {
+			defer close(fired)
+			l.loseTo(fmt.Errorf("%w: %q: %w (a renewal was still under way)", ErrLockLost, l.req.ID, errLeaseRanOut))
+		})
+		_, err := l.b.Renew(rctx, l.req)
+		cancel()
+		if !watchdog.Stop() {
+			<-fired
+			l.c.tel.renewal(life, l.kind, context.DeadlineExceeded)
+			// The renewal may have extended the holding after the loss
+			// was declared: give it back.
+			l.giveBack(life, true)
+			return
+		}
+		if life.Err() != nil {
+			// Released, or the lock's context ended, during the renewal: it
+			// no longer matters, and the release removes what it may
+			// have extended.
 			l.endWithContext(life)
 			return
-		case <-t.C:
-			select {
-			case err = <-res: // returned just in time
-			default:
-				l.c.tel.renewal(life, l.kind, context.DeadlineExceeded)
-				l.loseTo(fmt.Errorf("%w: %q: %w (a renewal was still under way)", ErrLockLost, l.req.ID, errLeaseRanOut))
-				<-res // the call outlives the lock by no more than the backend's own timeouts
-				cancel()
-				l.giveBack(life, true)
-				return
-			}
 		}
-		t.Stop()
-		cancel()
 		l.c.tel.renewal(life, l.kind, err)
 		switch {
 		case err == nil:
@@ -343,6 +359,9 @@ func (l *Lock) endWithContext(life context.Context) {
 	}
 	l.state = releasing
 	l.mu.Unlock()
+	if l.c.cloudRun {
+		l.c.ctxEnds.warn(l.c.log, l.req.ID)
+	}
 	ctx, cancel := detached(life)
 	defer cancel()
 	err := l.b.Release(ctx, l.req.ID, l.req.Owner)
@@ -416,4 +435,34 @@ func (w *rareWarn) reset() {
 	w.mu.Lock()
 	w.last, w.held = time.Time{}, 0
 	w.mu.Unlock()
+}
+
+// maxCtxEndIDs bounds the ids ctxEndWarn remembers having warned about.
+const maxCtxEndIDs = 1024
+
+// ctxEndWarn warns that locks end with their context on Cloud Run: once per
+// id (of the first maxCtxEndIDs), and at most every warnEvery.
+type ctxEndWarn struct {
+	rare rareWarn
+	mu   sync.Mutex
+	seen map[string]struct{} // guarded by mu
+}
+
+func (w *ctxEndWarn) warn(log *slog.Logger, id string) {
+	w.mu.Lock()
+	_, seen := w.seen[id]
+	if !seen && len(w.seen) < maxCtxEndIDs {
+		if w.seen == nil {
+			w.seen = make(map[string]struct{})
+		}
+		w.seen[id] = struct{}{}
+	}
+	w.mu.Unlock()
+	if seen {
+		return
+	}
+	if ok, left := w.rare.allow(); ok {
+		log.Warn("locking: a lock ended with the context it was acquired with, not by Release; on Cloud Run that release runs after the answer, when the instance's CPU may be throttled, and may come only when the lease runs out: Release before answering, or use With",
+			"lock_id", id, "warnings_not_logged", left)
+	}
 }
