@@ -56,8 +56,9 @@ type Config struct {
 	// announcement and polls only every SafetyPoll.
 	MinBackoff, MaxBackoff time.Duration
 	// Logger receives the client's rare log lines: a renewal that failed and
-	// is being retried, a lock lost, a release that failed. slog.Default()
-	// when nil.
+	// is being retried, a lock lost, a release that failed. When nil, each
+	// line goes to slog.Default() as it is when the line is logged, so a
+	// later slog.SetDefault (a JSON handler for Cloud Logging) applies.
 	Logger *slog.Logger
 	// MeterProvider provides the meter of the client's metrics, and
 	// TracerProvider the tracer of its spans (see the package documentation,
@@ -80,9 +81,9 @@ type Client struct {
 	lease      time.Duration
 	minBackoff time.Duration
 	maxBackoff time.Duration
-	log        *slog.Logger
-	err        error // set on a Default() client whose configuration failed
-	cloudRun   bool  // K_SERVICE was set when the client was made
+	log        *slog.Logger // Config.Logger; nil: slog.Default() at each line
+	err        error        // set on a Default() client whose configuration failed
+	cloudRun   bool         // K_SERVICE was set when the client was made
 	ctxEnds    ctxEndWarn
 
 	mu    sync.Mutex
@@ -118,9 +119,6 @@ func New(cfg Config) (*Client, error) {
 	if c.maxBackoff < c.minBackoff {
 		return nil, invalid("Config: MaxBackoff %v is below MinBackoff %v", c.maxBackoff, c.minBackoff)
 	}
-	if c.log == nil {
-		c.log = slog.Default()
-	}
 	tel, err := newTelemetry(cfg.MeterProvider, cfg.TracerProvider)
 	if err != nil {
 		return nil, err
@@ -142,6 +140,15 @@ func cmp(d, def time.Duration) time.Duration {
 		return def
 	}
 	return d
+}
+
+// logger returns Config.Logger, or the process's default logger as it is
+// now, so that a slog.SetDefault after New still applies.
+func (c *Client) logger() *slog.Logger {
+	if c.log != nil {
+		return c.log
+	}
+	return slog.Default()
 }
 
 // Lease returns the client's default lease: Config.Lease, or DefaultLease.
@@ -274,7 +281,7 @@ func (c *Client) acquire(ctx, sctx, life context.Context, id string, o options, 
 	}
 	req := Request{ID: id, Owner: newOwner(), Lease: o.lease, StealAfter: o.stealAfter}
 	var polling time.Time // the first busy answer
-	w := &waiter{log: c.log}
+	w := &waiter{log: c.logger()}
 	if o.stealAfter == 0 {
 		// A steal comes with time, not with a release: stealers poll.
 		w.n = c.notifiers[o.kind]
@@ -395,7 +402,7 @@ func (c *Client) giveBack(ctx context.Context, b Backend, req Request) {
 	defer cancel()
 	err := b.Release(rctx, req.ID, req.Owner)
 	if err != nil && !errors.Is(err, ErrNotHeld) {
-		c.log.Warn("locking: could not give back an acquire nobody holds; it expires with its lease",
+		c.logger().Warn("locking: could not give back an acquire nobody holds; it expires with its lease",
 			"lock_id", req.ID, "lease", req.Lease, "error", err)
 	}
 }

@@ -90,7 +90,7 @@ func Default() *Client {
 		c, err := fromEnvironment(Config{})
 		if err != nil {
 			slog.Error("locking: the default client cannot take locks; every lock call will fail", "error", err)
-			c = &Client{err: err, log: slog.Default()}
+			c = &Client{err: err}
 		}
 		defClient = c
 	}
@@ -218,9 +218,9 @@ func fromEnvironment(cfg Config) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	c.log.Info("locking: client ready", "strong_backend", names[Strong], "weak_backend", names[Weak])
+	c.logger().Info("locking: client ready", "strong_backend", names[Strong], "weak_backend", names[Weak])
 	if memory {
-		c.log.Warn("locking: Strong locks are in this process's memory: they exclude nothing across processes or instances",
+		c.logger().Warn("locking: Strong locks are in this process's memory: they exclude nothing across processes or instances",
 			"why", whyMemory(), "fix", fixStrong)
 	}
 	return c, nil

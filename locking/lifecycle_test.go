@@ -284,3 +284,28 @@ func TestContextEndWarnsOnCloudRun(t *testing.T) {
 		})
 	}
 }
+
+// TestLinesFollowTheDefaultLogger: a client made without Config.Logger logs
+// to slog.Default() as it is at each line, so a slog.SetDefault after New
+// (a program's JSON handler for Cloud Logging) applies to the lock's lines.
+func TestLinesFollowTheDefaultLogger(t *testing.T) {
+	prev := slog.Default()
+	t.Cleanup(func() { slog.SetDefault(prev) })
+	t.Setenv("K_SERVICE", "checkout")
+	c, err := locking.New(locking.Config{Strong: memlock.New()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs syncBuffer
+	slog.SetDefault(slog.New(slog.NewJSONHandler(&logs, nil)))
+	ctx, cancel := context.WithCancel(t.Context())
+	l, err := c.Acquire(ctx, "job")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	<-l.Done()
+	if !strings.Contains(logs.String(), `"lock_id":"job"`) {
+		t.Errorf("the lock's line did not go to the default logger set after New; got %q", logs.String())
+	}
+}

@@ -311,7 +311,7 @@ func (l *Lock) renew(life context.Context, acquired time.Time) {
 			return
 		default:
 			if ok, left := l.renewWarn.allow(); ok {
-				l.c.log.Warn("locking: renewal failed; retrying", "lock_id", l.req.ID, "token", l.token, "error", err, "failures_not_logged", left)
+				l.c.logger().Warn("locking: renewal failed; retrying", "lock_id", l.req.ID, "token", l.token, "error", err, "failures_not_logged", left)
 			}
 			next = l.c.backoff(attempt, lease)
 			attempt++
@@ -328,7 +328,7 @@ func (l *Lock) loseTo(err error) {
 	}
 	l.mu.Unlock()
 	if l.end(lost, err, true) {
-		l.c.log.Warn("locking: lock lost", "lock_id", l.req.ID, "token", l.token, "error", err)
+		l.c.logger().Warn("locking: lock lost", "lock_id", l.req.ID, "token", l.token, "error", err)
 	}
 }
 
@@ -341,7 +341,7 @@ func (l *Lock) giveBack(life context.Context, late bool) {
 	ctx, cancel := detached(life)
 	defer cancel()
 	if err := l.b.Release(ctx, l.req.ID, l.req.Owner); err == nil && late {
-		l.c.log.Warn("locking: a renewal applied after the lock was given up; released it", "lock_id", l.req.ID, "token", l.token)
+		l.c.logger().Warn("locking: a renewal applied after the lock was given up; released it", "lock_id", l.req.ID, "token", l.token)
 	}
 }
 
@@ -360,14 +360,14 @@ func (l *Lock) endWithContext(life context.Context) {
 	l.state = releasing
 	l.mu.Unlock()
 	if l.c.cloudRun {
-		l.c.ctxEnds.warn(l.c.log, l.req.ID)
+		l.c.ctxEnds.warn(l.c.logger(), l.req.ID)
 	}
 	ctx, cancel := detached(life)
 	defer cancel()
 	err := l.b.Release(ctx, l.req.ID, l.req.Owner)
 	l.c.tel.release(ctx, nil, l.kind, err)
 	if err != nil && !errors.Is(err, ErrNotHeld) {
-		l.c.log.Warn("locking: release after context end failed; the lease will expire", "lock_id", l.req.ID, "token", l.token, "error", err)
+		l.c.logger().Warn("locking: release after context end failed; the lease will expire", "lock_id", l.req.ID, "token", l.token, "error", err)
 	}
 	l.end(released, fmt.Errorf("%w: %q was released when its context ended: %w", ErrNotHeld, l.req.ID, life.Err()), false)
 }
@@ -383,7 +383,7 @@ func (l *Lock) startOverrun() {
 	l.overrun = time.Now()
 	l.mu.Unlock()
 	l.overrunWarn.allow()
-	l.c.log.Warn("locking: the context of With ended while its function still runs; the lock stays held until the function returns",
+	l.c.logger().Warn("locking: the context of With ended while its function still runs; the lock stays held until the function returns",
 		"lock_id", l.req.ID, "token", l.token)
 }
 
@@ -403,7 +403,7 @@ func (l *Lock) warnOverrun() {
 		return
 	}
 	if ok, left := l.overrunWarn.allow(); ok {
-		l.c.log.Warn("locking: the function of With still runs after its context ended; the lock stays held",
+		l.c.logger().Warn("locking: the function of With still runs after its context ended; the lock stays held",
 			"lock_id", l.req.ID, "token", l.token, "overrun", time.Since(since).Round(time.Millisecond), "warnings_not_logged", left)
 	}
 }
