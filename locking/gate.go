@@ -36,7 +36,8 @@ type gate struct {
 	mu      sync.Mutex
 	expires time.Time     // when the known holder's lease runs out; zero when unknown or free
 	held    bool          // expires is the lease of a lock held through this gate
-	asking  chan struct{} // closed when the backend call in flight returns; nil when none
+	asking  bool          // a backend call is in flight
+	answer  chan struct{} // made by a caller that waits for that call's answer; closed with it
 	failed  error         // the error of the last backend call, if it failed
 	streak  int           // grants in a row through the gate since the last window or other holder
 	since   time.Time     // when the run of streak grants began
@@ -82,7 +83,13 @@ func (c *Client) enter(ctx context.Context, kind LockKind, id string, wait bool,
 	defer func() { *waited += time.Since(start) }()
 	if !wait {
 		g.mu.Lock()
-		asking := g.asking
+		var asking chan struct{}
+		if g.asking {
+			if g.answer == nil {
+				g.answer = make(chan struct{})
+			}
+			asking = g.answer
+		}
 		g.mu.Unlock()
 		if asking != nil {
 			select {
@@ -201,7 +208,7 @@ func (g *gate) ask() {
 		return
 	}
 	g.mu.Lock()
-	g.asking = make(chan struct{})
+	g.asking = true
 	g.mu.Unlock()
 }
 
@@ -217,9 +224,10 @@ func (g *gate) answered(grant Grant, err error) {
 			g.expires, g.held = time.Now().Add(grant.Remaining), false
 		}
 	}
-	if g.asking != nil {
-		close(g.asking)
-		g.asking = nil
+	g.asking = false
+	if g.answer != nil {
+		close(g.answer)
+		g.answer = nil
 	}
 	g.mu.Unlock()
 }
