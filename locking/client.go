@@ -126,7 +126,10 @@ func New(cfg Config) (*Client, error) {
 	c.tel = tel
 	for k, b := range c.backends {
 		if b != nil {
-			c.metered[k] = &meteredBackend{b: b, t: tel, kind: LockKind(k)}
+			c.metered[k] = b
+			if tel.metrics {
+				c.metered[k] = &meteredBackend{b: b, t: tel, kind: LockKind(k)}
+			}
 		}
 		if n, ok := capability[Notifier](b); ok {
 			c.notifiers[k] = n
@@ -219,7 +222,10 @@ func (c *Client) acquireFor(ctx, life context.Context, id string, opts []Option)
 	if err := c.reentrant(parent, o.kind, id); err != nil {
 		return nil, err
 	}
-	start := time.Now()
+	var start time.Time
+	if c.tel.metrics {
+		start = time.Now()
+	}
 	sctx, span := c.tel.startAcquire(ctx, id, &o)
 	var st acquireStats
 	l, err := c.acquire(ctx, sctx, life, id, o, b, parent, &st)
@@ -507,12 +513,19 @@ func (c *Client) resolve(id string, opts []Option) (options, Backend, error) {
 		return options{}, nil, c.err
 	}
 	o := options{wait: true, kind: Strong}
-	for _, opt := range opts {
-		if opt == nil {
-			o.fail(invalid("nil Option"))
-			continue
+	if len(opts) > 0 {
+		// Options get a pointer: the copy escapes, o does not, so a call
+		// without options allocates nothing here.
+		p := new(options)
+		*p = o
+		for _, opt := range opts {
+			if opt == nil {
+				p.fail(invalid("nil Option"))
+				continue
+			}
+			opt(p)
 		}
-		opt(&o)
+		o = *p
 	}
 	if o.err == nil && id == "" {
 		o.fail(invalid("empty lock id"))

@@ -11,7 +11,7 @@ import (
 )
 
 // releasedError is Err of a released lock; it wraps ErrNotHeld (a type
-// rather than fmt.Errorf: every Release makes one).
+// rather than fmt.Errorf: every Release needs one).
 type releasedError struct{ id string }
 
 func (e *releasedError) Error() string {
@@ -60,6 +60,7 @@ type Lock struct {
 	life     context.Context         // the lock lives no longer than it; its values go to every store call
 	stopLife func() bool             // stops the watch of life's end
 	done     chan struct{}           // closed when the lock stops being held
+	released releasedError           // Err once released by Release (kept here: no allocation)
 	onLoss   context.CancelCauseFunc // With's function context; nil outside With
 
 	// The renewal schedule, used by one tick at a time.
@@ -203,7 +204,8 @@ func (l *Lock) release(ctx context.Context) error {
 	err := l.b.Release(rctx, l.req.ID, l.req.Owner)
 	switch {
 	case err == nil:
-		l.end(released, &releasedError{l.req.ID}, false)
+		l.released = releasedError{l.req.ID}
+		l.end(released, &l.released, false)
 		return nil
 	case errors.Is(err, ErrNotHeld):
 		lostErr := fmt.Errorf("%w: %q was taken over or expired before it was released", ErrLockLost, l.req.ID)
