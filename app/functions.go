@@ -90,10 +90,7 @@ func Handler(fns Functions, opts ...Option) http.Handler {
 // GOOGLE_CLOUD_PROJECT. It is the App's logger unless WithLogger sets
 // another; a program may also make it the default (slog.SetDefault).
 func LoggerFromEnv() *slog.Logger {
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(os.Getenv(EnvLogLevel))); err != nil {
-		level = slog.LevelInfo
-	}
+	level, _, _ := logLevel(os.Getenv) // a bad value is reported by ConfigFromEnv (Register)
 	return slog.New(cloudlog.NewHandler(os.Stdout, level, os.Getenv(EnvProject)))
 }
 

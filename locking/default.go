@@ -227,7 +227,7 @@ func fromEnvironment(cfg Config) (*Client, error) {
 }
 
 // fixStrong says how to give Strong locks a real backend.
-const fixStrong = `import _ "github.com/taskguard/taskguard/locking/dslock" and set GOOGLE_CLOUD_PROJECT (or DATASTORE_EMULATOR_HOST), or set Config.Strong`
+const fixStrong = `import _ "github.com/taskguard/taskguard/locking/dslock" and set GOOGLE_CLOUD_PROJECT (Cloud Run functions gen2 do not set it: --set-env-vars GOOGLE_CLOUD_PROJECT=PROJECT) or DATASTORE_EMULATOR_HOST, or set Config.Strong`
 
 // production returns the first variable of productionEnv that is set, or "".
 func production() string {
@@ -264,14 +264,12 @@ func noStrongBackend() error {
 // whyMemory says why no Strong backend was found. Called with defaultMu
 // held.
 func whyMemory() string {
-	switch names := providerNames(); {
-	case len(names) == 0:
-		return "no Strong backend package is imported"
-	case os.Getenv("GOOGLE_CLOUD_PROJECT") == "" && os.Getenv("DATASTORE_EMULATOR_HOST") == "":
-		return "GOOGLE_CLOUD_PROJECT is not set (Cloud Run functions gen2 do not set it: pass --set-env-vars GOOGLE_CLOUD_PROJECT=PROJECT)"
-	default:
+	// The providers' variables are theirs to read (dslock's:
+	// GOOGLE_CLOUD_PROJECT, DATASTORE_EMULATOR_HOST); fixStrong names them.
+	if names := providerNames(); len(names) > 0 {
 		return "no registered Strong provider (" + strings.Join(names, ", ") + ") recognised the environment"
 	}
+	return "no Strong backend package is imported"
 }
 
 // providerNames lists the registered Strong providers. Called with
