@@ -40,6 +40,28 @@ type Backend interface {
 	Release(ctx context.Context, id, owner string) error
 }
 
+// A Notifier is a Backend that can announce releases, so that waiters need
+// not poll for them. It is optional: the client uses it when the Backend it
+// was configured with implements it (package redislock's does, through
+// Valkey/Redis pub/sub), or wraps one that does and says so with Unwrap (see
+// Wrapper).
+//
+// Announcements may be lost (pub/sub delivers at most once, and nothing is
+// delivered while a connection is down); the client covers a lost one with a
+// safety poll every SafetyPoll, and with a poll when the holder's lease runs
+// out (an expiry is not announced).
+type Notifier interface {
+	// Watch starts announcing releases of id: once the watch is in effect
+	// (so that the poll it prompts sees any release that came before), after
+	// each release of id in the store, and whenever an announcement may have
+	// been missed (a reconnect), a value is sent on released without
+	// blocking (the channel has a buffer of one, so announcements coalesce). stop ends the watch
+	// and frees what it holds; it must be called, and may be called more
+	// than once. Watch returns an error when the store cannot announce; the
+	// client then polls.
+	Watch(ctx context.Context, id string) (released <-chan struct{}, stop func(), err error)
+}
+
 // Request describes one Acquire or Renew call to a Backend.
 type Request struct {
 	// ID is the caller's lock id: any non-empty string. Backends map it to a

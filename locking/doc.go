@@ -156,3 +156,10 @@
 // error wrapping ErrNoStrongBackend that names the fix, unless
 // TASKGUARD_ALLOW_MEMORY=1 accepts locks that hold within one instance only.
 package locking
+
+// The files, in reading order: backend.go (the contract a store meets, and
+// its optional capabilities), errors.go, options.go, client.go (Config, New,
+// Acquire, With), acquire.go (the loop of one Acquire), queue.go (the
+// in-process queue of one id), pace.go (when to poll and retry), lock.go (a
+// held lock's life: renewal, release, loss), telemetry.go, default.go (the
+// process's client from the environment) and memory.go (its in-memory store).

@@ -522,3 +522,17 @@ func (w *ctxEndWarn) warn(log *slog.Logger, id string) {
 			"lock_id", id, "warnings_not_logged", left)
 	}
 }
+
+// cancelOnLoss makes a loss of the lock cancel fn's context with the loss
+// error as its cause, at once if the lock is lost already.
+func (l *Lock) cancelOnLoss(cancel context.CancelCauseFunc) {
+	l.mu.Lock()
+	if l.lossy {
+		err := l.err
+		l.mu.Unlock()
+		cancel(err)
+		return
+	}
+	l.onLoss = cancel
+	l.mu.Unlock()
+}
