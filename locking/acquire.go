@@ -24,10 +24,9 @@ func (c *Client) acquireFor(ctx, life context.Context, id string, opts []Option)
 	if c.tel.metrics {
 		start = time.Now()
 	}
-	sctx, span := c.tel.startAcquire(ctx, id, &o)
-	var st acquireStats
-	l, err := c.acquire(ctx, sctx, life, id, o, b, parent, &st)
-	c.tel.endAcquire(sctx, span, o.kind, start, &st, err)
+	ctx, span := c.tel.startAcquire(ctx, id, &o)
+	l, st, err := c.acquire(ctx, life, id, o, b, parent)
+	c.tel.endAcquire(ctx, span, o.kind, start, &st, err)
 	return l, err
 }
 
@@ -61,13 +60,13 @@ func sameBackend(a, b Backend) (same bool) {
 	return a == b
 }
 
-// acquire is Acquire after its options are resolved. It calls the backend
-// with sctx, the context of the acquire span, waits with ctx, and ties the
-// lock's life to life; it reports what it saw in st.
-func (c *Client) acquire(ctx, sctx, life context.Context, id string, o options, b Backend, parent *Lock, st *acquireStats) (*Lock, error) {
-	st.outcome = outcomeCanceled
+// acquire is Acquire after its options are resolved: it waits and calls the
+// backend with ctx (the context of the acquire span) and ties the lock's
+// life to life. It returns what it saw for the telemetry.
+func (c *Client) acquire(ctx, life context.Context, id string, o options, b Backend, parent *Lock) (*Lock, acquireStats, error) {
+	st := acquireStats{outcome: outcomeCanceled}
 	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("locking: acquire %q: %w", id, err)
+		return nil, st, fmt.Errorf("locking: acquire %q: %w", id, err)
 	}
 	var deadline time.Time
 	if o.maxWait > 0 {
@@ -80,7 +79,7 @@ func (c *Client) acquire(ctx, sctx, life context.Context, id string, o options, 
 		g, err = c.enter(ctx, o.kind, id, o.wait, deadline, &st.waited)
 		if err != nil {
 			st.outcome = outcomeOf(err)
-			return nil, err
+			return nil, st, err
 		}
 	}
 	req := Request{ID: id, Owner: newOwner(), Lease: o.lease, StealAfter: o.stealAfter}
@@ -103,24 +102,24 @@ func (c *Client) acquire(ctx, sctx, life context.Context, id string, o options, 
 			st.waited += time.Since(paused)
 			if err != nil {
 				g.leave()
-				return nil, fmt.Errorf("locking: acquire %q: %w", id, err)
+				return nil, st, fmt.Errorf("locking: acquire %q: %w", id, err)
 			}
 		}
 	}
 	for {
 		sent := time.Now()
-		grant, err := c.ask(sctx, b, g, req, sent)
+		grant, err := c.ask(ctx, b, g, req, sent)
 		st.polls++
-		c.tel.poll(sctx, o.kind, grant, err)
+		c.tel.poll(ctx, o.kind, grant, err)
 		if err == nil && grant.Acquired {
 			if ctx.Err() != nil {
 				// The caller gave up while the grant was on its way.
 				c.giveBack(ctx, b, req)
 				g.leave()
-				return nil, fmt.Errorf("locking: acquire %q: %w", id, ctx.Err())
+				return nil, st, fmt.Errorf("locking: acquire %q: %w", id, ctx.Err())
 			}
 			st.outcome, st.token, st.tookOver = outcomeAcquired, grant.Token, grant.TookOver
-			return c.newLock(life, b, o.kind, req, grant.Token, sent, g, parent), nil
+			return c.newLock(life, b, o.kind, req, grant.Token, sent, g, parent), st, nil
 		}
 		if err != nil {
 			if !errors.Is(err, ErrInvalid) {
@@ -129,15 +128,15 @@ func (c *Client) acquire(ctx, sctx, life context.Context, id string, o options, 
 			}
 			g.leave()
 			if ctx.Err() != nil {
-				return nil, fmt.Errorf("locking: acquire %q: %w", id, ctx.Err())
+				return nil, st, fmt.Errorf("locking: acquire %q: %w", id, ctx.Err())
 			}
 			st.outcome = outcomeError
-			return nil, fmt.Errorf("locking: acquire %q: %w", id, err)
+			return nil, st, fmt.Errorf("locking: acquire %q: %w", id, err)
 		}
 		if !o.wait {
 			g.leave()
 			st.outcome = outcomeBusy
-			return nil, &NotAcquiredError{ID: id, Remaining: grant.Remaining}
+			return nil, st, &NotAcquiredError{ID: id, Remaining: grant.Remaining}
 		}
 		if polling.IsZero() {
 			polling = time.Now()
@@ -145,7 +144,7 @@ func (c *Client) acquire(ctx, sctx, life context.Context, id string, o options, 
 		if w.wants() {
 			// Once the watch is in effect it says so, and the poll that
 			// follows sees a release that came before it.
-			w.start(sctx, id)
+			w.start(ctx, id)
 		}
 		pause := w.pause(c, time.Since(polling), grant.Remaining)
 		if !deadline.IsZero() {
@@ -153,7 +152,7 @@ func (c *Client) acquire(ctx, sctx, life context.Context, id string, o options, 
 			if left <= 0 {
 				g.leave()
 				st.outcome = outcomeTimeout
-				return nil, &NotAcquiredError{ID: id, Remaining: grant.Remaining, TimedOut: true}
+				return nil, st, &NotAcquiredError{ID: id, Remaining: grant.Remaining, TimedOut: true}
 			}
 			pause = min(pause, left)
 		}
@@ -162,7 +161,7 @@ func (c *Client) acquire(ctx, sctx, life context.Context, id string, o options, 
 		st.waited += time.Since(paused)
 		if err != nil {
 			g.leave()
-			return nil, fmt.Errorf("locking: acquire %q: %w", id, err)
+			return nil, st, fmt.Errorf("locking: acquire %q: %w", id, err)
 		}
 	}
 }
