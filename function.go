@@ -4,7 +4,10 @@
 // (package cloudlog) the default logger.
 //
 //   - Worker, the Cloud Tasks target: runs each task's job under the task's
-//     lock, answering 429 with Retry-After when the lock is busy.
+//     lock; a task whose lock is busy is parked and handed the lock by its
+//     holder (TASKGUARD_BUSY=park, the default where the deployment can) or
+//     answered 429 with Retry-After (TASKGUARD_BUSY=429). Its answers are
+//     listed in one table, in the README's Cloud Tasks section.
 //   - Enqueue, an authenticated endpoint that enqueues a task.
 //   - CleanupLocks, the Cloud Scheduler target: deletes expired Datastore
 //     lock entities and answers a JSON report.

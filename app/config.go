@@ -1,7 +1,6 @@
 package app
 
 import (
-	"errors"
 	"fmt"
 	"log/slog"
 	"net/url"
@@ -9,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/locking/dslock"
 	"github.com/taskguard/taskguard/tasks"
 )
@@ -17,9 +17,9 @@ import (
 const (
 	EnvProject            = "GOOGLE_CLOUD_PROJECT"
 	EnvDatastoreEmulator  = "DATASTORE_EMULATOR_HOST"
-	EnvDatastoreDatabase  = "TASKGUARD_DATASTORE_DATABASE"
-	EnvDatastoreNamespace = "TASKGUARD_DATASTORE_NAMESPACE"
-	EnvDatastoreKind      = "TASKGUARD_DATASTORE_KIND"
+	EnvDatastoreDatabase  = dslock.EnvDatabase // package dslock reads these three for the locks
+	EnvDatastoreNamespace = dslock.EnvNamespace
+	EnvDatastoreKind      = dslock.EnvKind
 	EnvMemcache           = "MEMCACHE_SERVERS"
 	EnvValkey             = "VALKEY_ADDR"
 	EnvQueue              = tasks.EnvQueue
@@ -52,8 +52,9 @@ const (
 	Busy429 = "429"
 )
 
-// ErrConfig marks an invalid configuration.
-var ErrConfig = errors.New("taskguard: invalid configuration")
+// ErrConfig marks an invalid configuration. It wraps locking.ErrInvalid, as
+// every bad-configuration error of this module does.
+var ErrConfig = locking.NewInvalid("taskguard: invalid configuration")
 
 // Config is the functions' configuration, read from the environment by
 // ConfigFromEnv. The lock backends themselves are chosen, and their
@@ -71,6 +72,8 @@ type Config struct {
 	// before CleanupLocks deletes it (TASKGUARD_CLEANUP_GRACE); the Datastore
 	// backend's default when zero.
 	CleanupGrace time.Duration
+	// LogLevel is TASKGUARD_LOG_LEVEL's level; nil when it is unset (info).
+	LogLevel slog.Leveler
 	// Queue, WorkerURL and TaskServiceAccount configure the Enqueue function:
 	// the full queue name, the Worker function's URL, and the service account
 	// whose OIDC token Cloud Tasks presents to the worker. All three or none.
@@ -143,11 +146,10 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 		cfg.TaskDeadline = 0
 	}
 	cfg.CleanupGrace = duration(EnvCleanupGrace)
-	if v := getenv(EnvLogLevel); v != "" {
-		var level slog.Level
-		if err := level.UnmarshalText([]byte(v)); err != nil {
-			bad(EnvLogLevel, "want DEBUG, INFO, WARN or ERROR (optionally +N or -N)")
-		}
+	if level, set, err := logLevel(getenv); err != nil {
+		bad(EnvLogLevel, "want DEBUG, INFO, WARN or ERROR (optionally +N or -N)")
+	} else if set {
+		cfg.LogLevel = level
 	}
 
 	// Names Datastore would refuse: every lock call would fail.
@@ -194,3 +196,16 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 
 // EnqueueEnabled reports whether the Enqueue function is configured.
 func (c Config) EnqueueEnabled() bool { return c.Queue != "" }
+
+// logLevel parses TASKGUARD_LOG_LEVEL, the one parser of it (ConfigFromEnv,
+// LoggerFromEnv): set is false when it is unset.
+func logLevel(getenv func(string) string) (level slog.Level, set bool, err error) {
+	v := getenv(EnvLogLevel)
+	if v == "" {
+		return slog.LevelInfo, false, nil
+	}
+	if err := level.UnmarshalText([]byte(v)); err != nil {
+		return slog.LevelInfo, false, err
+	}
+	return level, true, nil
+}

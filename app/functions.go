@@ -14,7 +14,6 @@ import (
 
 	"github.com/taskguard/taskguard/cloudlog"
 	"github.com/taskguard/taskguard/locking"
-	"github.com/taskguard/taskguard/tasks"
 )
 
 // Functions names the functions Register registers and Handler serves. An
@@ -91,10 +90,7 @@ func Handler(fns Functions, opts ...Option) http.Handler {
 // GOOGLE_CLOUD_PROJECT. It is the App's logger unless WithLogger sets
 // another; a program may also make it the default (slog.SetDefault).
 func LoggerFromEnv() *slog.Logger {
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(os.Getenv(EnvLogLevel))); err != nil {
-		level = slog.LevelInfo
-	}
+	level, _, _ := logLevel(os.Getenv) // a bad value is reported by ConfigFromEnv (Register)
 	return slog.New(cloudlog.NewHandler(os.Stdout, level, os.Getenv(EnvProject)))
 }
 
@@ -165,8 +161,9 @@ func (l *lazyApp) get() (*App, time.Time, error) {
 		return a, time.Time{}, nil
 	}
 	l.err = err
-	l.permanent = errors.Is(err, ErrConfig) || errors.Is(err, locking.ErrInvalid) ||
-		errors.Is(err, locking.ErrNoStrongBackend) || errors.Is(err, tasks.ErrInvalidConfig)
+	// Every bad-configuration error of the module wraps locking.ErrInvalid
+	// (ErrConfig, tasks.ErrInvalidConfig, ErrNoStrongBackend, the backends').
+	l.permanent = errors.Is(err, locking.ErrInvalid)
 	l.backoff = min(max(2*l.backoff, minBuildBackoff), maxBuildBackoff)
 	l.next = l.now().Add(l.backoff)
 	log := l.logger()

@@ -40,6 +40,28 @@ type Backend interface {
 	Release(ctx context.Context, id, owner string) error
 }
 
+// A Notifier is a Backend that can announce releases, so that waiters need
+// not poll for them. It is optional: the client uses it when the Backend it
+// was configured with implements it (package redislock's does, through
+// Valkey/Redis pub/sub), or wraps one that does and says so with Unwrap (see
+// Wrapper).
+//
+// Announcements may be lost (pub/sub delivers at most once, and nothing is
+// delivered while a connection is down); the client covers a lost one with a
+// safety poll every SafetyPoll, and with a poll when the holder's lease runs
+// out (an expiry is not announced).
+type Notifier interface {
+	// Watch starts announcing releases of id: once the watch is in effect
+	// (so that the poll it prompts sees any release that came before), after
+	// each release of id in the store, and whenever an announcement may have
+	// been missed (a reconnect), a value is sent on released without
+	// blocking (the channel has a buffer of one, so announcements coalesce). stop ends the watch
+	// and frees what it holds; it must be called, and may be called more
+	// than once. Watch returns an error when the store cannot announce; the
+	// client then polls.
+	Watch(ctx context.Context, id string) (released <-chan struct{}, stop func(), err error)
+}
+
 // Request describes one Acquire or Renew call to a Backend.
 type Request struct {
 	// ID is the caller's lock id: any non-empty string. Backends map it to a
@@ -98,4 +120,55 @@ func (r Request) Validate() error {
 		return invalid("request %q: StealAfter %v is not in [0, %v]", r.ID, r.StealAfter, MaxLease)
 	}
 	return nil
+}
+
+// Wrapper is how a decorator around a Backend (metrics, tracing, a poll
+// counter, a hand-off on Release) keeps the capabilities of the Backend it
+// wraps: Unwrap returns that Backend.
+//
+// Beyond its three methods a Backend may have capabilities that the client
+// uses when it finds them: Notifier (it announces releases, so waiters need
+// not poll) and InProcessBackend (its locks live in this process only). The
+// client looks for each on the Backend it was configured with and then, for
+// as long as the value is a Wrapper, on the Backend it wraps — the
+// convention of errors.Unwrap. A decorator that does not implement Unwrap
+// hides them: a wrapped Notifier's waiters then poll, at up to 1/MinBackoff
+// tries a second, instead of being woken within a round trip. A decorator
+// that implements a capability itself (a Watch of its own) is found first.
+// Unwrap must not return its receiver; a chain is followed for at most 64
+// steps.
+type Wrapper interface {
+	Unwrap() Backend
+}
+
+// InProcessBackend is a Backend that says whether its locks live in this
+// process's memory only (package memlock's does, and the in-memory store of
+// the default client): such locks exclude nothing across instances, which
+// Client.InProcess reports and code that needs cross-instance exclusion
+// refuses.
+type InProcessBackend interface {
+	InProcess() bool
+}
+
+// maxUnwrap bounds the chain of Unwrap calls that capability follows.
+const maxUnwrap = 64
+
+// capability returns the first value of the chain b, b.Unwrap(), ... that
+// implements T.
+func capability[T any](b Backend) (T, bool) {
+	for range maxUnwrap {
+		if b == nil {
+			break
+		}
+		if c, ok := b.(T); ok {
+			return c, true
+		}
+		w, ok := b.(Wrapper)
+		if !ok {
+			break
+		}
+		b = w.Unwrap()
+	}
+	var zero T
+	return zero, false
 }

@@ -2,12 +2,10 @@ package locking
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
-	mrand "math/rand/v2"
+	"os"
 	"sync"
 	"time"
 
@@ -38,7 +36,9 @@ const (
 // Config configures a Client. Only the backends are required.
 type Config struct {
 	// Strong stores Strong locks; Weak stores Weak locks. At least one must be
-	// set. A kind with no backend fails with ErrNoBackend.
+	// set. When Weak is nil, Weak locks use Strong (a stronger lock is always
+	// a valid weak one), as the Default client does; when Strong is nil,
+	// Strong locks fail with ErrNoBackend (a weak lock is not a strong one).
 	Strong, Weak Backend
 	// Lease is the default lease (DefaultLease when zero).
 	Lease time.Duration
@@ -48,12 +48,14 @@ type Config struct {
 	// waited: jitter over [h/2, h] where h is a tenth of the time waited,
 	// within [MinBackoff, MaxBackoff]. So one waiting id polls its backend
 	// at most 1/MinBackoff times a second from one Client, and a long wait
-	// costs little. On a backend that announces releases (a Notifier) the
-	// waiter is woken by the announcement and polls only every SafetyPoll.
+	// costs little. On a backend that announces releases (a Notifier, also
+	// behind decorators that implement Wrapper) the waiter is woken by the
+	// announcement and polls only every SafetyPoll.
 	MinBackoff, MaxBackoff time.Duration
 	// Logger receives the client's rare log lines: a renewal that failed and
-	// is being retried, a lock lost, a release that failed. slog.Default()
-	// when nil.
+	// is being retried, a lock lost, a release that failed. When nil, each
+	// line goes to slog.Default() as it is when the line is logged, so a
+	// later slog.SetDefault (a JSON handler for Cloud Logging) applies.
 	Logger *slog.Logger
 	// MeterProvider provides the meter of the client's metrics, and
 	// TracerProvider the tracer of its spans (see the package documentation,
@@ -76,8 +78,10 @@ type Client struct {
 	lease      time.Duration
 	minBackoff time.Duration
 	maxBackoff time.Duration
-	log        *slog.Logger
-	err        error // set on a Default() client whose configuration failed
+	log        *slog.Logger // Config.Logger; nil: slog.Default() at each line
+	err        error        // set on a Default() client whose configuration failed
+	cloudRun   bool         // K_SERVICE was set when the client was made
+	ctxEnds    ctxEndWarn
 
 	mu    sync.Mutex
 	gates map[gateKey]*gate // guarded by mu
@@ -128,6 +132,9 @@ func New(cfg Config) (*Client, error) {
 			return nil, invalid("Config: %s %v is not in [0, %v] (0: the default)", d.name, d.v, MaxLease)
 		}
 	}
+	if cfg.Weak == nil {
+		cfg.Weak = cfg.Strong
+	}
 	c := &Client{
 		backends:   [2]Backend{cfg.Strong, cfg.Weak},
 		lease:      cmp(cfg.Lease, DefaultLease),
@@ -135,12 +142,10 @@ func New(cfg Config) (*Client, error) {
 		maxBackoff: cmp(cfg.MaxBackoff, DefaultMaxBackoff),
 		log:        cfg.Logger,
 		gates:      make(map[gateKey]*gate),
+		cloudRun:   os.Getenv("K_SERVICE") != "",
 	}
 	if c.maxBackoff < c.minBackoff {
 		return nil, invalid("Config: MaxBackoff %v is below MinBackoff %v", c.maxBackoff, c.minBackoff)
-	}
-	if c.log == nil {
-		c.log = slog.Default()
 	}
 	tel, err := newTelemetry(cfg.MeterProvider, cfg.TracerProvider)
 	if err != nil {
@@ -149,9 +154,12 @@ func New(cfg Config) (*Client, error) {
 	c.tel = tel
 	for k, b := range c.backends {
 		if b != nil {
-			c.metered[k] = &meteredBackend{b: b, t: tel, kind: LockKind(k)}
+			c.metered[k] = b
+			if tel.metrics {
+				c.metered[k] = &meteredBackend{b: b, t: tel, kind: LockKind(k)}
+			}
 		}
-		if n, ok := b.(Notifier); ok {
+		if n, ok := capability[Notifier](b); ok {
 			c.notifiers[k] = n
 		}
 	}
@@ -165,15 +173,25 @@ func cmp(d, def time.Duration) time.Duration {
 	return d
 }
 
+// logger returns Config.Logger, or the process's default logger as it is
+// now, so that a slog.SetDefault after New still applies.
+func (c *Client) logger() *slog.Logger {
+	if c.log != nil {
+		return c.log
+	}
+	return slog.Default()
+}
+
 // Lease returns the client's default lease: Config.Lease, or DefaultLease.
 func (c *Client) Lease() time.Duration { return c.lease }
 
 // InProcess reports whether locks of kind k are kept in this process's
 // memory (the in-memory default of FromEnvironment, or a backend such as
-// package memlock's that says so with an InProcess() bool method), and so
-// exclude nothing across instances.
+// package memlock's that says so, an InProcessBackend, also when wrapped by
+// a decorator that implements Wrapper), and so exclude nothing across
+// instances.
 func (c *Client) InProcess(k LockKind) bool {
-	b, ok := c.Backend(k).(interface{ InProcess() bool })
+	b, ok := capability[InProcessBackend](c.Backend(k))
 	return ok && b.InProcess()
 }
 
@@ -191,6 +209,12 @@ func (c *Client) Backend(k LockKind) Backend {
 // Done closes; code that goes on after that runs unguarded, so watch
 // ctx.Done() or Lock.Done(), or use With, which keeps the lock until its
 // function returns. (To bound only the wait, use MaxWait, not a shorter ctx.)
+// A lock left to end with a request's context (Acquire(r.Context()) without
+// Release) is released after the answer, when Cloud Run may have throttled
+// the instance's CPU or frozen it: the release can come late, or only when
+// the lease runs out. Release before answering, or use With. On Cloud Run
+// (K_SERVICE set) the client warns when a lock ends that way: once per id,
+// at most every 10 seconds.
 //
 // While the lock is held by someone else Acquire waits (unless Wait(false)),
 // woken by the backend's announcement of a release (a Notifier) or polling
@@ -213,212 +237,6 @@ func (c *Client) Backend(k LockKind) Backend {
 // owner it tried to take the lock for).
 func (c *Client) Acquire(ctx context.Context, id string, opts ...Option) (*Lock, error) {
 	return c.acquireFor(ctx, ctx, id, opts)
-}
-
-// acquireFor acquires id, waiting with ctx, for a lock whose life is bound
-// to life.
-func (c *Client) acquireFor(ctx, life context.Context, id string, opts []Option) (*Lock, error) {
-	o, b, err := c.resolve(id, opts)
-	if err != nil {
-		return nil, err
-	}
-	parent := FromContext(ctx)
-	if err := c.reentrant(parent, o.kind, id); err != nil {
-		return nil, err
-	}
-	start := time.Now()
-	sctx, span := c.tel.startAcquire(ctx, id, &o)
-	var st acquireStats
-	l, err := c.acquire(ctx, sctx, life, id, o, b, parent, &st)
-	c.tel.endAcquire(sctx, span, o.kind, start, &st, err)
-	return l, err
-}
-
-// reentrant returns an error wrapping ErrReentrant when a lock that With
-// still holds in the chain that ends with held is the lock (kind, id) of
-// this client, or the lock id of the same store value.
-func (c *Client) reentrant(held *Lock, kind LockKind, id string) error {
-	for h := held; h != nil; h = h.parent {
-		if h.req.ID != id || h.Err() != nil { // another id, or no longer held
-			continue
-		}
-		if (h.c == c && h.kind == kind) || sameBackend(h.c.backends[h.kind], c.backends[kind]) {
-			return fmt.Errorf("locking: acquire %q: %w", id, ErrReentrant)
-		}
-	}
-	return nil
-}
-
-// sameBackend reports whether a and b are the same store value. Values that
-// cannot be compared (a type with a slice field, or an interface holding
-// one) are never the same.
-func sameBackend(a, b Backend) (same bool) {
-	if a == nil || b == nil {
-		return false
-	}
-	defer func() {
-		if recover() != nil {
-			same = false
-		}
-	}()
-	return a == b
-}
-
-// acquire is Acquire after its options are resolved. It calls the backend
-// with sctx, the context of the acquire span, waits with ctx, and ties the
-// lock's life to life; it reports what it saw in st.
-func (c *Client) acquire(ctx, sctx, life context.Context, id string, o options, b Backend, parent *Lock, st *acquireStats) (*Lock, error) {
-	st.outcome = outcomeCanceled
-	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("locking: acquire %q: %w", id, err)
-	}
-	var deadline time.Time
-	if o.maxWait > 0 {
-		deadline = time.Now().Add(o.maxWait)
-	}
-
-	var g *gate
-	if o.stealAfter == 0 {
-		var err error
-		g, err = c.enter(ctx, o.kind, id, o.wait, deadline, &st.waited)
-		if err != nil {
-			st.outcome = outcomeOf(err)
-			return nil, err
-		}
-	}
-	req := Request{ID: id, Owner: newOwner(), Lease: o.lease, StealAfter: o.stealAfter}
-	var polling time.Time // the first busy answer
-	w := &waiter{log: c.log}
-	if o.stealAfter == 0 {
-		// A steal comes with time, not with a release: stealers poll.
-		w.n = c.notifiers[o.kind]
-	}
-	defer w.stop()
-	for {
-		sent := time.Now()
-		grant, err := c.ask(sctx, b, g, req, sent)
-		st.polls++
-		c.tel.poll(sctx, o.kind, grant, err)
-		if err == nil && grant.Acquired {
-			if ctx.Err() != nil {
-				// The caller gave up while the grant was on its way.
-				c.giveBack(ctx, b, req)
-				g.leave()
-				return nil, fmt.Errorf("locking: acquire %q: %w", id, ctx.Err())
-			}
-			st.outcome, st.token, st.tookOver = outcomeAcquired, grant.Token, grant.TookOver
-			return c.newLock(life, b, o.kind, req, grant.Token, sent, g, parent), nil
-		}
-		if err != nil {
-			if !errors.Is(err, ErrInvalid) {
-				// The store may have applied the acquire and lost the reply.
-				c.giveBack(ctx, b, req)
-			}
-			g.leave()
-			if ctx.Err() != nil {
-				return nil, fmt.Errorf("locking: acquire %q: %w", id, ctx.Err())
-			}
-			st.outcome = outcomeError
-			return nil, fmt.Errorf("locking: acquire %q: %w", id, err)
-		}
-		if !o.wait {
-			g.leave()
-			st.outcome = outcomeBusy
-			return nil, &NotAcquiredError{ID: id, Remaining: grant.Remaining}
-		}
-		if polling.IsZero() {
-			polling = time.Now()
-		}
-		if w.wants() {
-			// Once the watch is in effect it says so, and the poll that
-			// follows sees a release that came before it.
-			w.start(sctx, id)
-		}
-		pause := w.pause(c, time.Since(polling), grant.Remaining)
-		if !deadline.IsZero() {
-			left := time.Until(deadline)
-			if left <= 0 {
-				g.leave()
-				st.outcome = outcomeTimeout
-				return nil, &NotAcquiredError{ID: id, Remaining: grant.Remaining, TimedOut: true}
-			}
-			pause = min(pause, left)
-		}
-		paused := time.Now()
-		err = w.sleep(ctx, pause)
-		st.waited += time.Since(paused)
-		if err != nil {
-			g.leave()
-			return nil, fmt.Errorf("locking: acquire %q: %w", id, err)
-		}
-	}
-}
-
-// ask makes one Backend.Acquire call for the caller in gate g (nil for
-// stealers), and tells the gate what it learnt, also when the call panics
-// (a panic goes on, but leaves the gate free for the next caller).
-func (c *Client) ask(ctx context.Context, b Backend, g *gate, req Request, sent time.Time) (grant Grant, err error) {
-	g.ask()
-	answered := false
-	defer func() {
-		if !answered {
-			g.answered(Grant{}, errors.New("locking: the backend panicked"))
-			g.leave()
-		}
-	}()
-	grant, err = b.Acquire(ctx, req)
-	if err == nil && grant.Acquired {
-		g.holding(sent.Add(req.Lease))
-	}
-	g.answered(grant, err)
-	answered = true
-	return grant, err
-}
-
-// giveBackWait is how long a failed Acquire waits for its give-back before
-// returning; the give-back itself goes on for up to releaseTimeout. Long
-// enough for a slow store to answer (a function instance may be frozen, or
-// its process end, once the caller returns), short enough that a store that
-// does not answer holds the caller for 2 s, not 10.
-const giveBackWait = 2 * time.Second
-
-// giveBack releases req's owner on a context detached from ctx: a grant
-// nobody will hold, or an acquire whose outcome is unknown. The owner is
-// unique to the request, so this never removes another owner's lock. It
-// waits for the release at most giveBackWait, so that a store that does not
-// answer does not hold the caller (whose context may have ended) for long;
-// the release goes on in the background until releaseTimeout.
-func (c *Client) giveBack(ctx context.Context, b Backend, req Request) {
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		rctx, cancel := detached(ctx)
-		defer cancel()
-		err := b.Release(rctx, req.ID, req.Owner)
-		if err != nil && !errors.Is(err, ErrNotHeld) {
-			c.log.Warn("locking: could not give back an acquire nobody holds; it expires with its lease",
-				"lock_id", req.ID, "lease", req.Lease, "error", err)
-		}
-	}()
-	t := time.NewTimer(giveBackWait)
-	defer t.Stop()
-	select {
-	case <-done:
-	case <-t.C:
-	}
-}
-
-// outcomeOf classifies an error of the local gate: not acquired (busy or
-// timed out) or the context ended.
-func outcomeOf(err error) outcome {
-	var na *NotAcquiredError
-	switch {
-	case errors.As(err, &na) && na.TimedOut:
-		return outcomeTimeout
-	case na != nil:
-		return outcomeBusy
-	}
-	return outcomeCanceled
 }
 
 // With acquires the lock id, runs fn while holding it, and releases it when
@@ -479,20 +297,6 @@ func (c *Client) With(ctx context.Context, id string, fn func(ctx context.Contex
 	return err
 }
 
-// cancelOnLoss makes a loss of the lock cancel fn's context with the loss
-// error as its cause, at once if the lock is lost already.
-func (l *Lock) cancelOnLoss(cancel context.CancelCauseFunc) {
-	l.mu.Lock()
-	if l.lossy {
-		err := l.err
-		l.mu.Unlock()
-		cancel(err)
-		return
-	}
-	l.onLoss = cancel
-	l.mu.Unlock()
-}
-
 type lockKey struct{}
 
 // FromContext returns the lock that With holds for the function it runs
@@ -501,54 +305,4 @@ type lockKey struct{}
 func FromContext(ctx context.Context) *Lock {
 	l, _ := ctx.Value(lockKey{}).(*Lock)
 	return l
-}
-
-func (c *Client) resolve(id string, opts []Option) (options, Backend, error) {
-	if c.err != nil {
-		return options{}, nil, c.err
-	}
-	o := options{wait: true, kind: Strong}
-	for _, opt := range opts {
-		if opt == nil {
-			o.fail(invalid("nil Option"))
-			continue
-		}
-		opt(&o)
-	}
-	if o.err == nil && id == "" {
-		o.fail(invalid("empty lock id"))
-	}
-	if o.err != nil {
-		return o, nil, o.err
-	}
-	if o.lease == 0 {
-		o.lease = c.lease
-	}
-	b := c.metered[o.kind]
-	if b == nil {
-		return o, nil, fmt.Errorf("%w: %v", ErrNoBackend, o.kind)
-	}
-	return o, b, nil
-}
-
-// backoff returns the pause before retry attempt+1 of a failed renewal of
-// a lease: full jitter over [minBackoff, min(cap, minBackoff·2^attempt)],
-// where cap is maxBackoff and at most a thirtieth of the lease, so that a
-// lease sees many retries before it runs out.
-func (c *Client) backoff(attempt int, lease time.Duration) time.Duration {
-	ceil := max(c.minBackoff, min(c.maxBackoff, lease/30))
-	if attempt < 62 && c.minBackoff <= ceil>>attempt {
-		ceil = c.minBackoff << attempt // no overflow: at most maxBackoff
-	}
-	if ceil <= c.minBackoff {
-		return c.minBackoff
-	}
-	return c.minBackoff + mrand.N(ceil-c.minBackoff+1)
-}
-
-// newOwner returns a random 128-bit owner token.
-func newOwner() string {
-	var b [16]byte
-	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails (Go 1.24+)
-	return hex.EncodeToString(b[:])
 }

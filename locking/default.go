@@ -33,7 +33,8 @@ var productionEnv = []string{"K_SERVICE", "K_REVISION", "CLOUD_RUN_JOB", "GAE_SE
 // Strong lock taken there would exclude nothing across instances. The error
 // wrapping it names the fix. FromEnvironment returns it; the Default client
 // fails every lock call with it.
-var ErrNoStrongBackend = errors.New("locking: no Strong lock backend in production")
+// It wraps ErrInvalid: the deployment is misconfigured.
+var ErrNoStrongBackend = NewInvalid("locking: no Strong lock backend in production")
 
 // memoryStore is the process-wide in-memory store: every client that falls
 // back to memory in this process (Default, FromEnvironment) shares it, so
@@ -89,7 +90,7 @@ func Default() *Client {
 		c, err := fromEnvironment(Config{})
 		if err != nil {
 			slog.Error("locking: the default client cannot take locks; every lock call will fail", "error", err)
-			c = &Client{err: err, log: slog.Default()}
+			c = &Client{err: err}
 		}
 		defClient = c
 	}
@@ -217,16 +218,16 @@ func fromEnvironment(cfg Config) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	c.log.Info("locking: client ready", "strong_backend", names[Strong], "weak_backend", names[Weak])
+	c.logger().Info("locking: client ready", "strong_backend", names[Strong], "weak_backend", names[Weak])
 	if memory {
-		c.log.Warn("locking: Strong locks are in this process's memory: they exclude nothing across processes or instances",
+		c.logger().Warn("locking: Strong locks are in this process's memory: they exclude nothing across processes or instances",
 			"why", whyMemory(), "fix", fixStrong)
 	}
 	return c, nil
 }
 
 // fixStrong says how to give Strong locks a real backend.
-const fixStrong = `import _ "github.com/taskguard/taskguard/locking/dslock" and set GOOGLE_CLOUD_PROJECT (or DATASTORE_EMULATOR_HOST), or set Config.Strong`
+const fixStrong = `import _ "github.com/taskguard/taskguard/locking/dslock" and set GOOGLE_CLOUD_PROJECT (Cloud Run functions gen2 do not set it: --set-env-vars GOOGLE_CLOUD_PROJECT=PROJECT) or DATASTORE_EMULATOR_HOST, or set Config.Strong`
 
 // production returns the first variable of productionEnv that is set, or "".
 func production() string {
@@ -263,14 +264,12 @@ func noStrongBackend() error {
 // whyMemory says why no Strong backend was found. Called with defaultMu
 // held.
 func whyMemory() string {
-	switch names := providerNames(); {
-	case len(names) == 0:
-		return "no Strong backend package is imported"
-	case os.Getenv("GOOGLE_CLOUD_PROJECT") == "" && os.Getenv("DATASTORE_EMULATOR_HOST") == "":
-		return "GOOGLE_CLOUD_PROJECT is not set (Cloud Run functions gen2 do not set it: pass --set-env-vars GOOGLE_CLOUD_PROJECT=PROJECT)"
-	default:
+	// The providers' variables are theirs to read (dslock's:
+	// GOOGLE_CLOUD_PROJECT, DATASTORE_EMULATOR_HOST); fixStrong names them.
+	if names := providerNames(); len(names) > 0 {
 		return "no registered Strong provider (" + strings.Join(names, ", ") + ") recognised the environment"
 	}
+	return "no Strong backend package is imported"
 }
 
 // providerNames lists the registered Strong providers. Called with

@@ -37,7 +37,18 @@
 // ends, the function's context is cancelled but the lock stays held and
 // renewed until the function returns, and a warning is logged while it
 // overruns. A lock from Acquire is released when its context ends; code that
-// goes on running after that is unguarded.
+// goes on running after that is unguarded. On Cloud Run a lock left to end
+// with a request's context is released after the answer, when the instance's
+// CPU may be throttled, so later (up to a lease later): Release it before
+// answering, or use With. The client warns when that happens (K_SERVICE set).
+//
+// A held lock runs no goroutine of its own between renewals: a timer runs
+// each renewal, and the end of its context is watched with
+// context.AfterFunc. Release (and the end of the lock's context) cancels a
+// renewal under way and waits for it, and a failed Acquire gives back what
+// the store may have granted inside the call. Nothing of a lock runs after Release returns
+// or Acquire fails, unless a backend ignores its context (then Release waits
+// for it at most 10 seconds, and a give-back at most 2).
 //
 // Every end-of-life call (Release, the release when a context ends, the
 // return of a grant nobody will hold) runs on a context detached from the
@@ -85,7 +96,13 @@
 // Config.MaxBackoff, so that short waits notice a release quickly and long
 // waits cost little. Callers of one Client waiting for the same id queue
 // in-process behind a single poller; when a holder in this process releases,
-// the next local waiter tries at once. Wait(false) fails at once with a
+// the next local waiter tries at once. Those local hand-offs are bounded, as
+// sync.Mutex bounds them in starvation mode, so that waiters in other
+// processes are not starved: after 4 hand-offs in a row that together lasted
+// 10·MinBackoff (200 ms) or more, the next local waiter leaves the lock free
+// for one window — a tenth of the run, plus MinBackoff (MinBackoff alone on a
+// Notifier) — in which a waiter elsewhere that began waiting during the run
+// polls. Wait(false) fails at once with a
 // *NotAcquiredError (errors.Is ErrNotAcquired), whose Remaining hints how
 // long the holder's lease runs (also when another caller in this process
 // learnt it): the tasks package turns that into a Retry-After.
@@ -121,7 +138,8 @@
 // A Backend is a handful of atomic operations on one store; everything
 // above is written once in this package. Package lockingtest is the
 // conformance suite every backend passes; memlock is the in-memory backend,
-// the double for tests.
+// the double for tests. Optional capabilities (Notifier, InProcessBackend)
+// are found through decorators that implement Wrapper's Unwrap.
 //
 // # The default client
 //
@@ -138,3 +156,10 @@
 // error wrapping ErrNoStrongBackend that names the fix, unless
 // TASKGUARD_ALLOW_MEMORY=1 accepts locks that hold within one instance only.
 package locking
+
+// The files, in reading order: backend.go (the contract a store meets, and
+// its optional capabilities), errors.go, options.go, client.go (Config, New,
+// Acquire, With), acquire.go (the loop of one Acquire), queue.go (the
+// in-process queue of one id), pace.go (when to poll and retry), lock.go (a
+// held lock's life: renewal, release, loss), telemetry.go, default.go (the
+// process's client from the environment) and memory.go (its in-memory store).

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -130,24 +131,33 @@ func TestBackendPanicFreesTheGate(t *testing.T) {
 
 // unreachable is a store whose calls never answer until their context
 // ends.
-type unreachable struct{ locking.Backend }
+type unreachable struct {
+	locking.Backend
+	inFlight *atomic.Int64 // calls not yet returned
+}
 
-func (unreachable) Acquire(ctx context.Context, r locking.Request) (locking.Grant, error) {
+func (u unreachable) Acquire(ctx context.Context, r locking.Request) (locking.Grant, error) {
+	u.inFlight.Add(1)
+	defer u.inFlight.Add(-1)
 	<-ctx.Done()
 	return locking.Grant{}, ctx.Err()
 }
 
-func (unreachable) Release(ctx context.Context, id, owner string) error {
+func (u unreachable) Release(ctx context.Context, id, owner string) error {
+	u.inFlight.Add(1)
+	defer u.inFlight.Add(-1)
 	<-ctx.Done()
 	return ctx.Err()
 }
 
 // TestFailedAcquireReturnsSoon: on a store that does not answer, an Acquire
-// whose context ends after 100 ms returns 2 s later (the give-back it
-// waits for goes on in the background), not 10 s later.
+// whose context ends after 100 ms returns 2 s later (its give-back ends
+// inside the call, bounded by 2 s), not 10 s later, and leaves nothing
+// running behind it.
 func TestFailedAcquireReturnsSoon(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		c := newClient(t, unreachable{memlock.New()}, locking.Config{})
+		b := unreachable{memlock.New(), new(atomic.Int64)}
+		c := newClient(t, b, locking.Config{})
 		ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
 		defer cancel()
 		start := time.Now()
@@ -158,7 +168,9 @@ func TestFailedAcquireReturnsSoon(t *testing.T) {
 		if d := time.Since(start); d != 2100*time.Millisecond {
 			t.Errorf("Acquire returned %v after it started; want 2.1 s (its 100 ms context, then 2 s for the give-back)", d)
 		}
-		time.Sleep(11 * time.Second) // let the background give-back end inside the bubble
+		if n := b.inFlight.Load(); n != 0 {
+			t.Errorf("%d store calls still under way after Acquire returned; want none (the give-back ends inside the call)", n)
+		}
 	})
 }
 
@@ -219,4 +231,55 @@ func TestLeaseRanOutIsGivenBack(t *testing.T) {
 		}
 		_ = l.Release(t.Context())
 	})
+}
+
+// slowRenew is a store whose renewals answer only when their context ends,
+// and then 100 ms later (a reply on its way).
+type slowRenew struct {
+	locking.Backend
+	inFlight atomic.Int64
+}
+
+func (s *slowRenew) Renew(ctx context.Context, r locking.Request) (locking.Grant, error) {
+	s.inFlight.Add(1)
+	defer s.inFlight.Add(-1)
+	<-ctx.Done()
+	time.Sleep(100 * time.Millisecond)
+	return locking.Grant{}, ctx.Err()
+}
+
+// TestReleaseJoinsTheRenewal: a Release, or the end of the lock's context,
+// during a renewal cancels the renewal and waits for it: when Release
+// returns (or Done closes), no call of the lock is still under way.
+func TestReleaseJoinsTheRenewal(t *testing.T) {
+	for _, end := range []string{"Release", "context"} {
+		t.Run(end, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				b := &slowRenew{Backend: memlock.New()}
+				c := newClient(t, b, locking.Config{})
+				ctx, cancel := context.WithCancel(t.Context())
+				defer cancel()
+				l, err := c.Acquire(ctx, "job", locking.Lease(30*time.Second))
+				if err != nil {
+					t.Fatal(err)
+				}
+				time.Sleep(11 * time.Second) // the first renewal, at 10 s, is under way
+				synctest.Wait()
+				if n := b.inFlight.Load(); n != 1 {
+					t.Fatalf("%d renewals under way at 11 s; want 1", n)
+				}
+				if end == "Release" {
+					if err := l.Release(t.Context()); err != nil {
+						t.Fatalf("Release: %v", err)
+					}
+				} else {
+					cancel()
+					<-l.Done()
+				}
+				if n := b.inFlight.Load(); n != 0 {
+					t.Errorf("%d renewals still under way once the lock ended; want none", n)
+				}
+			})
+		})
+	}
 }

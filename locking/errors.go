@@ -16,11 +16,14 @@ var (
 
 	// ErrLockLost reports that a lock stopped being held before its holder
 	// released it: renewals failed until the lease ran out, another owner took
-	// it over, or the store no longer has it.
+	// it over, or the store no longer has it. Lock.Err, Lock.Release and With
+	// return it for a lost lock.
 	ErrLockLost = errors.New("locking: lock lost")
 
-	// ErrNotHeld reports a Release of a lock this owner does not hold (any
-	// more): it was released already, lost, or taken over.
+	// ErrNotHeld reports, from a Backend, that the owner does not hold the
+	// lock (any more); from Lock.Release and Lock.Err, that the lock was
+	// released already (by Release, or when its context ended). A lost lock
+	// is reported with ErrLockLost instead: one sentinel per meaning.
 	ErrNotHeld = errors.New("locking: lock not held")
 
 	// ErrReentrant reports an Acquire or With of a lock that an enclosing
@@ -32,7 +35,8 @@ var (
 	ErrReentrant = errors.New("locking: lock already held by this context (locks are not re-entrant)")
 
 	// ErrNoBackend reports a lock kind for which the client has no backend.
-	ErrNoBackend = errors.New("locking: no backend for this lock kind")
+	// It wraps ErrInvalid: the client is configured without it.
+	ErrNoBackend = NewInvalid("locking: no backend for this lock kind")
 
 	// ErrInvalid reports bad input: an empty id, a duration that is not
 	// positive or is above MaxLease, an unknown kind. It is returned before any I/O.
@@ -65,6 +69,18 @@ func (e *NotAcquiredError) Error() string {
 
 // Is reports whether target is ErrNotAcquired.
 func (e *NotAcquiredError) Is(target error) bool { return target == ErrNotAcquired }
+
+// NewInvalid returns a new error whose text is text and that wraps
+// ErrInvalid: a package's own sentinel for one kind of bad input or
+// configuration (mclock.ErrInvalidOptions, tasks.ErrInvalidConfig, ...), so
+// that errors.Is(err, ErrInvalid) alone tells bad configuration from a
+// failing store, whichever package refused it.
+func NewInvalid(text string) error { return &invalidError{text} }
+
+type invalidError struct{ text string }
+
+func (e *invalidError) Error() string { return e.text }
+func (e *invalidError) Unwrap() error { return ErrInvalid }
 
 func invalid(format string, args ...any) error {
 	return fmt.Errorf("%w: "+format, append([]any{ErrInvalid}, args...)...)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"strings"
 	"sync"
@@ -230,4 +231,81 @@ func (s *syncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// TestContextEndWarnsOnCloudRun: on Cloud Run (K_SERVICE set) a lock that
+// ends with its context, not by Release, is warned about — once per id, at
+// most every 10 s —; a released one is not, nor anything off Cloud Run.
+func TestContextEndWarnsOnCloudRun(t *testing.T) {
+	const line = "ended with the context it was acquired with"
+	for _, cloudRun := range []bool{true, false} {
+		t.Run(fmt.Sprintf("K_SERVICE set %v", cloudRun), func(t *testing.T) {
+			if cloudRun {
+				t.Setenv("K_SERVICE", "checkout")
+			} else {
+				t.Setenv("K_SERVICE", "")
+			}
+			synctest.Test(t, func(t *testing.T) {
+				var logs syncBuffer
+				c := newClient(t, memlock.New(), locking.Config{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+				endWithContext := func(id string) {
+					ctx, cancel := context.WithCancel(t.Context())
+					l, err := c.Acquire(ctx, id)
+					if err != nil {
+						t.Fatal(err)
+					}
+					cancel()
+					<-l.Done()
+				}
+				endWithContext("a")
+				endWithContext("a") // the same id: not again
+				l, err := c.Acquire(t.Context(), "released")
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := l.Release(t.Context()); err != nil {
+					t.Fatal(err)
+				}
+				endWithContext("b") // another id within 10 s: held back
+				time.Sleep(11 * time.Second)
+				endWithContext("c") // after 10 s: logged
+				got := strings.Count(logs.String(), line)
+				want := 0
+				if cloudRun {
+					want = 2
+				}
+				if got != want {
+					t.Errorf("%d warnings; want %d:\n%s", got, want, logs.String())
+				}
+				if cloudRun && (!strings.Contains(logs.String(), "lock_id=a") || !strings.Contains(logs.String(), "lock_id=c") || !strings.Contains(logs.String(), "warnings_not_logged=1")) {
+					t.Errorf("want warnings for a and c, with b counted as not logged:\n%s", logs.String())
+				}
+			})
+		})
+	}
+}
+
+// TestLinesFollowTheDefaultLogger: a client made without Config.Logger logs
+// to slog.Default() as it is at each line, so a slog.SetDefault after New
+// (a program's JSON handler for Cloud Logging) applies to the lock's lines.
+func TestLinesFollowTheDefaultLogger(t *testing.T) {
+	prev := slog.Default()
+	t.Cleanup(func() { slog.SetDefault(prev) })
+	t.Setenv("K_SERVICE", "checkout")
+	c, err := locking.New(locking.Config{Strong: memlock.New()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs syncBuffer
+	slog.SetDefault(slog.New(slog.NewJSONHandler(&logs, nil)))
+	ctx, cancel := context.WithCancel(t.Context())
+	l, err := c.Acquire(ctx, "job")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	<-l.Done()
+	if !strings.Contains(logs.String(), `"lock_id":"job"`) {
+		t.Errorf("the lock's line did not go to the default logger set after New; got %q", logs.String())
+	}
 }

@@ -4,17 +4,24 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"strconv"
 	"sync"
 	"time"
 )
 
-var (
-	// errReleased is the cause with which Release ends a lock's life.
-	errReleased = errors.New("locking: released")
-	// errLeaseRanOut tells a loss by failed renewals from a loss to another
-	// owner.
-	errLeaseRanOut = errors.New("lease ran out before a renewal succeeded")
-)
+// releasedError is Err of a released lock; it wraps ErrNotHeld (a type
+// rather than fmt.Errorf: every Release needs one).
+type releasedError struct{ id string }
+
+func (e *releasedError) Error() string {
+	return ErrNotHeld.Error() + ": " + strconv.Quote(e.id) + " was released"
+}
+func (e *releasedError) Unwrap() error { return ErrNotHeld }
+
+// errLeaseRanOut tells a loss by failed renewals from a loss to another
+// owner.
+var errLeaseRanOut = errors.New("lease ran out before a renewal succeeded")
 
 // releaseTimeout bounds every call that gives a lock back on a context
 // detached from the caller's: Release, a release when the context a lock
@@ -50,16 +57,24 @@ type Lock struct {
 	g      *gate // nil for locks acquired with StealAfter
 	parent *Lock // the lock With held in the context this one was taken in
 
-	done    chan struct{}           // closed when the lock stops being held
-	exited  chan struct{}           // closed when the renewer returns
-	endLife context.CancelCauseFunc // stops the renewer
-	onLoss  context.CancelCauseFunc // With's function context; nil outside With
+	life     context.Context         // the lock lives no longer than it; its values go to every store call
+	stopLife func() bool             // stops the watch of life's end
+	done     chan struct{}           // closed when the lock stops being held
+	released releasedError           // Err once released by Release (kept here: no allocation)
+	onLoss   context.CancelCauseFunc // With's function context; nil outside With
 
-	mu      sync.Mutex
-	state   lockState // guarded by mu
-	err     error     // why the lock is no longer held; guarded by mu
-	lossy   bool      // err reports a loss (wraps ErrLockLost); guarded by mu
-	overrun time.Time // when With's context ended while its function ran; guarded by mu
+	// The renewal schedule, used by one tick at a time.
+	lostAt  time.Time // a tenth of a lease before the lease, as counted here, runs out
+	attempt int       // renewals failed in a row
+
+	mu            sync.Mutex
+	state         lockState          // guarded by mu
+	err           error              // why the lock is no longer held; guarded by mu
+	lossy         bool               // err reports a loss (wraps ErrLockLost); guarded by mu
+	overrun       time.Time          // when With's context ended while its function ran; guarded by mu
+	timer         *time.Timer        // fires the next renewal (tick); guarded by mu
+	renewal       chan struct{}      // closed when the tick under way returns; nil between ticks; guarded by mu
+	cancelRenewal context.CancelFunc // cancels the store call of the tick under way; guarded by mu
 
 	renewWarn, overrunWarn rareWarn
 }
@@ -80,8 +95,8 @@ func (l *Lock) Token() uint64 { return l.token }
 func (l *Lock) Done() <-chan struct{} { return l.done }
 
 // Err returns nil while the lock is held. After Done is closed it returns an
-// error wrapping ErrLockLost if the lock was lost, or ErrNotHeld if it was
-// released or ended with its context.
+// error wrapping ErrLockLost if the lock was lost, or one wrapping
+// ErrNotHeld if it was released or ended with its context (never both).
 func (l *Lock) Err() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -109,26 +124,71 @@ func (l *Lock) lostErr() error {
 // timeout, still releases the lock.
 //
 // It returns nil once the store has removed this holding. It returns an
-// error wrapping ErrNotHeld when the lock is no longer held: released
-// before, lost (then it wraps ErrLockLost too), or taken over by another
-// owner without this holder having noticed yet (the backend refuses to
-// remove a lock it does not hold, and the error wraps ErrLockLost as well).
-// Any other error is the backend's; the lock then expires at the end of its
-// lease. Done is closed when Release returns.
+// error wrapping ErrLockLost when the lock was lost — before, or found at
+// this call to be taken over or expired (the backend refuses to remove a
+// lock it does not hold) — and one wrapping ErrNotHeld when it was released
+// before (by Release, or when its context ended). Each error wraps one of
+// the two, never both. Any other error is the backend's; the lock then
+// expires at the end of its lease. Done is closed, and nothing of the lock
+// runs any more, when Release returns.
 func (l *Lock) Release(ctx context.Context) error {
 	ctx, span := l.c.tel.startRelease(ctx, l)
 	var err error
-	l.mu.Lock()
-	if l.state != held {
-		l.mu.Unlock()
-		err = l.releaseEnded()
-	} else {
-		l.state = releasing
-		l.mu.Unlock()
+	if l.stopRenewals() {
+		l.stopLife()
 		err = l.release(ctx)
+	} else {
+		err = l.releaseEnded()
 	}
 	l.c.tel.release(ctx, span, l.kind, err)
 	return err
+}
+
+// stopRenewals moves a held lock to releasing, stops its renewals, and
+// cancels and waits for the renewal under way, if any: nothing of the lock
+// runs when it returns (but a store call that ignores its context, waited
+// for at most releaseTimeout). It reports false, doing nothing, when the
+// lock is not held (any more) or is being released already.
+func (l *Lock) stopRenewals() bool {
+	l.mu.Lock()
+	if l.state != held {
+		l.mu.Unlock()
+		return false
+	}
+	l.state = releasing
+	l.timer.Stop()
+	r, cancel := l.renewal, l.cancelRenewal
+	l.mu.Unlock()
+	if r != nil {
+		cancel()
+		waitAtMost(r, releaseTimeout)
+	}
+	return true
+}
+
+// waitRenewal waits for the tick under way, if any, at most releaseTimeout.
+func (l *Lock) waitRenewal() {
+	l.mu.Lock()
+	r := l.renewal
+	l.mu.Unlock()
+	if r != nil {
+		waitAtMost(r, releaseTimeout)
+	}
+}
+
+// waitAtMost waits until ch is closed or d has passed.
+func waitAtMost(ch <-chan struct{}, d time.Duration) {
+	select {
+	case <-ch:
+		return
+	default:
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ch:
+	case <-t.C:
+	}
 }
 
 // detached returns a context with ctx's values that ends after
@@ -137,22 +197,21 @@ func detached(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.WithoutCancel(ctx), releaseTimeout)
 }
 
-// release stops the renewals and removes the lock from the backend.
+// release removes the lock from the backend, its renewals stopped.
 func (l *Lock) release(ctx context.Context) error {
-	l.endLife(errReleased)
-	<-l.exited
 	rctx, cancel := detached(ctx)
 	defer cancel()
 	err := l.b.Release(rctx, l.req.ID, l.req.Owner)
 	switch {
 	case err == nil:
-		l.end(released, fmt.Errorf("%w: %q was released", ErrNotHeld, l.req.ID), false)
+		l.released = releasedError{l.req.ID}
+		l.end(released, &l.released, false)
 		l.c.released(rctx, l.kind, l.req.ID)
 		return nil
 	case errors.Is(err, ErrNotHeld):
 		lostErr := fmt.Errorf("%w: %q was taken over or expired before it was released", ErrLockLost, l.req.ID)
-		l.end(lost, fmt.Errorf("%w (%w)", ErrNotHeld, lostErr), true)
-		return fmt.Errorf("locking: release %q: %w (%w)", l.req.ID, ErrNotHeld, lostErr)
+		l.end(lost, lostErr, true)
+		return fmt.Errorf("locking: release %q: %w", l.req.ID, lostErr)
 	default:
 		l.end(released, fmt.Errorf("%w: %q: release failed: %w", ErrNotHeld, l.req.ID, err), false)
 		return fmt.Errorf("locking: release %q: %w", l.req.ID, err)
@@ -162,13 +221,11 @@ func (l *Lock) release(ctx context.Context) error {
 // releaseEnded is Release of a lock that is no longer held, or is being
 // released on the holder's behalf.
 func (l *Lock) releaseEnded() error {
-	<-l.done // a release on the holder's behalf may be under way
+	<-l.done        // a release on the holder's behalf may be under way
+	l.waitRenewal() // and the give-back of a lost holding: nothing runs after Release
 	l.mu.Lock()
-	err, lossy := l.err, l.lossy
+	err := l.err
 	l.mu.Unlock()
-	if lossy && !errors.Is(err, ErrNotHeld) {
-		return fmt.Errorf("locking: release %q: %w (%w)", l.req.ID, ErrNotHeld, err)
-	}
 	return fmt.Errorf("locking: release %q: %w", l.req.ID, err)
 }
 
@@ -182,7 +239,9 @@ func (l *Lock) end(state lockState, err error, lossy bool) bool {
 	}
 	l.state, l.err, l.lossy = state, err, lossy
 	onLoss := l.onLoss
+	l.timer.Stop()
 	l.mu.Unlock()
+	l.stopLife()
 	if lossy && onLoss != nil {
 		onLoss(err)
 	}
@@ -199,107 +258,128 @@ func (l *Lock) end(state lockState, err error, lossy bool) bool {
 }
 
 // newLock returns a held lock acquired at sent (when the acquiring request
-// was sent) and starts renewing it until life ends or the lock is released
-// or lost.
+// was sent), whose lease it renews until life ends or the lock is released
+// or lost. A held lock runs no goroutine of its own: a timer runs each
+// renewal (tick), and the end of life is watched with context.AfterFunc.
 func (c *Client) newLock(life context.Context, b Backend, kind LockKind, req Request, token uint64, sent time.Time, g *gate, parent *Lock) *Lock {
-	life, endLife := context.WithCancelCause(life)
 	l := &Lock{
 		c: c, b: b, kind: kind, req: req, token: token, g: g, parent: parent,
-		done:    make(chan struct{}),
-		exited:  make(chan struct{}),
-		endLife: endLife,
+		life:   life,
+		done:   make(chan struct{}),
+		lostAt: sent.Add(req.Lease - req.Lease/10),
 	}
-	go l.renew(life, sent) // the gate learnt of the holding from the grant (Client.ask)
+	// The gate learnt of the holding from the grant (Client.ask).
+	l.mu.Lock()
+	if life.Done() == nil { // With's lock, or a context that never ends
+		l.stopLife = never
+	} else {
+		l.stopLife = context.AfterFunc(life, l.lifeEnded)
+	}
+	l.timer = time.AfterFunc(l.interval(), l.tick)
+	l.mu.Unlock()
 	return l
 }
 
-// renew keeps the lease alive until life ends. It renews every third of the
-// lease and retries a failed renewal with backoff. The lease is counted from
-// the moment each request was sent, on this process's monotonic clock, which
-// is never later than the moment the backend started it; and the lock is
-// declared lost a tenth of a lease before that count runs out. So Done closes
-// before any other owner can take the lock over, unless clocks run at rates
-// more than 10% apart or the backend itself misjudges time.
+// never is stopLife for a life that cannot end.
+func never() bool { return false }
+
+// interval is the time between two renewals: a third of the lease.
+func (l *Lock) interval() time.Duration { return max(l.req.Lease/3, time.Millisecond) }
+
+// tick makes one renewal and schedules the next. It keeps the lease alive:
+// every third of the lease, with backoff after a failure. The lease is
+// counted from the moment each request was sent, on this process's
+// monotonic clock, which is never later than the moment the backend started
+// it; and the lock is declared lost a tenth of a lease before that count
+// runs out. So Done closes before any other owner can take the lock over,
+// unless clocks run at rates more than 10% apart or the backend itself
+// misjudges time.
 //
-// Renewals run on a context of their own, bounded by that count: when life
-// ends during one (Release, or the context the lock was acquired with), the
-// renewal is abandoned and the lock released, never declared lost. A renewal
-// still pending when the count runs out is waited for in the background and
-// the holding it may have extended is given back.
-func (l *Lock) renew(life context.Context, acquired time.Time) {
-	defer close(l.exited)
+// The renewal's store call runs on a context that ends at that count and
+// that Release (or the end of life) cancels, and waits for: the lock is then
+// released, never declared lost. A watchdog timer declares the loss when the
+// count runs out even if the call goes on; once it returns, the holding it
+// may have extended is given back.
+func (l *Lock) tick() {
+	l.mu.Lock()
+	if l.state != held {
+		l.mu.Unlock()
+		return
+	}
+	done := make(chan struct{})
+	defer close(done)
+	rctx, cancel := context.WithDeadline(context.WithoutCancel(l.life), l.lostAt)
+	defer cancel()
+	l.renewal, l.cancelRenewal = done, cancel
+	l.mu.Unlock()
+
+	next, again := l.renew(rctx)
+
+	l.mu.Lock()
+	l.renewal, l.cancelRenewal = nil, nil
+	if again && l.state == held {
+		l.timer.Reset(next)
+	}
+	l.mu.Unlock()
+}
+
+// renew makes one renewal on rctx and returns the pause before the next, or
+// false when the lock ended (lost, or released meanwhile).
+func (l *Lock) renew(rctx context.Context) (next time.Duration, again bool) {
 	lease := l.req.Lease
-	interval := max(lease/3, time.Millisecond)
-	lostAt := acquired.Add(lease - lease/10)
-	next := interval
-	for attempt := 0; ; {
-		t := time.NewTimer(max(0, min(next, time.Until(lostAt))))
-		select {
-		case <-life.Done():
-		case <-t.C:
+	lostAt := l.lostAt
+	if !time.Now().Before(lostAt) {
+		l.loseTo(fmt.Errorf("%w: %q: %w", ErrLockLost, l.req.ID, errLeaseRanOut))
+		// The store may still keep the holding (a renewal applied whose
+		// reply was lost, a lease it rounded up): give it back.
+		l.giveBack(false)
+		return 0, false
+	}
+	l.warnOverrun()
+	sent := time.Now()
+	fired := make(chan struct{})
+	watchdog := time.AfterFunc(time.Until(lostAt), func() {
+		defer close(fired)
+		l.loseTo(fmt.Errorf("%w: %q: %w (a renewal was still under way)", ErrLockLost, l.req.ID, errLeaseRanOut))
+	})
+	_, err := l.b.Renew(rctx, l.req)
+	if !watchdog.Stop() {
+		<-fired
+		l.c.tel.renewal(l.life, l.kind, context.DeadlineExceeded)
+		// The renewal may have extended the holding after the loss was
+		// declared: give it back.
+		l.giveBack(true)
+		return 0, false
+	}
+	l.mu.Lock()
+	ended := l.state != held
+	l.mu.Unlock()
+	if ended {
+		// Released, or the lock's life ended, during the renewal: it no
+		// longer matters, and the release removes what it may have
+		// extended.
+		return 0, false
+	}
+	l.c.tel.renewal(l.life, l.kind, err)
+	switch {
+	case err == nil:
+		l.lostAt = sent.Add(lease - lease/10)
+		l.g.holding(sent.Add(lease))
+		l.attempt = 0
+		l.renewWarn.reset()
+		return min(l.interval(), time.Until(l.lostAt)), true
+	case errors.Is(err, ErrNotHeld):
+		// The store's words, not its ErrNotHeld: a lost lock is reported
+		// with ErrLockLost only.
+		l.loseTo(fmt.Errorf("%w: %q: %v", ErrLockLost, l.req.ID, err))
+		return 0, false
+	default:
+		if ok, left := l.renewWarn.allow(); ok {
+			l.c.logger().Warn("locking: renewal failed; retrying", "lock_id", l.req.ID, "token", l.token, "error", err, "failures_not_logged", left)
 		}
-		t.Stop()
-		if life.Err() != nil {
-			l.endWithContext(life)
-			return
-		}
-		if !time.Now().Before(lostAt) {
-			l.loseTo(fmt.Errorf("%w: %q: %w", ErrLockLost, l.req.ID, errLeaseRanOut))
-			// The store may still keep the holding (a renewal applied whose
-			// reply was lost, a lease it rounded up): give it back.
-			l.giveBack(life, false)
-			return
-		}
-		l.warnOverrun()
-		sent := time.Now()
-		rctx, cancel := context.WithDeadline(context.WithoutCancel(life), lostAt)
-		res := make(chan error, 1)
-		go func() {
-			_, err := l.b.Renew(rctx, l.req)
-			res <- err
-		}()
-		var err error
-		t = time.NewTimer(time.Until(lostAt))
-		select {
-		case err = <-res:
-		case <-life.Done():
-			// Released, or the lock's context ended: the renewal no longer
-			// matters, and the release below removes what it may extend.
-			t.Stop()
-			cancel()
-			l.endWithContext(life)
-			return
-		case <-t.C:
-			select {
-			case err = <-res: // returned just in time
-			default:
-				l.c.tel.renewal(life, l.kind, context.DeadlineExceeded)
-				l.loseTo(fmt.Errorf("%w: %q: %w (a renewal was still under way)", ErrLockLost, l.req.ID, errLeaseRanOut))
-				<-res // the call outlives the lock by no more than the backend's own timeouts
-				cancel()
-				l.giveBack(life, true)
-				return
-			}
-		}
-		t.Stop()
-		cancel()
-		l.c.tel.renewal(life, l.kind, err)
-		switch {
-		case err == nil:
-			lostAt = sent.Add(lease - lease/10)
-			l.g.holding(sent.Add(lease))
-			next, attempt = interval, 0
-			l.renewWarn.reset()
-		case errors.Is(err, ErrNotHeld):
-			l.loseTo(fmt.Errorf("%w: %q: %w", ErrLockLost, l.req.ID, err))
-			return
-		default:
-			if ok, left := l.renewWarn.allow(); ok {
-				l.c.log.Warn("locking: renewal failed; retrying", "lock_id", l.req.ID, "token", l.token, "error", err, "failures_not_logged", left)
-			}
-			next = l.c.backoff(attempt, lease)
-			attempt++
-		}
+		next = l.c.backoff(l.attempt, lease)
+		l.attempt++
+		return max(0, min(next, time.Until(lostAt))), true
 	}
 }
 
@@ -312,7 +392,7 @@ func (l *Lock) loseTo(err error) {
 	}
 	l.mu.Unlock()
 	if l.end(lost, err, true) {
-		l.c.log.Warn("locking: lock lost", "lock_id", l.req.ID, "token", l.token, "error", err)
+		l.c.logger().Warn("locking: lock lost", "lock_id", l.req.ID, "token", l.token, "error", err)
 	}
 }
 
@@ -321,36 +401,32 @@ func (l *Lock) loseTo(err error) {
 // renewal applied whose reply was lost, a lease it rounded up), or a
 // renewal still pending when the loss was declared (late) may have
 // extended it after all. It never removes another owner's lock.
-func (l *Lock) giveBack(life context.Context, late bool) {
-	ctx, cancel := detached(life)
+func (l *Lock) giveBack(late bool) {
+	ctx, cancel := detached(l.life)
 	defer cancel()
 	if err := l.b.Release(ctx, l.req.ID, l.req.Owner); err == nil && late {
-		l.c.log.Warn("locking: a renewal applied after the lock was given up; released it", "lock_id", l.req.ID, "token", l.token)
+		l.c.logger().Warn("locking: a renewal applied after the lock was given up; released it", "lock_id", l.req.ID, "token", l.token)
 	}
 }
 
-// endWithContext handles the end of the lock's life: by Release (nothing to
-// do here) or because the context it was acquired with is done, when the
-// lock is released on the holder's behalf, on a detached context.
-func (l *Lock) endWithContext(life context.Context) {
-	if context.Cause(life) == errReleased {
+// lifeEnded releases the lock on the holder's behalf, on a detached
+// context, when the context it was acquired with is done (context.AfterFunc
+// runs it). It does nothing once Release has started or the lock ended.
+func (l *Lock) lifeEnded() {
+	if !l.stopRenewals() {
 		return
 	}
-	l.mu.Lock()
-	if l.state != held {
-		l.mu.Unlock()
-		return
+	if l.c.cloudRun {
+		l.c.ctxEnds.warn(l.c.logger(), l.req.ID)
 	}
-	l.state = releasing
-	l.mu.Unlock()
-	ctx, cancel := detached(life)
+	ctx, cancel := detached(l.life)
 	defer cancel()
 	err := l.b.Release(ctx, l.req.ID, l.req.Owner)
 	l.c.tel.release(ctx, nil, l.kind, err)
 	if err != nil && !errors.Is(err, ErrNotHeld) {
-		l.c.log.Warn("locking: release after context end failed; the lease will expire", "lock_id", l.req.ID, "token", l.token, "error", err)
+		l.c.logger().Warn("locking: release after context end failed; the lease will expire", "lock_id", l.req.ID, "token", l.token, "error", err)
 	}
-	l.end(released, fmt.Errorf("%w: %q was released when its context ended: %w", ErrNotHeld, l.req.ID, life.Err()), false)
+	l.end(released, fmt.Errorf("%w: %q was released when its context ended: %w", ErrNotHeld, l.req.ID, l.life.Err()), false)
 	if err == nil {
 		l.c.released(ctx, l.kind, l.req.ID)
 	}
@@ -367,7 +443,7 @@ func (l *Lock) startOverrun() {
 	l.overrun = time.Now()
 	l.mu.Unlock()
 	l.overrunWarn.allow()
-	l.c.log.Warn("locking: the context of With ended while its function still runs; the lock stays held until the function returns",
+	l.c.logger().Warn("locking: the context of With ended while its function still runs; the lock stays held until the function returns",
 		"lock_id", l.req.ID, "token", l.token)
 }
 
@@ -387,7 +463,7 @@ func (l *Lock) warnOverrun() {
 		return
 	}
 	if ok, left := l.overrunWarn.allow(); ok {
-		l.c.log.Warn("locking: the function of With still runs after its context ended; the lock stays held",
+		l.c.logger().Warn("locking: the function of With still runs after its context ended; the lock stays held",
 			"lock_id", l.req.ID, "token", l.token, "overrun", time.Since(since).Round(time.Millisecond), "warnings_not_logged", left)
 	}
 }
@@ -419,4 +495,48 @@ func (w *rareWarn) reset() {
 	w.mu.Lock()
 	w.last, w.held = time.Time{}, 0
 	w.mu.Unlock()
+}
+
+// maxCtxEndIDs bounds the ids ctxEndWarn remembers having warned about.
+const maxCtxEndIDs = 1024
+
+// ctxEndWarn warns that locks end with their context on Cloud Run: once per
+// id (of the first maxCtxEndIDs), and at most every warnEvery.
+type ctxEndWarn struct {
+	rare rareWarn
+	mu   sync.Mutex
+	seen map[string]struct{} // guarded by mu
+}
+
+func (w *ctxEndWarn) warn(log *slog.Logger, id string) {
+	w.mu.Lock()
+	_, seen := w.seen[id]
+	if !seen && len(w.seen) < maxCtxEndIDs {
+		if w.seen == nil {
+			w.seen = make(map[string]struct{})
+		}
+		w.seen[id] = struct{}{}
+	}
+	w.mu.Unlock()
+	if seen {
+		return
+	}
+	if ok, left := w.rare.allow(); ok {
+		log.Warn("locking: a lock ended with the context it was acquired with, not by Release; on Cloud Run that release runs after the answer, when the instance's CPU may be throttled, and may come only when the lease runs out: Release before answering, or use With",
+			"lock_id", id, "warnings_not_logged", left)
+	}
+}
+
+// cancelOnLoss makes a loss of the lock cancel fn's context with the loss
+// error as its cause, at once if the lock is lost already.
+func (l *Lock) cancelOnLoss(cancel context.CancelCauseFunc) {
+	l.mu.Lock()
+	if l.lossy {
+		err := l.err
+		l.mu.Unlock()
+		cancel(err)
+		return
+	}
+	l.onLoss = cancel
+	l.mu.Unlock()
 }

@@ -9,7 +9,9 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/metric"
+	metricnoop "go.opentelemetry.io/otel/metric/noop"
 	"go.opentelemetry.io/otel/trace"
+	tracenoop "go.opentelemetry.io/otel/trace/noop"
 )
 
 // scope is the OpenTelemetry instrumentation scope of this package's meter
@@ -63,7 +65,7 @@ func resultOf(err error) result {
 	switch {
 	case err == nil:
 		return resultOK
-	case errors.Is(err, ErrNotHeld):
+	case errors.Is(err, ErrNotHeld), errors.Is(err, ErrLockLost):
 		return resultNotHeld
 	}
 	return resultError
@@ -105,7 +107,8 @@ var (
 // the attribute sets of every combination of kind and outcome, built once so
 // that recording a measurement allocates nothing.
 type telemetry struct {
-	tracer trace.Tracer
+	tracer  trace.Tracer // nil: the no-op TracerProvider, no spans
+	metrics bool         // false: the no-op MeterProvider, nothing is measured
 
 	acquireDuration metric.Float64Histogram
 	waitDuration    metric.Float64Histogram
@@ -147,7 +150,13 @@ func newTelemetry(mp metric.MeterProvider, tp trace.TracerProvider) (*telemetry,
 		tp = otel.GetTracerProvider()
 	}
 	m := mp.Meter(scope)
-	t := &telemetry{tracer: tp.Tracer(scope)}
+	t := &telemetry{tracer: tp.Tracer(scope), metrics: true}
+	if _, ok := mp.(metricnoop.MeterProvider); ok {
+		t.metrics = false // no clock readings for instruments that record nothing
+	}
+	if _, ok := tp.(tracenoop.TracerProvider); ok {
+		t.tracer = nil // no spans: saves putting a no-op span in each context
+	}
 	var errs []error
 	check := func(err error) {
 		if err != nil {
@@ -220,6 +229,10 @@ func newTelemetry(mp metric.MeterProvider, tp trace.TracerProvider) (*telemetry,
 	return t, nil
 }
 
+// noSpan stands for the spans of a client whose TracerProvider is the no-op
+// one: ending it ends nothing.
+var noSpan trace.Span = tracenoop.Span{}
+
 // acquireStats is what one Acquire call observed.
 type acquireStats struct {
 	outcome  outcome
@@ -232,6 +245,9 @@ type acquireStats struct {
 // startAcquire starts the span of an Acquire call, a child of the span in
 // ctx.
 func (t *telemetry) startAcquire(ctx context.Context, id string, o *options) (context.Context, trace.Span) {
+	if t.tracer == nil {
+		return ctx, noSpan
+	}
 	ctx, span := t.tracer.Start(ctx, "taskguard.lock.acquire")
 	if span.IsRecording() { // no attribute slices for a no-op tracer
 		span.SetAttributes(attrID.String(id), attrKind.String(o.kind.String()))
@@ -241,6 +257,10 @@ func (t *telemetry) startAcquire(ctx context.Context, id string, o *options) (co
 
 // endAcquire records an Acquire call that started at start and ends its span.
 func (t *telemetry) endAcquire(ctx context.Context, span trace.Span, kind LockKind, start time.Time, st *acquireStats, err error) {
+	if !t.metrics {
+		t.endSpan(span, st, err)
+		return
+	}
 	t.acquireDuration.Record(ctx, time.Since(start).Seconds(), t.byOutcome[kind][st.outcome].rec...)
 	if st.waited > 0 {
 		t.waitDuration.Record(ctx, st.waited.Seconds(), t.byOutcome[kind][st.outcome].rec...)
@@ -251,6 +271,11 @@ func (t *telemetry) endAcquire(ctx context.Context, span trace.Span, kind LockKi
 			t.takeovers.Add(ctx, 1, t.kindOnly[kind].add...)
 		}
 	}
+	t.endSpan(span, st, err)
+}
+
+// endSpan ends the span of an Acquire call.
+func (t *telemetry) endSpan(span trace.Span, st *acquireStats, err error) {
 	if !span.IsRecording() {
 		span.End()
 		return
@@ -280,6 +305,9 @@ func (t *telemetry) poll(ctx context.Context, kind LockKind, g Grant, err error)
 
 // startHold starts the span of With's function, a child of the span in ctx.
 func (t *telemetry) startHold(ctx context.Context, l *Lock) (context.Context, trace.Span) {
+	if t.tracer == nil {
+		return ctx, noSpan
+	}
 	ctx, span := t.tracer.Start(ctx, "taskguard.lock.hold")
 	if span.IsRecording() {
 		span.SetAttributes(attrID.String(l.req.ID), attrKind.String(l.kind.String()), attrToken.Int64(int64(l.token)))
@@ -307,6 +335,9 @@ func (t *telemetry) endHold(span trace.Span, err, lost error, panicked bool) {
 
 // startRelease starts the span of a Lock.Release call.
 func (t *telemetry) startRelease(ctx context.Context, l *Lock) (context.Context, trace.Span) {
+	if t.tracer == nil {
+		return ctx, noSpan
+	}
 	ctx, span := t.tracer.Start(ctx, "taskguard.lock.release")
 	if span.IsRecording() {
 		span.SetAttributes(attrID.String(l.req.ID), attrKind.String(l.kind.String()), attrToken.Int64(int64(l.token)))
@@ -362,6 +393,9 @@ func (m *meteredBackend) record(ctx context.Context, op operation, start time.Ti
 	m.t.backendCalls.Add(ctx, 1, a.add...)
 	m.t.backendDuration.Record(ctx, time.Since(start).Seconds(), a.rec...)
 }
+
+// Unwrap returns the backend it counts the calls of.
+func (m *meteredBackend) Unwrap() Backend { return m.b }
 
 func (m *meteredBackend) Acquire(ctx context.Context, r Request) (Grant, error) {
 	start := time.Now()

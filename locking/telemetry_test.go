@@ -258,7 +258,7 @@ func TestTelemetryMetrics(t *testing.T) {
 			}
 			defer stolen.Release(context.WithoutCancel(t.Context()))
 			<-l.Done() // the renewal at 10 ms finds the lock taken
-			return wantErr(l.Release(t.Context()), locking.ErrNotHeld)
+			return wantErr(l.Release(t.Context()), locking.ErrLockLost)
 		},
 		want: map[string]float64{
 			acq + " count": 1, acq + " sum": 0,

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/taskguard/taskguard/internal/ident"
+	"github.com/taskguard/taskguard/locking"
 
 	cloudtasks "cloud.google.com/go/cloudtasks/apiv2"
 	"cloud.google.com/go/cloudtasks/apiv2/cloudtaskspb"
@@ -323,10 +324,13 @@ func TaskID(job, name string) string {
 
 // Errors of the tasks package.
 var (
-	// ErrInvalidConfig reports an unusable Config or worker option.
-	ErrInvalidConfig = errors.New("tasks: invalid configuration")
-	// ErrInvalidTask reports a task Enqueue refused before any RPC.
-	ErrInvalidTask = errors.New("tasks: invalid task")
+	// ErrInvalidConfig reports an unusable Config or worker option. It
+	// wraps locking.ErrInvalid, as every bad-configuration error of this
+	// module does.
+	ErrInvalidConfig = locking.NewInvalid("tasks: invalid configuration")
+	// ErrInvalidTask reports a task Enqueue refused before any RPC. It wraps
+	// locking.ErrInvalid.
+	ErrInvalidTask = locking.NewInvalid("tasks: invalid task")
 	// ErrTooLarge reports a task over MaxTaskSize; it comes wrapped together
 	// with ErrInvalidTask.
 	ErrTooLarge = errors.New("tasks: task too large")

@@ -103,10 +103,8 @@ func run() error {
 			cfg.Lease = demoLease
 		}
 	}
-	if v := os.Getenv(app.EnvLogLevel); v != "" {
-		if err := level.UnmarshalText([]byte(v)); err != nil {
-			return fmt.Errorf("%s=%q: want debug, info, warn or error", app.EnvLogLevel, v)
-		}
+	if cfg.LogLevel != nil { // TASKGUARD_LOG_LEVEL, checked by ConfigFromEnv
+		level = cfg.LogLevel.Level()
 	}
 	log := slog.New(cloudlog.NewHandler(os.Stdout, level, cfg.ProjectID))
 	slog.SetDefault(log)

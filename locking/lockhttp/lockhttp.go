@@ -17,9 +17,9 @@
 //   - lock lost (locking.ErrLockLost): 503 Service Unavailable;
 //   - the lock store failed, or the request ended while the lock was taken:
 //     503 Service Unavailable;
-//   - the lock client cannot work as configured (locking.ErrInvalid,
-//     ErrNoBackend, ErrNoStrongBackend, ErrReentrant): 500 Internal Server
-//     Error.
+//   - the lock client cannot work as configured (locking.ErrInvalid, which
+//     ErrNoBackend, ErrNoStrongBackend and every package's bad-configuration
+//     error wrap; ErrReentrant): 500 Internal Server Error.
 //
 // For Cloud Run functions written for the Functions Framework, GuardFunc
 // wraps a func(w, r):
@@ -62,6 +62,19 @@ type Policy struct {
 	MaxRetryAfter time.Duration
 }
 
+// Validate reports whether p is usable: BusyStatus 0 or a client or server
+// error status (400–599), MaxRetryAfter in [0, locking.MaxLease]. The error
+// wraps locking.ErrInvalid and names the field.
+func (p Policy) Validate() error {
+	if p.BusyStatus != 0 && (p.BusyStatus < 400 || p.BusyStatus > 599) {
+		return fmt.Errorf("%w: lockhttp: BusyStatus %d is not an HTTP error status (400-599)", locking.ErrInvalid, p.BusyStatus)
+	}
+	if p.MaxRetryAfter < 0 || p.MaxRetryAfter > locking.MaxLease {
+		return fmt.Errorf("%w: lockhttp: MaxRetryAfter %v is not in [0, %v]", locking.ErrInvalid, p.MaxRetryAfter, locking.MaxLease)
+	}
+	return nil
+}
+
 // An Answer is the HTTP answer for a lock error.
 type Answer struct {
 	// Status is the HTTP status code.
@@ -75,7 +88,8 @@ type Answer struct {
 
 // Answer returns the answer for err, an error returned by
 // locking.Client.With or Acquire (see the package documentation for the
-// mapping). ok is false when err is nil.
+// mapping). ok is false when err is nil. A Policy that Validate refuses
+// answers a busy lock 500, as a misconfigured lock.
 func (p Policy) Answer(err error) (a Answer, ok bool) {
 	var busy *locking.NotAcquiredError
 	switch {
@@ -83,14 +97,13 @@ func (p Policy) Answer(err error) (a Answer, ok bool) {
 		return Answer{}, false
 	case errors.Is(err, locking.ErrLockLost):
 		return Answer{Status: http.StatusServiceUnavailable, Message: "lock lost"}, true
-	case errors.As(err, &busy):
+	case errors.As(err, &busy) && p.Validate() == nil:
 		status := p.BusyStatus
 		if status == 0 {
 			status = http.StatusTooManyRequests
 		}
 		return Answer{Status: status, RetryAfter: p.RetryAfter(busy.Remaining), Message: "lock held"}, true
-	case errors.Is(err, locking.ErrInvalid), errors.Is(err, locking.ErrNoBackend),
-		errors.Is(err, locking.ErrNoStrongBackend), errors.Is(err, locking.ErrReentrant):
+	case busy != nil, errors.Is(err, locking.ErrInvalid), errors.Is(err, locking.ErrReentrant):
 		return Answer{Status: http.StatusInternalServerError, Message: "lock misconfigured"}, true
 	default:
 		return Answer{Status: http.StatusServiceUnavailable, Message: "lock unavailable"}, true
@@ -161,26 +174,35 @@ func PathValue(name, prefix string) KeyFunc {
 	}
 }
 
-// An Option configures Guard.
+// An Option configures New, Guard and GuardFunc. Each is checked when the
+// handler is built (see New).
 type Option func(*guard)
 
 // BusyStatus sets the status of a request whose lock is held elsewhere:
-// 429 by default, 409 Conflict the other common choice.
+// 429 by default, 409 Conflict the other common choice. It must be an HTTP
+// error status (400–599).
 func BusyStatus(status int) Option {
 	return func(g *guard) { g.policy.BusyStatus = status }
 }
 
 // MaxRetryAfter caps the Retry-After of a busy answer; DefaultMaxRetryAfter
-// by default.
+// by default. It must be in [0, locking.MaxLease]; values below one second
+// count as one second.
 func MaxRetryAfter(d time.Duration) Option {
 	return func(g *guard) { g.policy.MaxRetryAfter = d }
 }
 
 // MaxWait makes a request wait up to d for a held lock before it is
 // answered busy, instead of being answered at once. The wait counts against
-// the request's own deadline.
+// the request's own deadline. As locking.MaxWait, d must be positive and at
+// most locking.MaxLease.
 func MaxWait(d time.Duration) Option {
-	return func(g *guard) { g.maxWait = d }
+	return func(g *guard) {
+		if d <= 0 || d > locking.MaxLease {
+			g.fail(fmt.Errorf("%w: lockhttp: MaxWait(%v): must be positive and at most locking.MaxLease (%v)", locking.ErrInvalid, d, locking.MaxLease))
+		}
+		g.maxWait = d
+	}
 }
 
 // LockOptions adds locking options (Lease, Kind, StealAfter) to every
@@ -204,6 +226,13 @@ type guard struct {
 	maxWait  time.Duration
 	lockOpts []locking.Option
 	log      *slog.Logger
+	err      error // the first invalid option
+}
+
+func (g *guard) fail(err error) {
+	if g.err == nil {
+		g.err = err
+	}
 }
 
 // Guard returns a handler that runs next while holding the lock whose id
@@ -216,23 +245,50 @@ type guard struct {
 // package documentation); a request whose lock is lost while next runs is
 // answered 503 unless next has already begun its response. The
 // ResponseWriter next receives has the same optional interfaces
-// (http.Flusher, ...) as the server's. Guard panics if key or next is nil.
+// (http.Flusher, ...) as the server's.
+//
+// Guard panics, with the error New would return, if key or next is nil or
+// an option is invalid: handlers are built at start-up (often in init, for
+// functions.HTTP), so a bad setting stops the program there instead of
+// failing its requests. Use New to get the error instead.
 func Guard(client *locking.Client, key KeyFunc, next http.Handler, opts ...Option) http.Handler {
+	h, err := New(client, key, next, opts...)
+	if err != nil {
+		panic(err)
+	}
+	return h
+}
+
+// New is Guard returning an error instead of panicking: an error wrapping
+// locking.ErrInvalid, naming the bad argument, when key or next is nil or an
+// option is invalid (a BusyStatus that is not 400–599, a MaxRetryAfter or
+// MaxWait out of range, a nil Option). It does no I/O.
+func New(client *locking.Client, key KeyFunc, next http.Handler, opts ...Option) (http.Handler, error) {
 	if key == nil || next == nil {
-		panic("lockhttp: Guard with a nil key or handler")
+		return nil, fmt.Errorf("%w: lockhttp: nil key or handler", locking.ErrInvalid)
 	}
 	g := &guard{client: client, key: key, next: next}
 	for _, o := range opts {
+		if o == nil {
+			g.fail(fmt.Errorf("%w: lockhttp: nil Option", locking.ErrInvalid))
+			continue
+		}
 		o(g)
 	}
-	return g
+	if g.err == nil {
+		g.fail(g.policy.Validate())
+	}
+	if g.err != nil {
+		return nil, g.err
+	}
+	return g, nil
 }
 
 // GuardFunc is Guard for a handler function, the form the Functions
-// Framework registers (functions.HTTP).
+// Framework registers (functions.HTTP). It panics as Guard does.
 func GuardFunc(client *locking.Client, key KeyFunc, next func(http.ResponseWriter, *http.Request), opts ...Option) func(http.ResponseWriter, *http.Request) {
 	if next == nil {
-		panic("lockhttp: GuardFunc with a nil handler")
+		panic(fmt.Errorf("%w: lockhttp: GuardFunc with a nil handler", locking.ErrInvalid))
 	}
 	return Guard(client, key, http.HandlerFunc(next), opts...).ServeHTTP
 }

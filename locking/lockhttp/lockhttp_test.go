@@ -252,3 +252,58 @@ func TestPolicyAnswer(t *testing.T) {
 		t.Error("Answer(nil) reports an answer")
 	}
 }
+
+// TestBadOptionsRefusedWhenBuilt: a bad setting fails New (and Guard at
+// start-up) with an error wrapping locking.ErrInvalid, instead of failing
+// or panicking at the first request; a Policy value that Validate refuses
+// answers a busy lock 500 instead of panicking in WriteHeader.
+func TestBadOptionsRefusedWhenBuilt(t *testing.T) {
+	c := newClient(t, memlock.New())
+	ok := http.HandlerFunc(func(http.ResponseWriter, *http.Request) {})
+	key := lockhttp.Query("id", "")
+	for _, tc := range []struct {
+		name string
+		opt  lockhttp.Option
+	}{
+		{"BusyStatus(42)", lockhttp.BusyStatus(42)},
+		{"BusyStatus(200)", lockhttp.BusyStatus(http.StatusOK)},
+		{"BusyStatus(1000)", lockhttp.BusyStatus(1000)},
+		{"MaxWait(48h)", lockhttp.MaxWait(48 * time.Hour)},
+		{"MaxWait(0)", lockhttp.MaxWait(0)},
+		{"MaxWait(-1s)", lockhttp.MaxWait(-time.Second)},
+		{"MaxRetryAfter(-1s)", lockhttp.MaxRetryAfter(-time.Second)},
+		{"nil", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h, err := lockhttp.New(c, key, ok, tc.opt)
+			if !errors.Is(err, locking.ErrInvalid) || h != nil {
+				t.Fatalf("New with %s = %v, %v; want an error wrapping ErrInvalid", tc.name, h, err)
+			}
+			func() {
+				defer func() {
+					if r, _ := recover().(error); !errors.Is(r, locking.ErrInvalid) {
+						t.Errorf("Guard with %s panicked with %v; want New's error", tc.name, r)
+					}
+				}()
+				lockhttp.Guard(c, key, ok, tc.opt)
+			}()
+		})
+	}
+	if _, err := lockhttp.New(c, nil, ok); !errors.Is(err, locking.ErrInvalid) {
+		t.Errorf("New with a nil key = %v; want ErrInvalid", err)
+	}
+	if _, err := lockhttp.New(c, key, ok, lockhttp.BusyStatus(409), lockhttp.MaxWait(time.Second), lockhttp.MaxRetryAfter(time.Minute)); err != nil {
+		t.Errorf("New with valid options: %v", err)
+	}
+
+	p := lockhttp.Policy{BusyStatus: 42}
+	if err := p.Validate(); !errors.Is(err, locking.ErrInvalid) {
+		t.Errorf("Policy{BusyStatus: 42}.Validate() = %v; want ErrInvalid", err)
+	}
+	a, _ := p.Answer(&locking.NotAcquiredError{ID: "x"})
+	rec := httptest.NewRecorder()
+	a.Write(rec) // must not panic
+	if rec.Code != http.StatusInternalServerError {
+		t.Errorf("busy answer of Policy{BusyStatus: 42} = %d; want 500", rec.Code)
+	}
+}

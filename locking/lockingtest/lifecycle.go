@@ -52,7 +52,9 @@ func (s *suite) withOutlivesContext(t *testing.T) {
 	time.AfterFunc(lease/6, cancel)
 	probes := make(chan error, 2)
 	var fnCtxErr error
+	ran := false
 	err := c1.With(ctx, lockID, func(fctx context.Context) error {
+		ran = true
 		for _, at := range []time.Duration{lease / 2, lease * 5 / 4} {
 			time.AfterFunc(at, func() {
 				_, err := c2.Acquire(t.Context(), lockID, locking.Wait(false))
@@ -63,6 +65,11 @@ func (s *suite) withOutlivesContext(t *testing.T) {
 		fnCtxErr = fctx.Err()
 		return nil
 	}, locking.Lease(lease))
+	if !ran {
+		// The store took longer than lease/6 to grant (a loaded machine):
+		// the context ended first, and With rightly did not run fn.
+		t.Fatalf("With = %v before fn ran: the grant came after the context ended at %v", err, lease/6)
+	}
 	if err != nil {
 		t.Errorf("With = %v; want nil: fn succeeded and the lock was held throughout", err)
 	}

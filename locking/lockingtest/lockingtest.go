@@ -88,6 +88,7 @@ func Run(t *testing.T, newBackend NewBackend, opts Options) {
 		{"InvalidInput", s.invalidInput},
 		{"Nested", s.nested},
 		{"Contention", s.contention},
+		{"RemoteWaiterNotStarved", s.remoteNotStarved},
 		{"Life/WithHoldsUntilFnReturns", s.withOutlivesContext},
 		{"Life/GrantAfterContextEnd", s.grantAfterContextEnd},
 		{"Life/NotReentrant", s.notReentrant},
@@ -550,8 +551,8 @@ func (s *suite) loss(t *testing.T) {
 		if stolen.Token <= l.Token() {
 			t.Errorf("thief's token %d is not above the holder's %d", stolen.Token, l.Token())
 		}
-		if err := l.Release(t.Context()); !errors.Is(err, locking.ErrNotHeld) {
-			t.Errorf("Release of a lost lock = %v; want ErrNotHeld", err)
+		if err := l.Release(t.Context()); !errors.Is(err, locking.ErrLockLost) || errors.Is(err, locking.ErrNotHeld) {
+			t.Errorf("Release of a lost lock = %v; want ErrLockLost (only)", err)
 		}
 	})
 	t.Run("With", func(t *testing.T) {
@@ -585,8 +586,8 @@ func (s *suite) releaseChecksOwner(t *testing.T) {
 	l := s.acquire(t, c, lockID, locking.Lease(lease))
 	s.steal(t, thief, lockID, lease)
 	// Release at once, maybe before the holder's next renewal noticed.
-	if err := l.Release(t.Context()); !errors.Is(err, locking.ErrNotHeld) || !errors.Is(err, locking.ErrLockLost) {
-		t.Errorf("Release after a takeover = %v; want ErrNotHeld and ErrLockLost", err)
+	if err := l.Release(t.Context()); !errors.Is(err, locking.ErrLockLost) || errors.Is(err, locking.ErrNotHeld) {
+		t.Errorf("Release after a takeover = %v; want ErrLockLost (only)", err)
 	}
 	other, _ := s.client(t)
 	mustBeHeld(t, other, lockID)
@@ -656,7 +657,11 @@ func (b *countingBackend) Acquire(ctx context.Context, r locking.Request) (locki
 
 func (s *suite) invalidInput(t *testing.T) {
 	cb := &countingBackend{Backend: s.newBackend(t)}
-	c, err := locking.New(locking.Config{Strong: cb})
+	c, err := locking.New(locking.Config{Weak: cb}) // no Strong backend
+	if err != nil {
+		t.Fatal(err)
+	}
+	strongOnly, err := locking.New(locking.Config{Strong: cb})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -680,7 +685,7 @@ func (s *suite) invalidInput(t *testing.T) {
 		{"StealAfter MaxInt64", lockID, []locking.Option{locking.StealAfter(math.MaxInt64)}, locking.ErrInvalid},
 		{"unknown kind", lockID, []locking.Option{locking.Kind(7)}, locking.ErrInvalid},
 		{"nil option", lockID, []locking.Option{nil}, locking.ErrInvalid},
-		{"kind without backend", lockID, []locking.Option{locking.Kind(locking.Weak)}, locking.ErrNoBackend},
+		{"Strong without a Strong backend", lockID, nil, locking.ErrNoBackend},
 	}
 	for _, tc := range cases {
 		if _, err := c.Acquire(t.Context(), tc.id, tc.opts...); !errors.Is(err, tc.want) {
@@ -696,6 +701,13 @@ func (s *suite) invalidInput(t *testing.T) {
 	}
 	if n := cb.calls.Load(); n != 0 {
 		t.Errorf("bad input reached the backend %d times; want 0", n)
+	}
+	// Weak locks fall back to the Strong backend (a stronger lock is always
+	// a valid weak one), in New as in Default.
+	if l, err := strongOnly.Acquire(t.Context(), lockID, locking.Kind(locking.Weak), locking.Wait(false)); err != nil {
+		t.Errorf("Acquire(Kind(Weak)) on a client with only a Strong backend = %v; want the Strong backend used", err)
+	} else {
+		release(t, l)
 	}
 	if _, err := locking.New(locking.Config{}); !errors.Is(err, locking.ErrInvalid) {
 		t.Errorf("New(Config{}) = %v; want ErrInvalid", err)

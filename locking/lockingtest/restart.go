@@ -16,7 +16,7 @@ import (
 // holding's (both of this module's Weak backends seed their token counters
 // from a clock). Through a Client: the holder is told at its next renewal
 // (Done closes, Err wraps ErrLockLost), another instance acquires at once,
-// and the old holder's Release returns ErrNotHeld. restart must restart the
+// and the old holder's Release returns ErrLockLost. restart must restart the
 // store and return once it answers again. newBackend is as for Run.
 func RunRestart(t *testing.T, newBackend NewBackend, restart func(tb testing.TB)) {
 	t.Helper()
@@ -85,8 +85,8 @@ func restartClient(t *testing.T, newBackend NewBackend, restart func(tb testing.
 	if err != nil {
 		t.Fatalf("Acquire after the restart: %v", err)
 	}
-	if err := l.Release(ctx); !errors.Is(err, locking.ErrNotHeld) {
-		t.Errorf("Release of the lost lock = %v, want ErrNotHeld", err)
+	if err := l.Release(ctx); !errors.Is(err, locking.ErrLockLost) {
+		t.Errorf("Release of the lost lock = %v, want ErrLockLost", err)
 	}
 	if err := l2.Release(ctx); err != nil {
 		t.Errorf("Release: %v", err)

@@ -1,7 +1,6 @@
 package mclock
 
 import (
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -34,7 +33,7 @@ const DefaultTimeout = 500 * time.Millisecond
 
 // ErrInvalidEnv is returned (wrapped) by FromEnv when the environment names
 // memcached but a value is malformed.
-var ErrInvalidEnv = errors.New("mclock: invalid environment")
+var ErrInvalidEnv = locking.NewInvalid("mclock: invalid environment")
 
 func init() {
 	locking.RegisterProvider(locking.Weak, "memcached", FromEnv)

@@ -21,13 +21,13 @@ const DefaultPrefix = "taskguard:"
 const MaxPrefixLen = 250 - len("fence:") - lockkey.HashLen
 
 // ErrInvalidOptions is returned by New for a nil client or a bad prefix.
-var ErrInvalidOptions = errors.New("mclock: invalid options")
+var ErrInvalidOptions = locking.NewInvalid("mclock: invalid options")
 
 // ErrInvalidRequest is returned (wrapped, together with locking.ErrInvalid)
 // for a request that locking.Request.Validate refuses: no id or owner, a
 // lease outside (0, locking.MaxLease], or StealAfter outside [0,
 // locking.MaxLease]. The locking core never sends one; nothing is written.
-var ErrInvalidRequest = errors.New("mclock: invalid request")
+var ErrInvalidRequest = locking.NewInvalid("mclock: invalid request")
 
 // ErrContended is returned (wrapped) when an owner-checked update kept losing
 // compare-and-swap races for its item and gave up.

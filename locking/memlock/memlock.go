@@ -3,6 +3,13 @@
 // the environment names no other store, and the double to use in tests of
 // code that takes locks: pass memlock.New() to locking.New.
 //
+// Callers of one locking.Client queue in-process: a second Acquire of an id
+// through the client that holds it waits for that holder's Release (or
+// MaxWait), even when the holder's lease has run out on a clock moved with
+// WithClock; it never takes over. To play two instances in a test (a
+// takeover, a steal), make two clients with locking.New over the same
+// Backend.
+//
 // Locks live in this process's memory only, so they exclude nothing across
 // processes or instances. Fencing tokens come from one counter per Backend,
 // so they increase per id for the Backend's life and start again with a new

@@ -4,8 +4,8 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"strconv"
@@ -52,7 +52,16 @@ const (
 	EnvIAMAuth = "VALKEY_IAM_AUTH"
 	// EnvPrefix overrides DefaultPrefix.
 	EnvPrefix = "VALKEY_LOCK_PREFIX"
+	// EnvTimeout is the dial, read and write timeout of each command as a
+	// Go duration ("500ms"); DefaultTimeout when unset. go-redis retries a
+	// failed command up to 3 times, so an unreachable server fails a call
+	// after about 4 timeouts (and within the call's context).
+	EnvTimeout = "VALKEY_TIMEOUT"
 )
+
+// DefaultTimeout is the dial, read and write timeout of FromEnv's client
+// when VALKEY_TIMEOUT is unset.
+const DefaultTimeout = 2 * time.Second
 
 // iamConnLifetime bounds a connection's life under IAM authentication, so
 // that connections authenticate again with a fresh token well before the
@@ -61,16 +70,32 @@ const iamConnLifetime = 30 * time.Minute
 
 // ErrInvalidEnv is returned (wrapped) by FromEnv when the environment names
 // a server but a value is malformed.
-var ErrInvalidEnv = errors.New("redislock: invalid environment")
+var ErrInvalidEnv = locking.NewInvalid("redislock: invalid environment")
 
 func init() {
 	locking.RegisterProvider(locking.Weak, "valkey", FromEnv)
 }
 
+// routeLogs makes go-redis log through slog, once, when FromEnv builds a
+// client.
+var routeLogs sync.Once
+
+// slogLogger is go-redis's logger as slog lines: go-redis's own messages (a
+// dial that failed, a pool that could not connect) come out at WARN through
+// slog.Default() as it is at each line, so in the program's format (JSON
+// for Cloud Logging) instead of plain text on standard error.
+type slogLogger struct{}
+
+func (slogLogger) Printf(ctx context.Context, format string, v ...any) {
+	slog.Default().WarnContext(ctx, "redislock: go-redis: "+fmt.Sprintf(format, v...))
+}
+
 // FromEnv builds a Backend from the environment variables above. It
 // reports ok false when neither VALKEY_ADDR nor REDIS_ADDR is set, and an
 // error wrapping ErrInvalidEnv when a value is malformed or the CA file
-// cannot be read. It does no network I/O: go-redis connects on first use,
+// cannot be read. It routes go-redis's own log lines to slog (see
+// redis.SetLogger: process-wide, for every go-redis client; a program that
+// wants its own calls redis.SetLogger after). It does no network I/O: go-redis connects on first use,
 // and IAM tokens are fetched when a connection is made. It is registered
 // with locking.RegisterProvider for Weak locks, so importing this package is
 // enough for locking.Default to use Valkey when the environment names it.
@@ -83,6 +108,7 @@ func FromEnv() (locking.Backend, bool, error) {
 	if err != nil {
 		return nil, false, err
 	}
+	routeLogs.Do(func() { redis.SetLogger(slogLogger{}) })
 	b, err := New(redis.NewUniversalClient(opts), Options{Prefix: os.Getenv(EnvPrefix)})
 	if err != nil {
 		return nil, false, fmt.Errorf("%w: %s: %w", ErrInvalidEnv, EnvPrefix, err)
@@ -92,11 +118,19 @@ func FromEnv() (locking.Backend, bool, error) {
 
 // optionsFromEnv turns the environment into client options.
 func optionsFromEnv(addr string) (*redis.UniversalOptions, error) {
+	timeout := DefaultTimeout
+	if v := os.Getenv(EnvTimeout); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d <= 0 || d > locking.MaxLease {
+			return nil, fmt.Errorf("%w: %s=%q is not a positive duration of at most %v", ErrInvalidEnv, EnvTimeout, v, locking.MaxLease)
+		}
+		timeout = d
+	}
 	o := &redis.UniversalOptions{
 		ContextTimeoutEnabled: true,
-		DialTimeout:           2 * time.Second,
-		ReadTimeout:           2 * time.Second,
-		WriteTimeout:          2 * time.Second,
+		DialTimeout:           timeout,
+		ReadTimeout:           timeout,
+		WriteTimeout:          timeout,
 		// Maintenance notifications are a Redis Enterprise feature; asking
 		// for them costs a command per connection and a goroutine.
 		MaintNotificationsConfig: &maintnotifications.Config{Mode: maintnotifications.ModeDisabled},

@@ -1,6 +1,7 @@
 package redislock
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -10,9 +11,13 @@ import (
 	"encoding/pem"
 	"errors"
 	"io"
+	"log/slog"
 	"math/big"
+	"net"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -35,6 +40,7 @@ func TestFromEnv(t *testing.T) {
 		db               int
 		tls, cluster     bool
 		iam, roots       bool
+		timeout          time.Duration // 0: DefaultTimeout
 	}
 	for _, tc := range []struct {
 		name    string
@@ -70,10 +76,14 @@ func TestFromEnv(t *testing.T) {
 		{name: "CA file without PEM", env: map[string]string{EnvValkeyAddr: "10.0.0.5:6379", EnvTLS: "true", EnvTLSCAFile: notPEM}, invalid: true},
 		{name: "cluster with db", env: map[string]string{EnvValkeyAddr: "redis://10.0.0.5:6379/3", EnvCluster: "true"}, invalid: true},
 		{name: "bad prefix", env: map[string]string{EnvValkeyAddr: "10.0.0.5:6379", EnvPrefix: "a{b"}, invalid: true},
+		{name: "timeout", env: map[string]string{EnvValkeyAddr: "10.0.0.5:6379", EnvTimeout: "250ms"}, ok: true,
+			want: want{addr: "10.0.0.5:6379", timeout: 250 * time.Millisecond}},
+		{name: "bad timeout", env: map[string]string{EnvValkeyAddr: "10.0.0.5:6379", EnvTimeout: "soon"}, invalid: true},
+		{name: "zero timeout", env: map[string]string{EnvValkeyAddr: "10.0.0.5:6379", EnvTimeout: "0s"}, invalid: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			for _, k := range []string{EnvValkeyAddr, EnvRedisAddr, EnvValkeyPassword, EnvRedisPassword, EnvValkeyUsername,
-				EnvRedisUsername, EnvTLS, EnvTLSCAFile, EnvCluster, EnvIAMAuth, EnvPrefix} {
+				EnvRedisUsername, EnvTLS, EnvTLSCAFile, EnvCluster, EnvIAMAuth, EnvPrefix, EnvTimeout} {
 				t.Setenv(k, tc.env[k])
 			}
 			b, ok, err := FromEnv()
@@ -98,6 +108,13 @@ func TestFromEnv(t *testing.T) {
 				tls: o.TLSConfig != nil, cluster: o.IsClusterMode,
 				iam:   o.CredentialsProviderContext != nil,
 				roots: o.TLSConfig != nil && o.TLSConfig.RootCAs != nil,
+			}
+			if tc.want.timeout == 0 {
+				tc.want.timeout = DefaultTimeout
+			}
+			got.timeout = o.ReadTimeout
+			if o.DialTimeout != o.ReadTimeout || o.WriteTimeout != o.ReadTimeout {
+				t.Errorf("timeouts dial %v, read %v, write %v; want one value", o.DialTimeout, o.ReadTimeout, o.WriteTimeout)
 			}
 			if got != tc.want {
 				t.Errorf("options = %+v, want %+v", got, tc.want)
@@ -213,3 +230,92 @@ func TestFromEnvCluster(t *testing.T) {
 		t.Fatalf("Release: %v", err)
 	}
 }
+
+// TestFromEnvUnreachable: with VALKEY_TIMEOUT a call to a server that does
+// not answer fails within a few timeouts (with the 2 s default it takes
+// seconds), and go-redis's own lines go through slog (in the program's
+// format), not to standard error.
+func TestFromEnvUnreachable(t *testing.T) {
+	// A server that accepts connections and never answers.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var conns sync.WaitGroup
+	conns.Go(func() {
+		var held []net.Conn
+		defer func() {
+			for _, c := range held {
+				c.Close()
+			}
+		}()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			held = append(held, c)
+		}
+	})
+	t.Cleanup(func() {
+		ln.Close()
+		conns.Wait()
+	})
+	addr := ln.Addr().String()
+	prev := slog.Default()
+	t.Cleanup(func() { slog.SetDefault(prev) })
+	var logs bytes.Buffer
+	var mu sync.Mutex
+	slog.SetDefault(slog.New(slog.NewJSONHandler(writerFunc(func(p []byte) (int, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		return logs.Write(p)
+	}), nil)))
+	for _, k := range []string{EnvRedisAddr, EnvValkeyPassword, EnvRedisPassword, EnvValkeyUsername, EnvRedisUsername,
+		EnvTLS, EnvTLSCAFile, EnvCluster, EnvIAMAuth, EnvPrefix} {
+		t.Setenv(k, "")
+	}
+	t.Setenv(EnvValkeyAddr, addr)
+	t.Setenv(EnvTimeout, "100ms")
+	b, ok, err := FromEnv()
+	if !ok || err != nil {
+		t.Fatalf("FromEnv = %v, %v", ok, err)
+	}
+	t.Cleanup(func() { _ = b.(*Backend).c.(io.Closer).Close() })
+	start := time.Now()
+	_, err = b.Acquire(t.Context(), locking.Request{ID: "x", Owner: "o", Lease: time.Second})
+	took := time.Since(start)
+	if err == nil {
+		t.Fatal("Acquire on an unreachable server succeeded")
+	}
+	if took > time.Second {
+		t.Errorf("Acquire failed after %v with VALKEY_TIMEOUT=100ms; want well under 1 s", took)
+	}
+
+	// Nothing listens at closed: go-redis logs its failed dials.
+	cl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := cl.Addr().String()
+	cl.Close()
+	t.Setenv(EnvValkeyAddr, closed)
+	b2, ok, err := FromEnv()
+	if !ok || err != nil {
+		t.Fatalf("FromEnv = %v, %v", ok, err)
+	}
+	t.Cleanup(func() { _ = b2.(*Backend).c.(io.Closer).Close() })
+	if _, err := b2.Acquire(t.Context(), locking.Request{ID: "x", Owner: "o", Lease: time.Second}); err == nil {
+		t.Fatal("Acquire with nothing listening succeeded")
+	}
+	mu.Lock()
+	got := logs.String()
+	mu.Unlock()
+	if !strings.Contains(got, `"msg":"redislock: go-redis:`) {
+		t.Errorf("go-redis's lines did not go through slog; slog got %q", got)
+	}
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }

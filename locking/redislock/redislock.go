@@ -22,14 +22,14 @@ const DefaultPrefix = "taskguard:"
 const MaxPrefixLen = 200
 
 // ErrInvalidOptions is returned by New for a nil client or a bad prefix.
-var ErrInvalidOptions = errors.New("redislock: invalid options")
+var ErrInvalidOptions = locking.NewInvalid("redislock: invalid options")
 
 // ErrInvalidRequest is returned, before any I/O, for a request that
 // locking.Request.Validate refuses (no id or owner, a lease not in
 // (0, locking.MaxLease], a StealAfter not in [0, locking.MaxLease]) and for
 // a Release without id or owner. The error also matches locking.ErrInvalid.
 // The locking core never sends such a request.
-var ErrInvalidRequest = errors.New("redislock: invalid request")
+var ErrInvalidRequest = locking.NewInvalid("redislock: invalid request")
 
 // ErrBadReply is returned (wrapped) when the server answers a script with
 // something this package did not expect, such as a server that runs Lua

@@ -15,6 +15,18 @@ import (
 // The gate also remembers what this process last learnt of the lock's
 // holder, so that a caller that does not wait is told how long the holder's
 // lease still runs even when another local caller asked the backend.
+//
+// Local hand-offs are bounded, as sync.Mutex bounds them in its starvation
+// mode: a release here lets the next local caller in at once, while a caller
+// of another process (another instance) only learns of the release at its
+// next poll, so a run of local callers could keep the lock from it for
+// ever. After fairHandoffs grants in a row through the gate that together
+// lasted fairRuns MinBackoffs or more, the next local caller leaves the lock
+// free in the store for one window (see yield) before it asks: long enough
+// for a remote waiter's next poll to land in it, since a remote waiter that
+// began waiting during the run polls at most every tenth of its wait (the
+// same Config on every instance). A remote waiter therefore gets the lock
+// at the end of the run of local holds it arrived during, at the latest.
 type gate struct {
 	c    *Client
 	key  gateKey
@@ -24,9 +36,22 @@ type gate struct {
 	mu      sync.Mutex
 	expires time.Time     // when the known holder's lease runs out; zero when unknown or free
 	held    bool          // expires is the lease of a lock held through this gate
-	asking  chan struct{} // closed when the backend call in flight returns; nil when none
+	asking  bool          // a backend call is in flight
+	answer  chan struct{} // made by a caller that waits for that call's answer; closed with it
 	failed  error         // the error of the last backend call, if it failed
+	streak  int           // grants in a row through the gate since the last window or other holder
+	since   time.Time     // when the run of streak grants began
 }
+
+// fairHandoffs and fairRuns bound a run of local hand-offs (see gate): after
+// fairHandoffs grants in a row that together lasted fairRuns·MinBackoff or
+// more (200 ms by default), the next local caller yields a window. The
+// window costs the local callers at most about a fifth of the run's time,
+// and only while they queue without a pause.
+const (
+	fairHandoffs = 4
+	fairRuns     = 10
+)
 
 type gateKey struct {
 	kind LockKind
@@ -58,7 +83,13 @@ func (c *Client) enter(ctx context.Context, kind LockKind, id string, wait bool,
 	defer func() { *waited += time.Since(start) }()
 	if !wait {
 		g.mu.Lock()
-		asking := g.asking
+		var asking chan struct{}
+		if g.asking {
+			if g.answer == nil {
+				g.answer = make(chan struct{})
+			}
+			asking = g.answer
+		}
 		g.mu.Unlock()
 		if asking != nil {
 			select {
@@ -128,6 +159,47 @@ func (g *gate) holding(t time.Time) {
 	g.mu.Unlock()
 }
 
+// granted records a grant of a request sent at sent to a caller in the gate,
+// one more hand-off in the current run.
+func (g *gate) granted(sent time.Time) {
+	if g == nil {
+		return
+	}
+	g.mu.Lock()
+	if g.streak == 0 {
+		g.since = sent
+	}
+	g.streak++
+	g.mu.Unlock()
+}
+
+// yield returns how long the caller that just entered the gate leaves the
+// lock free in the store before asking for it: zero unless the run of local
+// grants is long enough (see gate), and then a window that a remote waiter's
+// next poll lands in: on a backend that announces releases (notified), one
+// MinBackoff, since remote waiters are woken at once; otherwise the longest
+// gap a remote waiter that began during the run leaves between two polls,
+// plus one MinBackoff for the round trips. It ends the run.
+func (g *gate) yield(c *Client, notified bool) time.Duration {
+	if g == nil {
+		return 0
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.streak < fairHandoffs {
+		return 0
+	}
+	run := time.Since(g.since)
+	if run < fairRuns*c.minBackoff {
+		return 0
+	}
+	g.streak = 0
+	if notified {
+		return c.minBackoff
+	}
+	return c.maxPollGap(run) + c.minBackoff
+}
+
 // ask marks a backend call in flight; answered ends it with what the call
 // returned: a busy grant's Remaining is recorded as the holder's lease, an
 // error as the reason a caller that does not wait cannot be told more.
@@ -136,7 +208,7 @@ func (g *gate) ask() {
 		return
 	}
 	g.mu.Lock()
-	g.asking = make(chan struct{})
+	g.asking = true
 	g.mu.Unlock()
 }
 
@@ -146,12 +218,16 @@ func (g *gate) answered(grant Grant, err error) {
 	}
 	g.mu.Lock()
 	g.failed = err
-	if err == nil && !grant.Acquired && grant.Remaining > 0 {
-		g.expires, g.held = time.Now().Add(grant.Remaining), false
+	if err == nil && !grant.Acquired {
+		g.streak = 0 // another owner holds it: the run of local grants ended
+		if grant.Remaining > 0 {
+			g.expires, g.held = time.Now().Add(grant.Remaining), false
+		}
 	}
-	if g.asking != nil {
-		close(g.asking)
-		g.asking = nil
+	g.asking = false
+	if g.answer != nil {
+		close(g.answer)
+		g.answer = nil
 	}
 	g.mu.Unlock()
 }

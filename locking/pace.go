@@ -7,27 +7,6 @@ import (
 	"time"
 )
 
-// A Notifier is a Backend that can announce releases, so that waiters need
-// not poll for them. It is optional: the client uses it when the Backend it
-// was configured with implements it (package redislock's does, through
-// Valkey/Redis pub/sub).
-//
-// Announcements may be lost (pub/sub delivers at most once, and nothing is
-// delivered while a connection is down); the client covers a lost one with a
-// safety poll every SafetyPoll, and with a poll when the holder's lease runs
-// out (an expiry is not announced).
-type Notifier interface {
-	// Watch starts announcing releases of id: once the watch is in effect
-	// (so that the poll it prompts sees any release that came before), after
-	// each release of id in the store, and whenever an announcement may have
-	// been missed (a reconnect), a value is sent on released without
-	// blocking (the channel has a buffer of one, so announcements coalesce). stop ends the watch
-	// and frees what it holds; it must be called, and may be called more
-	// than once. Watch returns an error when the store cannot announce; the
-	// client then polls.
-	Watch(ctx context.Context, id string) (released <-chan struct{}, stop func(), err error)
-}
-
 // SafetyPoll is how often, at most, a waiter whose backend announces
 // releases (a Notifier) polls all the same, in case an announcement was
 // lost: every 2 to 3 seconds per waited id per Client.
@@ -46,12 +25,17 @@ const waitDivisor = 10
 // waits poll often and notice a release quickly; long waits poll rarely, so
 // their cost grows with the logarithm of the time waited, not with the time.
 func (c *Client) pollGap(waited time.Duration) time.Duration {
-	hi := min(max(waited/waitDivisor, c.minBackoff), c.maxBackoff)
+	hi := c.maxPollGap(waited)
 	lo := max(c.minBackoff, hi/2)
 	if hi <= lo {
 		return lo
 	}
 	return lo + mrand.N(hi-lo+1)
+}
+
+// maxPollGap is the longest pause pollGap returns after waited.
+func (c *Client) maxPollGap(waited time.Duration) time.Duration {
+	return min(max(waited/waitDivisor, c.minBackoff), c.maxBackoff)
 }
 
 // waiter is one Acquire's waiting between polls: a watch of the backend's
@@ -114,4 +98,19 @@ func (w *waiter) stop() {
 	if w.stopFn != nil {
 		w.stopFn()
 	}
+}
+
+// backoff returns the pause before retry attempt+1 of a failed renewal of
+// a lease: full jitter over [minBackoff, min(cap, minBackoff·2^attempt)],
+// where cap is maxBackoff and at most a thirtieth of the lease, so that a
+// lease sees many retries before it runs out.
+func (c *Client) backoff(attempt int, lease time.Duration) time.Duration {
+	ceil := max(c.minBackoff, min(c.maxBackoff, lease/30))
+	if attempt < 62 && c.minBackoff <= ceil>>attempt {
+		ceil = c.minBackoff << attempt // no overflow: at most maxBackoff
+	}
+	if ceil <= c.minBackoff {
+		return c.minBackoff
+	}
+	return c.minBackoff + mrand.N(ceil-c.minBackoff+1)
 }
