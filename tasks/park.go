@@ -225,8 +225,8 @@ type outcome struct {
 	listErr  error // the wait list failed
 	busy     *locking.NotAcquiredError
 
-	beforeJob func() // waits for the wake's Take, before its job runs
-	after     func() // waits for work that went with the release
+	beforeJob func() error // waits for the wake's Take, before its job runs
+	after     func()       // waits for work that went with the release
 }
 
 // joinAfter waits for the work that went on beside the release.
@@ -475,12 +475,8 @@ func (w *Worker) holdFresh(ctx context.Context, log *slog.Logger, j *job, d *Del
 		// A retry or duplicate of this delivery may have parked while it
 		// ran (a run longer than the dispatch deadline is retried while it
 		// runs): it must not run again.
-		if _, _, st, _, err := p.list.Peek(ctx, d.LockID, me.Key); err != nil {
-			log.WarnContext(ctx, "tasks: job done, but reading its record failed", "error", err)
-		} else if st == Waiting {
-			if err := p.list.Finish(ctx, d.LockID, me.Key, ""); err != nil {
-				log.WarnContext(ctx, "tasks: job done, but marking its parked duplicate finished failed", "error", err)
-			}
+		if err := p.list.Finish(ctx, d.LockID, me.Key, ""); err != nil {
+			log.WarnContext(ctx, "tasks: job done, but marking it finished failed", "error", err)
 		}
 	}
 	return o.jobErr
@@ -503,7 +499,7 @@ func (w *Worker) serveWake(ctx context.Context, log *slog.Logger, j *job, d *Del
 // wakeTurn is serveWake's work.
 func (w *Worker) wakeTurn(ctx context.Context, log *slog.Logger, j *job, d *Delivery, self string, kind WakeKind, gen uint64, at time.Time) (outcome, error) {
 	p := w.park
-	if d.RetryCount > 0 {
+	{
 		// A retry of a wake whose run failed, or whose process died, runs
 		// that run again first.
 		wt, ok, err := p.list.Running(ctx, d.LockID, self)
@@ -549,14 +545,22 @@ func (w *Worker) wakeTurn(ctx context.Context, log *slog.Logger, j *job, d *Deli
 			// this wake taken to hand off again).
 			took := make(chan error, 1)
 			go func() {
-				_, _, err := p.list.Take(lctx, d.LockID, kind, gen, time.Time{})
+				// While waiters wait, a Safety wake stays pending (this
+				// holding's release may fail or never come): taking the
+				// Safety arms the next one.
+				var due time.Time
+				if kind == Safety {
+					due = p.safetyDue(p.lease)
+				}
+				_, wake, err := p.list.Take(lctx, d.LockID, kind, gen, due)
+				if err == nil {
+					err = p.h.create(lctx, d.LockID, wake)
+				}
 				took <- err
 			}()
-			var takeErr error
-			o.beforeJob = sync.OnceFunc(func() { takeErr = <-took })
+			o.beforeJob = sync.OnceValue(func() error { return <-took })
 			err := w.runOldest(lctx, log, d, self, at, prefetched, &o)
-			o.beforeJob()
-			if takeErr != nil && !o.ran {
+			if takeErr := o.beforeJob(); takeErr != nil && !o.ran {
 				o.listErr = takeErr
 				return errNotRun
 			}
@@ -620,7 +624,16 @@ func (w *Worker) runOldest(ctx context.Context, log *slog.Logger, d *Delivery, s
 		if w.job(head.Job) == nil {
 			log.ErrorContext(ctx, "tasks: setting aside a parked task whose job is not registered (removed or renamed by a deploy?); it will not run",
 				"waiter", head.Key, "waiter_job", head.Job, "arrived", head.Arrived)
-			if err := p.list.Finish(ctx, d.LockID, head.Key, ""); err != nil {
+			// Claimed, then finished by this runner: a coalescing record
+			// leaves its key instead of marking it finished.
+			if _, ok, err := p.list.Claim(ctx, d.LockID, head.Key, self); err != nil || !ok {
+				if err != nil {
+					o.listErr = err
+					return errNotRun
+				}
+				continue
+			}
+			if err := p.list.Finish(ctx, d.LockID, head.Key, self); err != nil {
 				o.listErr = err
 				return errNotRun
 			}
@@ -673,7 +686,12 @@ func (w *Worker) runWaiter(ctx context.Context, log *slog.Logger, d *Delivery, w
 	d.Token = rd.Token
 	p.metrics.observeHandoff(ctx, since)
 	if o.beforeJob != nil {
-		o.beforeJob()
+		if err := o.beforeJob(); err != nil {
+			// The wake is still pending (a release would not hand off):
+			// this wake's retry runs the claimed waiter.
+			o.listErr = err
+			return errNotRun
+		}
 	}
 	o.ran = true
 	o.jobErr = w.callJob(ctx, log, j, &rd)

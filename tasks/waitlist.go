@@ -126,9 +126,11 @@ const FinishedRetention = time.Hour
 
 // A WaitList keeps, per lock id, the deliveries parked behind that lock and
 // the lock id's pending wakes, for a Worker in park mode (WithParking).
-// Implementations must be safe for concurrent use by many processes, each
-// method atomic, and strongly consistent (a call sees every call that
-// returned before it began). waitlisttest.Run checks the contract.
+// Implementations must be safe for concurrent use by many processes and
+// strongly consistent (a call sees every call that returned before it
+// began); each change of a record (park, claim, finish) and each change of
+// a wake (arm, take, disarm) is atomic, but a call may make one of each, one
+// after the other. waitlisttest.Run checks the contract.
 //
 // A lock id has at most one pending wake of each kind. A wake is armed
 // (Park, Arm, Take return it for their caller to create) only while a
@@ -137,10 +139,13 @@ const FinishedRetention = time.Hour
 // same kind armed with an earlier due time), or StaleWake after its due time.
 type WaitList interface {
 	// Park records w as waiting for lockID unless a record of w.Key exists
-	// (a Finished record past FinishedRetention counts as absent), and, in
-	// the same step, arms the Safety wake due at safetyDue unless one is
-	// pending due no later. It returns the state of w.Key's record
-	// afterwards, whether this call created it, and the wake to create.
+	// (a Finished record past FinishedRetention counts as absent; creating
+	// the record is atomic), then arms the Safety wake due at safetyDue
+	// unless one is pending due no later. It returns the state of w.Key's
+	// record afterwards, whether this call created it, and the wake to
+	// create: the armed one, or, when the record existed (a retry or a
+	// duplicate of a park), the pending Safety wake, which may never have
+	// been created (creating it again by name is idempotent).
 	Park(ctx context.Context, lockID string, w Waiter, safetyDue time.Time) (st WaiterState, created bool, wake Wake, err error)
 	// Peek returns lockID's oldest waiting record (without its Body) and
 	// whether there is one, and the state of key's record and its runner
@@ -160,7 +165,9 @@ type WaitList interface {
 	Take(ctx context.Context, lockID string, kind WakeKind, gen uint64, safetyDue time.Time) (ok bool, wake Wake, err error)
 	// Claim moves key's record from Waiting to Running by runner and returns
 	// it, Body included; it also succeeds when the record is Running by
-	// runner already. Of concurrent Claims by different runners at most one
+	// runner already. A runner claims one record at a time: the Worker
+	// finishes (or reruns, see Running) a runner's claim before it claims
+	// another. Of concurrent Claims by different runners at most one
 	// succeeds. A Coalesce record leaves its key (its state becomes Absent)
 	// and is kept for runner only.
 	Claim(ctx context.Context, lockID, key, runner string) (Waiter, bool, error)
@@ -168,7 +175,9 @@ type WaitList interface {
 	Running(ctx context.Context, lockID, runner string) (Waiter, bool, error)
 	// Finish marks key's record Finished (creating it when absent), taking
 	// it out of the list if it waits, and ends runner's claim (runner may be
-	// empty). A Finished record is kept for at least FinishedRetention.
+	// empty). A Finished record is kept for at least FinishedRetention. When
+	// runner's claim is of a Coalesce record, the key's record (a newer
+	// waiter, if any) is left as it is.
 	Finish(ctx context.Context, lockID, key, runner string) error
 }
 
@@ -273,7 +282,14 @@ func (m *MemoryWaitList) Park(_ context.Context, lockID string, w Waiter, safety
 		l.recs[w.Key] = &memRecord{w: cloneWaiter(w), seq: l.seq, state: Waiting}
 		created = true
 	}
-	return st, created, l.arm(m.clock(), Safety, safetyDue), nil
+	wake := l.arm(m.clock(), Safety, safetyDue)
+	if wake.IsZero() && !created {
+		// A retry or duplicate of a park: the pending Safety may never have
+		// been created (its creator died, or its Disarm failed); creating it
+		// again under its name is idempotent.
+		wake = l.pending[Safety]
+	}
+	return st, created, wake, nil
 }
 
 // Peek implements WaitList.

@@ -449,7 +449,10 @@ func (w *Worker) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 	j := w.job(d.Job)
 	if env.Wake != nil {
 		if w.park == nil {
-			w.drop(rw, r, log, fmt.Errorf("%w: a wake of park mode, and this worker does not park", errMalformed))
+			// Tasks wait for it (this worker's deployment parked them, and
+			// then went to 429 mode): retried, not dropped.
+			log.ErrorContext(r.Context(), "tasks: a wake of park mode reached a worker in 429 mode; retrying (parked tasks wait for a worker with WithParking)")
+			http.Error(rw, "this worker does not park", StatusRetry)
 			return
 		}
 		if j == nil {

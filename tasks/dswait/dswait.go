@@ -394,9 +394,19 @@ func (l *List) Park(ctx context.Context, lockID string, w tasks.Waiter, safetyDu
 	} else if ok {
 		head = h
 	}
-	wake, err := l.armHead(ctx, lockID, head, tasks.Safety, safetyDue)
+	cur, pending, err := l.readWake(ctx, lockID, tasks.Safety)
+	var wake tasks.Wake
+	if err == nil {
+		wake, err = l.armRead(ctx, lockID, head, tasks.Safety, safetyDue, cur, pending)
+	}
 	if err != nil {
 		return st, created, tasks.Wake{}, fmt.Errorf("dswait: park %q: arming its safety wake: %w", w.Key, err)
+	}
+	if wake.IsZero() && !created && pending {
+		// A retry or duplicate of a park: the pending Safety may never have
+		// been created (its creator died, or its Disarm failed); creating
+		// it again under its name is idempotent.
+		wake = tasks.Wake{Kind: tasks.Safety, Epoch: uint64(cur.Epoch), Gen: uint64(cur.Gen), Due: cur.Due, Job: head.Job}
 	}
 	return st, created, wake, nil
 }
