@@ -60,8 +60,10 @@
 //     keyed by queue and task name, so a duplicate delivery finds its record)
 //     and makes sure the lock id's safety wake is pending: a wake task due
 //     when the holder's lease could end. Only when both exist does it answer
-//     202 Accepted; if either fails, 503 and nothing is lost (its retry parks
-//     again, idempotently, and arms the safety wake again). It then tries the
+//     202 Accepted; if either fails, 503 and nothing is lost: its retry parks
+//     again, idempotently, and creates the pending safety wake again by its
+//     name (a wake armed whose creation failed, or whose creator died, is
+//     created then; ALREADY_EXISTS is success). It then tries the
 //     lock once more, so that a release between its first try and its record
 //     (which would see no waiter) cannot strand it.
 //   - Wakes. A wake is a task of the same queue that carries the lock id, a
@@ -78,7 +80,9 @@
 //     hand-off is registered (HandOff; NewWorker registers it on the
 //     Worker's client, which the deployed functions share with lockhttp and
 //     locking.With) arms a hand-off wake when someone waits and none is
-//     pending, and creates it before the release returns. Whoever holds a
+//     pending, and creates it before the release returns (for a lock
+//     released because its context ended, after the request: a lease
+//     later on a throttled Cloud Run instance). Whoever holds a
 //     lock id checks its wait list before running anything: a fresh delivery
 //     behind an older waiter parks (FIFO: a newcomer never overtakes) and
 //     lets go, and its release finds the hand-off already pending.
@@ -86,28 +90,34 @@
 //     arms the safety wake for that holder's lease, and tries the lock once
 //     more: the holder's release, which reads the wait list after the take,
 //     hands off again. A holder without the hand-off, or one that dies,
-//     leaves its waiters to the safety wake.
+//     leaves its waiters to the safety wake: while waiters wait a safety
+//     wake stays pending, since taking one arms the next.
 //   - Claim. A waiter runs only if, holding the lock, a runner claims its
 //     record (waiting -> running, one winner), so two wakes, or a wake and a
 //     duplicate delivery, never both run it. When the job ends for good the
 //     record is marked finished (kept for FinishedRetention, Cloud Tasks'
 //     dedup window, so that a late duplicate of the task does not run it
 //     again; after it, a task re-enqueued under the same name parks anew).
-//     A delivery that ran at once, with nobody waiting, looks at its record
-//     after the run and marks finished a duplicate of itself parked
-//     meanwhile (a retry of a run longer than its dispatch deadline).
+//     A delivery that ran at once, with nobody waiting, marks its record
+//     finished after the run, before its release: a duplicate of it (also a
+//     retry of a run longer than its dispatch deadline, parked meanwhile)
+//     does not run again.
 //   - Removed jobs. A waiter whose job is not registered (a deploy removed
-//     or renamed it) is set aside, marked finished with an ERROR log naming
-//     it, and the next waiter runs: it never blocks its lock id.
+//     or renamed it, or the wake reached an instance of an older revision)
+//     is set aside: claimed and finished, with an ERROR log naming it (a
+//     coalescing waiter just leaves its key), and the next waiter runs: it
+//     never blocks its lock id.
 //   - Coalescing (opt-in per job: Coalesce). A coalescing job has one
 //     waiter per lock id: while it waits, further deliveries are absorbed
 //     (204, logged with coalesced=true); its run gets the payload of the
-//     delivery that parked it, and absorbed payloads are dropped. Its
-//     record leaves its key when claimed, so a delivery that comes during
-//     the run parks a new one.
+//     delivery that parked it (or of a later delivery that found the lock
+//     free with that waiter oldest, and ran it), and absorbed payloads are
+//     dropped. Its record leaves its key when claimed, so a delivery that
+//     comes during the run parks a new one.
 //   - Failures. A wake whose job fails answers 500 and keeps the record
 //     running under its own task name: Cloud Tasks retries that wake under
-//     the queue's backoff, and its retry runs the record again (the release
+//     the queue's backoff, and every delivery of that wake runs its own
+//     unfinished claim before anything else (the release
 //     after the failure has handed off to the next waiter meanwhile). If the
 //     lock is busy then, that retry is answered as in 429 mode: only failing
 //     jobs pay the 429 costs.
