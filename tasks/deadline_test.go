@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/locking/memlock"
 	"github.com/taskguard/taskguard/tasks"
 	"github.com/taskguard/taskguard/tasks/taskstest"
@@ -102,6 +103,57 @@ func TestRetryOfALongRunDoesNotRunAgain(t *testing.T) {
 			if _, _, st, _, err := f.list.Peek(t.Context(), "lr1", "jobs/"+tasks.TaskID("long", "long-1")); err != nil || st != tasks.Finished {
 				t.Errorf("the parked retry's record is %v (%v), want finished", st, err)
 			}
+		})
+	}
+}
+
+// hungStore is a lock store that never answers: every call waits until its
+// context ends, as a store that is down or contended holds its callers.
+type hungStore struct{ locking.Backend }
+
+func (hungStore) Acquire(ctx context.Context, _ locking.Request) (locking.Grant, error) {
+	<-ctx.Done()
+	return locking.Grant{}, ctx.Err()
+}
+
+func (hungStore) Release(ctx context.Context, _, _ string) error {
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+// TestStepBudget: a delivery whose lock store does not answer is answered
+// 503 once the step budget is spent, instead of holding its handler until
+// the request ends; its job does not run.
+func TestStepBudget(t *testing.T) {
+	for _, mode := range []string{"429", "park"} {
+		t.Run(mode, func(t *testing.T) {
+			opts := []tasks.WorkerOption{tasks.WithQueue(queueName), tasks.WithStepBudget(300 * time.Millisecond)}
+			if mode == "park" {
+				opts = append(opts, parking(t))
+			}
+			w := newWorker(t, newLocker(t, hungStore{memlock.New()}, 0), &logBuffer{}, opts...)
+			var ran atomic.Bool
+			w.Handle("job", func(ctx context.Context, d *tasks.Delivery) error { ran.Store(true); return nil })
+			r, err := taskstest.NewRequest(tasks.Task{Job: "job", LockID: "sb-" + mode})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second) // the request's own end, far off
+			defer cancel()
+			start := time.Now()
+			rw := httptest.NewRecorder()
+			w.ServeHTTP(rw, r.WithContext(ctx))
+			took := time.Since(start)
+			if rw.Code != tasks.StatusRetry {
+				t.Errorf("answer %d, want %d", rw.Code, tasks.StatusRetry)
+			}
+			if took > 5*time.Second {
+				t.Errorf("answered after %v; want soon after the 300 ms step budget", took)
+			}
+			if ran.Load() {
+				t.Error("the job ran without its lock")
+			}
+			t.Logf("%s mode: answered %d after %v", mode, rw.Code, took.Round(time.Millisecond))
 		})
 	}
 }

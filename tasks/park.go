@@ -713,6 +713,10 @@ func (w *Worker) runWaiter(ctx context.Context, log *slog.Logger, d *Delivery, w
 	return o.jobErr
 }
 
+// errNotStarted marks a job that did not start: the delivery's step budget
+// was spent first.
+var errNotStarted = errors.New("tasks: job not started")
+
 // callJob runs the job, turning a panic into an error.
 func (w *Worker) callJob(ctx context.Context, log *slog.Logger, j *job, d *Delivery) (err error) {
 	if d.Lock == nil {
@@ -720,6 +724,9 @@ func (w *Worker) callJob(ctx context.Context, log *slog.Logger, j *job, d *Deliv
 		if d.Lock != nil {
 			d.Token = d.Lock.Token()
 		}
+	}
+	if !jobStarted(ctx) {
+		return fmt.Errorf("%w: %w", errNotStarted, context.Cause(ctx))
 	}
 	defer func() {
 		if p := recover(); p != nil {

@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/taskguard/taskguard/internal/ident"
@@ -126,6 +127,7 @@ type Worker struct {
 	lockOpts      []locking.Option // every job's, before its own
 	park          *parking         // park mode (park.go); nil: 429 mode
 	jobDeadline   time.Duration    // 0: none but the request's
+	stepBudget    time.Duration    // for the steps before a job runs
 
 	mu   sync.RWMutex
 	jobs map[string]*job // guarded by mu
@@ -225,6 +227,69 @@ func WithJobDeadline(d time.Duration) WorkerOption {
 	}
 }
 
+// DefaultStepBudget bounds the steps of a delivery before its job runs
+// (taking the lock, and in park mode the wait list's steps); see
+// WithStepBudget.
+const DefaultStepBudget = 10 * time.Second
+
+// ErrStepBudget is the cause of a delivery's context ended because its
+// steps before the job (taking the lock, the wait list) took longer than
+// the Worker's step budget: a store that is down or contended. The Worker
+// answers 503, and Cloud Tasks retries later.
+var ErrStepBudget = errors.New("tasks: the lock and wait-list steps took longer than the step budget")
+
+// WithStepBudget bounds the steps of a delivery before its job runs: taking
+// the lock (plus the job's MaxWait, in 429 mode) and, in park mode, the
+// wait list's steps; DefaultStepBudget otherwise. When they take longer (a
+// lock store that is down or contended), the delivery is answered 503 and
+// retried by Cloud Tasks, instead of holding a dispatch slot and a billed
+// instance until the request ends. The job itself is bounded by
+// WithJobDeadline, not by this. d must be within [100ms, 5m].
+func WithStepBudget(d time.Duration) WorkerOption {
+	return func(w *Worker) error {
+		if d < 100*time.Millisecond || d > 5*time.Minute {
+			return fmt.Errorf("%w: step budget %v is not in [100ms, 5m]", ErrInvalidConfig, d)
+		}
+		w.stepBudget = d
+		return nil
+	}
+}
+
+// stepBudget ends a delivery's context when its steps before the job take
+// longer than d, unless the job started first.
+type stepBudget struct {
+	state atomic.Int32 // 0 running the steps, 1 job started, 2 budget spent
+	timer *time.Timer
+}
+
+type stepBudgetKey struct{}
+
+// budgeted returns ctx bounded by budget d until jobStarted is called on it.
+func budgeted(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancelCause(ctx)
+	b := &stepBudget{}
+	b.timer = time.AfterFunc(d, func() {
+		if b.state.CompareAndSwap(0, 2) {
+			cancel(ErrStepBudget)
+		}
+	})
+	return context.WithValue(ctx, stepBudgetKey{}, b), func() { b.timer.Stop(); cancel(nil) }
+}
+
+// jobStarted stops ctx's step budget and reports false when it was spent
+// already: the job must not start.
+func jobStarted(ctx context.Context) bool {
+	b, _ := ctx.Value(stepBudgetKey{}).(*stepBudget)
+	if b == nil {
+		return true
+	}
+	if b.state.CompareAndSwap(0, 1) {
+		b.timer.Stop()
+		return true
+	}
+	return b.state.Load() == 1
+}
+
 // jobContext bounds a job's context by the job deadline.
 func (w *Worker) jobContext(ctx context.Context) (context.Context, context.CancelFunc) {
 	if w.jobDeadline <= 0 {
@@ -252,6 +317,7 @@ func NewWorker(locker *locking.Client, opts ...WorkerOption) (*Worker, error) {
 		log:           slog.Default(),
 		maxBody:       DefaultMaxBodyBytes,
 		maxRetryAfter: DefaultMaxRetryAfter,
+		stepBudget:    DefaultStepBudget,
 		jobs:          map[string]*job{},
 	}
 	for _, o := range opts {
@@ -447,6 +513,13 @@ func (w *Worker) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 	}
 	log = log.With("job", d.Job, "lock_id", d.LockID)
 	j := w.job(d.Job)
+	budget := w.stepBudget
+	if j != nil && w.park == nil {
+		budget += j.maxWait
+	}
+	ctx, cancel := budgeted(r.Context(), budget)
+	defer cancel()
+	r = r.WithContext(ctx)
 	if env.Wake != nil {
 		if w.park == nil {
 			// Tasks wait for it (this worker's deployment parked them, and
@@ -492,6 +565,9 @@ func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, 
 			}
 			jobErr = err
 		}()
+		if !jobStarted(ctx) {
+			return context.Cause(ctx)
+		}
 		jctx, cancel := w.jobContext(ctx)
 		defer cancel()
 		return j.fn(context.WithValue(jctx, deliveryKey{}, d), d)
