@@ -518,27 +518,12 @@ func (w *Worker) wakeTurn(ctx context.Context, log *slog.Logger, j *job, d *Deli
 			return o, err
 		}
 	}
-	// The oldest waiter is read while the lock is taken: the lock decides
-	// nothing about who is oldest, and only a holder claims.
-	type peeked struct {
-		head Waiter
-		ok   bool
-		err  error
-	}
-	pre := make(chan peeked, 1)
-	go func() {
-		head, ok, _, _, err := p.list.Peek(ctx, d.LockID, "")
-		pre <- peeked{head, ok, err}
-	}()
-	first := sync.OnceValue(func() peeked { return <-pre })
-	defer first()
-	prefetched := func() (Waiter, bool, error) { r := first(); return r.head, r.ok, r.err }
 	taken := false
 	for try := 0; ; try++ {
 		var o outcome
 		err := w.locker.With(ctx, d.LockID, func(lctx context.Context) error {
 			if taken {
-				return w.runOldest(lctx, log, d, self, at, nil, &o)
+				return w.runOldest(lctx, log, d, self, at, &o)
 			}
 			// The Take goes with the first reads of the wait list, and ends
 			// before the job runs (so before the release, which must see
@@ -559,7 +544,7 @@ func (w *Worker) wakeTurn(ctx context.Context, log *slog.Logger, j *job, d *Deli
 				took <- err
 			}()
 			o.beforeJob = sync.OnceValue(func() error { return <-took })
-			err := w.runOldest(lctx, log, d, self, at, prefetched, &o)
+			err := w.runOldest(lctx, log, d, self, at, &o)
 			if takeErr := o.beforeJob(); takeErr != nil && !o.ran {
 				o.listErr = takeErr
 				return errNotRun
@@ -599,21 +584,10 @@ func (w *Worker) wakeTurn(ctx context.Context, log *slog.Logger, j *job, d *Deli
 // the wait list recorded it. Waiters whose job is not registered (a deploy
 // removed or renamed it) are set aside: marked finished, with an ERROR log
 // naming them.
-func (w *Worker) runOldest(ctx context.Context, log *slog.Logger, d *Delivery, self string, since time.Time,
-	prefetched func() (Waiter, bool, error), o *outcome) error {
+func (w *Worker) runOldest(ctx context.Context, log *slog.Logger, d *Delivery, self string, since time.Time, o *outcome) error {
 	p := w.park
 	for range maxSetAside {
-		var (
-			head Waiter
-			any  bool
-			err  error
-		)
-		if prefetched != nil {
-			head, any, err = prefetched()
-			prefetched = nil
-		} else {
-			head, any, _, _, err = p.list.Peek(ctx, d.LockID, "")
-		}
+		head, any, _, _, err := p.list.Peek(ctx, d.LockID, "")
 		if err != nil {
 			o.listErr = err
 			return errNotRun
