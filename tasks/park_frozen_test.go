@@ -1,8 +1,8 @@
 package tasks_test
 
 import (
-	"net/http"
 	"net/http/httputil"
+	"net/url"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -33,11 +33,12 @@ func TestWorkerFrozenAfterItsAnswer(t *testing.T) {
 	_, secondAddr := startWorkerProcess(t, cfg, emu.Host)
 	// Task 0 goes to the first process, everything else to the second.
 	task0 := tasks.TaskID("slow", "t0")
-	target.Store(&httputil.ReverseProxy{Director: func(r *http.Request) {
-		r.URL.Scheme, r.URL.Host = "http", secondAddr
-		if r.Header.Get("X-CloudTasks-TaskName") == task0 {
-			r.URL.Host = firstAddr
+	target.Store(&httputil.ReverseProxy{Rewrite: func(pr *httputil.ProxyRequest) {
+		host := secondAddr
+		if pr.In.Header.Get("X-CloudTasks-TaskName") == task0 {
+			host = firstAddr
 		}
+		pr.SetURL(&url.URL{Scheme: "http", Host: host})
 	}})
 
 	client, err := tasks.NewClient(t.Context(), baseConfig(workerURL), srv.ClientOptions()...)
