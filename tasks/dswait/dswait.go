@@ -220,7 +220,9 @@ func (l *List) transact(ctx context.Context, fn func(tx *datastore.Transaction) 
 	return err
 }
 
-func newEpoch() int64 {
+// randomID returns a positive random 63-bit number: wake names built from
+// two of them never repeat.
+func randomID() int64 {
 	var b [8]byte
 	_, _ = rand.Read(b[:])
 	return int64(binary.BigEndian.Uint64(b[:])>>1) | 1
@@ -243,10 +245,6 @@ func (l *List) head(ctx context.Context, lockID string) (tasks.Waiter, bool, err
 	}
 	return tasks.Waiter{Key: es[0].Key, Job: es[0].Job, Arrived: es[0].Arrived, Coalesce: es[0].Coalesce}, true, nil
 }
-
-// randomGen returns a positive random 63-bit number: wake names built from
-// two of them never repeat.
-func randomGen() int64 { return newEpoch() }
 
 // armHead arms a wake of kind due at due for lockID, whose oldest waiter
 // is head, unless one is pending that the rule (tasks.Supersedes) keeps:
@@ -277,7 +275,7 @@ func (l *List) armRead(ctx context.Context, lockID string, head tasks.Waiter, ki
 	if pending && !tasks.Supersedes(kind, cur.Due, due, l.now()) {
 		return tasks.Wake{}, nil
 	}
-	e := wakeEntity{Epoch: randomGen(), Gen: randomGen(), Due: due.UTC(), ExpiresAt: due.Add(MaxWait).UTC()}
+	e := wakeEntity{Epoch: randomID(), Gen: randomID(), Due: due.UTC(), ExpiresAt: due.Add(MaxWait).UTC()}
 	wake := tasks.Wake{Kind: kind, Epoch: uint64(e.Epoch), Gen: uint64(e.Gen), Due: due, Job: head.Job}
 	if !pending {
 		_, err = l.client.Mutate(ctx, datastore.NewInsert(wk, &e))
