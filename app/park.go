@@ -36,22 +36,32 @@ func memoryWaitList(b locking.Backend) *tasks.MemoryWaitList {
 }
 
 // parkOptions chooses the Worker's busy mode (see New), sets a.busy, and
-// returns the Worker options that turn park mode on.
+// returns the Worker's options for it: park mode's, or, in 429 mode, run
+// records in the wait list New would park in, where there is one.
 func (a *App) parkOptions(ctx context.Context, cfg Config, given tasks.WaitList) ([]tasks.WorkerOption, error) {
 	a.busy = Busy429
-	if cfg.Busy == Busy429 {
-		return nil, nil
-	}
 	list, why, err := a.waitList(ctx, cfg, given)
 	if err != nil {
 		return nil, err
+	}
+	if why == "" && a.enqueue == nil {
+		why = "no queue configured: parking creates continuation tasks (set " + EnvQueue + ", " + EnvWorkerURL + " and " + EnvTaskServiceAccount + ")"
+	}
+	records := func() []tasks.WorkerOption {
+		if list == nil {
+			return nil
+		}
+		return []tasks.WorkerOption{tasks.WithRunRecords(list)}
+	}
+	if cfg.Busy == Busy429 {
+		return records(), nil
 	}
 	if why != "" {
 		if cfg.Busy == BusyPark {
 			return nil, fmt.Errorf("%w: %s=%s: %s", ErrConfig, EnvBusy, BusyPark, why)
 		}
 		a.log.WarnContext(ctx, "taskguard: a busy lock is answered 429 (Cloud Tasks retries, slowly, and throttles the queue): "+why, "busy", Busy429)
-		return nil, nil
+		return records(), nil
 	}
 	lease := cfg.Lease
 	if lease <= 0 {
@@ -61,11 +71,9 @@ func (a *App) parkOptions(ctx context.Context, cfg Config, given tasks.WaitList)
 	return []tasks.WorkerOption{tasks.WithParking(a.enqueue, list), tasks.WithParkingLease(lease)}, nil
 }
 
-// waitList returns the park mode's wait list, or why there is none.
+// waitList returns the wait list shared by every instance (for parking, or
+// for 429 mode's run records), or why there is none.
 func (a *App) waitList(ctx context.Context, cfg Config, given tasks.WaitList) (tasks.WaitList, string, error) {
-	if a.enqueue == nil {
-		return nil, "no queue configured: parking creates continuation tasks (set " + EnvQueue + ", " + EnvWorkerURL + " and " + EnvTaskServiceAccount + ")", nil
-	}
 	if given != nil {
 		return given, "", nil
 	}

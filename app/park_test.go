@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/http/httptest"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -14,6 +16,7 @@ import (
 	"github.com/taskguard/taskguard/locking/dslock/dstest"
 	"github.com/taskguard/taskguard/locking/memlock"
 	"github.com/taskguard/taskguard/tasks"
+	"github.com/taskguard/taskguard/tasks/taskstest"
 )
 
 // TestBusyModeChoice checks which mode New chooses for a busy lock, and
@@ -58,6 +61,50 @@ func TestBusyModeChoice(t *testing.T) {
 			defer a.Close()
 			if a.Busy() != tc.want {
 				t.Errorf("Busy() = %q; want %q", a.Busy(), tc.want)
+			}
+		})
+	}
+}
+
+// TestRunRecordsIn429Mode checks that a Worker in 429 mode keeps run
+// records in the wait list New would park in: a second delivery of a task
+// that ran to an end is answered 204 without running again. With a Strong
+// store New keeps no wait list for, there are none, and it runs again.
+func TestRunRecordsIn429Mode(t *testing.T) {
+	mem, err := locking.New(locking.Config{Strong: memlock.New()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := locking.New(locking.Config{Strong: fakeStrong{memlock.New()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name  string
+		locks *locking.Client
+		runs  int32
+	}{{"memory locks", mem, 1}, {"a store without a shared wait list", other, 2}} {
+		t.Run(tc.name, func(t *testing.T) {
+			a, err := New(t.Context(), Config{Busy: Busy429}, slog.New(slog.DiscardHandler), WithLocks(tc.locks))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer a.Close()
+			var runs atomic.Int32
+			a.worker.Handle("once", func(context.Context, *tasks.Delivery) error { runs.Add(1); return nil })
+			for attempt := range 2 {
+				r, err := taskstest.NewRequest(tasks.Task{Job: "once", LockID: "rr", Name: "once-1"}, taskstest.RequestAttempt(attempt, attempt))
+				if err != nil {
+					t.Fatal(err)
+				}
+				rw := httptest.NewRecorder()
+				a.worker.ServeHTTP(rw, r)
+				if rw.Code != tasks.StatusDone {
+					t.Errorf("delivery %d answered %d, want %d", attempt, rw.Code, tasks.StatusDone)
+				}
+			}
+			if got := runs.Load(); got != tc.runs {
+				t.Errorf("the job ran %d times, want %d", got, tc.runs)
 			}
 		})
 	}

@@ -3,6 +3,7 @@ package tasks_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http/httptest"
 	"sync/atomic"
 	"testing"
@@ -59,7 +60,9 @@ func TestJobDeadline(t *testing.T) {
 
 // TestRetryOfALongRunDoesNotRunAgain: Cloud Tasks retries an attempt at its
 // dispatch deadline while the first run still runs; in park mode the retry
-// parks behind that run, and once the run finished it is not run again.
+// parks behind that run, and once the run finished it is not run again,
+// nor is a later retry, also when the first attempt's request ended before
+// its job did.
 func TestRetryOfALongRunDoesNotRunAgain(t *testing.T) {
 	for name, list := range waitLists {
 		t.Run(name, func(t *testing.T) {
@@ -75,25 +78,28 @@ func TestRetryOfALongRunDoesNotRunAgain(t *testing.T) {
 				})
 			})
 			task := tasks.Task{Job: "long", LockID: "lr1", Name: "long-1"}
-			deliver := func(retry int) int {
+			deliver := func(ctx context.Context, retry int) int {
 				r, err := taskstest.NewRequest(task, taskstest.RequestAttempt(retry, 0))
 				if err != nil {
 					t.Error(err)
 					return 0
 				}
 				rw := httptest.NewRecorder()
-				f.handler.ServeHTTP(rw, r)
+				f.handler.ServeHTTP(rw, r.WithContext(ctx))
 				return rw.Code
 			}
+			attempt, giveUp := context.WithCancel(t.Context())
 			first := make(chan int, 1)
-			go func() { first <- deliver(0) }()
+			go func() { first <- deliver(attempt, 0) }()
 			<-started
-			if code := deliver(1); code != tasks.StatusParked {
+			if code := deliver(t.Context(), 1); code != tasks.StatusParked {
 				t.Errorf("the retry during the first run answered %d, want %d (parked)", code, tasks.StatusParked)
 			}
+			giveUp() // the first attempt's dispatch deadline: its request ends before its job
 			close(proceed)
-			if code := <-first; code != tasks.StatusDone {
-				t.Errorf("the first run answered %d, want %d", code, tasks.StatusDone)
+			<-first
+			if code := deliver(t.Context(), 2); code != tasks.StatusDone {
+				t.Errorf("a retry after the run answered %d, want %d (ran already)", code, tasks.StatusDone)
 			}
 			waitIdle(t, f.srv, 20*time.Second)
 			time.Sleep(200 * time.Millisecond)
@@ -105,6 +111,99 @@ func TestRetryOfALongRunDoesNotRunAgain(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestRetryOfALongRunDoesNotRunAgainIn429Mode: in 429 mode with run
+// records, a retry that comes while the first run runs is answered 429, and
+// one that comes after it finished is answered 204 without running the job.
+// The first run's request ends before its job does (Cloud Tasks gave up on
+// the attempt at its dispatch deadline): the record is kept all the same.
+// Without run records the late retry runs the job a second time.
+func TestRetryOfALongRunDoesNotRunAgainIn429Mode(t *testing.T) {
+	for name, list := range waitLists {
+		for _, records := range []bool{true, false} {
+			t.Run(fmt.Sprintf("%s/records=%v", name, records), func(t *testing.T) {
+				opts := []tasks.WorkerOption{tasks.WithQueue(queueName)}
+				l := list(t)
+				if records {
+					opts = append(opts, tasks.WithRunRecords(l))
+				}
+				w := newWorker(t, newLocker(t, memlock.New(), 0), &logBuffer{}, opts...)
+				var runs atomic.Int32
+				started, proceed := make(chan struct{}, 1), make(chan struct{})
+				w.Handle("long", func(ctx context.Context, d *tasks.Delivery) error {
+					runs.Add(1)
+					started <- struct{}{}
+					<-proceed // ignores its context: runs on past its request
+					return nil
+				})
+				task := tasks.Task{Job: "long", LockID: "lr429-" + name, Name: "long-429"}
+				deliver := func(ctx context.Context, retry int) int {
+					r, err := taskstest.NewRequest(task, taskstest.RequestAttempt(retry, 0))
+					if err != nil {
+						t.Error(err)
+						return 0
+					}
+					rw := httptest.NewRecorder()
+					w.ServeHTTP(rw, r.WithContext(ctx))
+					return rw.Code
+				}
+				attempt, giveUp := context.WithCancel(t.Context())
+				first := make(chan int, 1)
+				go func() { first <- deliver(attempt, 0) }()
+				<-started
+				if code := deliver(t.Context(), 1); code != tasks.StatusBusy {
+					t.Errorf("the retry during the first run answered %d, want %d", code, tasks.StatusBusy)
+				}
+				giveUp() // the attempt's dispatch deadline: its request ends
+				close(proceed)
+				<-first
+				code := deliver(t.Context(), 2)
+				if records {
+					if code != tasks.StatusDone || runs.Load() != 1 {
+						t.Errorf("the retry after the run answered %d and the job ran %d times, want %d and once", code, runs.Load(), tasks.StatusDone)
+					}
+					if _, _, st, _, err := l.Peek(t.Context(), task.LockID, "jobs/"+tasks.TaskID("long", "long-429")); err != nil || st != tasks.Finished {
+						t.Errorf("the run's record is %v (%v), want finished", st, err)
+					}
+				} else if runs.Load() != 2 {
+					// The retry ran the job again: what run records prevent.
+					t.Errorf("without run records the job ran %d times, want twice", runs.Load())
+				}
+			})
+		}
+	}
+}
+
+// TestRunRecordsFailClosed: a run record that cannot be read is answered
+// 503 without running the job; WithRunRecords refuses a nil list and park
+// mode.
+func TestRunRecordsFailClosed(t *testing.T) {
+	w := newWorker(t, newLocker(t, memlock.New(), 0), &logBuffer{}, tasks.WithRunRecords(brokenList{}))
+	var ran atomic.Bool
+	w.Handle("job", func(ctx context.Context, d *tasks.Delivery) error { ran.Store(true); return nil })
+	r, err := taskstest.NewRequest(tasks.Task{Job: "job", LockID: "rr-broken"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rw := httptest.NewRecorder()
+	w.ServeHTTP(rw, r)
+	if rw.Code != tasks.StatusRetry || ran.Load() {
+		t.Errorf("answer %d, job ran %v; want %d and not run", rw.Code, ran.Load(), tasks.StatusRetry)
+	}
+	if _, err := tasks.NewWorker(newLocker(t, memlock.New(), 0), tasks.WithRunRecords(nil)); !errors.Is(err, tasks.ErrInvalidConfig) {
+		t.Errorf("WithRunRecords(nil): %v, want ErrInvalidConfig", err)
+	}
+	if _, err := tasks.NewWorker(newLocker(t, memlock.New(), 0), parking(t), tasks.WithRunRecords(&tasks.MemoryWaitList{})); !errors.Is(err, tasks.ErrInvalidConfig) {
+		t.Errorf("WithRunRecords with WithParking: %v, want ErrInvalidConfig", err)
+	}
+}
+
+// brokenList is a wait list whose every call fails.
+type brokenList struct{ tasks.WaitList }
+
+func (brokenList) Peek(context.Context, string, string) (tasks.Waiter, bool, tasks.WaiterState, string, error) {
+	return tasks.Waiter{}, false, 0, "", errors.New("wait list down")
 }
 
 // hungStore is a lock store that never answers: every call waits until its

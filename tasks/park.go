@@ -468,16 +468,12 @@ func (w *Worker) holdFresh(ctx context.Context, log *slog.Logger, j *job, d *Del
 	}
 	switch {
 	case claimed:
-		if err := p.list.Finish(ctx, d.LockID, me.Key, self); err != nil {
-			log.WarnContext(ctx, "tasks: job done, but marking its waiter finished failed", "error", err)
-		}
+		finishRun(ctx, log, p.list, d.LockID, me.Key, self)
 	case !me.Coalesce:
 		// A retry or duplicate of this delivery may have parked while it
 		// ran (a run longer than the dispatch deadline is retried while it
 		// runs): it must not run again.
-		if err := p.list.Finish(ctx, d.LockID, me.Key, ""); err != nil {
-			log.WarnContext(ctx, "tasks: job done, but marking it finished failed", "error", err)
-		}
+		finishRun(ctx, log, p.list, d.LockID, me.Key, "")
 	}
 	return o.jobErr
 }
@@ -685,6 +681,18 @@ func (w *Worker) runWaiter(ctx context.Context, log *slog.Logger, d *Delivery, w
 	}()
 	o.after = func() { <-done }
 	return o.jobErr
+}
+
+// finishRun records key's run finished in list (Finish). It runs even when
+// ctx has ended (the job finished after its request's end, when Cloud Tasks
+// has retried it: the retry must find the record), bounded by
+// handoffTimeout; a failure is logged.
+func finishRun(ctx context.Context, log *slog.Logger, list WaitList, lockID, key, runner string) {
+	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), handoffTimeout)
+	defer cancel()
+	if err := list.Finish(fctx, lockID, key, runner); err != nil {
+		log.WarnContext(fctx, "tasks: job done, but recording its run finished failed; a retry or duplicate of the task may run it again", "error", err, "key", key)
+	}
 }
 
 // errNotStarted marks a job that did not start: the delivery's step budget

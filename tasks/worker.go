@@ -115,7 +115,11 @@ type JobFunc func(ctx context.Context, d *Delivery) error
 // roles/run.invoker only to the service account in Config.ServiceAccount.
 //
 // Busy mode: a Worker is in 429 mode unless given WithParking; the deployed
-// functions (package app) park by default. On Cloud Run (K_SERVICE set) a
+// functions (package app) park by default. In 429 mode without
+// WithRunRecords a retry or duplicate of a task whose run ended is run
+// again (Cloud Tasks delivers at least once, and retries an attempt at its
+// dispatch deadline while its job still runs); with it, and in park mode,
+// it is answered 204 and not run. On Cloud Run (K_SERVICE set) a
 // Worker built without WithParking logs at WARN once, at NewWorker, what
 // 429 mode costs there.
 type Worker struct {
@@ -128,6 +132,7 @@ type Worker struct {
 	park          *parking         // park mode (park.go); nil: 429 mode
 	jobDeadline   time.Duration    // 0: none but the request's
 	stepBudget    time.Duration    // for the steps before a job runs
+	runs          WaitList         // 429 mode's run records; nil: none
 
 	mu   sync.RWMutex
 	jobs map[string]*job // guarded by mu
@@ -199,6 +204,30 @@ func WithMaxRetryAfter(d time.Duration) WorkerOption {
 func WithLockOptions(opts ...locking.Option) WorkerOption {
 	return func(w *Worker) error {
 		w.lockOpts = append(w.lockOpts, opts...)
+		return nil
+	}
+}
+
+// WithRunRecords makes a Worker in 429 mode keep a record of every task
+// whose job ran to an end (it succeeded or failed permanently) in list, for
+// FinishedRetention (Cloud Tasks' dedup window), and answer a later delivery
+// of that task 204 without running it. Cloud Tasks retries an attempt at its
+// dispatch deadline even while the job still runs, and delivers a task at
+// least once: without run records, such a retry or duplicate that finds the
+// lock free again (the first run ended) runs the job a second time. With
+// them it costs, per delivery, one Peek before the job (a Datastore list:
+// one query and one lookup, together) and one Finish after it (one
+// transaction); a failed Peek is answered 503 and retried, without running
+// the job. Park mode (WithParking) keeps these records in its wait list
+// already, so the two options do not go together. The record's key is the
+// queue id and task name: a task enqueued without a Name gets a new name
+// for every Enqueue, so only its retries and duplicates are recognised.
+func WithRunRecords(list WaitList) WorkerOption {
+	return func(w *Worker) error {
+		if list == nil {
+			return fmt.Errorf("%w: WithRunRecords needs a WaitList", ErrInvalidConfig)
+		}
+		w.runs = list
 		return nil
 	}
 }
@@ -324,6 +353,9 @@ func NewWorker(locker *locking.Client, opts ...WorkerOption) (*Worker, error) {
 		if err := o(w); err != nil {
 			return nil, err
 		}
+	}
+	if w.park != nil && w.runs != nil {
+		return nil, fmt.Errorf("%w: WithRunRecords with WithParking (park mode keeps run records in its wait list)", ErrInvalidConfig)
 	}
 	if w.park != nil {
 		if w.park.h == nil {
@@ -453,6 +485,9 @@ func (e *permanentError) Error() string        { return "tasks: permanent failur
 func (e *permanentError) Unwrap() error        { return e.err }
 func (e *permanentError) Is(target error) bool { return target == ErrPermanent }
 
+// errRunRecords marks a failed read of 429 mode's run records.
+var errRunRecords = errors.New("tasks: run records")
+
 // errPanic marks a job that panicked.
 var errPanic = errors.New("tasks: job panicked")
 
@@ -551,13 +586,30 @@ func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, 
 	if j.maxWait > 0 {
 		opts = append(opts, locking.Wait(true), locking.MaxWait(j.maxWait))
 	}
-	ran := false
+	ran, done := false, false
 	var jobErr error
+	key := d.QueueName + "/" + d.TaskName
 	start := time.Now()
 	err := w.locker.With(r.Context(), d.LockID, func(ctx context.Context) (err error) {
+		if w.runs != nil {
+			switch _, _, st, _, err := w.runs.Peek(ctx, d.LockID, key); {
+			case err != nil:
+				return fmt.Errorf("%w: reading the task's run record: %w", errRunRecords, err)
+			case st == Finished:
+				done = true
+				return nil
+			}
+		}
 		ran = true
 		d.Lock = locking.FromContext(ctx)
 		d.Token = d.Lock.Token()
+		defer func() {
+			if w.runs != nil && (err == nil || errors.Is(err, ErrPermanent)) {
+				// A retry of this run (Cloud Tasks retries at the dispatch
+				// deadline while it runs) or a duplicate must not run again.
+				finishRun(ctx, log, w.runs, d.LockID, key, "")
+			}
+		}()
 		defer func() {
 			if p := recover(); p != nil {
 				log.ErrorContext(r.Context(), "tasks: job panicked", "token", d.Token, "panic", p, "stack", string(debug.Stack()))
@@ -582,6 +634,12 @@ func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, 
 	policy := w.policy()
 	var busy *locking.NotAcquiredError
 	switch {
+	case done:
+		log.InfoContext(r.Context(), "tasks: the task ran to an end already (its run record says so); not running it again")
+		rw.WriteHeader(StatusDone)
+	case errors.Is(err, errRunRecords):
+		log.ErrorContext(r.Context(), "tasks: could not read the task's run record; retrying", "error", err)
+		http.Error(rw, "run records unavailable", StatusRetry)
 	case errors.Is(err, locking.ErrLockLost):
 		log.ErrorContext(r.Context(), "tasks: lock lost while the job ran; retrying", "error", err)
 		w.answer(rw, policy, err)
