@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -38,6 +39,38 @@ const envWorkerProcess = "TASKGUARD_TEST_WORKER_PROCESS"
 type workerProcessConfig struct {
 	Project, TasksEmulator, WorkerURL, Log string
 	Lease, Work                            time.Duration
+	// LoseReplyOf names a lock id whose first acquire is applied by the
+	// store but answered with an error, as when its reply is lost on the
+	// way; the give-back of that acquire then takes GiveBackDelay more.
+	LoseReplyOf   string
+	GiveBackDelay time.Duration
+}
+
+// lostReply is a lock store whose first acquire of one lock id is applied
+// and then reported failed (its reply lost); the release that follows it,
+// the acquire's give-back, is slowed by delay.
+type lostReply struct {
+	locking.Backend
+	id    string
+	delay time.Duration
+	lost  atomic.Bool
+}
+
+func (b *lostReply) Unwrap() locking.Backend { return b.Backend }
+
+func (b *lostReply) Acquire(ctx context.Context, r locking.Request) (locking.Grant, error) {
+	g, err := b.Backend.Acquire(ctx, r)
+	if err == nil && r.ID == b.id && b.lost.CompareAndSwap(false, true) {
+		return locking.Grant{}, errors.New("the store's reply was lost")
+	}
+	return g, err
+}
+
+func (b *lostReply) Release(ctx context.Context, id, owner string) error {
+	if id == b.id && b.lost.Load() {
+		time.Sleep(b.delay)
+	}
+	return b.Backend.Release(ctx, id, owner)
 }
 
 // workerProcess serves a park-mode Worker in this process, as one Cloud
@@ -64,7 +97,11 @@ func workerProcess() {
 	if err != nil {
 		fail(err)
 	}
-	locker, err := locking.New(locking.Config{Strong: b, Lease: cfg.Lease})
+	var store locking.Backend = b
+	if cfg.LoseReplyOf != "" {
+		store = &lostReply{Backend: b, id: cfg.LoseReplyOf, delay: cfg.GiveBackDelay}
+	}
+	locker, err := locking.New(locking.Config{Strong: store, Lease: cfg.Lease})
 	if err != nil {
 		fail(err)
 	}
