@@ -247,6 +247,15 @@ func (g *guard) fail(err error) {
 // ResponseWriter next receives has the same optional interfaces
 // (http.Flusher, ...) as the server's.
 //
+// The response ends only after the lock is released: on Cloud Run an
+// instance's CPU may be throttled once its response is complete, and a
+// release after that would wait for the instance's next request, leaving
+// the lock held up to a lease. So when next declares a Content-Length, the
+// last byte of its body is sent after the release, and a Flush of a
+// response with nothing left to send (a 204, a HEAD request, a body written
+// whole) is made after the release; a streamed response (no declared
+// length) is flushed as next asks, and ends after the release as always.
+//
 // Guard panics, with the error New would return, if key or next is nil or
 // an option is invalid: handlers are built at start-up (often in init, for
 // functions.HTTP), so a bad setting stops the program there instead of
@@ -315,21 +324,28 @@ func (g *guard) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		opts = append(opts, locking.Wait(true), locking.MaxWait(g.maxWait))
 	}
 	var began atomic.Bool
+	t := newTail(w, r)
+	defer t.finish() // after the release: see tail
 	ww := httpsnoop.Wrap(w, httpsnoop.Hooks{
 		WriteHeader: func(next httpsnoop.WriteHeaderFunc) httpsnoop.WriteHeaderFunc {
-			return func(code int) { began.Store(true); next(code) }
+			h := t.writeHeader(next)
+			return func(code int) { began.Store(true); h(code) }
 		},
 		Write: func(next httpsnoop.WriteFunc) httpsnoop.WriteFunc {
-			return func(b []byte) (int, error) { began.Store(true); return next(b) }
+			wr := t.write(next)
+			return func(b []byte) (int, error) { began.Store(true); return wr(b) }
 		},
 		WriteString: func(next httpsnoop.WriteStringFunc) httpsnoop.WriteStringFunc {
-			return func(s string) (int, error) { began.Store(true); return next(s) }
+			ws := t.writeString(t.w.Write)
+			return func(s string) (int, error) { began.Store(true); return ws(s) }
 		},
 		ReadFrom: func(next httpsnoop.ReadFromFunc) httpsnoop.ReadFromFunc {
-			return func(src io.Reader) (int64, error) { began.Store(true); return next(src) }
+			rf := t.readFrom(next)
+			return func(src io.Reader) (int64, error) { began.Store(true); return rf(src) }
 		},
 		Flush: func(next httpsnoop.FlushFunc) httpsnoop.FlushFunc {
-			return func() { began.Store(true); next() }
+			f := t.flusher(next)
+			return func() { began.Store(true); f() }
 		},
 	})
 	ran := false
