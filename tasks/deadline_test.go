@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"net/http/httptest"
 	"sync/atomic"
 	"testing"
@@ -78,16 +79,7 @@ func TestRetryOfALongRunDoesNotRunAgain(t *testing.T) {
 				})
 			})
 			task := tasks.Task{Job: "long", LockID: "lr1", Name: "long-1"}
-			deliver := func(ctx context.Context, retry int) int {
-				r, err := taskstest.NewRequest(task, taskstest.RequestAttempt(retry, 0))
-				if err != nil {
-					t.Error(err)
-					return 0
-				}
-				rw := httptest.NewRecorder()
-				f.handler.ServeHTTP(rw, r.WithContext(ctx))
-				return rw.Code
-			}
+			deliver := func(ctx context.Context, retry int) int { return deliverAttempt(ctx, t, f.handler, task, retry) }
 			attempt, giveUp := context.WithCancel(t.Context())
 			first := make(chan int, 1)
 			go func() { first <- deliver(attempt, 0) }()
@@ -138,16 +130,7 @@ func TestRetryOfALongRunDoesNotRunAgainIn429Mode(t *testing.T) {
 					return nil
 				})
 				task := tasks.Task{Job: "long", LockID: "lr429-" + name, Name: "long-429"}
-				deliver := func(ctx context.Context, retry int) int {
-					r, err := taskstest.NewRequest(task, taskstest.RequestAttempt(retry, 0))
-					if err != nil {
-						t.Error(err)
-						return 0
-					}
-					rw := httptest.NewRecorder()
-					w.ServeHTTP(rw, r.WithContext(ctx))
-					return rw.Code
-				}
+				deliver := func(ctx context.Context, retry int) int { return deliverAttempt(ctx, t, w, task, retry) }
 				attempt, giveUp := context.WithCancel(t.Context())
 				first := make(chan int, 1)
 				go func() { first <- deliver(attempt, 0) }()
@@ -204,6 +187,20 @@ type brokenList struct{ tasks.WaitList }
 
 func (brokenList) Peek(context.Context, string, string) (tasks.Waiter, bool, tasks.WaiterState, string, error) {
 	return tasks.Waiter{}, false, 0, "", errors.New("wait list down")
+}
+
+// deliverAttempt delivers task to h as its attempt after retry earlier
+// ones, with the request's context ctx, and returns the answer's status.
+func deliverAttempt(ctx context.Context, t *testing.T, h http.Handler, task tasks.Task, retry int) int {
+	t.Helper()
+	r, err := taskstest.NewRequest(task, taskstest.RequestAttempt(retry, 0))
+	if err != nil {
+		t.Error(err)
+		return 0
+	}
+	rw := httptest.NewRecorder()
+	h.ServeHTTP(rw, r.WithContext(ctx))
+	return rw.Code
 }
 
 // hungStore is a lock store that never answers: every call waits until its

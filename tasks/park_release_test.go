@@ -13,8 +13,6 @@ import (
 	dsclient "cloud.google.com/go/datastore"
 	"google.golang.org/api/option"
 
-	"github.com/taskguard/taskguard/locking"
-	"github.com/taskguard/taskguard/locking/dslock"
 	"github.com/taskguard/taskguard/locking/lockhttp"
 	"github.com/taskguard/taskguard/tasks"
 	"github.com/taskguard/taskguard/tasks/dswait"
@@ -41,19 +39,12 @@ func TestHandOffFromEveryRelease(t *testing.T) {
 	target.Store(httputil.NewSingleHostReverseProxy(&url.URL{Scheme: "http", Host: addr}))
 
 	// This process: the locks' other user.
+	locker := emulatorLocker(t, lease)
 	cc, err := emu.Dial()
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = cc.Close() })
-	b, err := dslock.New(t.Context(), dslock.Options{ProjectID: emu.ProjectID, Conn: cc})
-	if err != nil {
-		t.Fatal(err)
-	}
-	locker, err := locking.New(locking.Config{Strong: b, Lease: lease})
-	if err != nil {
-		t.Fatal(err)
-	}
 	dc, err := dsclient.NewClient(t.Context(), emu.ProjectID, option.WithGRPCConn(cc))
 	if err != nil {
 		t.Fatal(err)
