@@ -23,14 +23,7 @@ import (
 // with which wait list.
 func TestBusyModeChoice(t *testing.T) {
 	queued := Config{Queue: testQueue, WorkerURL: "http://127.0.0.1:1/Worker", TaskServiceAccount: "w@p.iam.gserviceaccount.com", TasksEmulator: "127.0.0.1:1"}
-	mem, err := locking.New(locking.Config{Strong: memlock.New()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	other, err := locking.New(locking.Config{Strong: fakeStrong{memlock.New()}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	mem, other := modeClients(t)
 	with := func(cfg Config, busy string) Config { cfg.Busy = busy; return cfg }
 	for _, tc := range []struct {
 		name  string
@@ -71,14 +64,7 @@ func TestBusyModeChoice(t *testing.T) {
 // that ran to an end is answered 204 without running again. With a Strong
 // store New keeps no wait list for, there are none, and it runs again.
 func TestRunRecordsIn429Mode(t *testing.T) {
-	mem, err := locking.New(locking.Config{Strong: memlock.New()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	other, err := locking.New(locking.Config{Strong: fakeStrong{memlock.New()}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	mem, other := modeClients(t)
 	for _, tc := range []struct {
 		name  string
 		locks *locking.Client
@@ -108,6 +94,21 @@ func TestRunRecordsIn429Mode(t *testing.T) {
 			}
 		})
 	}
+}
+
+// modeClients returns a lock client on memory, where New keeps its wait
+// list, and one on a store New knows no wait list for.
+func modeClients(t *testing.T) (mem, other *locking.Client) {
+	t.Helper()
+	mem, err := locking.New(locking.Config{Strong: memlock.New()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err = locking.New(locking.Config{Strong: fakeStrong{memlock.New()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mem, other
 }
 
 // fakeStrong is a Strong backend of a type New knows no wait list for.
