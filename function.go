@@ -24,6 +24,7 @@ package taskguard
 
 import (
 	"log/slog"
+	"time"
 
 	"github.com/GoogleCloudPlatform/functions-framework-go/functions"
 
@@ -37,5 +38,7 @@ import (
 
 func init() {
 	slog.SetDefault(app.LoggerFromEnv())
-	app.Register(functions.HTTP, app.DefaultFunctions)
+	// At SIGTERM, end the deliveries in flight (their locks released and
+	// handed on) before the instance is killed 10 s later.
+	app.Register(functions.HTTP, app.DefaultFunctions, app.DrainOnSIGTERM(8*time.Second))
 }

@@ -51,6 +51,7 @@ type options struct {
 	log   *slog.Logger
 	cfg   *Config
 	waits tasks.WaitList
+	drain time.Duration // DrainOnSIGTERM's wait; 0: none
 }
 
 type jobReg struct {

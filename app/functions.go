@@ -101,7 +101,12 @@ func newLazyApp(opts []Option) *lazyApp {
 	if log == nil {
 		log = LoggerFromEnv()
 	}
-	return &lazyApp{now: time.Now, log: log, build: func() (*App, error) {
+	l := &lazyApp{now: time.Now, log: log}
+	if o.drain > 0 {
+		l.drain = newDrainer(o.drain)
+		drainAtSIGTERM(l.drain, log)
+	}
+	l.build = func() (*App, error) {
 		if o.cfg != nil {
 			return New(context.Background(), *o.cfg, log, opts...)
 		}
@@ -110,7 +115,8 @@ func newLazyApp(opts []Option) *lazyApp {
 			return nil, err
 		}
 		return New(context.Background(), cfg, log, opts...)
-	}}
+	}
+	return l
 }
 
 // Bounds of the wait between two attempts to build the App after a failure
@@ -129,6 +135,7 @@ type lazyApp struct {
 	build func() (*App, error)
 	now   func() time.Time
 	log   *slog.Logger // slog.Default() when nil
+	drain *drainer     // DrainOnSIGTERM's; nil without it
 
 	mu        sync.Mutex
 	app       *App          // guarded by mu; set once
@@ -198,7 +205,7 @@ func serveFrom(l *lazyApp, h func(*App) http.Handler) func(http.ResponseWriter, 
 		once    sync.Once
 		handler http.Handler
 	)
-	return func(w http.ResponseWriter, r *http.Request) {
+	serve := func(w http.ResponseWriter, r *http.Request) {
 		a, next, err := l.get()
 		switch {
 		case errors.Is(err, errStarting):
@@ -213,4 +220,8 @@ func serveFrom(l *lazyApp, h func(*App) http.Handler) func(http.ResponseWriter, 
 		once.Do(func() { handler = h(a) })
 		handler.ServeHTTP(w, r)
 	}
+	if l.drain == nil {
+		return serve
+	}
+	return func(w http.ResponseWriter, r *http.Request) { l.drain.serve(w, r, serve) }
 }

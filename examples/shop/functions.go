@@ -30,7 +30,7 @@ func init() {
 	s := &Shop{Tasks: tasks.LazyClientFromEnv(), Work: workFromEnv(), Orders: ordersFromEnv()}
 	functions.HTTP("Checkout", s.Checkout())
 	app.Register(functions.HTTP, app.Functions{Worker: "ShopWorker", CleanupLocks: "ShopCleanupLocks"},
-		app.WithJob(ReceiptJob, s.SendReceipt))
+		app.WithJob(ReceiptJob, s.SendReceipt), app.DrainOnSIGTERM(8*time.Second))
 }
 
 // workFromEnv reads SHOP_CHECKOUT_WORK, how long a checkout's payment takes
