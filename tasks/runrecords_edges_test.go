@@ -93,3 +93,13 @@ func TestStepBudgetSpentOnRunRecords(t *testing.T) {
 		t.Errorf("answer %d, job ran %v; want %d, not run, and no \"job failed\" log; logs:\n%s", rw.Code, ran.Load(), tasks.StatusRetry, logs)
 	}
 }
+
+// TestRunRecordsWithParkingLeaseOnly: WithParkingLease without WithParking
+// is refused for what it is, also beside WithRunRecords (a 429-mode
+// Worker's options): the error must not blame a WithParking never given.
+func TestRunRecordsWithParkingLeaseOnly(t *testing.T) {
+	_, err := tasks.NewWorker(newLocker(t, memlock.New(), 0), tasks.WithRunRecords(&tasks.MemoryWaitList{}), tasks.WithParkingLease(time.Minute))
+	if err == nil || !strings.Contains(err.Error(), "WithParkingLease without WithParking") {
+		t.Errorf("WithRunRecords and WithParkingLease: %v; want the error of WithParkingLease without WithParking", err)
+	}
+}
