@@ -670,14 +670,10 @@ func (w *Worker) runWaiter(ctx context.Context, log *slog.Logger, d *Delivery, w
 	}
 	// The record is out of the list (Running): marking it finished can go
 	// with the release and its hand-off; the answer waits for both.
-	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), handoffTimeout)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		defer cancel()
-		if err := p.list.Finish(fctx, d.LockID, wt.Key, self); err != nil {
-			log.WarnContext(fctx, "tasks: job done, but marking its waiter finished failed", "error", err)
-		}
+		finishRun(ctx, log, p.list, d.LockID, wt.Key, self)
 	}()
 	o.after = func() { <-done }
 	return o.jobErr
@@ -687,7 +683,14 @@ func (w *Worker) runWaiter(ctx context.Context, log *slog.Logger, d *Delivery, w
 // ctx has ended (the job finished after its request's end, when Cloud Tasks
 // has retried it: the retry must find the record), bounded by
 // handoffTimeout; a failure is logged.
+//
+// A run whose lock was lost is not recorded: it was not exclusive, its
+// delivery is answered 503, and its retry must run it again.
 func finishRun(ctx context.Context, log *slog.Logger, list WaitList, lockID, key, runner string) {
+	if errors.Is(context.Cause(ctx), locking.ErrLockLost) {
+		log.WarnContext(ctx, "tasks: the job returned after its lock was lost; its run is not recorded, so its retry runs it again", "key", key)
+		return
+	}
 	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), handoffTimeout)
 	defer cancel()
 	if err := list.Finish(fctx, lockID, key, runner); err != nil {

@@ -125,7 +125,8 @@ func Supersedes(kind WakeKind, pending, due, now time.Time) bool {
 const FinishedRetention = time.Hour
 
 // A WaitList keeps, per lock id, the deliveries parked behind that lock and
-// the lock id's pending wakes, for a Worker in park mode (WithParking).
+// the lock id's pending wakes, for a Worker in park mode (WithParking); a
+// Worker in 429 mode keeps its run records in one too (WithRunRecords).
 // Implementations must be safe for concurrent use by many processes and
 // strongly consistent (a call sees every call that returned before it
 // began); each change of a record (park, claim, finish) and each change of

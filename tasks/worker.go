@@ -103,6 +103,11 @@ type JobFunc func(ctx context.Context, d *Delivery) error
 //     others: its job or lock id would not decode byte for byte, being
 //     invalid UTF-8 or an unpaired surrogate escape), is larger than the body
 //     limit, or names a job that is not registered. No lock is taken.
+//   - With WithRunRecords: 204 without running the job when its task ran to
+//     an end already (a retry or duplicate; see WithRunRecords), and 503
+//     when the run records cannot be read.
+//   - 503 also when the steps before the job (taking the lock, the run
+//     records) took longer than the step budget (WithStepBudget).
 //   - 403 Forbidden: the request has no X-CloudTasks-TaskName or
 //     X-CloudTasks-QueueName header, or names another queue than the one set
 //     with WithQueue.
@@ -354,13 +359,13 @@ func NewWorker(locker *locking.Client, opts ...WorkerOption) (*Worker, error) {
 			return nil, err
 		}
 	}
+	if w.park != nil && w.park.h == nil {
+		return nil, fmt.Errorf("%w: WithParkingLease without WithParking", ErrInvalidConfig)
+	}
 	if w.park != nil && w.runs != nil {
 		return nil, fmt.Errorf("%w: WithRunRecords with WithParking (park mode keeps run records in its wait list)", ErrInvalidConfig)
 	}
 	if w.park != nil {
-		if w.park.h == nil {
-			return nil, fmt.Errorf("%w: WithParkingLease without WithParking", ErrInvalidConfig)
-		}
 		w.park.h.register(locker, w.log, w.park.metrics)
 	} else if os.Getenv("K_SERVICE") != "" {
 		w.log.Warn("tasks: this Worker answers a busy lock 429 (no WithParking): on Cloud Tasks that means the queue's backoff (5, 15, 35 ... s), an attempt spent per 429, and system throttling of the whole queue; give it WithParking to park busy tasks instead")
@@ -600,6 +605,9 @@ func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, 
 				return nil
 			}
 		}
+		if !jobStarted(ctx) {
+			return fmt.Errorf("%w: %w", errNotStarted, context.Cause(ctx))
+		}
 		ran = true
 		d.Lock = locking.FromContext(ctx)
 		d.Token = d.Lock.Token()
@@ -617,9 +625,6 @@ func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, 
 			}
 			jobErr = err
 		}()
-		if !jobStarted(ctx) {
-			return context.Cause(ctx)
-		}
 		jctx, cancel := w.jobContext(ctx)
 		defer cancel()
 		return j.fn(context.WithValue(jctx, deliveryKey{}, d), d)
@@ -637,6 +642,9 @@ func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, 
 	case done:
 		log.InfoContext(r.Context(), "tasks: the task ran to an end already (its run record says so); not running it again")
 		rw.WriteHeader(StatusDone)
+	case errors.Is(err, errNotStarted):
+		log.ErrorContext(r.Context(), "tasks: the steps before the job took longer than the step budget; retrying", "error", err)
+		http.Error(rw, "step budget spent", StatusRetry)
 	case errors.Is(err, errRunRecords):
 		log.ErrorContext(r.Context(), "tasks: could not read the task's run record; retrying", "error", err)
 		http.Error(rw, "run records unavailable", StatusRetry)

@@ -329,7 +329,12 @@ func (g *guard) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ww := httpsnoop.Wrap(w, httpsnoop.Hooks{
 		WriteHeader: func(next httpsnoop.WriteHeaderFunc) httpsnoop.WriteHeaderFunc {
 			h := t.writeHeader(next)
-			return func(code int) { began.Store(true); h(code) }
+			return func(code int) {
+				if code >= 200 || code == http.StatusSwitchingProtocols {
+					began.Store(true) // a 1xx such as 103 Early Hints is not the response
+				}
+				h(code)
+			}
 		},
 		Write: func(next httpsnoop.WriteFunc) httpsnoop.WriteFunc {
 			wr := t.write(next)

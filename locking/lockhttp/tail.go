@@ -70,6 +70,10 @@ func (t *tail) writeHeader(next func(int)) func(int) {
 func (t *tail) write(next func([]byte) (int, error)) func([]byte) (int, error) {
 	return func(b []byte) (int, error) {
 		t.header(http.StatusOK)
+		if len(t.held) > 0 && len(b) > 0 {
+			// Past the declared body: refused, as the server would.
+			return 0, http.ErrContentLength
+		}
 		if t.length < 0 || len(b) == 0 || t.written+int64(len(b)) != t.length {
 			n, err := next(b)
 			t.written += int64(n)
