@@ -39,8 +39,10 @@
 // Cloud Tasks semantics: success 204, job error 500 (retried), lock lost 503
 // (retried; the lock answers are lockhttp.Policy's, as for HTTP functions
 // guarded by package lockhttp), and a task that can never succeed (Permanent error, malformed
-// envelope, unknown job, oversized body) 200 with an ERROR log so that it is
-// not retried until the queue gives up. See Worker for the full table.
+// envelope, a job unknown for longer than UnknownJobGrace, oversized body)
+// 200 with an ERROR log so that it is not retried until the queue gives up;
+// a job unknown to a task enqueued within UnknownJobGrace is retried (503),
+// since a deploy adding it may be rolling out. See Worker for the full table.
 //
 // # Park and hand-off (opt-in: WithParking)
 //

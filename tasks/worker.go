@@ -102,7 +102,11 @@ type JobFunc func(ctx context.Context, d *Delivery) error
 //     returned Permanent(err), the body is not a valid envelope (among
 //     others: its job or lock id would not decode byte for byte, being
 //     invalid UTF-8 or an unpaired surrogate escape), is larger than the body
-//     limit, or names a job that is not registered. No lock is taken.
+//     limit, or names a job that is not registered and was enqueued more
+//     than UnknownJobGrace ago (or has no enqueue time). No lock is taken.
+//   - 503 for a task whose job is not registered and that was enqueued
+//     within UnknownJobGrace: a deploy that adds the job may be rolling
+//     out, and a retry may reach an instance that has it.
 //   - With WithRunRecords: 204 without running the job when its task ran to
 //     an end already (a retry or duplicate; see WithRunRecords), and 503
 //     when the run records cannot be read.
@@ -490,6 +494,21 @@ func (e *permanentError) Error() string        { return "tasks: permanent failur
 func (e *permanentError) Unwrap() error        { return e.err }
 func (e *permanentError) Is(target error) bool { return target == ErrPermanent }
 
+// UnknownJobGrace is how long after it was enqueued (or, in park mode,
+// parked) a task whose job this Worker does not have is retried rather
+// than dropped or set aside: during a rolling deploy that adds a job, the
+// new revision's tasks reach instances of the old one, which must not lose
+// them. After it the task is taken for one whose job was removed or
+// renamed.
+const UnknownJobGrace = 15 * time.Minute
+
+// newJobPossible reports whether a task enqueued (or parked) at t whose job
+// is not registered may be of a job a deploy is adding: t is known and
+// within UnknownJobGrace.
+func newJobPossible(t time.Time) bool {
+	return !t.IsZero() && time.Since(t) < UnknownJobGrace
+}
+
 // errRunRecords marks a failed read of 429 mode's run records.
 var errRunRecords = errors.New("tasks: run records")
 
@@ -575,6 +594,12 @@ func (w *Worker) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if j == nil {
+		if newJobPossible(d.EnqueuedAt) {
+			log.WarnContext(r.Context(), "tasks: the task's job is not registered on this instance (a deploy adding it in progress?); retrying",
+				"enqueued_at", d.EnqueuedAt, "retried_until", d.EnqueuedAt.Add(UnknownJobGrace))
+			http.Error(rw, "job not registered here", StatusRetry)
+			return
+		}
 		w.drop(rw, r, log, fmt.Errorf("unknown job %q", d.Job))
 		return
 	}

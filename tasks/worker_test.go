@@ -118,7 +118,11 @@ func TestWorkerAnswers(t *testing.T) {
 		{"permanent", func() *http.Request { return delivery(envelopeBody("permanent", "a", nil)) }, 200, 1, "ERROR"},
 		{"panic", func() *http.Request { return delivery(envelopeBody("panic", "a", nil)) }, 500, 1, "ERROR"},
 		{"inner lock busy", func() *http.Request { return delivery(envelopeBody("inner-busy", "a", nil)) }, 429, 1, "INFO"},
-		{"unknown job", func() *http.Request { return delivery(envelopeBody("nope", "a", nil)) }, 200, 0, "ERROR"},
+		{"unknown job, enqueued long ago", func() *http.Request {
+			return delivery(`{"v":1,"job":"nope","lockId":"a","enqueuedAt":"2026-01-01T00:00:00Z"}`)
+		}, 200, 0, "ERROR"},
+		// A deploy adding the job may be rolling out: retried, not dropped.
+		{"unknown job, enqueued now", func() *http.Request { return delivery(envelopeBody("nope", "a", nil)) }, 503, 0, "WARN"},
 		{"not JSON", func() *http.Request { return delivery("hello") }, 200, 0, "ERROR"},
 		{"unknown field", func() *http.Request {
 			return delivery(`{"v":1,"job":"ok","lockId":"a","enqueuedAt":"2026-01-01T00:00:00Z","extra":1}`)
