@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.opentelemetry.io/otel/metric"
@@ -86,8 +87,10 @@ type Client struct {
 	mu    sync.Mutex
 	gates map[gateKey]*gate // guarded by mu
 
-	hooksMu   sync.RWMutex
-	onRelease []func(ctx context.Context, kind LockKind, id string) // guarded by hooksMu
+	renewals renewals // when each held lock renews next
+
+	hooksMu   sync.Mutex                                               // serializes OnRelease
+	onRelease atomic.Pointer[[]func(context.Context, LockKind, string)] // replaced, never changed, by OnRelease
 }
 
 // OnRelease registers fn to be called after every release by c that the
@@ -105,15 +108,21 @@ func (c *Client) OnRelease(fn func(ctx context.Context, kind LockKind, id string
 	}
 	c.hooksMu.Lock()
 	defer c.hooksMu.Unlock()
-	c.onRelease = append(c.onRelease, fn)
+	var hooks []func(context.Context, LockKind, string)
+	if old := c.onRelease.Load(); old != nil {
+		hooks = append(hooks, *old...)
+	}
+	hooks = append(hooks, fn)
+	c.onRelease.Store(&hooks)
 }
 
 // released calls the OnRelease hooks.
 func (c *Client) released(ctx context.Context, kind LockKind, id string) {
-	c.hooksMu.RLock()
-	hooks := c.onRelease
-	c.hooksMu.RUnlock()
-	for _, fn := range hooks {
+	hooks := c.onRelease.Load()
+	if hooks == nil {
+		return
+	}
+	for _, fn := range *hooks {
 		fn(ctx, kind, id)
 	}
 }

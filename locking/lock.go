@@ -63,18 +63,21 @@ type Lock struct {
 	released releasedError           // Err once released by Release (kept here: no allocation)
 	onLoss   context.CancelCauseFunc // With's function context; nil outside With
 
+	releaseCtx opContext // the context of the release (lastCall)
+
 	// The renewal schedule, used by one tick at a time.
 	lostAt  time.Time // a tenth of a lease before the lease, as counted here, runs out
 	attempt int       // renewals failed in a row
 
 	mu            sync.Mutex
-	state         lockState          // guarded by mu
-	err           error              // why the lock is no longer held; guarded by mu
-	lossy         bool               // err reports a loss (wraps ErrLockLost); guarded by mu
-	overrun       time.Time          // when With's context ended while its function ran; guarded by mu
-	timer         *time.Timer        // fires the next renewal (tick); guarded by mu
-	renewal       chan struct{}      // closed when the tick under way returns; nil between ticks; guarded by mu
-	cancelRenewal context.CancelFunc // cancels the store call of the tick under way; guarded by mu
+	state         lockState     // guarded by mu
+	err           error         // why the lock is no longer held; guarded by mu
+	lossy         bool          // err reports a loss (wraps ErrLockLost); guarded by mu
+	overrun       time.Time     // when With's context ended while its function ran; guarded by mu
+	due           time.Time     // when the next renewal is due; guarded by c.renewals.mu
+	dueIdx        int           // index in c.renewals, -1 when not scheduled; guarded by c.renewals.mu
+	renewal       chan struct{} // closed when the tick under way returns; nil between ticks; guarded by mu
+	cancelRenewal func()        // cancels the store call of the tick under way; guarded by mu
 
 	renewWarn, overrunWarn rareWarn
 }
@@ -156,7 +159,7 @@ func (l *Lock) stopRenewals() bool {
 		return false
 	}
 	l.state = releasing
-	l.timer.Stop()
+	l.c.renewals.remove(l)
 	r, cancel := l.renewal, l.cancelRenewal
 	l.mu.Unlock()
 	if r != nil {
@@ -192,15 +195,98 @@ func waitAtMost(ch <-chan struct{}, d time.Duration) {
 }
 
 // detached returns a context with ctx's values that ends after
-// releaseTimeout, whatever ctx does.
-func detached(ctx context.Context) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(context.WithoutCancel(ctx), releaseTimeout)
+// releaseTimeout, whatever ctx does, and its cancel function.
+func detached(ctx context.Context) (context.Context, func()) {
+	c := &opContext{parent: ctx, deadline: time.Now().Add(releaseTimeout)}
+	return c, c.cancel
+}
+
+// lastCall returns the context of the release of the lock, detached from
+// ctx and ending after releaseTimeout: a field of the lock, since a lock is
+// released once (by Release or when its life ends, after stopRenewals).
+func (l *Lock) lastCall(ctx context.Context) *opContext {
+	l.releaseCtx = opContext{parent: ctx, deadline: time.Now().Add(releaseTimeout)}
+	return &l.releaseCtx
+}
+
+// opContext is the context of a store call made on a lock's behalf once the
+// caller's context no longer counts (a release, a renewal, a give-back): it
+// has parent's values but not its cancellation, and ends at deadline or
+// when cancel is called. It behaves as
+// context.WithDeadline(context.WithoutCancel(parent), deadline), which it
+// makes only when the store asks for Done, for Err after the deadline or
+// cancel, or for a child context: a store that never does (the in-memory
+// one) costs no allocation or timer for it.
+type opContext struct {
+	parent   context.Context
+	deadline time.Time
+
+	mu       sync.Mutex
+	made     context.Context    // nil until asked for; guarded by mu
+	stop     context.CancelFunc // made's; guarded by mu
+	canceled bool               // cancel was called; guarded by mu
+}
+
+// Deadline implements context.Context.
+func (c *opContext) Deadline() (time.Time, bool) { return c.deadline, true }
+
+// Done implements context.Context.
+func (c *opContext) Done() <-chan struct{} { return c.ctx().Done() }
+
+// Err implements context.Context.
+func (c *opContext) Err() error {
+	c.mu.Lock()
+	made, canceled := c.made, c.canceled
+	c.mu.Unlock()
+	if made == nil && !canceled && time.Now().Before(c.deadline) {
+		return nil
+	}
+	return c.ctx().Err()
+}
+
+// Value implements context.Context: parent's values. (Asked for the key of
+// a cancelable context, as context.Cause and child contexts do, it answers
+// for the context it made, never for parent's.)
+func (c *opContext) Value(key any) any {
+	c.mu.Lock()
+	made := c.made
+	c.mu.Unlock()
+	if made != nil {
+		return made.Value(key)
+	}
+	return context.WithoutCancel(c.parent).Value(key)
+}
+
+func (c *opContext) String() string { return "locking.opContext" }
+
+// ctx makes the context c stands for, once.
+func (c *opContext) ctx() context.Context {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.made == nil {
+		c.made, c.stop = context.WithDeadline(context.WithoutCancel(c.parent), c.deadline)
+		if c.canceled {
+			c.stop()
+		}
+	}
+	return c.made
+}
+
+// cancel ends c (and frees its timer, if it made one).
+func (c *opContext) cancel() {
+	c.mu.Lock()
+	c.canceled = true
+	stop := c.stop
+	c.mu.Unlock()
+	if stop != nil {
+		stop()
+	}
 }
 
 // release removes the lock from the backend, its renewals stopped.
 func (l *Lock) release(ctx context.Context) error {
-	rctx, cancel := detached(ctx)
-	defer cancel()
+	rctx := l.lastCall(ctx)
+	defer rctx.cancel()
 	err := l.b.Release(rctx, l.req.ID, l.req.Owner)
 	switch {
 	case err == nil:
@@ -239,7 +325,7 @@ func (l *Lock) end(state lockState, err error, lossy bool) bool {
 	}
 	l.state, l.err, l.lossy = state, err, lossy
 	onLoss := l.onLoss
-	l.timer.Stop()
+	l.c.renewals.remove(l)
 	l.mu.Unlock()
 	l.stopLife()
 	if lossy && onLoss != nil {
@@ -248,7 +334,7 @@ func (l *Lock) end(state lockState, err error, lossy bool) bool {
 	// Count the end before Done closes, so that whoever waits on Done sees
 	// it in the metrics; let the next local waiter in only after.
 	reason := lossNotHeld
-	if errors.Is(err, errLeaseRanOut) {
+	if lossy && errors.Is(err, errLeaseRanOut) {
 		reason = lossExpired
 	}
 	l.c.tel.ended(l.kind, lossy, reason)
@@ -259,14 +345,16 @@ func (l *Lock) end(state lockState, err error, lossy bool) bool {
 
 // newLock returns a held lock acquired at sent (when the acquiring request
 // was sent), whose lease it renews until life ends or the lock is released
-// or lost. A held lock runs no goroutine of its own: a timer runs each
-// renewal (tick), and the end of life is watched with context.AfterFunc.
+// or lost. A held lock runs no goroutine of its own: the client's renewal
+// schedule starts each renewal (tick) in a goroutine of its own when it is
+// due, and the end of life is watched with context.AfterFunc.
 func (c *Client) newLock(life context.Context, b Backend, kind LockKind, req Request, token uint64, sent time.Time, g *gate, parent *Lock) *Lock {
 	l := &Lock{
 		c: c, b: b, kind: kind, req: req, token: token, g: g, parent: parent,
 		life:   life,
 		done:   make(chan struct{}),
 		lostAt: sent.Add(req.Lease - req.Lease/10),
+		dueIdx: -1,
 	}
 	// The gate learnt of the holding from the grant (Client.ask).
 	l.mu.Lock()
@@ -275,9 +363,124 @@ func (c *Client) newLock(life context.Context, b Backend, kind LockKind, req Req
 	} else {
 		l.stopLife = context.AfterFunc(life, l.lifeEnded)
 	}
-	l.timer = time.AfterFunc(l.interval(), l.tick)
+	c.renewals.add(l, sent.Add(l.interval()))
 	l.mu.Unlock()
 	return l
+}
+
+// renewals is a client's schedule of the renewals of its held locks: a heap
+// by due time, and one timer that fires at the earliest. Scheduling and
+// unscheduling a renewal takes a mutex and no allocation, where a timer per
+// lock would take two allocations and a timer of the runtime's each.
+//
+// The timer is not stopped when the schedule empties: it fires once more,
+// finds nothing due, and is set again by the next lock scheduled. So a
+// client that takes a lock after another costs no timer operation, unless
+// the new renewal is due before the timer fires.
+type renewals struct {
+	mu    sync.Mutex
+	locks []*Lock     // a heap by due; guarded by mu
+	timer *time.Timer // fires at armed; made at the first add; guarded by mu
+	armed time.Time   // when timer fires; zero when it is not set; guarded by mu
+}
+
+// add schedules l's next renewal at due. l must not be scheduled.
+func (r *renewals) add(l *Lock, due time.Time) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	l.due = due
+	l.dueIdx = len(r.locks)
+	r.locks = append(r.locks, l)
+	r.up(l.dueIdx)
+	if !r.armed.IsZero() && !due.Before(r.armed) {
+		return // the timer fires first, and sets itself again
+	}
+	r.armed = due
+	if r.timer == nil {
+		r.timer = time.AfterFunc(time.Until(due), r.fire)
+	} else {
+		r.timer.Reset(time.Until(due))
+	}
+}
+
+// remove unschedules l's renewal, if it is scheduled.
+func (r *renewals) remove(l *Lock) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	i := l.dueIdx
+	if i < 0 {
+		return
+	}
+	last := len(r.locks) - 1
+	r.swap(i, last)
+	r.locks[last] = nil
+	r.locks = r.locks[:last]
+	l.dueIdx = -1
+	if i < last {
+		r.down(i)
+		r.up(i)
+	}
+}
+
+// fire starts the renewals that are due, each in a goroutine of its own,
+// and sets the timer for the next.
+func (r *renewals) fire() {
+	r.mu.Lock()
+	now := time.Now()
+	var due []*Lock
+	for len(r.locks) > 0 && !r.locks[0].due.After(now) {
+		l := r.locks[0]
+		last := len(r.locks) - 1
+		r.swap(0, last)
+		r.locks[last] = nil
+		r.locks = r.locks[:last]
+		l.dueIdx = -1
+		r.down(0)
+		due = append(due, l)
+	}
+	r.armed = time.Time{}
+	if len(r.locks) > 0 {
+		r.armed = r.locks[0].due
+		r.timer.Reset(r.armed.Sub(now))
+	}
+	r.mu.Unlock()
+	for _, l := range due {
+		go l.tick()
+	}
+}
+
+func (r *renewals) swap(i, j int) {
+	r.locks[i], r.locks[j] = r.locks[j], r.locks[i]
+	r.locks[i].dueIdx, r.locks[j].dueIdx = i, j
+}
+
+func (r *renewals) up(i int) {
+	for i > 0 {
+		p := (i - 1) / 2
+		if !r.locks[i].due.Before(r.locks[p].due) {
+			return
+		}
+		r.swap(i, p)
+		i = p
+	}
+}
+
+func (r *renewals) down(i int) {
+	n := len(r.locks)
+	for {
+		c := 2*i + 1
+		if c >= n {
+			return
+		}
+		if c+1 < n && r.locks[c+1].due.Before(r.locks[c].due) {
+			c++
+		}
+		if !r.locks[c].due.Before(r.locks[i].due) {
+			return
+		}
+		r.swap(i, c)
+		i = c
+	}
 }
 
 // never is stopLife for a life that cannot end.
@@ -308,9 +511,9 @@ func (l *Lock) tick() {
 	}
 	done := make(chan struct{})
 	defer close(done)
-	rctx, cancel := context.WithDeadline(context.WithoutCancel(l.life), l.lostAt)
-	defer cancel()
-	l.renewal, l.cancelRenewal = done, cancel
+	rctx := &opContext{parent: l.life, deadline: l.lostAt}
+	defer rctx.cancel()
+	l.renewal, l.cancelRenewal = done, rctx.cancel
 	l.mu.Unlock()
 
 	next, again := l.renew(rctx)
@@ -318,7 +521,7 @@ func (l *Lock) tick() {
 	l.mu.Lock()
 	l.renewal, l.cancelRenewal = nil, nil
 	if again && l.state == held {
-		l.timer.Reset(next)
+		l.c.renewals.add(l, time.Now().Add(next))
 	}
 	l.mu.Unlock()
 }
@@ -419,8 +622,8 @@ func (l *Lock) lifeEnded() {
 	if l.c.cloudRun {
 		l.c.ctxEnds.warn(l.c.logger(), l.req.ID)
 	}
-	ctx, cancel := detached(l.life)
-	defer cancel()
+	ctx := l.lastCall(l.life)
+	defer ctx.cancel()
 	err := l.b.Release(ctx, l.req.ID, l.req.Owner)
 	l.c.tel.release(ctx, nil, l.kind, err)
 	if err != nil && !errors.Is(err, ErrNotHeld) {

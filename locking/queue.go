@@ -159,20 +159,6 @@ func (g *gate) holding(t time.Time) {
 	g.mu.Unlock()
 }
 
-// granted records a grant of a request sent at sent to a caller in the gate,
-// one more hand-off in the current run.
-func (g *gate) granted(sent time.Time) {
-	if g == nil {
-		return
-	}
-	g.mu.Lock()
-	if g.streak == 0 {
-		g.since = sent
-	}
-	g.streak++
-	g.mu.Unlock()
-}
-
 // yield returns how long the caller that just entered the gate leaves the
 // lock free in the store before asking for it: zero unless the run of local
 // grants is long enough (see gate), and then a window that a remote waiter's
@@ -200,9 +186,11 @@ func (g *gate) yield(c *Client, notified bool) time.Duration {
 	return c.maxPollGap(run) + c.minBackoff
 }
 
-// ask marks a backend call in flight; answered ends it with what the call
-// returned: a busy grant's Remaining is recorded as the holder's lease, an
-// error as the reason a caller that does not wait cannot be told more.
+// ask marks a backend call in flight; answered ends it with what the call,
+// sent at sent for a lease, returned: a grant is recorded as held through
+// the gate until sent+lease, and as one more hand-off in the current run; a
+// busy grant's Remaining as the holder's lease; an error as the reason a
+// caller that does not wait cannot be told more.
 func (g *gate) ask() {
 	if g == nil {
 		return
@@ -212,12 +200,19 @@ func (g *gate) ask() {
 	g.mu.Unlock()
 }
 
-func (g *gate) answered(grant Grant, err error) {
+func (g *gate) answered(grant Grant, err error, sent time.Time, lease time.Duration) {
 	if g == nil {
 		return
 	}
 	g.mu.Lock()
 	g.failed = err
+	if err == nil && grant.Acquired {
+		g.expires, g.held = sent.Add(lease), true
+		if g.streak == 0 {
+			g.since = sent
+		}
+		g.streak++
+	}
 	if err == nil && !grant.Acquired {
 		g.streak = 0 // another owner holds it: the run of local grants ended
 		if grant.Remaining > 0 {

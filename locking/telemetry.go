@@ -293,6 +293,9 @@ func (t *telemetry) endSpan(span trace.Span, st *acquireStats, err error) {
 
 // poll records one Backend.Acquire call made by Acquire.
 func (t *telemetry) poll(ctx context.Context, kind LockKind, g Grant, err error) {
+	if !t.metrics {
+		return
+	}
 	o := outcomeBusy
 	switch {
 	case err != nil:
@@ -348,12 +351,14 @@ func (t *telemetry) startRelease(ctx context.Context, l *Lock) (context.Context,
 // release records a release that ended with err, and ends span if it is
 // not nil.
 func (t *telemetry) release(ctx context.Context, span trace.Span, kind LockKind, err error) {
-	r := resultOf(err)
-	t.releases.Add(ctx, 1, t.byResult[kind][r].add...)
+	if t.metrics {
+		t.releases.Add(ctx, 1, t.byResult[kind][resultOf(err)].add...)
+	}
 	if span == nil {
 		return
 	}
 	if span.IsRecording() {
+		r := resultOf(err)
 		span.SetAttributes(attrOutcome.String(resultNames[r]))
 		if r != resultOK {
 			span.RecordError(err)
@@ -365,6 +370,9 @@ func (t *telemetry) release(ctx context.Context, span trace.Span, kind LockKind,
 
 // renewal records a background renewal that ended with err.
 func (t *telemetry) renewal(ctx context.Context, kind LockKind, err error) {
+	if !t.metrics {
+		return
+	}
 	i := 0
 	if err != nil {
 		i = 1
@@ -374,6 +382,9 @@ func (t *telemetry) renewal(ctx context.Context, kind LockKind, err error) {
 
 // ended records that a lock stopped being held, lost for reason if lost.
 func (t *telemetry) ended(kind LockKind, lost bool, reason lossReason) {
+	if !t.metrics {
+		return
+	}
 	ctx := context.Background()
 	t.held.Add(ctx, -1, t.kindOnly[kind].add...)
 	if lost {
