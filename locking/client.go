@@ -89,7 +89,7 @@ type Client struct {
 
 	renewals renewals // when each held lock renews next
 
-	hooksMu   sync.Mutex                                               // serializes OnRelease
+	hooksMu   sync.Mutex                                                // serializes OnRelease
 	onRelease atomic.Pointer[[]func(context.Context, LockKind, string)] // replaced, never changed, by OnRelease
 }
 
