@@ -198,7 +198,7 @@ const giveBackWait = 2 * time.Second
 // this never removes another owner's lock. A store that does not answer in
 // time keeps the holding until its lease runs out.
 func (c *Client) giveBack(ctx context.Context, b Backend, req Request) {
-	rctx := &opContext{parent: ctx, deadline: time.Now().Add(giveBackWait)}
+	rctx := &opContext{parent: ctx, bound: giveBackWait}
 	defer rctx.cancel()
 	err := b.Release(rctx, req.ID, req.Owner)
 	if err != nil && !errors.Is(err, ErrNotHeld) {

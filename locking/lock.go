@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -59,7 +60,7 @@ type Lock struct {
 
 	life     context.Context         // the lock lives no longer than it; its values go to every store call
 	stopLife func() bool             // stops the watch of life's end
-	done     chan struct{}           // closed when the lock stops being held
+	done     atomic.Value            // chan struct{}: made by Done when asked for, closed when the lock stops being held; written under mu
 	released releasedError           // Err once released by Release (kept here: no allocation)
 	onLoss   context.CancelCauseFunc // With's function context; nil outside With
 
@@ -75,6 +76,7 @@ type Lock struct {
 	lossy         bool          // err reports a loss (wraps ErrLockLost); guarded by mu
 	overrun       time.Time     // when With's context ended while its function ran; guarded by mu
 	due           time.Time     // when the next renewal is due; guarded by c.renewals.mu
+	timer         *time.Timer   // the lock's own renewal timer, in a testing/synctest bubble only; guarded by mu
 	dueIdx        int           // index in c.renewals, -1 when not scheduled; guarded by c.renewals.mu
 	renewal       chan struct{} // closed when the tick under way returns; nil between ticks; guarded by mu
 	cancelRenewal func()        // cancels the store call of the tick under way; guarded by mu
@@ -95,7 +97,24 @@ func (l *Lock) Token() uint64 { return l.token }
 
 // Done returns a channel that is closed once the lock is no longer held:
 // released, lost, or ended with its context. Err says which.
-func (l *Lock) Done() <-chan struct{} { return l.done }
+func (l *Lock) Done() <-chan struct{} {
+	if d, ok := l.done.Load().(chan struct{}); ok {
+		return d
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	d, ok := l.done.Load().(chan struct{})
+	if !ok {
+		d = make(chan struct{})
+		l.done.Store(d)
+	}
+	return d
+}
+
+// closedChan is Done of a lock that ended before anyone asked for Done.
+var closedChan = make(chan struct{})
+
+func init() { close(closedChan) }
 
 // Err returns nil while the lock is held. After Done is closed it returns an
 // error wrapping ErrLockLost if the lock was lost, or one wrapping
@@ -194,41 +213,57 @@ func waitAtMost(ch <-chan struct{}, d time.Duration) {
 	}
 }
 
-// detached returns a context with ctx's values that ends after
-// releaseTimeout, whatever ctx does, and its cancel function.
+// detached returns a context with ctx's values that ends releaseTimeout
+// after the store first looks at it, whatever ctx does, and its cancel
+// function.
 func detached(ctx context.Context) (context.Context, func()) {
-	c := &opContext{parent: ctx, deadline: time.Now().Add(releaseTimeout)}
+	c := &opContext{parent: ctx, bound: releaseTimeout}
 	return c, c.cancel
 }
 
-// lastCall returns the context of the release of the lock, detached from
-// ctx and ending after releaseTimeout: a field of the lock, since a lock is
-// released once (by Release or when its life ends, after stopRenewals).
+// lastCall returns the context of the release of the lock, as detached
+// does: a field of the lock, since a lock is released once (by Release or
+// when its life ends, after stopRenewals).
 func (l *Lock) lastCall(ctx context.Context) *opContext {
-	l.releaseCtx = opContext{parent: ctx, deadline: time.Now().Add(releaseTimeout)}
+	l.releaseCtx = opContext{parent: ctx, bound: releaseTimeout}
 	return &l.releaseCtx
 }
 
 // opContext is the context of a store call made on a lock's behalf once the
 // caller's context no longer counts (a release, a renewal, a give-back): it
-// has parent's values but not its cancellation, and ends at deadline or
-// when cancel is called. It behaves as
+// has parent's values but not its cancellation, and ends at its deadline or
+// when cancel is called. Its deadline is deadline, or, when that is zero,
+// bound after the first look at it (Deadline, Done or Err), so that a call
+// that honours its context is bounded from its start. It behaves as
 // context.WithDeadline(context.WithoutCancel(parent), deadline), which it
 // makes only when the store asks for Done, for Err after the deadline or
 // cancel, or for a child context: a store that never does (the in-memory
-// one) costs no allocation or timer for it.
+// one) costs no allocation, timer or clock reading for it.
 type opContext struct {
-	parent   context.Context
-	deadline time.Time
+	parent context.Context
+	bound  time.Duration
 
 	mu       sync.Mutex
+	deadline time.Time          // guarded by mu
 	made     context.Context    // nil until asked for; guarded by mu
 	stop     context.CancelFunc // made's; guarded by mu
 	canceled bool               // cancel was called; guarded by mu
 }
 
+// fix returns the deadline, fixing it first if needed. Called with mu held.
+func (c *opContext) fix() time.Time {
+	if c.deadline.IsZero() {
+		c.deadline = time.Now().Add(c.bound)
+	}
+	return c.deadline
+}
+
 // Deadline implements context.Context.
-func (c *opContext) Deadline() (time.Time, bool) { return c.deadline, true }
+func (c *opContext) Deadline() (time.Time, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.fix(), true
+}
 
 // Done implements context.Context.
 func (c *opContext) Done() <-chan struct{} { return c.ctx().Done() }
@@ -236,9 +271,9 @@ func (c *opContext) Done() <-chan struct{} { return c.ctx().Done() }
 // Err implements context.Context.
 func (c *opContext) Err() error {
 	c.mu.Lock()
-	made, canceled := c.made, c.canceled
+	live := c.made == nil && !c.canceled && time.Now().Before(c.fix())
 	c.mu.Unlock()
-	if made == nil && !canceled && time.Now().Before(c.deadline) {
+	if live {
 		return nil
 	}
 	return c.ctx().Err()
@@ -264,7 +299,7 @@ func (c *opContext) ctx() context.Context {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.made == nil {
-		c.made, c.stop = context.WithDeadline(context.WithoutCancel(c.parent), c.deadline)
+		c.made, c.stop = context.WithDeadline(context.WithoutCancel(c.parent), c.fix())
 		if c.canceled {
 			c.stop()
 		}
@@ -307,7 +342,7 @@ func (l *Lock) release(ctx context.Context) error {
 // releaseEnded is Release of a lock that is no longer held, or is being
 // released on the holder's behalf.
 func (l *Lock) releaseEnded() error {
-	<-l.done        // a release on the holder's behalf may be under way
+	<-l.Done()      // a release on the holder's behalf may be under way
 	l.waitRenewal() // and the give-back of a lost holding: nothing runs after Release
 	l.mu.Lock()
 	err := l.err
@@ -338,7 +373,13 @@ func (l *Lock) end(state lockState, err error, lossy bool) bool {
 		reason = lossExpired
 	}
 	l.c.tel.ended(l.kind, lossy, reason)
-	close(l.done)
+	l.mu.Lock()
+	if d, ok := l.done.Load().(chan struct{}); ok {
+		close(d)
+	} else {
+		l.done.Store(closedChan)
+	}
+	l.mu.Unlock()
 	l.g.leave()
 	return true
 }
@@ -352,7 +393,6 @@ func (c *Client) newLock(life context.Context, b Backend, kind LockKind, req Req
 	l := &Lock{
 		c: c, b: b, kind: kind, req: req, token: token, g: g, parent: parent,
 		life:   life,
-		done:   make(chan struct{}),
 		lostAt: sent.Add(req.Lease - req.Lease/10),
 		dueIdx: -1,
 	}
@@ -384,8 +424,22 @@ type renewals struct {
 	armed time.Time   // when timer fires; zero when it is not set; guarded by mu
 }
 
-// add schedules l's next renewal at due. l must not be scheduled.
+// add schedules l's next renewal at due, which was read from time.Now.
+// l must not be scheduled, and its mu must be held.
+//
+// In a testing/synctest bubble (whose fake clock gives time.Now no
+// monotonic reading) the lock gets a timer of its own instead: a timer
+// made in a bubble must not be used outside it, nor one made outside it
+// in it, and a client may serve one bubble after another.
 func (r *renewals) add(l *Lock, due time.Time) {
+	if due == due.Round(0) {
+		if l.timer == nil {
+			l.timer = time.AfterFunc(time.Until(due), l.tick)
+		} else {
+			l.timer.Reset(time.Until(due))
+		}
+		return
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	l.due = due
@@ -403,8 +457,12 @@ func (r *renewals) add(l *Lock, due time.Time) {
 	}
 }
 
-// remove unschedules l's renewal, if it is scheduled.
+// remove unschedules l's renewal, if it is scheduled. l's mu must be held.
 func (r *renewals) remove(l *Lock) {
+	if l.timer != nil {
+		l.timer.Stop()
+		return
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	i := l.dueIdx
@@ -556,6 +614,11 @@ func (l *Lock) renew(rctx context.Context) (next time.Duration, again bool) {
 	}
 	l.mu.Lock()
 	ended := l.state != held
+	if !ended && err == nil {
+		// Under mu while held: the gate is still this lock's (end leaves
+		// it after the state changes).
+		l.g.holding(sent.Add(lease))
+	}
 	l.mu.Unlock()
 	if ended {
 		// Released, or the lock's life ended, during the renewal: it no
@@ -567,7 +630,6 @@ func (l *Lock) renew(rctx context.Context) (next time.Duration, again bool) {
 	switch {
 	case err == nil:
 		l.lostAt = sent.Add(lease - lease/10)
-		l.g.holding(sent.Add(lease))
 		l.attempt = 0
 		l.renewWarn.reset()
 		return min(l.interval(), time.Until(l.lostAt)), true
