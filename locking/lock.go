@@ -71,15 +71,17 @@ type Lock struct {
 	attempt int       // renewals failed in a row
 
 	mu            sync.Mutex
-	state         lockState     // guarded by mu
-	err           error         // why the lock is no longer held; guarded by mu
-	lossy         bool          // err reports a loss (wraps ErrLockLost); guarded by mu
-	overrun       time.Time     // when With's context ended while its function ran; guarded by mu
-	due           time.Time     // when the next renewal is due; guarded by c.renewals.mu
-	timer         *time.Timer   // the lock's own renewal timer, in a testing/synctest bubble only; guarded by mu
-	dueIdx        int           // index in c.renewals, -1 when not scheduled; guarded by c.renewals.mu
-	renewal       chan struct{} // closed when the tick under way returns; nil between ticks; guarded by mu
-	cancelRenewal func()        // cancels the store call of the tick under way; guarded by mu
+	state         lockState               // guarded by mu
+	err           error                   // why the lock is no longer held; guarded by mu
+	lossy         bool                    // err reports a loss (wraps ErrLockLost); guarded by mu
+	overrun       time.Time               // when With's context ended while its function ran; guarded by mu
+	due           time.Time               // when the next renewal is due; guarded by c.renewals.mu
+	timer         *time.Timer             // the lock's own renewal timer, in a testing/synctest bubble only; guarded by mu
+	dueIdx        int                     // index in c.renewals, -1 when not scheduled; guarded by c.renewals.mu
+	renewal       chan struct{}           // closed when the tick under way returns; nil between ticks; guarded by mu
+	ctx           context.Context         // Context's, made when first asked for; guarded by mu
+	cancelCtx     context.CancelCauseFunc // ends ctx; guarded by mu
+	cancelRenewal func()                  // cancels the store call of the tick under way; guarded by mu
 
 	renewWarn, overrunWarn rareWarn
 }
@@ -109,6 +111,29 @@ func (l *Lock) Done() <-chan struct{} {
 		l.done.Store(d)
 	}
 	return d
+}
+
+// Context returns a context that ends when the lock stops being held, as
+// Done closes: context.Cause then returns Err, an error wrapping
+// ErrLockLost if the lock was lost, or ErrNotHeld if it was released
+// (by Release, at the end of With, or when the context it was acquired
+// with ended); ctx.Err() is context.Canceled. It carries the values of the
+// context the lock was acquired with. Hand it to work that must stop with
+// the lock, as etcd's concurrency.Session.Ctx: inside With, the function's
+// own context does more (it also ends with With's context).
+//
+// The context is made on the first call, and later calls return the same
+// one; it runs no goroutine (the lock cancels it as it ends).
+func (l *Lock) Context() context.Context {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.ctx == nil {
+		l.ctx, l.cancelCtx = context.WithCancelCause(context.WithoutCancel(l.life))
+		if l.state == released || l.state == lost {
+			l.cancelCtx(l.err)
+		}
+	}
+	return l.ctx
 }
 
 // closedChan is Done of a lock that ended before anyone asked for Done.
@@ -351,7 +376,7 @@ func (l *Lock) releaseEnded() error {
 }
 
 // end moves the lock to a final state once, cancels With's function on a
-// loss, closes Done and lets the next local waiter in.
+// loss, closes Done, ends Context and lets the next local waiter in.
 func (l *Lock) end(state lockState, err error, lossy bool) bool {
 	l.mu.Lock()
 	if l.state == released || l.state == lost {
@@ -378,6 +403,9 @@ func (l *Lock) end(state lockState, err error, lossy bool) bool {
 		close(d)
 	} else {
 		l.done.Store(closedChan)
+	}
+	if l.cancelCtx != nil {
+		l.cancelCtx(err)
 	}
 	l.mu.Unlock()
 	l.g.leave()

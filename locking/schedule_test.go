@@ -3,6 +3,7 @@ package locking_test
 import (
 	"context"
 	"errors"
+	"runtime"
 	"sync"
 	"testing"
 	"testing/synctest"
@@ -197,4 +198,46 @@ func TestClientAcrossBubbles(t *testing.T) {
 		hold(t, "inside", 3*time.Second, 10*time.Second)
 	})
 	hold(t, "outside-again", 150*time.Millisecond, 300*time.Millisecond)
+}
+
+// TestLockContextCostsNoGoroutine checks that Lock.Context runs no
+// goroutine: held locks whose contexts were asked for (and whose acquiring
+// contexts can end) run as many goroutines as before, and none is left
+// after they end.
+func TestLockContextCostsNoGoroutine(t *testing.T) {
+	c := newClient(t, memlock.New(), locking.Config{})
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	var locks []*locking.Lock
+	for i := range 20 {
+		l, err := c.Acquire(ctx, "g"+string(rune('a'+i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		locks = append(locks, l)
+	}
+	before := runtime.NumGoroutine()
+	var ctxs []context.Context
+	for _, l := range locks {
+		ctxs = append(ctxs, l.Context())
+	}
+	if after := runtime.NumGoroutine(); after != before {
+		t.Errorf("%d goroutines after asking 20 held locks for their contexts; %d before", after, before)
+	}
+	for _, l := range locks[:10] {
+		if err := l.Release(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cancel() // ends the other 10 with their acquiring context
+	for i, lctx := range ctxs {
+		select {
+		case <-lctx.Done():
+		case <-time.After(10 * time.Second):
+			t.Fatalf("lock %d: Context not done after its lock ended", i)
+		}
+		if !errors.Is(context.Cause(lctx), locking.ErrNotHeld) {
+			t.Errorf("lock %d: cause %v; want ErrNotHeld", i, context.Cause(lctx))
+		}
+	}
 }
