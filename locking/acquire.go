@@ -22,7 +22,7 @@ func (c *Client) acquireFor(ctx, life context.Context, id string, opts []Option)
 		return nil, err
 	}
 	var start time.Time
-	if c.tel.metrics {
+	if c.tel.measuring() {
 		start = time.Now()
 	}
 	ctx, span := c.tel.startAcquire(ctx, id, &o)

@@ -62,7 +62,9 @@ type Config struct {
 	// TracerProvider the tracer of its spans (see the package documentation,
 	// Observability). When nil, the OpenTelemetry global providers are used:
 	// no-ops until the program installs SDK providers with
-	// otel.SetMeterProvider and otel.SetTracerProvider (before or after New).
+	// otel.SetMeterProvider and otel.SetTracerProvider (before or after New);
+	// until then, as with the no-op providers, the client reads no clock and
+	// starts no span for them.
 	MeterProvider  metric.MeterProvider
 	TracerProvider trace.TracerProvider
 }
