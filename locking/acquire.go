@@ -147,7 +147,7 @@ func (c *Client) acquire(ctx, life context.Context, id string, o options, b Back
 			// follows sees a release that came before it.
 			w.start(ctx, id)
 		}
-		pause := w.pause(c, time.Since(polling), grant.Remaining)
+		pause := w.pause(c, time.Since(polling), grant.Remaining, time.Since(sent))
 		if !deadline.IsZero() {
 			left := time.Until(deadline)
 			if left <= 0 {
