@@ -79,6 +79,14 @@ func (c *Client) enter(ctx context.Context, kind LockKind, id string, wait bool,
 		c.mu.Unlock()
 		return g, nil
 	}
+	if g.slot != nil {
+		select {
+		case g.slot <- struct{}{}: // free: the caller in it left
+			c.mu.Unlock()
+			return g, nil
+		default:
+		}
+	}
 	var slot chan struct{}
 	if wait {
 		if g.slot == nil {
