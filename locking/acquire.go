@@ -22,8 +22,10 @@ func (c *Client) acquireFor(ctx, life context.Context, id string, opts []Option)
 		return nil, err
 	}
 	var start time.Time
-	if c.tel.measuring() {
+	if o.measured = c.tel.measuring(); o.measured {
 		start = time.Now()
+	} else {
+		b = c.backends[o.kind] // not the metered one
 	}
 	ctx, span := c.tel.startAcquire(ctx, id, &o)
 	l, st, err := c.acquire(ctx, life, id, o, b, parent)
@@ -111,7 +113,9 @@ func (c *Client) acquire(ctx, life context.Context, id string, o options, b Back
 		sent := time.Now()
 		grant, err := c.ask(ctx, b, g, req, sent)
 		st.polls++
-		c.tel.poll(ctx, o.kind, grant, err)
+		if o.measured {
+			c.tel.poll(ctx, o.kind, grant, err)
+		}
 		if err == nil && grant.Acquired {
 			if ctx.Err() != nil {
 				// The caller gave up while the grant was on its way.
@@ -120,7 +124,7 @@ func (c *Client) acquire(ctx, life context.Context, id string, o options, b Back
 				return nil, st, fmt.Errorf("locking: acquire %q: %w", id, ctx.Err())
 			}
 			st.outcome, st.token, st.tookOver = outcomeAcquired, grant.Token, grant.TookOver
-			return c.newLock(life, b, o.kind, req, grant.Token, sent, g, parent), st, nil
+			return c.newLock(life, b, o, req, grant.Token, sent, g, parent), st, nil
 		}
 		if err != nil {
 			if !errors.Is(err, ErrInvalid) {

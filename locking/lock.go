@@ -50,13 +50,17 @@ const (
 // done (With detaches the lock from its context; see With). Its methods are
 // safe for concurrent use.
 type Lock struct {
-	c      *Client
-	b      Backend
-	kind   LockKind
-	req    Request
-	token  uint64
-	g      *gate // nil for locks acquired with StealAfter
-	parent *Lock // the lock With held in the context this one was taken in
+	c    *Client
+	b    Backend
+	kind LockKind
+	req  Request
+	// measured: telemetry recorded the acquisition (Config's providers
+	// listened then), so it records the renewals and end too, and b is
+	// the metered backend.
+	measured bool
+	token    uint64
+	g        *gate // nil for locks acquired with StealAfter
+	parent   *Lock // the lock With held in the context this one was taken in
 
 	life     context.Context         // the lock lives no longer than it; its values go to every store call
 	stopLife func() bool             // stops the watch of life's end
@@ -187,7 +191,7 @@ func (l *Lock) Release(ctx context.Context) error {
 	} else {
 		err = l.releaseEnded()
 	}
-	l.c.tel.release(ctx, span, l.kind, err)
+	l.c.tel.release(ctx, span, l.kind, err, l.measured)
 	return err
 }
 
@@ -397,7 +401,9 @@ func (l *Lock) end(state lockState, err error, lossy bool) bool {
 	if lossy && errors.Is(err, errLeaseRanOut) {
 		reason = lossExpired
 	}
-	l.c.tel.ended(l.kind, lossy, reason)
+	if l.measured {
+		l.c.tel.ended(l.kind, lossy, reason)
+	}
 	l.mu.Lock()
 	if d, ok := l.done.Load().(chan struct{}); ok {
 		close(d)
@@ -417,9 +423,9 @@ func (l *Lock) end(state lockState, err error, lossy bool) bool {
 // or lost. A held lock runs no goroutine of its own: the client's renewal
 // schedule starts each renewal (tick) in a goroutine of its own when it is
 // due, and the end of life is watched with context.AfterFunc.
-func (c *Client) newLock(life context.Context, b Backend, kind LockKind, req Request, token uint64, sent time.Time, g *gate, parent *Lock) *Lock {
+func (c *Client) newLock(life context.Context, b Backend, o options, req Request, token uint64, sent time.Time, g *gate, parent *Lock) *Lock {
 	l := &Lock{
-		c: c, b: b, kind: kind, req: req, token: token, g: g, parent: parent,
+		c: c, b: b, kind: o.kind, req: req, token: token, g: g, parent: parent, measured: o.measured,
 		life:   life,
 		lostAt: sent.Add(req.Lease - req.Lease/10),
 		dueIdx: -1,
@@ -634,7 +640,9 @@ func (l *Lock) renew(rctx context.Context) (next time.Duration, again bool) {
 	_, err := l.b.Renew(rctx, l.req)
 	if !watchdog.Stop() {
 		<-fired
-		l.c.tel.renewal(l.life, l.kind, context.DeadlineExceeded)
+		if l.measured {
+			l.c.tel.renewal(l.life, l.kind, context.DeadlineExceeded)
+		}
 		// The renewal may have extended the holding after the loss was
 		// declared: give it back.
 		l.giveBack(true)
@@ -654,7 +662,9 @@ func (l *Lock) renew(rctx context.Context) (next time.Duration, again bool) {
 		// extended.
 		return 0, false
 	}
-	l.c.tel.renewal(l.life, l.kind, err)
+	if l.measured {
+		l.c.tel.renewal(l.life, l.kind, err)
+	}
 	switch {
 	case err == nil:
 		l.lostAt = sent.Add(lease - lease/10)
@@ -715,7 +725,7 @@ func (l *Lock) lifeEnded() {
 	ctx := l.lastCall(l.life)
 	defer ctx.cancel()
 	err := l.b.Release(ctx, l.req.ID, l.req.Owner)
-	l.c.tel.release(ctx, nil, l.kind, err)
+	l.c.tel.release(ctx, nil, l.kind, err, l.measured)
 	if err != nil && !errors.Is(err, ErrNotHeld) {
 		l.c.logger().Warn("locking: release after context end failed; the lease will expire", "lock_id", l.req.ID, "token", l.token, "error", err)
 	}

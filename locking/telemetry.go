@@ -328,7 +328,7 @@ func (t *telemetry) startAcquire(ctx context.Context, id string, o *options) (co
 
 // endAcquire records an Acquire call that started at start and ends its span.
 func (t *telemetry) endAcquire(ctx context.Context, span trace.Span, kind LockKind, start time.Time, st *acquireStats, err error) {
-	if start.IsZero() || !t.measuring() {
+	if start.IsZero() { // not measured
 		t.endSpan(span, st, err)
 		return
 	}
@@ -364,9 +364,6 @@ func (t *telemetry) endSpan(span trace.Span, st *acquireStats, err error) {
 
 // poll records one Backend.Acquire call made by Acquire.
 func (t *telemetry) poll(ctx context.Context, kind LockKind, g Grant, err error) {
-	if !t.measuring() {
-		return
-	}
 	o := outcomeBusy
 	switch {
 	case err != nil:
@@ -421,10 +418,10 @@ func (t *telemetry) startRelease(ctx context.Context, l *Lock) (context.Context,
 	return ctx, span
 }
 
-// release records a release that ended with err, and ends span if it is
-// not nil.
-func (t *telemetry) release(ctx context.Context, span trace.Span, kind LockKind, err error) {
-	if t.measuring() {
+// release records a release that ended with err, if the lock is measured,
+// and ends span if it is not nil.
+func (t *telemetry) release(ctx context.Context, span trace.Span, kind LockKind, err error, measured bool) {
+	if measured {
 		t.releases.Add(ctx, 1, t.byResult[kind][resultOf(err)].add...)
 	}
 	if span == nil {
@@ -443,9 +440,6 @@ func (t *telemetry) release(ctx context.Context, span trace.Span, kind LockKind,
 
 // renewal records a background renewal that ended with err.
 func (t *telemetry) renewal(ctx context.Context, kind LockKind, err error) {
-	if !t.measuring() {
-		return
-	}
 	i := 0
 	if err != nil {
 		i = 1
@@ -455,9 +449,6 @@ func (t *telemetry) renewal(ctx context.Context, kind LockKind, err error) {
 
 // ended records that a lock stopped being held, lost for reason if lost.
 func (t *telemetry) ended(kind LockKind, lost bool, reason lossReason) {
-	if !t.measuring() {
-		return
-	}
 	ctx := context.Background()
 	t.held.Add(ctx, -1, t.kindOnly[kind].add...)
 	if lost {
@@ -482,9 +473,6 @@ func (m *meteredBackend) record(ctx context.Context, op operation, start time.Ti
 func (m *meteredBackend) Unwrap() Backend { return m.b }
 
 func (m *meteredBackend) Acquire(ctx context.Context, r Request) (Grant, error) {
-	if !m.t.measuring() {
-		return m.b.Acquire(ctx, r)
-	}
 	start := time.Now()
 	g, err := m.b.Acquire(ctx, r)
 	m.record(ctx, opAcquire, start, err)
@@ -492,9 +480,6 @@ func (m *meteredBackend) Acquire(ctx context.Context, r Request) (Grant, error) 
 }
 
 func (m *meteredBackend) Renew(ctx context.Context, r Request) (Grant, error) {
-	if !m.t.measuring() {
-		return m.b.Renew(ctx, r)
-	}
 	start := time.Now()
 	g, err := m.b.Renew(ctx, r)
 	m.record(ctx, opRenew, start, err)
@@ -502,9 +487,6 @@ func (m *meteredBackend) Renew(ctx context.Context, r Request) (Grant, error) {
 }
 
 func (m *meteredBackend) Release(ctx context.Context, id, owner string) error {
-	if !m.t.measuring() {
-		return m.b.Release(ctx, id, owner)
-	}
 	start := time.Now()
 	err := m.b.Release(ctx, id, owner)
 	m.record(ctx, opRelease, start, err)
