@@ -64,7 +64,9 @@ type Config struct {
 	// no-ops until the program installs SDK providers with
 	// otel.SetMeterProvider and otel.SetTracerProvider (before or after New);
 	// until then, as with the no-op providers, the client reads no clock and
-	// starts no span for them.
+	// starts no span for them. A lock's metrics (its acquisition, store
+	// calls, renewals and end) are recorded if the providers listened when
+	// its Acquire began.
 	MeterProvider  metric.MeterProvider
 	TracerProvider trace.TracerProvider
 }
