@@ -161,13 +161,13 @@ func (g *gate) leave() {
 	c := g.c
 	c.mu.Lock()
 	slot := g.slot
-	if slot == nil {
+	if slot == nil { // nobody queued: no turn to pass on
 		g.in = false
+		g.unrefLocked()
+		return
 	}
 	c.mu.Unlock()
-	if slot != nil {
-		<-slot
-	}
+	<-slot
 	g.unref()
 }
 
@@ -175,8 +175,13 @@ func (g *gate) leave() {
 // the client, and puts it back in the pool. Nobody uses a gate after its
 // last unref (a Lock's renewal updates it only while the lock is held).
 func (g *gate) unref() {
+	g.c.mu.Lock()
+	g.unrefLocked()
+}
+
+// unrefLocked is unref called with the client's mu held, which it unlocks.
+func (g *gate) unrefLocked() {
 	c := g.c
-	c.mu.Lock()
 	g.refs--
 	last := g.refs == 0
 	if last {
