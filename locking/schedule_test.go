@@ -241,3 +241,51 @@ func TestLockContextCostsNoGoroutine(t *testing.T) {
 		}
 	}
 }
+
+// flakyRenew fails the first fails renewals, then passes them on.
+type flakyRenew struct {
+	*renewCounter
+	mu    sync.Mutex
+	fails int
+}
+
+func (b *flakyRenew) Renew(ctx context.Context, r locking.Request) (locking.Grant, error) {
+	b.mu.Lock()
+	fail := b.fails > 0
+	if fail {
+		b.fails--
+	}
+	b.mu.Unlock()
+	if fail {
+		b.renewCounter.mu.Lock()
+		b.renewals[r.ID]++
+		b.renewCounter.mu.Unlock()
+		return locking.Grant{}, errUnavailable
+	}
+	return b.renewCounter.Renew(ctx, r)
+}
+
+// TestRenewalRetriesOnTheClientSchedule checks, on the real clock, that a
+// renewal that fails is retried after a backoff on the client's schedule
+// and that the lock, renewed in time, stays held.
+func TestRenewalRetriesOnTheClientSchedule(t *testing.T) {
+	b := &flakyRenew{renewCounter: newRenewCounter(), fails: 3}
+	c := newClient(t, b, locking.Config{MinBackoff: 5 * time.Millisecond, MaxBackoff: 20 * time.Millisecond})
+	const lease = 600 * time.Millisecond
+	l, err := c.Acquire(t.Context(), "flaky", locking.Lease(lease))
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * lease)
+	if err := l.Err(); err != nil {
+		t.Fatalf("lock after 3 failed renewals and %v: %v; want held", 2*lease, err)
+	}
+	// 3 failures retried within a few backoffs of the first renewal (at a
+	// third of the lease), then a renewal every third of the lease.
+	if got := b.count("flaky"); got < 3+2 {
+		t.Errorf("%d renewal attempts in %v; want the 3 failed ones and at least 2 more", got, 2*lease)
+	}
+	if err := l.Release(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+}
