@@ -114,7 +114,10 @@
 //
 // A Client records OpenTelemetry metrics and spans through
 // Config.MeterProvider and Config.TracerProvider, or the global providers
-// when those are nil (no-ops until the program installs an SDK). Metric
+// when those are nil (no-ops until the program installs an SDK; until then,
+// as with no-op providers, telemetry costs the client no clock reading,
+// span or allocation). A lock's metrics are recorded if the providers
+// listened when its Acquire began. Metric
 // names start with "taskguard.lock.": acquire.duration and wait.duration
 // (histograms, seconds, by outcome: acquired, busy, timeout, canceled,
 // error), polls, renewals, takeovers, lost, releases, held, and
