@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.opentelemetry.io/otel/metric"
@@ -61,7 +62,11 @@ type Config struct {
 	// TracerProvider the tracer of its spans (see the package documentation,
 	// Observability). When nil, the OpenTelemetry global providers are used:
 	// no-ops until the program installs SDK providers with
-	// otel.SetMeterProvider and otel.SetTracerProvider (before or after New).
+	// otel.SetMeterProvider and otel.SetTracerProvider (before or after New);
+	// until then, as with the no-op providers, the client reads no clock and
+	// starts no span for them. A lock's metrics (its acquisition, store
+	// calls, renewals and end) are recorded if the providers listened when
+	// its Acquire began.
 	MeterProvider  metric.MeterProvider
 	TracerProvider trace.TracerProvider
 }
@@ -86,8 +91,10 @@ type Client struct {
 	mu    sync.Mutex
 	gates map[gateKey]*gate // guarded by mu
 
-	hooksMu   sync.RWMutex
-	onRelease []func(ctx context.Context, kind LockKind, id string) // guarded by hooksMu
+	renewals renewals // when each held lock renews next
+
+	hooksMu   sync.Mutex                                                // serializes OnRelease
+	onRelease atomic.Pointer[[]func(context.Context, LockKind, string)] // replaced, never changed, by OnRelease
 }
 
 // OnRelease registers fn to be called after every release by c that the
@@ -105,15 +112,21 @@ func (c *Client) OnRelease(fn func(ctx context.Context, kind LockKind, id string
 	}
 	c.hooksMu.Lock()
 	defer c.hooksMu.Unlock()
-	c.onRelease = append(c.onRelease, fn)
+	var hooks []func(context.Context, LockKind, string)
+	if old := c.onRelease.Load(); old != nil {
+		hooks = append(hooks, *old...)
+	}
+	hooks = append(hooks, fn)
+	c.onRelease.Store(&hooks)
 }
 
 // released calls the OnRelease hooks.
 func (c *Client) released(ctx context.Context, kind LockKind, id string) {
-	c.hooksMu.RLock()
-	hooks := c.onRelease
-	c.hooksMu.RUnlock()
-	for _, fn := range hooks {
+	hooks := c.onRelease.Load()
+	if hooks == nil {
+		return
+	}
+	for _, fn := range *hooks {
 		fn(ctx, kind, id)
 	}
 }

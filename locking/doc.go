@@ -42,9 +42,12 @@
 // CPU may be throttled, so later (up to a lease later): Release it before
 // answering, or use With. The client warns when that happens (K_SERVICE set).
 //
-// A held lock runs no goroutine of its own between renewals: a timer runs
-// each renewal, and the end of its context is watched with
-// context.AfterFunc. Release (and the end of the lock's context) cancels a
+// A held lock runs no goroutine of its own between renewals: one timer per
+// client starts each renewal when it is due, and the end of its context is
+// watched with context.AfterFunc. Lock.Context is a context that ends as the
+// lock does, with the end as its cause (ErrLockLost when lost, ErrNotHeld
+// when released), as etcd's concurrency.Session.Ctx; it costs no goroutine
+// either. Release (and the end of the lock's context) cancels a
 // renewal under way and waits for it, and a failed Acquire gives back what
 // the store may have granted inside the call. Nothing of a lock runs after Release returns
 // or Acquire fails, unless a backend ignores its context (then Release waits
@@ -111,7 +114,10 @@
 //
 // A Client records OpenTelemetry metrics and spans through
 // Config.MeterProvider and Config.TracerProvider, or the global providers
-// when those are nil (no-ops until the program installs an SDK). Metric
+// when those are nil (no-ops until the program installs an SDK; until then,
+// as with no-op providers, telemetry costs the client no clock reading,
+// span or allocation). A lock's metrics are recorded if the providers
+// listened when its Acquire began. Metric
 // names start with "taskguard.lock.": acquire.duration and wait.duration
 // (histograms, seconds, by outcome: acquired, busy, timeout, canceled,
 // error), polls, renewals, takeovers, lost, releases, held, and

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -49,32 +50,42 @@ const (
 // done (With detaches the lock from its context; see With). Its methods are
 // safe for concurrent use.
 type Lock struct {
-	c      *Client
-	b      Backend
-	kind   LockKind
-	req    Request
-	token  uint64
-	g      *gate // nil for locks acquired with StealAfter
-	parent *Lock // the lock With held in the context this one was taken in
+	c    *Client
+	b    Backend
+	kind LockKind
+	req  Request
+	// measured: telemetry recorded the acquisition (Config's providers
+	// listened then), so it records the renewals and end too, and b is
+	// the metered backend.
+	measured bool
+	token    uint64
+	g        *gate // nil for locks acquired with StealAfter
+	parent   *Lock // the lock With held in the context this one was taken in
 
 	life     context.Context         // the lock lives no longer than it; its values go to every store call
 	stopLife func() bool             // stops the watch of life's end
-	done     chan struct{}           // closed when the lock stops being held
+	done     atomic.Value            // chan struct{}: made by Done when asked for, closed when the lock stops being held; written under mu
 	released releasedError           // Err once released by Release (kept here: no allocation)
 	onLoss   context.CancelCauseFunc // With's function context; nil outside With
+
+	releaseCtx opContext // the context of the release (lastCall)
 
 	// The renewal schedule, used by one tick at a time.
 	lostAt  time.Time // a tenth of a lease before the lease, as counted here, runs out
 	attempt int       // renewals failed in a row
 
 	mu            sync.Mutex
-	state         lockState          // guarded by mu
-	err           error              // why the lock is no longer held; guarded by mu
-	lossy         bool               // err reports a loss (wraps ErrLockLost); guarded by mu
-	overrun       time.Time          // when With's context ended while its function ran; guarded by mu
-	timer         *time.Timer        // fires the next renewal (tick); guarded by mu
-	renewal       chan struct{}      // closed when the tick under way returns; nil between ticks; guarded by mu
-	cancelRenewal context.CancelFunc // cancels the store call of the tick under way; guarded by mu
+	state         lockState               // guarded by mu
+	err           error                   // why the lock is no longer held; guarded by mu
+	lossy         bool                    // err reports a loss (wraps ErrLockLost); guarded by mu
+	overrun       time.Time               // when With's context ended while its function ran; guarded by mu
+	due           time.Time               // when the next renewal is due; guarded by c.renewals.mu
+	timer         *time.Timer             // the lock's own renewal timer, in a testing/synctest bubble only; guarded by mu
+	dueIdx        int                     // index in c.renewals, -1 when not scheduled; guarded by c.renewals.mu
+	renewal       chan struct{}           // closed when the tick under way returns; nil between ticks; guarded by mu
+	ctx           context.Context         // Context's, made when first asked for; guarded by mu
+	cancelCtx     context.CancelCauseFunc // ends ctx; guarded by mu
+	cancelRenewal func()                  // cancels the store call of the tick under way; guarded by mu
 
 	renewWarn, overrunWarn rareWarn
 }
@@ -92,7 +103,47 @@ func (l *Lock) Token() uint64 { return l.token }
 
 // Done returns a channel that is closed once the lock is no longer held:
 // released, lost, or ended with its context. Err says which.
-func (l *Lock) Done() <-chan struct{} { return l.done }
+func (l *Lock) Done() <-chan struct{} {
+	if d, ok := l.done.Load().(chan struct{}); ok {
+		return d
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	d, ok := l.done.Load().(chan struct{})
+	if !ok {
+		d = make(chan struct{})
+		l.done.Store(d)
+	}
+	return d
+}
+
+// Context returns a context that ends when the lock stops being held, as
+// Done closes: context.Cause then returns Err, an error wrapping
+// ErrLockLost if the lock was lost, or ErrNotHeld if it was released
+// (by Release, at the end of With, or when the context it was acquired
+// with ended); ctx.Err() is context.Canceled. It carries the values of the
+// context the lock was acquired with. Hand it to work that must stop with
+// the lock, as etcd's concurrency.Session.Ctx: inside With, the function's
+// own context does more (it also ends with With's context).
+//
+// The context is made on the first call, and later calls return the same
+// one; it runs no goroutine (the lock cancels it as it ends).
+func (l *Lock) Context() context.Context {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.ctx == nil {
+		l.ctx, l.cancelCtx = context.WithCancelCause(context.WithoutCancel(l.life))
+		if l.state == released || l.state == lost {
+			l.cancelCtx(l.err)
+		}
+	}
+	return l.ctx
+}
+
+// closedChan is Done of a lock that ended before anyone asked for Done.
+var closedChan = make(chan struct{})
+
+func init() { close(closedChan) }
 
 // Err returns nil while the lock is held. After Done is closed it returns an
 // error wrapping ErrLockLost if the lock was lost, or one wrapping
@@ -140,7 +191,7 @@ func (l *Lock) Release(ctx context.Context) error {
 	} else {
 		err = l.releaseEnded()
 	}
-	l.c.tel.release(ctx, span, l.kind, err)
+	l.c.tel.release(ctx, span, l.kind, err, l.measured)
 	return err
 }
 
@@ -156,7 +207,7 @@ func (l *Lock) stopRenewals() bool {
 		return false
 	}
 	l.state = releasing
-	l.timer.Stop()
+	l.c.renewals.remove(l)
 	r, cancel := l.renewal, l.cancelRenewal
 	l.mu.Unlock()
 	if r != nil {
@@ -191,16 +242,115 @@ func waitAtMost(ch <-chan struct{}, d time.Duration) {
 	}
 }
 
-// detached returns a context with ctx's values that ends after
-// releaseTimeout, whatever ctx does.
-func detached(ctx context.Context) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(context.WithoutCancel(ctx), releaseTimeout)
+// detached returns a context with ctx's values that ends releaseTimeout
+// after the store first looks at it, whatever ctx does, and its cancel
+// function.
+func detached(ctx context.Context) (context.Context, func()) {
+	c := &opContext{parent: ctx, bound: releaseTimeout}
+	return c, c.cancel
+}
+
+// lastCall returns the context of the release of the lock, as detached
+// does: a field of the lock, since a lock is released once (by Release or
+// when its life ends, after stopRenewals).
+func (l *Lock) lastCall(ctx context.Context) *opContext {
+	l.releaseCtx = opContext{parent: ctx, bound: releaseTimeout}
+	return &l.releaseCtx
+}
+
+// opContext is the context of a store call made on a lock's behalf once the
+// caller's context no longer counts (a release, a renewal, a give-back): it
+// has parent's values but not its cancellation, and ends at its deadline or
+// when cancel is called. Its deadline is deadline, or, when that is zero,
+// bound after the first look at it (Deadline, Done or Err), so that a call
+// that honours its context is bounded from its start. It behaves as
+// context.WithDeadline(context.WithoutCancel(parent), deadline), which it
+// makes only when the store asks for Done, for Err after the deadline or
+// cancel, or for a child context: a store that never does (the in-memory
+// one) costs no allocation, timer or clock reading for it.
+type opContext struct {
+	parent context.Context
+	bound  time.Duration
+
+	mu       sync.Mutex
+	deadline time.Time          // guarded by mu
+	made     context.Context    // nil until asked for; guarded by mu
+	stop     context.CancelFunc // made's; guarded by mu
+	canceled bool               // cancel was called; guarded by mu
+}
+
+// fix returns the deadline, fixing it first if needed. Called with mu held.
+func (c *opContext) fix() time.Time {
+	if c.deadline.IsZero() {
+		c.deadline = time.Now().Add(c.bound)
+	}
+	return c.deadline
+}
+
+// Deadline implements context.Context.
+func (c *opContext) Deadline() (time.Time, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.fix(), true
+}
+
+// Done implements context.Context.
+func (c *opContext) Done() <-chan struct{} { return c.ctx().Done() }
+
+// Err implements context.Context.
+func (c *opContext) Err() error {
+	c.mu.Lock()
+	live := c.made == nil && !c.canceled && time.Now().Before(c.fix())
+	c.mu.Unlock()
+	if live {
+		return nil
+	}
+	return c.ctx().Err()
+}
+
+// Value implements context.Context: parent's values. (Asked for the key of
+// a cancelable context, as context.Cause and child contexts do, it answers
+// for the context it made, never for parent's.)
+func (c *opContext) Value(key any) any {
+	c.mu.Lock()
+	made := c.made
+	c.mu.Unlock()
+	if made != nil {
+		return made.Value(key)
+	}
+	return context.WithoutCancel(c.parent).Value(key)
+}
+
+func (c *opContext) String() string { return "locking.opContext" }
+
+// ctx makes the context c stands for, once.
+func (c *opContext) ctx() context.Context {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.made == nil {
+		c.made, c.stop = context.WithDeadline(context.WithoutCancel(c.parent), c.fix())
+		if c.canceled {
+			c.stop()
+		}
+	}
+	return c.made
+}
+
+// cancel ends c (and frees its timer, if it made one).
+func (c *opContext) cancel() {
+	c.mu.Lock()
+	c.canceled = true
+	stop := c.stop
+	c.mu.Unlock()
+	if stop != nil {
+		stop()
+	}
 }
 
 // release removes the lock from the backend, its renewals stopped.
 func (l *Lock) release(ctx context.Context) error {
-	rctx, cancel := detached(ctx)
-	defer cancel()
+	rctx := l.lastCall(ctx)
+	defer rctx.cancel()
 	err := l.b.Release(rctx, l.req.ID, l.req.Owner)
 	switch {
 	case err == nil:
@@ -221,7 +371,7 @@ func (l *Lock) release(ctx context.Context) error {
 // releaseEnded is Release of a lock that is no longer held, or is being
 // released on the holder's behalf.
 func (l *Lock) releaseEnded() error {
-	<-l.done        // a release on the holder's behalf may be under way
+	<-l.Done()      // a release on the holder's behalf may be under way
 	l.waitRenewal() // and the give-back of a lost holding: nothing runs after Release
 	l.mu.Lock()
 	err := l.err
@@ -230,7 +380,7 @@ func (l *Lock) releaseEnded() error {
 }
 
 // end moves the lock to a final state once, cancels With's function on a
-// loss, closes Done and lets the next local waiter in.
+// loss, closes Done, ends Context and lets the next local waiter in.
 func (l *Lock) end(state lockState, err error, lossy bool) bool {
 	l.mu.Lock()
 	if l.state == released || l.state == lost {
@@ -239,7 +389,7 @@ func (l *Lock) end(state lockState, err error, lossy bool) bool {
 	}
 	l.state, l.err, l.lossy = state, err, lossy
 	onLoss := l.onLoss
-	l.timer.Stop()
+	l.c.renewals.remove(l)
 	l.mu.Unlock()
 	l.stopLife()
 	if lossy && onLoss != nil {
@@ -248,25 +398,37 @@ func (l *Lock) end(state lockState, err error, lossy bool) bool {
 	// Count the end before Done closes, so that whoever waits on Done sees
 	// it in the metrics; let the next local waiter in only after.
 	reason := lossNotHeld
-	if errors.Is(err, errLeaseRanOut) {
+	if lossy && errors.Is(err, errLeaseRanOut) {
 		reason = lossExpired
 	}
-	l.c.tel.ended(l.kind, lossy, reason)
-	close(l.done)
+	if l.measured {
+		l.c.tel.ended(l.kind, lossy, reason)
+	}
+	l.mu.Lock()
+	if d, ok := l.done.Load().(chan struct{}); ok {
+		close(d)
+	} else {
+		l.done.Store(closedChan)
+	}
+	if l.cancelCtx != nil {
+		l.cancelCtx(err)
+	}
+	l.mu.Unlock()
 	l.g.leave()
 	return true
 }
 
 // newLock returns a held lock acquired at sent (when the acquiring request
 // was sent), whose lease it renews until life ends or the lock is released
-// or lost. A held lock runs no goroutine of its own: a timer runs each
-// renewal (tick), and the end of life is watched with context.AfterFunc.
-func (c *Client) newLock(life context.Context, b Backend, kind LockKind, req Request, token uint64, sent time.Time, g *gate, parent *Lock) *Lock {
+// or lost. A held lock runs no goroutine of its own: the client's renewal
+// schedule starts each renewal (tick) in a goroutine of its own when it is
+// due, and the end of life is watched with context.AfterFunc.
+func (c *Client) newLock(life context.Context, b Backend, o options, req Request, token uint64, sent time.Time, g *gate, parent *Lock) *Lock {
 	l := &Lock{
-		c: c, b: b, kind: kind, req: req, token: token, g: g, parent: parent,
+		c: c, b: b, kind: o.kind, req: req, token: token, g: g, parent: parent, measured: o.measured,
 		life:   life,
-		done:   make(chan struct{}),
 		lostAt: sent.Add(req.Lease - req.Lease/10),
+		dueIdx: -1,
 	}
 	// The gate learnt of the holding from the grant (Client.ask).
 	l.mu.Lock()
@@ -275,9 +437,142 @@ func (c *Client) newLock(life context.Context, b Backend, kind LockKind, req Req
 	} else {
 		l.stopLife = context.AfterFunc(life, l.lifeEnded)
 	}
-	l.timer = time.AfterFunc(l.interval(), l.tick)
+	c.renewals.add(l, sent.Add(l.interval()))
 	l.mu.Unlock()
 	return l
+}
+
+// renewals is a client's schedule of the renewals of its held locks: a heap
+// by due time, and one timer that fires at the earliest. Scheduling and
+// unscheduling a renewal takes a mutex and no allocation, where a timer per
+// lock would take two allocations and a timer of the runtime's each.
+//
+// The timer is not stopped when the schedule empties: it fires once more,
+// finds nothing due, and is set again by the next lock scheduled. So a
+// client that takes a lock after another costs no timer operation, unless
+// the new renewal is due before the timer fires.
+type renewals struct {
+	mu    sync.Mutex
+	locks []*Lock     // a heap by due; guarded by mu
+	timer *time.Timer // fires at armed; made at the first add; guarded by mu
+	armed time.Time   // when timer fires; zero when it is not set; guarded by mu
+}
+
+// add schedules l's next renewal at due, which was read from time.Now.
+// l must not be scheduled, and its mu must be held.
+//
+// In a testing/synctest bubble (whose fake clock gives time.Now no
+// monotonic reading) the lock gets a timer of its own instead: a timer
+// made in a bubble must not be used outside it, nor one made outside it
+// in it, and a client may serve one bubble after another.
+func (r *renewals) add(l *Lock, due time.Time) {
+	if due == due.Round(0) {
+		if l.timer == nil {
+			l.timer = time.AfterFunc(time.Until(due), l.tick)
+		} else {
+			l.timer.Reset(time.Until(due))
+		}
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	l.due = due
+	l.dueIdx = len(r.locks)
+	r.locks = append(r.locks, l)
+	r.up(l.dueIdx)
+	if !r.armed.IsZero() && !due.Before(r.armed) {
+		return // the timer fires first, and sets itself again
+	}
+	r.armed = due
+	if r.timer == nil {
+		r.timer = time.AfterFunc(time.Until(due), r.fire)
+	} else {
+		r.timer.Reset(time.Until(due))
+	}
+}
+
+// remove unschedules l's renewal, if it is scheduled. l's mu must be held.
+func (r *renewals) remove(l *Lock) {
+	if l.timer != nil {
+		l.timer.Stop()
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	i := l.dueIdx
+	if i < 0 {
+		return
+	}
+	last := len(r.locks) - 1
+	r.swap(i, last)
+	r.locks[last] = nil
+	r.locks = r.locks[:last]
+	l.dueIdx = -1
+	if i < last {
+		r.down(i)
+		r.up(i)
+	}
+}
+
+// fire starts the renewals that are due, each in a goroutine of its own,
+// and sets the timer for the next.
+func (r *renewals) fire() {
+	r.mu.Lock()
+	now := time.Now()
+	var due []*Lock
+	for len(r.locks) > 0 && !r.locks[0].due.After(now) {
+		l := r.locks[0]
+		last := len(r.locks) - 1
+		r.swap(0, last)
+		r.locks[last] = nil
+		r.locks = r.locks[:last]
+		l.dueIdx = -1
+		r.down(0)
+		due = append(due, l)
+	}
+	r.armed = time.Time{}
+	if len(r.locks) > 0 {
+		r.armed = r.locks[0].due
+		r.timer.Reset(r.armed.Sub(now))
+	}
+	r.mu.Unlock()
+	for _, l := range due {
+		go l.tick()
+	}
+}
+
+func (r *renewals) swap(i, j int) {
+	r.locks[i], r.locks[j] = r.locks[j], r.locks[i]
+	r.locks[i].dueIdx, r.locks[j].dueIdx = i, j
+}
+
+func (r *renewals) up(i int) {
+	for i > 0 {
+		p := (i - 1) / 2
+		if !r.locks[i].due.Before(r.locks[p].due) {
+			return
+		}
+		r.swap(i, p)
+		i = p
+	}
+}
+
+func (r *renewals) down(i int) {
+	n := len(r.locks)
+	for {
+		c := 2*i + 1
+		if c >= n {
+			return
+		}
+		if c+1 < n && r.locks[c+1].due.Before(r.locks[c].due) {
+			c++
+		}
+		if !r.locks[c].due.Before(r.locks[i].due) {
+			return
+		}
+		r.swap(i, c)
+		i = c
+	}
 }
 
 // never is stopLife for a life that cannot end.
@@ -308,9 +603,9 @@ func (l *Lock) tick() {
 	}
 	done := make(chan struct{})
 	defer close(done)
-	rctx, cancel := context.WithDeadline(context.WithoutCancel(l.life), l.lostAt)
-	defer cancel()
-	l.renewal, l.cancelRenewal = done, cancel
+	rctx := &opContext{parent: l.life, deadline: l.lostAt}
+	defer rctx.cancel()
+	l.renewal, l.cancelRenewal = done, rctx.cancel
 	l.mu.Unlock()
 
 	next, again := l.renew(rctx)
@@ -318,7 +613,7 @@ func (l *Lock) tick() {
 	l.mu.Lock()
 	l.renewal, l.cancelRenewal = nil, nil
 	if again && l.state == held {
-		l.timer.Reset(next)
+		l.c.renewals.add(l, time.Now().Add(next))
 	}
 	l.mu.Unlock()
 }
@@ -345,7 +640,9 @@ func (l *Lock) renew(rctx context.Context) (next time.Duration, again bool) {
 	_, err := l.b.Renew(rctx, l.req)
 	if !watchdog.Stop() {
 		<-fired
-		l.c.tel.renewal(l.life, l.kind, context.DeadlineExceeded)
+		if l.measured {
+			l.c.tel.renewal(l.life, l.kind, context.DeadlineExceeded)
+		}
 		// The renewal may have extended the holding after the loss was
 		// declared: give it back.
 		l.giveBack(true)
@@ -353,6 +650,11 @@ func (l *Lock) renew(rctx context.Context) (next time.Duration, again bool) {
 	}
 	l.mu.Lock()
 	ended := l.state != held
+	if !ended && err == nil {
+		// Under mu while held: the gate is still this lock's (end leaves
+		// it after the state changes).
+		l.g.holding(sent.Add(lease))
+	}
 	l.mu.Unlock()
 	if ended {
 		// Released, or the lock's life ended, during the renewal: it no
@@ -360,11 +662,12 @@ func (l *Lock) renew(rctx context.Context) (next time.Duration, again bool) {
 		// extended.
 		return 0, false
 	}
-	l.c.tel.renewal(l.life, l.kind, err)
+	if l.measured {
+		l.c.tel.renewal(l.life, l.kind, err)
+	}
 	switch {
 	case err == nil:
 		l.lostAt = sent.Add(lease - lease/10)
-		l.g.holding(sent.Add(lease))
 		l.attempt = 0
 		l.renewWarn.reset()
 		return min(l.interval(), time.Until(l.lostAt)), true
@@ -419,10 +722,10 @@ func (l *Lock) lifeEnded() {
 	if l.c.cloudRun {
 		l.c.ctxEnds.warn(l.c.logger(), l.req.ID)
 	}
-	ctx, cancel := detached(l.life)
-	defer cancel()
+	ctx := l.lastCall(l.life)
+	defer ctx.cancel()
 	err := l.b.Release(ctx, l.req.ID, l.req.Owner)
-	l.c.tel.release(ctx, nil, l.kind, err)
+	l.c.tel.release(ctx, nil, l.kind, err, l.measured)
 	if err != nil && !errors.Is(err, ErrNotHeld) {
 		l.c.logger().Warn("locking: release after context end failed; the lease will expire", "lock_id", l.req.ID, "token", l.token, "error", err)
 	}

@@ -40,6 +40,7 @@ type options struct {
 	kind       LockKind
 	lease      time.Duration // 0: the client's default
 	err        error         // the first invalid option
+	measured   bool          // telemetry records this call and its lock (set by the client)
 }
 
 func (o *options) fail(err error) {

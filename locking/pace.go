@@ -64,10 +64,16 @@ func (w *waiter) start(ctx context.Context, id string) {
 
 // pause is the time to wait before the next poll after waited of polling,
 // remaining being the holder's lease as the last answer reported it (0 when
-// unknown).
-func (w *waiter) pause(c *Client, waited, remaining time.Duration) time.Duration {
+// unknown) and took the round trip of that poll.
+//
+// Without announcements the schedule (pollGap) spaces the polls' starts,
+// so the poll's own round trip counts toward the pause: with a distant
+// store (a 30 ms round trip to Datastore) a waiter notices a release
+// within its gap of it, not a gap and a round trip; and it still starts
+// at most one poll per gap (polls never overlap).
+func (w *waiter) pause(c *Client, waited, remaining, took time.Duration) time.Duration {
 	if w.ch == nil {
-		return c.pollGap(waited)
+		return max(0, c.pollGap(waited)-took)
 	}
 	// Announced releases wake the waiter at once; a poll every 2 to 3 s
 	// covers a lost announcement, and one as the lease runs out an expiry.

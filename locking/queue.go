@@ -30,8 +30,9 @@ import (
 type gate struct {
 	c    *Client
 	key  gateKey
-	slot chan struct{} // capacity 1: full while a caller is in the gate
 	refs int           // callers using the gate; guarded by c.mu
+	in   bool          // a caller is in the gate, or slot says who is; guarded by c.mu
+	slot chan struct{} // made by the first caller to queue, then full while a caller is in the gate; guarded by c.mu
 
 	mu      sync.Mutex
 	expires time.Time     // when the known holder's lease runs out; zero when unknown or free
@@ -68,17 +69,36 @@ func (c *Client) enter(ctx context.Context, kind LockKind, id string, wait bool,
 	c.mu.Lock()
 	g := c.gates[key]
 	if g == nil {
-		g = &gate{c: c, key: key, slot: make(chan struct{}, 1)}
+		g = gates.Get().(*gate)
+		g.c, g.key = c, key
 		c.gates[key] = g
 	}
 	g.refs++
+	if !g.in {
+		g.in = true
+		c.mu.Unlock()
+		return g, nil
+	}
+	if g.slot != nil {
+		select {
+		case g.slot <- struct{}{}: // free: the caller in it left
+			c.mu.Unlock()
+			return g, nil
+		default:
+		}
+	}
+	var slot chan struct{}
+	if wait {
+		if g.slot == nil {
+			// The first caller to queue makes the slot, full with the
+			// turn of the caller in the gate, who empties it on leaving.
+			g.slot = make(chan struct{}, 1)
+			g.slot <- struct{}{}
+		}
+		slot = g.slot
+	}
 	c.mu.Unlock()
 
-	select {
-	case g.slot <- struct{}{}:
-		return g, nil
-	default:
-	}
 	start := time.Now()
 	defer func() { *waited += time.Since(start) }()
 	if !wait {
@@ -116,11 +136,12 @@ func (c *Client) enter(ctx context.Context, kind LockKind, id string, wait bool,
 		timeout = t.C
 	}
 	select {
-	case g.slot <- struct{}{}:
+	case slot <- struct{}{}:
 		return g, nil
 	case <-timeout:
+		rem := g.remaining()
 		g.unref()
-		return nil, &NotAcquiredError{ID: id, Remaining: g.remaining(), TimedOut: true}
+		return nil, &NotAcquiredError{ID: id, Remaining: rem, TimedOut: true}
 	case <-ctx.Done():
 		g.unref()
 		return nil, fmt.Errorf("locking: acquire %q: %w", id, ctx.Err())
@@ -137,17 +158,47 @@ func (g *gate) leave() {
 		g.expires, g.held = time.Time{}, false
 	}
 	g.mu.Unlock()
-	<-g.slot
+	c := g.c
+	c.mu.Lock()
+	slot := g.slot
+	if slot == nil { // nobody queued: no turn to pass on
+		g.in = false
+		g.unrefLocked()
+		return
+	}
+	c.mu.Unlock()
+	<-slot
 	g.unref()
 }
 
+// unref drops a caller's use of the gate; the last one removes it from
+// the client, and puts it back in the pool. Nobody uses a gate after its
+// last unref (a Lock's renewal updates it only while the lock is held).
 func (g *gate) unref() {
 	g.c.mu.Lock()
-	defer g.c.mu.Unlock()
-	if g.refs--; g.refs == 0 {
-		delete(g.c.gates, g.key)
+	g.unrefLocked()
+}
+
+// unrefLocked is unref called with the client's mu held, which it unlocks.
+func (g *gate) unrefLocked() {
+	c := g.c
+	g.refs--
+	last := g.refs == 0
+	if last {
+		delete(c.gates, g.key)
+	}
+	c.mu.Unlock()
+	if last {
+		// Nobody is in the gate or awaits an answer.
+		*g = gate{}
+		gates.Put(g)
 	}
 }
+
+// gates holds unused gates for reuse: an uncontended Acquire then
+// allocates none. (A gate goes back without its channels: channels made in
+// a testing/synctest bubble must not be used outside it.)
+var gates = sync.Pool{New: func() any { return new(gate) }}
 
 // holding records that the lock is held through the gate until t.
 func (g *gate) holding(t time.Time) {
@@ -156,20 +207,6 @@ func (g *gate) holding(t time.Time) {
 	}
 	g.mu.Lock()
 	g.expires, g.held = t, true
-	g.mu.Unlock()
-}
-
-// granted records a grant of a request sent at sent to a caller in the gate,
-// one more hand-off in the current run.
-func (g *gate) granted(sent time.Time) {
-	if g == nil {
-		return
-	}
-	g.mu.Lock()
-	if g.streak == 0 {
-		g.since = sent
-	}
-	g.streak++
 	g.mu.Unlock()
 }
 
@@ -200,9 +237,11 @@ func (g *gate) yield(c *Client, notified bool) time.Duration {
 	return c.maxPollGap(run) + c.minBackoff
 }
 
-// ask marks a backend call in flight; answered ends it with what the call
-// returned: a busy grant's Remaining is recorded as the holder's lease, an
-// error as the reason a caller that does not wait cannot be told more.
+// ask marks a backend call in flight; answered ends it with what the call,
+// sent at sent for a lease, returned: a grant is recorded as held through
+// the gate until sent+lease, and as one more hand-off in the current run; a
+// busy grant's Remaining as the holder's lease; an error as the reason a
+// caller that does not wait cannot be told more.
 func (g *gate) ask() {
 	if g == nil {
 		return
@@ -212,12 +251,19 @@ func (g *gate) ask() {
 	g.mu.Unlock()
 }
 
-func (g *gate) answered(grant Grant, err error) {
+func (g *gate) answered(grant Grant, err error, sent time.Time, lease time.Duration) {
 	if g == nil {
 		return
 	}
 	g.mu.Lock()
 	g.failed = err
+	if err == nil && grant.Acquired {
+		g.expires, g.held = sent.Add(lease), true
+		if g.streak == 0 {
+			g.since = sent
+		}
+		g.streak++
+	}
 	if err == nil && !grant.Acquired {
 		g.streak = 0 // another owner holds it: the run of local grants ended
 		if grant.Remaining > 0 {

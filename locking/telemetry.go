@@ -3,6 +3,7 @@ package locking
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"go.opentelemetry.io/otel"
@@ -110,6 +111,13 @@ type telemetry struct {
 	tracer  trace.Tracer // nil: the no-op TracerProvider, no spans
 	metrics bool         // false: the no-op MeterProvider, nothing is measured
 
+	// The OpenTelemetry global providers as they are before the program
+	// installs any, when the client uses them: while they are still the
+	// global ones, nothing listens, and the client neither reads clocks
+	// nor builds spans for them. Nil when the client uses other providers.
+	idleMP metric.MeterProvider
+	idleTP trace.TracerProvider
+
 	acquireDuration metric.Float64Histogram
 	waitDuration    metric.Float64Histogram
 	polls           metric.Int64Counter
@@ -156,6 +164,12 @@ func newTelemetry(mp metric.MeterProvider, tp trace.TracerProvider) (*telemetry,
 	}
 	if _, ok := tp.(tracenoop.TracerProvider); ok {
 		t.tracer = nil // no spans: saves putting a no-op span in each context
+	}
+	if mp == idleMeterProvider {
+		t.idleMP = mp
+	}
+	if tp == idleTracerProvider {
+		t.idleTP = tp
 	}
 	var errs []error
 	check := func(err error) {
@@ -229,6 +243,62 @@ func newTelemetry(mp metric.MeterProvider, tp trace.TracerProvider) (*telemetry,
 	return t, nil
 }
 
+// idleMeterProvider and idleTracerProvider are the OpenTelemetry global
+// providers as they were when this package was initialized, if they were
+// then the delegating defaults of package otel, which record nothing until
+// the program installs providers of its own (otel.SetMeterProvider and
+// otel.SetTracerProvider); nil otherwise.
+var (
+	idleMeterProvider  = idleGlobal(otel.GetMeterProvider(), "*global.meterProvider")
+	idleTracerProvider = idleGlobal(otel.GetTracerProvider(), "*global.tracerProvider")
+)
+
+// idleGlobal returns p if its type is the delegating default of package
+// otel, named typ, and nil otherwise.
+func idleGlobal[P any](p P, typ string) P {
+	if fmt.Sprintf("%T", p) == typ {
+		return p
+	}
+	var zero P
+	return zero
+}
+
+// measuring reports whether measurements are recorded: the MeterProvider
+// is not the no-op one, nor the global one before the program installed
+// its own.
+func (t *telemetry) measuring() bool {
+	if !t.metrics {
+		return false
+	}
+	if t.idleMP == nil {
+		return true
+	}
+	switch p := otel.GetMeterProvider(); p.(type) {
+	case metricnoop.MeterProvider:
+		return false
+	default:
+		return p != t.idleMP
+	}
+}
+
+// tracing returns the tracer, or nil when spans are not recorded: the
+// TracerProvider is the no-op one, or the global one before the program
+// installed its own.
+func (t *telemetry) tracing() trace.Tracer {
+	if t.tracer == nil || t.idleTP == nil {
+		return t.tracer
+	}
+	switch p := otel.GetTracerProvider(); p.(type) {
+	case tracenoop.TracerProvider:
+		return nil
+	default:
+		if p == t.idleTP {
+			return nil
+		}
+	}
+	return t.tracer
+}
+
 // noSpan stands for the spans of a client whose TracerProvider is the no-op
 // one: ending it ends nothing.
 var noSpan trace.Span = tracenoop.Span{}
@@ -245,10 +315,11 @@ type acquireStats struct {
 // startAcquire starts the span of an Acquire call, a child of the span in
 // ctx.
 func (t *telemetry) startAcquire(ctx context.Context, id string, o *options) (context.Context, trace.Span) {
-	if t.tracer == nil {
+	tr := t.tracing()
+	if tr == nil {
 		return ctx, noSpan
 	}
-	ctx, span := t.tracer.Start(ctx, "taskguard.lock.acquire")
+	ctx, span := tr.Start(ctx, "taskguard.lock.acquire")
 	if span.IsRecording() { // no attribute slices for a no-op tracer
 		span.SetAttributes(attrID.String(id), attrKind.String(o.kind.String()))
 	}
@@ -257,7 +328,7 @@ func (t *telemetry) startAcquire(ctx context.Context, id string, o *options) (co
 
 // endAcquire records an Acquire call that started at start and ends its span.
 func (t *telemetry) endAcquire(ctx context.Context, span trace.Span, kind LockKind, start time.Time, st *acquireStats, err error) {
-	if !t.metrics {
+	if start.IsZero() { // not measured
 		t.endSpan(span, st, err)
 		return
 	}
@@ -305,10 +376,11 @@ func (t *telemetry) poll(ctx context.Context, kind LockKind, g Grant, err error)
 
 // startHold starts the span of With's function, a child of the span in ctx.
 func (t *telemetry) startHold(ctx context.Context, l *Lock) (context.Context, trace.Span) {
-	if t.tracer == nil {
+	tr := t.tracing()
+	if tr == nil {
 		return ctx, noSpan
 	}
-	ctx, span := t.tracer.Start(ctx, "taskguard.lock.hold")
+	ctx, span := tr.Start(ctx, "taskguard.lock.hold")
 	if span.IsRecording() {
 		span.SetAttributes(attrID.String(l.req.ID), attrKind.String(l.kind.String()), attrToken.Int64(int64(l.token)))
 	}
@@ -335,25 +407,28 @@ func (t *telemetry) endHold(span trace.Span, err, lost error, panicked bool) {
 
 // startRelease starts the span of a Lock.Release call.
 func (t *telemetry) startRelease(ctx context.Context, l *Lock) (context.Context, trace.Span) {
-	if t.tracer == nil {
+	tr := t.tracing()
+	if tr == nil {
 		return ctx, noSpan
 	}
-	ctx, span := t.tracer.Start(ctx, "taskguard.lock.release")
+	ctx, span := tr.Start(ctx, "taskguard.lock.release")
 	if span.IsRecording() {
 		span.SetAttributes(attrID.String(l.req.ID), attrKind.String(l.kind.String()), attrToken.Int64(int64(l.token)))
 	}
 	return ctx, span
 }
 
-// release records a release that ended with err, and ends span if it is
-// not nil.
-func (t *telemetry) release(ctx context.Context, span trace.Span, kind LockKind, err error) {
-	r := resultOf(err)
-	t.releases.Add(ctx, 1, t.byResult[kind][r].add...)
+// release records a release that ended with err, if the lock is measured,
+// and ends span if it is not nil.
+func (t *telemetry) release(ctx context.Context, span trace.Span, kind LockKind, err error, measured bool) {
+	if measured {
+		t.releases.Add(ctx, 1, t.byResult[kind][resultOf(err)].add...)
+	}
 	if span == nil {
 		return
 	}
 	if span.IsRecording() {
+		r := resultOf(err)
 		span.SetAttributes(attrOutcome.String(resultNames[r]))
 		if r != resultOK {
 			span.RecordError(err)

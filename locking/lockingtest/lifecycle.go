@@ -364,3 +364,87 @@ func (s *suite) backendDurations(t *testing.T) {
 		}
 	})
 }
+
+type lifeKey struct{}
+
+// lockContext: Lock.Context carries the values of the context the lock was
+// taken with and ends as the lock does, with its end as the cause:
+// ErrNotHeld when released (by Release, or as its context ended),
+// ErrLockLost when taken over.
+func (s *suite) lockContext(t *testing.T) {
+	c, _ := s.client(t)
+	ended := func(t *testing.T, ctx context.Context, within time.Duration, want, not error) {
+		t.Helper()
+		select {
+		case <-ctx.Done():
+		default:
+			if within == 0 {
+				t.Fatal("Lock.Context not done once the lock ended")
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(within):
+				t.Fatalf("Lock.Context not done within %v of the lock's end", within)
+			}
+		}
+		if cause := context.Cause(ctx); !errors.Is(cause, want) || errors.Is(cause, not) {
+			t.Errorf("Lock.Context cause = %v; want %v (not %v)", cause, want, not)
+		}
+		if !errors.Is(ctx.Err(), context.Canceled) {
+			t.Errorf("Lock.Context Err = %v; want context.Canceled", ctx.Err())
+		}
+	}
+	t.Run("Released", func(t *testing.T) {
+		ctx := context.WithValue(t.Context(), lifeKey{}, "v")
+		l, err := c.Acquire(ctx, id(t, "y"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		lctx := l.Context()
+		if lctx != l.Context() {
+			t.Error("Lock.Context returned two contexts")
+		}
+		if got := lctx.Value(lifeKey{}); got != "v" {
+			t.Errorf("Lock.Context value = %v; want the acquiring context's", got)
+		}
+		if err := lctx.Err(); err != nil {
+			t.Fatalf("Lock.Context of a held lock: Err = %v", err)
+		}
+		release(t, l)
+		ended(t, lctx, 0, locking.ErrNotHeld, locking.ErrLockLost)
+		if !errors.Is(context.Cause(l.Context()), locking.ErrNotHeld) {
+			t.Errorf("Lock.Context asked for after Release: cause %v; want ErrNotHeld", context.Cause(l.Context()))
+		}
+	})
+	t.Run("ContextEnded", func(t *testing.T) {
+		ctx, cancel := context.WithCancel(t.Context())
+		l, err := c.Acquire(ctx, id(t, "x"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		lctx := l.Context()
+		cancel()
+		ended(t, lctx, 60*s.u, locking.ErrNotHeld, locking.ErrLockLost)
+	})
+	t.Run("With", func(t *testing.T) {
+		var lctx context.Context
+		err := c.With(t.Context(), id(t, "x"), func(ctx context.Context) error {
+			lctx = locking.FromContext(ctx).Context()
+			return lctx.Err()
+		})
+		if err != nil {
+			t.Fatalf("With = %v", err)
+		}
+		ended(t, lctx, 0, locking.ErrNotHeld, locking.ErrLockLost)
+	})
+	t.Run("Lost", func(t *testing.T) {
+		thief := s.newBackend(t)
+		lease := 9 * s.u
+		lockID := id(t, "x")
+		l := s.acquire(t, c, lockID, locking.Lease(lease))
+		lctx := l.Context()
+		s.steal(t, thief, lockID, lease)
+		ended(t, lctx, lease, locking.ErrLockLost, locking.ErrNotHeld)
+		_ = l.Release(t.Context())
+	})
+}

@@ -13,7 +13,8 @@
 // release, fencing tokens, input validation and nested locks, and the edges
 // of a lock's life (lifecycle.go): With holding its lock until its function
 // returns, grants and replies that arrive too late, re-entrancy, Release and
-// renewals after the context ended, durations at their extremes. Time-dependent
+// renewals after the context ended, durations at their extremes, and
+// Lock.Context ending with the lock. Time-dependent
 // checks use real time in multiples of Options.Granularity.
 package lockingtest
 
@@ -95,6 +96,7 @@ func Run(t *testing.T, newBackend NewBackend, opts Options) {
 		{"Life/ReleaseWithEndedContext", s.releaseWithEndedContext},
 		{"Life/ContextEndsDuringRenewal", s.contextEndsDuringRenewal},
 		{"Life/AmbiguousAcquire", s.ambiguousAcquire},
+		{"Life/LockContext", s.lockContext},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
