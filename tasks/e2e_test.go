@@ -409,7 +409,8 @@ func TestE2EBadRequests(t *testing.T) {
 
 	bodies := map[string]string{
 		"malformed":   `{"v":1,"job":"known"`,
-		"unknown-job": envelopeBody("unknown", "lock-u", nil),
+		// Unknown for longer than UnknownJobGrace: dropped.
+		"unknown-job": `{"v":1,"job":"unknown","lockId":"lock-u","enqueuedAt":"2026-01-01T00:00:00Z"}`,
 		"oversized":   envelopeBody("known", "lock-o", strings.Repeat("x", 2000)),
 	}
 	for id, body := range bodies {
