@@ -127,7 +127,8 @@
 // wake, and one more where a new delivery overtook a hand-off in flight;
 // the safety wakes add about one per lease per lock id) and 2 dispatches
 // (its own delivery and its wake); at most 2 and 3. WaitList operations: 1 Park, the releasing
-// holder's Arm, the wake's Take, Peek and Claim, and 1 Finish; see the
+// holder's Arm, the wake's Peek and TakeClaim (its take and its claim in one
+// step), and 1 Finish; see the
 // WaitList implementation for the RPCs each costs. No delivery waits in the
 // handler, and none is answered 429 or 503 for a busy lock.
 //

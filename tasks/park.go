@@ -499,57 +499,37 @@ func (w *Worker) serveWake(ctx context.Context, log *slog.Logger, j *job, d *Del
 // wakeTurn is serveWake's work.
 func (w *Worker) wakeTurn(ctx context.Context, log *slog.Logger, j *job, d *Delivery, self string, kind WakeKind, gen uint64, at time.Time) (outcome, error) {
 	p := w.park
-	{
-		// A retry of a wake whose run failed, or whose process died, runs
-		// that run again first.
-		wt, ok, err := p.list.Running(ctx, d.LockID, self)
-		if err != nil {
-			return outcome{listErr: err}, nil
-		}
-		if ok {
-			var o outcome
-			err := w.locker.With(ctx, d.LockID, func(lctx context.Context) error {
-				return w.runWaiter(lctx, log, d, wt, self, time.Time{}, &o)
-			}, w.lockOptions(j)...)
-			o.joinAfter()
-			if busy, isBusy := isBusy(err); isBusy && !o.ran {
-				return outcome{retry: true, busy: busy}, nil
-			}
-			return o, err
-		}
-	}
-	taken := false
+	var turn *wakeTake
 	for try := 0; ; try++ {
 		var o outcome
-		err := w.locker.With(ctx, d.LockID, func(lctx context.Context) error {
-			if taken {
-				return w.runOldest(lctx, log, d, self, at, &o)
-			}
-			// The Take goes with the first reads of the wait list, and ends
-			// before the job runs (so before the release, which must see
-			// this wake taken to hand off again).
-			took := make(chan error, 1)
-			go func() {
+		if try == 0 {
+			turn = &wakeTake{kind: kind, gen: gen}
+			if kind == Safety {
 				// While waiters wait, a Safety wake stays pending (this
 				// holding's release may fail or never come): taking the
-				// Safety arms the next one.
-				var due time.Time
-				if kind == Safety {
-					due = p.safetyDue(p.lease)
-				}
-				_, wake, err := p.list.Take(lctx, d.LockID, kind, gen, due)
-				if err == nil {
-					err = p.h.create(lctx, d.LockID, wake)
-				}
-				took <- err
-			}()
-			o.beforeJob = sync.OnceValue(func() error { return <-took })
-			err := w.runOldest(lctx, log, d, self, at, &o)
-			if takeErr := o.beforeJob(); takeErr != nil && !o.ran {
-				o.listErr = takeErr
-				return errNotRun
+				// Safety arms the next one, before a job runs.
+				o.beforeJob = sync.OnceValue(func() error {
+					wake, err := p.list.Arm(ctx, d.LockID, Safety, p.safetyDue(p.lease))
+					if err == nil {
+						err = p.h.create(ctx, d.LockID, wake)
+					}
+					return err
+				})
 			}
-			taken = true
+		}
+		err := w.locker.With(ctx, d.LockID, func(lctx context.Context) error {
+			// The wake is taken with the first claim (or, when nobody
+			// waits, alone) before a job runs: the release must see it
+			// taken to hand off again. A retry of a wake whose run failed,
+			// or whose process died, gets that run back from the claim and
+			// runs it again first.
+			err := w.runOldest(lctx, log, d, self, at, turn, &o)
+			if o.beforeJob != nil && !o.ran && turn.taken && o.listErr == nil {
+				if berr := o.beforeJob(); berr != nil {
+					o.listErr = berr
+					return errNotRun
+				}
+			}
 			return err
 		}, w.lockOptions(j)...)
 		o.joinAfter()
@@ -557,18 +537,25 @@ func (w *Worker) wakeTurn(ctx context.Context, log *slog.Logger, j *job, d *Deli
 		if !isBusy || o.ran {
 			return o, err
 		}
-		if try > 0 {
+		if try > 0 || turn.taken {
 			// Still held: the holder's release hands off.
 			return outcome{passed: true}, nil
 		}
-		// Busy: the turn passes to the holder, whose release hands off (it
-		// reads the wait list after this Take), and to a safety wake due
-		// when its lease could end.
+		// Busy. A retry of this wake whose run failed (and is not
+		// finished) is retried as in 429 mode.
+		if _, ok, err := p.list.Running(ctx, d.LockID, self); err != nil {
+			return outcome{listErr: err}, nil
+		} else if ok {
+			return outcome{retry: true, busy: busy}, nil
+		}
+		// The turn passes to the holder, whose release hands off (it reads
+		// the wait list after this Take), and to a safety wake due when its
+		// lease could end.
 		ok, wake, err := p.list.Take(ctx, d.LockID, kind, gen, p.safetyDue(busy.Remaining))
 		if err != nil {
 			return outcome{listErr: err}, nil
 		}
-		taken = true
+		turn.taken = true
 		if err := p.h.create(ctx, d.LockID, wake); err != nil {
 			return outcome{wakeErr: err}, nil
 		}
@@ -580,11 +567,37 @@ func (w *Worker) wakeTurn(ctx context.Context, log *slog.Logger, j *job, d *Deli
 	}
 }
 
+// wakeTake is the take of a wake: its kind and generation, and whether it
+// was taken yet.
+type wakeTake struct {
+	kind  WakeKind
+	gen   uint64
+	taken bool
+}
+
+// claim claims key for runner self, taking the wake of turn in the same
+// step until it is taken (see WaitList.TakeClaim); key may be empty only
+// then.
+func (p *parking) claim(ctx context.Context, lockID, key, self string, turn *wakeTake) (Waiter, bool, error) {
+	if turn == nil || turn.taken {
+		if key == "" {
+			return Waiter{}, false, nil
+		}
+		return p.list.Claim(ctx, lockID, key, self)
+	}
+	wt, ok, err := p.list.TakeClaim(ctx, lockID, turn.kind, turn.gen, key, self)
+	if err == nil {
+		turn.taken = true
+	}
+	return wt, ok, err
+}
+
 // runOldest runs, holding the lock, the oldest waiter of the lock id, as
-// the wait list recorded it. Waiters whose job is not registered (a deploy
-// removed or renamed it) are set aside: marked finished, with an ERROR log
-// naming them.
-func (w *Worker) runOldest(ctx context.Context, log *slog.Logger, d *Delivery, self string, since time.Time, o *outcome) error {
+// the wait list recorded it (or, for a wake's retry, the waiter this wake
+// claimed before), taking the wake of turn (nil: taken already) with its
+// claim. Waiters whose job is not registered (a deploy removed or renamed
+// it) are set aside: marked finished, with an ERROR log naming them.
+func (w *Worker) runOldest(ctx context.Context, log *slog.Logger, d *Delivery, self string, since time.Time, turn *wakeTake, o *outcome) error {
 	p := w.park
 	for range maxSetAside {
 		head, any, _, _, err := p.list.Peek(ctx, d.LockID, "")
@@ -592,36 +605,40 @@ func (w *Worker) runOldest(ctx context.Context, log *slog.Logger, d *Delivery, s
 			o.listErr = err
 			return errNotRun
 		}
-		if !any {
+		if !any && (turn == nil || turn.taken) {
 			return errNotRun
 		}
-		if w.job(head.Job) == nil {
-			log.ErrorContext(ctx, "tasks: setting aside a parked task whose job is not registered (removed or renamed by a deploy?); it will not run",
-				"waiter", head.Key, "waiter_job", head.Job, "arrived", head.Arrived)
-			// Claimed, then finished by this runner: a coalescing record
-			// leaves its key instead of marking it finished.
-			if _, ok, err := p.list.Claim(ctx, d.LockID, head.Key, self); err != nil || !ok {
-				if err != nil {
-					o.listErr = err
-					return errNotRun
-				}
-				continue
-			}
-			if err := p.list.Finish(ctx, d.LockID, head.Key, self); err != nil {
-				o.listErr = err
-				return errNotRun
-			}
-			continue
+		key := ""
+		if any {
+			key = head.Key
 		}
-		wt, ok, err := p.list.Claim(ctx, d.LockID, head.Key, self)
+		wt, ok, err := p.claim(ctx, d.LockID, key, self, turn)
 		if err != nil {
 			o.listErr = err
 			return errNotRun
 		}
 		if !ok {
+			if !any {
+				return errNotRun
+			}
 			continue // finished or claimed since the Peek
 		}
-		return w.runWaiter(ctx, log, d, wt, self, since, o)
+		first := since
+		if wt.Key != key {
+			first = time.Time{} // this wake's own claim, run again
+		}
+		if w.job(wt.Job) == nil {
+			log.ErrorContext(ctx, "tasks: setting aside a parked task whose job is not registered (removed or renamed by a deploy?); it will not run",
+				"waiter", wt.Key, "waiter_job", wt.Job, "arrived", wt.Arrived)
+			// Claimed, then finished by this runner: a coalescing record
+			// leaves its key instead of marking it finished.
+			if err := p.list.Finish(ctx, d.LockID, wt.Key, self); err != nil {
+				o.listErr = err
+				return errNotRun
+			}
+			continue
+		}
+		return w.runWaiter(ctx, log, d, wt, self, first, o)
 	}
 	return errNotRun
 }

@@ -58,6 +58,17 @@ func (l *recordingList) Finish(ctx context.Context, lockID, key, runner string) 
 }
 
 func (l *recordingList) Claim(ctx context.Context, lockID, key, runner string) (tasks.Waiter, bool, error) {
+	return l.record(key, func() (tasks.Waiter, bool, error) { return l.WaitList.Claim(ctx, lockID, key, runner) })
+}
+
+func (l *recordingList) TakeClaim(ctx context.Context, lockID string, kind tasks.WakeKind, gen uint64, key, runner string) (tasks.Waiter, bool, error) {
+	return l.record(key, func() (tasks.Waiter, bool, error) {
+		return l.WaitList.TakeClaim(ctx, lockID, kind, gen, key, runner)
+	})
+}
+
+// record records the claim of key that claim makes.
+func (l *recordingList) record(key string, claim func() (tasks.Waiter, bool, error)) (tasks.Waiter, bool, error) {
 	l.mu.Lock()
 	var older []string // parked before this claim, older than key, unclaimed
 	for k, at := range l.parked {
@@ -66,8 +77,8 @@ func (l *recordingList) Claim(ctx context.Context, lockID, key, runner string) (
 		}
 	}
 	l.mu.Unlock()
-	w, ok, err := l.WaitList.Claim(ctx, lockID, key, runner)
-	if err == nil && ok {
+	w, ok, err := claim()
+	if err == nil && ok && w.Key == key {
 		l.mu.Lock()
 		if !l.claimed[key] {
 			l.claims = append(l.claims, key)

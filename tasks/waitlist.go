@@ -171,6 +171,15 @@ type WaitList interface {
 	// succeeds. A Coalesce record leaves its key (its state becomes Absent)
 	// and is kept for runner only.
 	Claim(ctx context.Context, lockID, key, runner string) (Waiter, bool, error)
+	// TakeClaim is a wake's turn in one atomic step: it takes the wake of
+	// kind and gen as Take does (without arming: the caller arms the next
+	// Safety wake with Arm), and claims key's record for runner as Claim
+	// does (key may be empty: nothing to claim). When runner has a claim it
+	// has not finished (a retry of the wake whose run failed or whose
+	// process died), TakeClaim returns that record, whatever its key, and
+	// claims nothing: the caller runs it again first. Claim and Take are
+	// made atomically with each other: on error neither happened.
+	TakeClaim(ctx context.Context, lockID string, kind WakeKind, gen uint64, key, runner string) (Waiter, bool, error)
 	// Running returns the record runner claimed and has not finished.
 	Running(ctx context.Context, lockID, runner string) (Waiter, bool, error)
 	// Finish marks key's record Finished (creating it when absent), taking
@@ -353,6 +362,11 @@ func (m *MemoryWaitList) Claim(_ context.Context, lockID, key, runner string) (W
 	if r := l.runs[runner]; r != nil && r.w.Key == key {
 		return cloneWaiter(r.w), true, nil
 	}
+	return l.claim(key, runner)
+}
+
+// claim claims key's record for runner. m.mu must be held.
+func (l *memList) claim(key, runner string) (Waiter, bool, error) {
 	r := l.recs[key]
 	if r == nil || r.state != Waiting {
 		return Waiter{}, false, nil
@@ -366,6 +380,23 @@ func (m *MemoryWaitList) Claim(_ context.Context, lockID, key, runner string) (W
 	}
 	l.runs[runner] = run
 	return cloneWaiter(run.w), true, nil
+}
+
+// TakeClaim implements WaitList.
+func (m *MemoryWaitList) TakeClaim(_ context.Context, lockID string, kind WakeKind, gen uint64, key, runner string) (Waiter, bool, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	l := m.list(lockID)
+	if p := l.pending[kind]; !p.IsZero() && p.Gen == gen {
+		l.pending[kind] = Wake{}
+	}
+	if r := l.runs[runner]; r != nil {
+		return cloneWaiter(r.w), true, nil
+	}
+	if key == "" {
+		return Waiter{}, false, nil
+	}
+	return l.claim(key, runner)
 }
 
 // Running implements WaitList.
