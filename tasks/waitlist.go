@@ -1,6 +1,7 @@
 package tasks
 
 import (
+	"container/heap"
 	"context"
 	"crypto/rand"
 	"encoding/binary"
@@ -191,7 +192,10 @@ type WaitList interface {
 }
 
 // MemoryWaitList is a WaitList in this process's memory, for tests and for a
-// single process (the local runner). The zero value is ready to use.
+// single process (the local runner). The zero value is ready to use. Each
+// call costs O(log n) for a lock id with n records (amortised: finished
+// records leave in the order they finished, claimed ones leave the FIFO when
+// they reach its head).
 type MemoryWaitList struct {
 	mu    sync.Mutex
 	locks map[string]*memList // guarded by mu
@@ -205,6 +209,14 @@ type memList struct {
 	seq     uint64
 	recs    map[string]*memRecord // key -> record
 	runs    map[string]*memRecord // runner -> claimed record
+	// waiting holds the records parked in this list, oldest first; a
+	// record that left Waiting (or its key) is dropped when it reaches the
+	// head.
+	waiting memHeap
+	// finished holds the records marked Finished, in the order they were
+	// (by the list's clock); an entry whose record finished again since, or
+	// left its key, is dropped when it reaches the front.
+	finished []memFinished
 }
 
 type memRecord struct {
@@ -213,6 +225,29 @@ type memRecord struct {
 	state    WaiterState
 	runner   string
 	finished time.Time
+}
+
+type memFinished struct {
+	r  *memRecord
+	at time.Time
+}
+
+// memHeap orders records by arrival, then key (container/heap).
+type memHeap []*memRecord
+
+func (h memHeap) Len() int { return len(h) }
+func (h memHeap) Less(i, j int) bool {
+	a, b := h[i].w, h[j].w
+	return a.Arrived.Before(b.Arrived) || (a.Arrived.Equal(b.Arrived) && a.Key < b.Key)
+}
+func (h memHeap) Swap(i, j int) { h[i], h[j] = h[j], h[i] }
+func (h *memHeap) Push(x any)   { *h = append(*h, x.(*memRecord)) }
+func (h *memHeap) Pop() any {
+	old := *h
+	r := old[len(old)-1]
+	old[len(old)-1] = nil
+	*h = old[:len(old)-1]
+	return r
 }
 
 func (m *MemoryWaitList) clock() time.Time {
@@ -228,8 +263,9 @@ func randomEpoch() uint64 {
 	return binary.BigEndian.Uint64(b[:]) | 1
 }
 
-// list returns lockID's list, dropping finished records past retention.
-// m.mu must be held.
+// list returns lockID's list, dropping finished records past retention
+// (those at the front of its finished records: amortised O(1)). m.mu must
+// be held.
 func (m *MemoryWaitList) list(lockID string) *memList {
 	if m.locks == nil {
 		m.locks = map[string]*memList{}
@@ -240,23 +276,37 @@ func (m *MemoryWaitList) list(lockID string) *memList {
 		m.locks[lockID] = l
 	}
 	now := m.clock()
-	for k, r := range l.recs {
-		if r.state == Finished && now.Sub(r.finished) > FinishedRetention {
-			delete(l.recs, k)
+	for len(l.finished) > 0 {
+		f := l.finished[0]
+		r := f.r
+		if r.state == Finished && r.finished.Equal(f.at) && l.recs[r.w.Key] == r {
+			if now.Sub(f.at) <= FinishedRetention {
+				break
+			}
+			delete(l.recs, r.w.Key)
 		}
+		l.finished[0] = memFinished{}
+		l.finished = l.finished[1:]
 	}
 	return l
 }
 
+// finish marks r Finished at now. m.mu must be held.
+func (l *memList) finish(r *memRecord, now time.Time) {
+	r.state, r.runner, r.finished = Finished, "", now
+	r.w.Body = nil
+	l.finished = append(l.finished, memFinished{r: r, at: now})
+}
+
 func (l *memList) head() *memRecord {
-	var best *memRecord
-	for _, r := range l.recs {
-		if r.state == Waiting && (best == nil || r.w.Arrived.Before(best.w.Arrived) ||
-			(r.w.Arrived.Equal(best.w.Arrived) && r.w.Key < best.w.Key)) {
-			best = r
+	for len(l.waiting) > 0 {
+		r := l.waiting[0]
+		if r.state == Waiting && l.recs[r.w.Key] == r {
+			return r
 		}
+		heap.Pop(&l.waiting)
 	}
-	return best
+	return nil
 }
 
 // arm is the one arming rule of every WaitList method.
@@ -288,7 +338,9 @@ func (m *MemoryWaitList) Park(_ context.Context, lockID string, w Waiter, safety
 		st = r.state
 	} else {
 		l.seq++
-		l.recs[w.Key] = &memRecord{w: cloneWaiter(w), seq: l.seq, state: Waiting}
+		r := &memRecord{w: cloneWaiter(w), seq: l.seq, state: Waiting}
+		l.recs[w.Key] = r
+		heap.Push(&l.waiting, r)
 		created = true
 	}
 	wake := l.arm(m.clock(), Safety, safetyDue)
@@ -428,7 +480,6 @@ func (m *MemoryWaitList) Finish(_ context.Context, lockID, key, runner string) e
 		r = &memRecord{w: Waiter{Key: key}}
 		l.recs[key] = r
 	}
-	r.state, r.runner, r.finished = Finished, "", m.clock()
-	r.w.Body = nil
+	l.finish(r, m.clock())
 	return nil
 }
