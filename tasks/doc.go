@@ -63,9 +63,11 @@
 //     202 Accepted; if either fails, 503 and nothing is lost: its retry parks
 //     again, idempotently, and creates the pending safety wake again by its
 //     name (a wake armed whose creation failed, or whose creator died, is
-//     created then; ALREADY_EXISTS is success). It then tries the
-//     lock once more, so that a release between its first try and its record
-//     (which would see no waiter) cannot strand it.
+//     created then; ALREADY_EXISTS is success). When its record is then
+//     the oldest, it tries the lock once more, so that a release between its
+//     first try and its record (which would see no waiter) cannot strand it;
+//     behind an older waiter it need not: that waiter's run releases after
+//     the record exists, and hands off.
 //   - Wakes. A wake is a task of the same queue that carries the lock id, a
 //     job name (whose lock options it takes the lock with) and its own
 //     identity, and no payload: holding the lock, it claims the lock id's
@@ -84,8 +86,9 @@
 //     released because its context ended, after the request: a lease
 //     later on a throttled Cloud Run instance). Whoever holds a
 //     lock id checks its wait list before running anything: a fresh delivery
-//     behind an older waiter parks (FIFO: a newcomer never overtakes) and
-//     lets go, and its release finds the hand-off already pending.
+//     behind an older waiter lets go and parks (FIFO: a newcomer never
+//     overtakes; it holds the lock only for that check), and its release
+//     finds the hand-off already pending.
 //   - A wake that finds the lock held takes itself (no longer pending),
 //     arms the safety wake for that holder's lease, and tries the lock once
 //     more: the holder's release, which reads the wait list after the take,

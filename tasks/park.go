@@ -221,9 +221,11 @@ type outcome struct {
 	running  bool  // the delivery's task runs or ran by another runner
 	retry    bool  // the delivery's own failed run is to be retried, and the lock is busy
 	passed   bool  // a wake found the lock held: the turn passed to the holder
-	wakeErr  error // a wake (safety net) could not be made: answer 503
-	listErr  error // the wait list failed
-	busy     *locking.NotAcquiredError
+	// parkLater: older waiters wait; the delivery parks after the release
+	parkLater bool
+	wakeErr   error // a wake (safety net) could not be made: answer 503
+	listErr   error // the wait list failed
+	busy      *locking.NotAcquiredError
 
 	beforeJob func() error // waits for the wake's Take, before its job runs
 	after     func()       // waits for work that went with the release
@@ -257,6 +259,11 @@ func (w *Worker) serveParked(rw http.ResponseWriter, r *http.Request, log *slog.
 func (w *Worker) answerParked(rw http.ResponseWriter, r *http.Request, log *slog.Logger, d *Delivery, o outcome, err error) {
 	ctx := r.Context()
 	p := w.park
+	if o.created {
+		// A record parked by this delivery (which may have run it itself,
+		// finding the lock free once more with its record the oldest).
+		p.metrics.countParked(ctx)
+	}
 	var inner *locking.NotAcquiredError
 	switch {
 	case o.listErr != nil:
@@ -274,9 +281,6 @@ func (w *Worker) answerParked(rw http.ResponseWriter, r *http.Request, log *slog
 		log.InfoContext(ctx, "tasks: coalesced into the job's waiting run", "coalesced", true)
 		rw.WriteHeader(StatusDone)
 	case !o.ran && o.parked:
-		if o.created {
-			p.metrics.countParked(ctx)
-		}
 		log.DebugContext(ctx, "tasks: parked")
 		rw.WriteHeader(StatusParked)
 	case !o.ran && o.passed:
@@ -359,16 +363,26 @@ func (w *Worker) serveFresh(ctx context.Context, log *slog.Logger, j *job, d *De
 			return w.holdFresh(lctx, log, j, d, me, self, &o)
 		}, w.lockOptions(j)...)
 		o.created = o.created || createdRecord
-		busy, isBusy := isBusy(err)
-		if !isBusy || o.ran {
-			return o, err
+		remaining := p.lease
+		var busy *locking.NotAcquiredError
+		if o.parkLater {
+			// Older waiters go first: park behind them, after the release.
+			if try > 0 {
+				return outcome{parked: true, created: createdRecord}, nil
+			}
+		} else {
+			b, isBusy := isBusy(err)
+			if !isBusy || o.ran {
+				return o, err
+			}
+			if try > 0 {
+				// Parked, and the lock is still held: its release hands off.
+				return outcome{parked: true, created: createdRecord}, nil
+			}
+			// The lock is busy: park behind it.
+			busy, remaining = b, b.Remaining
 		}
-		if try > 0 {
-			// Parked, and the lock is still held: its release hands off.
-			return outcome{parked: true, created: createdRecord}, nil
-		}
-		// The lock is busy: park behind it.
-		st, created, wake, perr := p.list.Park(ctx, d.LockID, me, p.safetyDue(busy.Remaining))
+		st, created, wake, perr := p.list.Park(ctx, d.LockID, me, p.safetyDue(remaining))
 		if perr != nil {
 			return outcome{listErr: perr}, nil
 		}
@@ -379,9 +393,18 @@ func (w *Worker) serveFresh(ctx context.Context, log *slog.Logger, j *job, d *De
 		case st == Waiting && me.Coalesce && !created:
 			return outcome{merged: true}, nil
 		case st == Waiting:
-			// Try the lock once more, in case its holder released it before
-			// this record existed and saw no waiter.
+			// A release that came before this record existed saw no
+			// waiter: when this record is the oldest, try the lock once
+			// more. Behind an older waiter it is not needed: that waiter's
+			// run releases after this record exists, and hands off.
 			createdRecord = created
+			head, any, _, _, err := p.list.Peek(ctx, d.LockID, "")
+			if err != nil {
+				return outcome{listErr: err, created: createdRecord}, nil
+			}
+			if any && head.Key != me.Key {
+				return outcome{parked: true, created: createdRecord}, nil
+			}
 			continue
 		case st == Finished:
 			return outcome{finished: true}, nil
@@ -390,8 +413,11 @@ func (w *Worker) serveFresh(ctx context.Context, log *slog.Logger, j *job, d *De
 			if err != nil {
 				return outcome{listErr: err}, nil
 			}
-			if runner == self {
+			if runner == self && busy != nil {
 				return outcome{retry: true, busy: busy}, nil
+			}
+			if runner == self {
+				return outcome{listErr: fmt.Errorf("the run of %q by this task began meanwhile", me.Key)}, nil
 			}
 			return outcome{running: true}, nil
 		default:
@@ -438,27 +464,10 @@ func (w *Worker) holdFresh(ctx context.Context, log *slog.Logger, j *job, d *Del
 	case st == Absent && !any:
 		// Nobody waits: run now, with no record.
 	default:
-		// Older waiters go first: wait behind them (again, for a duplicate;
-		// Park is idempotent and makes sure a wake is pending).
-		st, created, wake, err := p.list.Park(ctx, d.LockID, me, p.safetyDue(p.lease))
-		if err != nil {
-			o.listErr = err
-			return errNotRun
-		}
-		if err := p.h.create(ctx, d.LockID, wake); err != nil {
-			o.wakeErr = err
-			return errNotRun
-		}
-		switch {
-		case st == Waiting && me.Coalesce && !created:
-			o.merged = true
-		case st == Waiting:
-			o.parked, o.created = true, created
-		case st == Finished:
-			o.finished = true
-		default:
-			o.running = true
-		}
+		// Older waiters go first: park behind them (again, for a duplicate;
+		// Park is idempotent and makes sure a wake is pending), after the
+		// release, so that the lock is held only for this Peek.
+		o.parkLater = true
 		return errNotRun
 	}
 	o.ran = true
