@@ -126,7 +126,7 @@
 //     jobs pay the 429 costs.
 //
 // The cost of a task that waits, measured by BenchmarkParkBurst (bursts of
-// 10 to 1,000 tasks on one lock id): 1 to 1.2 CreateTask (its hand-off
+// 10 to 1,000 tasks on one lock id): 1 to 1.1 CreateTask (its hand-off
 // wake, and one more where a new delivery overtook a hand-off in flight;
 // the safety wakes add about one per lease per lock id) and 2 dispatches
 // (its own delivery and its wake); at most 2 and 3. WaitList operations: 1 Park, the releasing

@@ -227,7 +227,7 @@ type outcome struct {
 	listErr   error // the wait list failed
 	busy      *locking.NotAcquiredError
 
-	beforeJob func() error // waits for the wake's Take, before its job runs
+	beforeJob func() error // a Safety wake's arming of the next one, before its job runs
 	after     func()       // waits for work that went with the release
 }
 
@@ -687,8 +687,8 @@ func (w *Worker) runWaiter(ctx context.Context, log *slog.Logger, d *Delivery, w
 	p.metrics.observeHandoff(ctx, since)
 	if o.beforeJob != nil {
 		if err := o.beforeJob(); err != nil {
-			// The wake is still pending (a release would not hand off):
-			// this wake's retry runs the claimed waiter.
+			// The next Safety wake could not be made: this wake's retry
+			// (answered 503) runs the claimed waiter.
 			o.listErr = err
 			return errNotRun
 		}
