@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -184,4 +185,71 @@ func TestCost(t *testing.T) {
 		_, _, err := l.Running(ctx, id, "wake-1")
 		return err
 	})
+}
+
+// BenchmarkHeadAsRecordsPileUp measures the head query (Peek of the oldest
+// waiter: the median of 20) on the Firestore emulator as a lock id's
+// records pile up: none; n waiting; after the n were claimed and finished
+// (their records out of the queried index range); and with n finished
+// records of another lock id besides. A query that scanned the records it
+// skips would grow from one figure to the next.
+func BenchmarkHeadAsRecordsPileUp(b *testing.B) {
+	const n = 1000
+	e := emulators.Get(b, dstest.Firestore, true)
+	cc, err := e.Dial()
+	if err != nil {
+		b.Fatal(err)
+	}
+	client, err := datastore.NewClient(b.Context(), e.ProjectID, option.WithGRPCConn(cc))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		_ = client.Close()
+		_ = cc.Close()
+	})
+	for b.Loop() {
+		l, err := dswait.New(client, dswait.Options{Namespace: fmt.Sprintf("pileup-%d", time.Now().UnixNano())})
+		if err != nil {
+			b.Fatal(err)
+		}
+		ctx, id := b.Context(), "hot"
+		head := func(metric string) {
+			var ds []time.Duration
+			for range 20 {
+				start := time.Now()
+				if _, _, _, _, err := l.Peek(ctx, id, ""); err != nil {
+					b.Fatal(err)
+				}
+				ds = append(ds, time.Since(start))
+			}
+			slices.Sort(ds)
+			b.ReportMetric(float64(ds[len(ds)/2])/1e6, metric)
+		}
+		head("empty-ms")
+		t0 := time.Now()
+		for i := range n {
+			w := tasks.Waiter{Key: fmt.Sprintf("q/%d", i), Job: "j", Arrived: t0.Add(time.Duration(i)), Body: []byte("{}")}
+			if _, _, _, err := l.Park(ctx, id, w, t0.Add(time.Hour)); err != nil {
+				b.Fatal(err)
+			}
+		}
+		head("waiting-ms")
+		for i := range n {
+			key := fmt.Sprintf("q/%d", i)
+			if _, ok, err := l.Claim(ctx, id, key, "r"); err != nil || !ok {
+				b.Fatalf("claim %s: %v %v", key, ok, err)
+			}
+			if err := l.Finish(ctx, id, key, "r"); err != nil {
+				b.Fatal(err)
+			}
+		}
+		head("after-claimed-ms")
+		for i := range n {
+			if err := l.Finish(ctx, "other", fmt.Sprintf("q/o%d", i), ""); err != nil {
+				b.Fatal(err)
+			}
+		}
+		head("other-finished-ms")
+	}
 }
