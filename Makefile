@@ -59,8 +59,10 @@ BENCH_FLAGS ?= -run='^$$' -bench=. -benchtime=1x -benchmem -timeout=45m
 # table into BENCHMARKS.md's burst section.
 BURST_FLAGS ?= -run='^$$' -bench='^BenchmarkBurst$$' -benchtime=1x -timeout=20m
 # Park mode at N = 10, 50, 200 and 1,000 tasks on one lock id, on the
-# in-memory and the Datastore wait lists (about 8 minutes).
-PARK_BURST_FLAGS ?= -run='^$$' -bench='^BenchmarkParkBurst$$' -benchtime=1x -timeout=30m
+# in-memory and the Datastore wait lists (about 8 minutes), and the burst of
+# 20 on Datastore, loopback and production-like (BenchmarkParkDistance,
+# about a minute).
+PARK_BURST_FLAGS ?= -run='^$$' -bench='^BenchmarkPark(Burst|Distance)$$' -benchtime=1x -timeout=30m
 
 bench: deps ## benchmarks against the real servers; rewrites BENCHMARKS.md and docs/bench/handoff.svg
 	@mkdir -p $(dir $(BENCH_OUT))

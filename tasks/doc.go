@@ -65,9 +65,11 @@
 //     202 Accepted; if either fails, 503 and nothing is lost: its retry parks
 //     again, idempotently, and creates the pending safety wake again by its
 //     name (a wake armed whose creation failed, or whose creator died, is
-//     created then; ALREADY_EXISTS is success). It then tries the
-//     lock once more, so that a release between its first try and its record
-//     (which would see no waiter) cannot strand it.
+//     created then; ALREADY_EXISTS is success). When its record is then
+//     the oldest, it tries the lock once more, so that a release between its
+//     first try and its record (which would see no waiter) cannot strand it;
+//     behind an older waiter it need not: that waiter's run releases after
+//     the record exists, and hands off.
 //   - Wakes. A wake is a task of the same queue that carries the lock id, a
 //     job name (whose lock options it takes the lock with) and its own
 //     identity, and no payload: holding the lock, it claims the lock id's
@@ -86,8 +88,9 @@
 //     released because its context ended, after the request: a lease
 //     later on a throttled Cloud Run instance). Whoever holds a
 //     lock id checks its wait list before running anything: a fresh delivery
-//     behind an older waiter parks (FIFO: a newcomer never overtakes) and
-//     lets go, and its release finds the hand-off already pending.
+//     behind an older waiter lets go and parks (FIFO: a newcomer never
+//     overtakes; it holds the lock only for that check), and its release
+//     finds the hand-off already pending.
 //   - A wake that finds the lock held takes itself (no longer pending),
 //     arms the safety wake for that holder's lease, and tries the lock once
 //     more: the holder's release, which reads the wait list after the take,
@@ -125,11 +128,12 @@
 //     jobs pay the 429 costs.
 //
 // The cost of a task that waits, measured by BenchmarkParkBurst (bursts of
-// 10 to 1,000 tasks on one lock id): 1 to 1.2 CreateTask (its hand-off
+// 10 to 1,000 tasks on one lock id): 1 to 1.1 CreateTask (its hand-off
 // wake, and one more where a new delivery overtook a hand-off in flight;
 // the safety wakes add about one per lease per lock id) and 2 dispatches
 // (its own delivery and its wake); at most 2 and 3. WaitList operations: 1 Park, the releasing
-// holder's Arm, the wake's Take, Peek and Claim, and 1 Finish; see the
+// holder's Arm, the wake's Peek and TakeClaim (its take and its claim in one
+// step), and 1 Finish; see the
 // WaitList implementation for the RPCs each costs. No delivery waits in the
 // handler, and none is answered 429 or 503 for a busy lock.
 //

@@ -221,11 +221,13 @@ type outcome struct {
 	running  bool  // the delivery's task runs or ran by another runner
 	retry    bool  // the delivery's own failed run is to be retried, and the lock is busy
 	passed   bool  // a wake found the lock held: the turn passed to the holder
-	wakeErr  error // a wake (safety net) could not be made: answer 503
-	listErr  error // the wait list failed
-	busy     *locking.NotAcquiredError
+	// parkLater: older waiters wait; the delivery parks after the release
+	parkLater bool
+	wakeErr   error // a wake (safety net) could not be made: answer 503
+	listErr   error // the wait list failed
+	busy      *locking.NotAcquiredError
 
-	beforeJob func() error // waits for the wake's Take, before its job runs
+	beforeJob func() error // a Safety wake's arming of the next one, before its job runs
 	after     func()       // waits for work that went with the release
 }
 
@@ -257,6 +259,11 @@ func (w *Worker) serveParked(rw http.ResponseWriter, r *http.Request, log *slog.
 func (w *Worker) answerParked(rw http.ResponseWriter, r *http.Request, log *slog.Logger, d *Delivery, o outcome, err error) {
 	ctx := r.Context()
 	p := w.park
+	if o.created {
+		// A record parked by this delivery (which may have run it itself,
+		// finding the lock free once more with its record the oldest).
+		p.metrics.countParked(ctx)
+	}
 	var inner *locking.NotAcquiredError
 	switch {
 	case o.listErr != nil:
@@ -274,9 +281,6 @@ func (w *Worker) answerParked(rw http.ResponseWriter, r *http.Request, log *slog
 		log.InfoContext(ctx, "tasks: coalesced into the job's waiting run", "coalesced", true)
 		rw.WriteHeader(StatusDone)
 	case !o.ran && o.parked:
-		if o.created {
-			p.metrics.countParked(ctx)
-		}
 		log.DebugContext(ctx, "tasks: parked")
 		rw.WriteHeader(StatusParked)
 	case !o.ran && o.passed:
@@ -359,16 +363,26 @@ func (w *Worker) serveFresh(ctx context.Context, log *slog.Logger, j *job, d *De
 			return w.holdFresh(lctx, log, j, d, me, self, &o)
 		}, w.lockOptions(j)...)
 		o.created = o.created || createdRecord
-		busy, isBusy := isBusy(err)
-		if !isBusy || o.ran {
-			return o, err
+		remaining := p.lease
+		var busy *locking.NotAcquiredError
+		if o.parkLater {
+			// Older waiters go first: park behind them, after the release.
+			if try > 0 {
+				return outcome{parked: true, created: createdRecord}, nil
+			}
+		} else {
+			b, isBusy := isBusy(err)
+			if !isBusy || o.ran {
+				return o, err
+			}
+			if try > 0 {
+				// Parked, and the lock is still held: its release hands off.
+				return outcome{parked: true, created: createdRecord}, nil
+			}
+			// The lock is busy: park behind it.
+			busy, remaining = b, b.Remaining
 		}
-		if try > 0 {
-			// Parked, and the lock is still held: its release hands off.
-			return outcome{parked: true, created: createdRecord}, nil
-		}
-		// The lock is busy: park behind it.
-		st, created, wake, perr := p.list.Park(ctx, d.LockID, me, p.safetyDue(busy.Remaining))
+		st, created, wake, perr := p.list.Park(ctx, d.LockID, me, p.safetyDue(remaining))
 		if perr != nil {
 			return outcome{listErr: perr}, nil
 		}
@@ -379,9 +393,18 @@ func (w *Worker) serveFresh(ctx context.Context, log *slog.Logger, j *job, d *De
 		case st == Waiting && me.Coalesce && !created:
 			return outcome{merged: true}, nil
 		case st == Waiting:
-			// Try the lock once more, in case its holder released it before
-			// this record existed and saw no waiter.
+			// A release that came before this record existed saw no
+			// waiter: when this record is the oldest, try the lock once
+			// more. Behind an older waiter it is not needed: that waiter's
+			// run releases after this record exists, and hands off.
 			createdRecord = created
+			head, any, _, _, err := p.list.Peek(ctx, d.LockID, "")
+			if err != nil {
+				return outcome{listErr: err, created: createdRecord}, nil
+			}
+			if any && head.Key != me.Key {
+				return outcome{parked: true, created: createdRecord}, nil
+			}
 			continue
 		case st == Finished:
 			return outcome{finished: true}, nil
@@ -390,8 +413,11 @@ func (w *Worker) serveFresh(ctx context.Context, log *slog.Logger, j *job, d *De
 			if err != nil {
 				return outcome{listErr: err}, nil
 			}
-			if runner == self {
+			if runner == self && busy != nil {
 				return outcome{retry: true, busy: busy}, nil
+			}
+			if runner == self {
+				return outcome{listErr: fmt.Errorf("the run of %q by this task began meanwhile", me.Key)}, nil
 			}
 			return outcome{running: true}, nil
 		default:
@@ -438,27 +464,10 @@ func (w *Worker) holdFresh(ctx context.Context, log *slog.Logger, j *job, d *Del
 	case st == Absent && !any:
 		// Nobody waits: run now, with no record.
 	default:
-		// Older waiters go first: wait behind them (again, for a duplicate;
-		// Park is idempotent and makes sure a wake is pending).
-		st, created, wake, err := p.list.Park(ctx, d.LockID, me, p.safetyDue(p.lease))
-		if err != nil {
-			o.listErr = err
-			return errNotRun
-		}
-		if err := p.h.create(ctx, d.LockID, wake); err != nil {
-			o.wakeErr = err
-			return errNotRun
-		}
-		switch {
-		case st == Waiting && me.Coalesce && !created:
-			o.merged = true
-		case st == Waiting:
-			o.parked, o.created = true, created
-		case st == Finished:
-			o.finished = true
-		default:
-			o.running = true
-		}
+		// Older waiters go first: park behind them (again, for a duplicate;
+		// Park is idempotent and makes sure a wake is pending), after the
+		// release, so that the lock is held only for this Peek.
+		o.parkLater = true
 		return errNotRun
 	}
 	o.ran = true
@@ -495,57 +504,37 @@ func (w *Worker) serveWake(ctx context.Context, log *slog.Logger, j *job, d *Del
 // wakeTurn is serveWake's work.
 func (w *Worker) wakeTurn(ctx context.Context, log *slog.Logger, j *job, d *Delivery, self string, kind WakeKind, gen uint64, at time.Time) (outcome, error) {
 	p := w.park
-	{
-		// A retry of a wake whose run failed, or whose process died, runs
-		// that run again first.
-		wt, ok, err := p.list.Running(ctx, d.LockID, self)
-		if err != nil {
-			return outcome{listErr: err}, nil
-		}
-		if ok {
-			var o outcome
-			err := w.locker.With(ctx, d.LockID, func(lctx context.Context) error {
-				return w.runWaiter(lctx, log, d, wt, self, time.Time{}, &o)
-			}, w.lockOptions(j)...)
-			o.joinAfter()
-			if busy, isBusy := isBusy(err); isBusy && !o.ran {
-				return outcome{retry: true, busy: busy}, nil
-			}
-			return o, err
-		}
-	}
-	taken := false
+	var turn *wakeTake
 	for try := 0; ; try++ {
 		var o outcome
-		err := w.locker.With(ctx, d.LockID, func(lctx context.Context) error {
-			if taken {
-				return w.runOldest(lctx, log, d, self, at, &o)
-			}
-			// The Take goes with the first reads of the wait list, and ends
-			// before the job runs (so before the release, which must see
-			// this wake taken to hand off again).
-			took := make(chan error, 1)
-			go func() {
+		if try == 0 {
+			turn = &wakeTake{kind: kind, gen: gen}
+			if kind == Safety {
 				// While waiters wait, a Safety wake stays pending (this
 				// holding's release may fail or never come): taking the
-				// Safety arms the next one.
-				var due time.Time
-				if kind == Safety {
-					due = p.safetyDue(p.lease)
-				}
-				_, wake, err := p.list.Take(lctx, d.LockID, kind, gen, due)
-				if err == nil {
-					err = p.h.create(lctx, d.LockID, wake)
-				}
-				took <- err
-			}()
-			o.beforeJob = sync.OnceValue(func() error { return <-took })
-			err := w.runOldest(lctx, log, d, self, at, &o)
-			if takeErr := o.beforeJob(); takeErr != nil && !o.ran {
-				o.listErr = takeErr
-				return errNotRun
+				// Safety arms the next one, before a job runs.
+				o.beforeJob = sync.OnceValue(func() error {
+					wake, err := p.list.Arm(ctx, d.LockID, Safety, p.safetyDue(p.lease))
+					if err == nil {
+						err = p.h.create(ctx, d.LockID, wake)
+					}
+					return err
+				})
 			}
-			taken = true
+		}
+		err := w.locker.With(ctx, d.LockID, func(lctx context.Context) error {
+			// The wake is taken with the first claim (or, when nobody
+			// waits, alone) before a job runs: the release must see it
+			// taken to hand off again. A retry of a wake whose run failed,
+			// or whose process died, gets that run back from the claim and
+			// runs it again first.
+			err := w.runOldest(lctx, log, d, self, at, turn, &o)
+			if o.beforeJob != nil && !o.ran && turn.taken && o.listErr == nil {
+				if berr := o.beforeJob(); berr != nil {
+					o.listErr = berr
+					return errNotRun
+				}
+			}
 			return err
 		}, w.lockOptions(j)...)
 		o.joinAfter()
@@ -553,18 +542,25 @@ func (w *Worker) wakeTurn(ctx context.Context, log *slog.Logger, j *job, d *Deli
 		if !isBusy || o.ran {
 			return o, err
 		}
-		if try > 0 {
+		if try > 0 || turn.taken {
 			// Still held: the holder's release hands off.
 			return outcome{passed: true}, nil
 		}
-		// Busy: the turn passes to the holder, whose release hands off (it
-		// reads the wait list after this Take), and to a safety wake due
-		// when its lease could end.
+		// Busy. A retry of this wake whose run failed (and is not
+		// finished) is retried as in 429 mode.
+		if _, ok, err := p.list.Running(ctx, d.LockID, self); err != nil {
+			return outcome{listErr: err}, nil
+		} else if ok {
+			return outcome{retry: true, busy: busy}, nil
+		}
+		// The turn passes to the holder, whose release hands off (it reads
+		// the wait list after this Take), and to a safety wake due when its
+		// lease could end.
 		ok, wake, err := p.list.Take(ctx, d.LockID, kind, gen, p.safetyDue(busy.Remaining))
 		if err != nil {
 			return outcome{listErr: err}, nil
 		}
-		taken = true
+		turn.taken = true
 		if err := p.h.create(ctx, d.LockID, wake); err != nil {
 			return outcome{wakeErr: err}, nil
 		}
@@ -576,11 +572,37 @@ func (w *Worker) wakeTurn(ctx context.Context, log *slog.Logger, j *job, d *Deli
 	}
 }
 
+// wakeTake is the take of a wake: its kind and generation, and whether it
+// was taken yet.
+type wakeTake struct {
+	kind  WakeKind
+	gen   uint64
+	taken bool
+}
+
+// claim claims key for runner self, taking the wake of turn in the same
+// step until it is taken (see WaitList.TakeClaim); key may be empty only
+// then.
+func (p *parking) claim(ctx context.Context, lockID, key, self string, turn *wakeTake) (Waiter, bool, error) {
+	if turn == nil || turn.taken {
+		if key == "" {
+			return Waiter{}, false, nil
+		}
+		return p.list.Claim(ctx, lockID, key, self)
+	}
+	wt, ok, err := p.list.TakeClaim(ctx, lockID, turn.kind, turn.gen, key, self)
+	if err == nil {
+		turn.taken = true
+	}
+	return wt, ok, err
+}
+
 // runOldest runs, holding the lock, the oldest waiter of the lock id, as
-// the wait list recorded it. Waiters whose job is not registered (a deploy
-// removed or renamed it) are set aside: marked finished, with an ERROR log
-// naming them.
-func (w *Worker) runOldest(ctx context.Context, log *slog.Logger, d *Delivery, self string, since time.Time, o *outcome) error {
+// the wait list recorded it (or, for a wake's retry, the waiter this wake
+// claimed before), taking the wake of turn (nil: taken already) with its
+// claim. Waiters whose job is not registered (a deploy removed or renamed
+// it) are set aside: marked finished, with an ERROR log naming them.
+func (w *Worker) runOldest(ctx context.Context, log *slog.Logger, d *Delivery, self string, since time.Time, turn *wakeTake, o *outcome) error {
 	p := w.park
 	for range maxSetAside {
 		head, any, _, _, err := p.list.Peek(ctx, d.LockID, "")
@@ -588,36 +610,40 @@ func (w *Worker) runOldest(ctx context.Context, log *slog.Logger, d *Delivery, s
 			o.listErr = err
 			return errNotRun
 		}
-		if !any {
+		if !any && (turn == nil || turn.taken) {
 			return errNotRun
 		}
-		if w.job(head.Job) == nil {
-			log.ErrorContext(ctx, "tasks: setting aside a parked task whose job is not registered (removed or renamed by a deploy?); it will not run",
-				"waiter", head.Key, "waiter_job", head.Job, "arrived", head.Arrived)
-			// Claimed, then finished by this runner: a coalescing record
-			// leaves its key instead of marking it finished.
-			if _, ok, err := p.list.Claim(ctx, d.LockID, head.Key, self); err != nil || !ok {
-				if err != nil {
-					o.listErr = err
-					return errNotRun
-				}
-				continue
-			}
-			if err := p.list.Finish(ctx, d.LockID, head.Key, self); err != nil {
-				o.listErr = err
-				return errNotRun
-			}
-			continue
+		key := ""
+		if any {
+			key = head.Key
 		}
-		wt, ok, err := p.list.Claim(ctx, d.LockID, head.Key, self)
+		wt, ok, err := p.claim(ctx, d.LockID, key, self, turn)
 		if err != nil {
 			o.listErr = err
 			return errNotRun
 		}
 		if !ok {
+			if !any {
+				return errNotRun
+			}
 			continue // finished or claimed since the Peek
 		}
-		return w.runWaiter(ctx, log, d, wt, self, since, o)
+		first := since
+		if wt.Key != key {
+			first = time.Time{} // this wake's own claim, run again
+		}
+		if w.job(wt.Job) == nil {
+			log.ErrorContext(ctx, "tasks: setting aside a parked task whose job is not registered (removed or renamed by a deploy?); it will not run",
+				"waiter", wt.Key, "waiter_job", wt.Job, "arrived", wt.Arrived)
+			// Claimed, then finished by this runner: a coalescing record
+			// leaves its key instead of marking it finished.
+			if err := p.list.Finish(ctx, d.LockID, wt.Key, self); err != nil {
+				o.listErr = err
+				return errNotRun
+			}
+			continue
+		}
+		return w.runWaiter(ctx, log, d, wt, self, first, o)
 	}
 	return errNotRun
 }
@@ -657,8 +683,8 @@ func (w *Worker) runWaiter(ctx context.Context, log *slog.Logger, d *Delivery, w
 	p.metrics.observeHandoff(ctx, since)
 	if o.beforeJob != nil {
 		if err := o.beforeJob(); err != nil {
-			// The wake is still pending (a release would not hand off):
-			// this wake's retry runs the claimed waiter.
+			// The next Safety wake could not be made: this wake's retry
+			// (answered 503) runs the claimed waiter.
 			o.listErr = err
 			return errNotRun
 		}

@@ -58,6 +58,17 @@ func (l *recordingList) Finish(ctx context.Context, lockID, key, runner string) 
 }
 
 func (l *recordingList) Claim(ctx context.Context, lockID, key, runner string) (tasks.Waiter, bool, error) {
+	return l.record(key, func() (tasks.Waiter, bool, error) { return l.WaitList.Claim(ctx, lockID, key, runner) })
+}
+
+func (l *recordingList) TakeClaim(ctx context.Context, lockID string, kind tasks.WakeKind, gen uint64, key, runner string) (tasks.Waiter, bool, error) {
+	return l.record(key, func() (tasks.Waiter, bool, error) {
+		return l.WaitList.TakeClaim(ctx, lockID, kind, gen, key, runner)
+	})
+}
+
+// record records the claim of key that claim makes.
+func (l *recordingList) record(key string, claim func() (tasks.Waiter, bool, error)) (tasks.Waiter, bool, error) {
 	l.mu.Lock()
 	var older []string // parked before this claim, older than key, unclaimed
 	for k, at := range l.parked {
@@ -66,8 +77,8 @@ func (l *recordingList) Claim(ctx context.Context, lockID, key, runner string) (
 		}
 	}
 	l.mu.Unlock()
-	w, ok, err := l.WaitList.Claim(ctx, lockID, key, runner)
-	if err == nil && ok {
+	w, ok, err := claim()
+	if err == nil && ok && w.Key == key {
 		l.mu.Lock()
 		if !l.claimed[key] {
 			l.claims = append(l.claims, key)
@@ -124,13 +135,28 @@ func newParkFleetWith(t testing.TB, n int, lease time.Duration, list tasks.WaitL
 	wrap func(i int, dead *atomic.Bool, b locking.Backend) locking.Backend, register func(i int, w *tasks.Worker),
 	clientOpts ...option.ClientOption) *parkFleet {
 	t.Helper()
+	return newParkFleetEnv(t, n, lease, list, fleetEnv{}, wrap, register, clientOpts...)
+}
+
+// fleetEnv is where a parkFleet's services are: the Cloud Tasks emulator's
+// options (its latencies), and the lock store (e2eBackend's when nil).
+type fleetEnv struct {
+	tasks   taskstest.Options
+	backend func() locking.Backend
+}
+
+// newParkFleetEnv is newParkFleetWith in env.
+func newParkFleetEnv(t testing.TB, n int, lease time.Duration, list tasks.WaitList, env fleetEnv,
+	wrap func(i int, dead *atomic.Bool, b locking.Backend) locking.Backend, register func(i int, w *tasks.Worker),
+	clientOpts ...option.ClientOption) *parkFleet {
+	t.Helper()
 	settings, err := deploy.DefaultQueue()
 	if err != nil {
 		t.Fatal(err)
 	}
 	f := &parkFleet{list: &recordingList{WaitList: list, parked: map[string]time.Time{}, claimed: map[string]bool{}},
 		answers: map[int]int{}, dead: make([]atomic.Bool, n)}
-	f.srv = startQueue(t, taskstest.Options{}, settings.Queue(queueName))
+	f.srv = startQueue(t, env.tasks, settings.Queue(queueName))
 	var workers []*tasks.Worker
 	var next atomic.Uint64
 	f.handler = http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
@@ -165,7 +191,10 @@ func newParkFleetWith(t testing.TB, n int, lease time.Duration, list tasks.WaitL
 	})
 	f.reader = sdkmetric.NewManualReader()
 	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(f.reader))
-	mk := e2eBackend(t)
+	mk := env.backend
+	if mk == nil {
+		mk = e2eBackend(t)
+	}
 	f.newBackend = mk
 	for i := range n {
 		b := mk()
@@ -189,7 +218,8 @@ func newParkFleetWith(t testing.TB, n int, lease time.Duration, list tasks.WaitL
 }
 
 // metrics returns the workers' park metrics: counters by name and
-// attributes, histograms as "<name> count".
+// attributes, histograms as "<name> count" and "<name> sum-us" (their sum
+// in microseconds).
 func (f *parkFleet) metrics(t testing.TB) map[string]int64 {
 	t.Helper()
 	var rm metricdata.ResourceMetrics
@@ -211,6 +241,7 @@ func (f *parkFleet) metrics(t testing.TB) map[string]int64 {
 			case metricdata.Histogram[float64]:
 				for _, p := range d.DataPoints {
 					out[m.Name+" count"] += int64(p.Count)
+					out[m.Name+" sum-us"] += int64(p.Sum * 1e6)
 				}
 			}
 		}

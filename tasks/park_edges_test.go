@@ -266,7 +266,8 @@ func TestParkFailedReleaseLeavesASafetyWake(t *testing.T) {
 	runs.waitRuns(t, `"B"`, 1, 15*time.Second)
 }
 
-// takeFailsOnce fails the first Take made inside the lock (no safetyDue).
+// takeFailsOnce fails the first take of a Handoff wake: made inside the
+// lock, with the wake's claim (TakeClaim), or alone (Take).
 type takeFailsOnce struct {
 	tasks.WaitList
 	done *atomic.Bool
@@ -277,6 +278,13 @@ func (l takeFailsOnce) Take(ctx context.Context, id string, kind tasks.WakeKind,
 		return false, tasks.Wake{}, errors.New("injected: take failed")
 	}
 	return l.WaitList.Take(ctx, id, kind, gen, due)
+}
+
+func (l takeFailsOnce) TakeClaim(ctx context.Context, id string, kind tasks.WakeKind, gen uint64, key, runner string) (tasks.Waiter, bool, error) {
+	if kind == tasks.Handoff && l.done.CompareAndSwap(false, true) {
+		return tasks.Waiter{}, false, errors.New("injected: take failed")
+	}
+	return l.WaitList.TakeClaim(ctx, id, kind, gen, key, runner)
 }
 
 // TestParkWakeWhoseTakeFailedDoesNotRun: when a wake's Take fails, its job

@@ -1,6 +1,7 @@
 package tasks
 
 import (
+	"container/heap"
 	"context"
 	"crypto/rand"
 	"encoding/binary"
@@ -172,6 +173,15 @@ type WaitList interface {
 	// succeeds. A Coalesce record leaves its key (its state becomes Absent)
 	// and is kept for runner only.
 	Claim(ctx context.Context, lockID, key, runner string) (Waiter, bool, error)
+	// TakeClaim is a wake's turn in one atomic step: it takes the wake of
+	// kind and gen as Take does (without arming: the caller arms the next
+	// Safety wake with Arm), and claims key's record for runner as Claim
+	// does (key may be empty: nothing to claim). When runner has a claim it
+	// has not finished (a retry of the wake whose run failed or whose
+	// process died), TakeClaim returns that record, whatever its key, and
+	// claims nothing: the caller runs it again first. Claim and Take are
+	// made atomically with each other: on error neither happened.
+	TakeClaim(ctx context.Context, lockID string, kind WakeKind, gen uint64, key, runner string) (Waiter, bool, error)
 	// Running returns the record runner claimed and has not finished.
 	Running(ctx context.Context, lockID, runner string) (Waiter, bool, error)
 	// Finish marks key's record Finished (creating it when absent), taking
@@ -183,7 +193,10 @@ type WaitList interface {
 }
 
 // MemoryWaitList is a WaitList in this process's memory, for tests and for a
-// single process (the local runner). The zero value is ready to use.
+// single process (the local runner). The zero value is ready to use. Each
+// call costs O(log n) for a lock id with n records (amortised: finished
+// records leave in the order they finished, claimed ones leave the FIFO when
+// they reach its head).
 type MemoryWaitList struct {
 	mu    sync.Mutex
 	locks map[string]*memList // guarded by mu
@@ -197,6 +210,14 @@ type memList struct {
 	seq     uint64
 	recs    map[string]*memRecord // key -> record
 	runs    map[string]*memRecord // runner -> claimed record
+	// waiting holds the records parked in this list, oldest first; a
+	// record that left Waiting (or its key) is dropped when it reaches the
+	// head.
+	waiting memHeap
+	// finished holds the records marked Finished, in the order they were
+	// (by the list's clock); an entry whose record finished again since, or
+	// left its key, is dropped when it reaches the front.
+	finished []memFinished
 }
 
 type memRecord struct {
@@ -205,6 +226,29 @@ type memRecord struct {
 	state    WaiterState
 	runner   string
 	finished time.Time
+}
+
+type memFinished struct {
+	r  *memRecord
+	at time.Time
+}
+
+// memHeap orders records by arrival, then key (container/heap).
+type memHeap []*memRecord
+
+func (h memHeap) Len() int { return len(h) }
+func (h memHeap) Less(i, j int) bool {
+	a, b := h[i].w, h[j].w
+	return a.Arrived.Before(b.Arrived) || (a.Arrived.Equal(b.Arrived) && a.Key < b.Key)
+}
+func (h memHeap) Swap(i, j int) { h[i], h[j] = h[j], h[i] }
+func (h *memHeap) Push(x any)   { *h = append(*h, x.(*memRecord)) }
+func (h *memHeap) Pop() any {
+	old := *h
+	r := old[len(old)-1]
+	old[len(old)-1] = nil
+	*h = old[:len(old)-1]
+	return r
 }
 
 func (m *MemoryWaitList) clock() time.Time {
@@ -220,8 +264,9 @@ func randomEpoch() uint64 {
 	return binary.BigEndian.Uint64(b[:]) | 1
 }
 
-// list returns lockID's list, dropping finished records past retention.
-// m.mu must be held.
+// list returns lockID's list, dropping finished records past retention
+// (those at the front of its finished records: amortised O(1)). m.mu must
+// be held.
 func (m *MemoryWaitList) list(lockID string) *memList {
 	if m.locks == nil {
 		m.locks = map[string]*memList{}
@@ -232,23 +277,37 @@ func (m *MemoryWaitList) list(lockID string) *memList {
 		m.locks[lockID] = l
 	}
 	now := m.clock()
-	for k, r := range l.recs {
-		if r.state == Finished && now.Sub(r.finished) > FinishedRetention {
-			delete(l.recs, k)
+	for len(l.finished) > 0 {
+		f := l.finished[0]
+		r := f.r
+		if r.state == Finished && r.finished.Equal(f.at) && l.recs[r.w.Key] == r {
+			if now.Sub(f.at) <= FinishedRetention {
+				break
+			}
+			delete(l.recs, r.w.Key)
 		}
+		l.finished[0] = memFinished{}
+		l.finished = l.finished[1:]
 	}
 	return l
 }
 
+// finish marks r Finished at now. m.mu must be held.
+func (l *memList) finish(r *memRecord, now time.Time) {
+	r.state, r.runner, r.finished = Finished, "", now
+	r.w.Body = nil
+	l.finished = append(l.finished, memFinished{r: r, at: now})
+}
+
 func (l *memList) head() *memRecord {
-	var best *memRecord
-	for _, r := range l.recs {
-		if r.state == Waiting && (best == nil || r.w.Arrived.Before(best.w.Arrived) ||
-			(r.w.Arrived.Equal(best.w.Arrived) && r.w.Key < best.w.Key)) {
-			best = r
+	for len(l.waiting) > 0 {
+		r := l.waiting[0]
+		if r.state == Waiting && l.recs[r.w.Key] == r {
+			return r
 		}
+		heap.Pop(&l.waiting)
 	}
-	return best
+	return nil
 }
 
 // arm is the one arming rule of every WaitList method.
@@ -280,7 +339,9 @@ func (m *MemoryWaitList) Park(_ context.Context, lockID string, w Waiter, safety
 		st = r.state
 	} else {
 		l.seq++
-		l.recs[w.Key] = &memRecord{w: cloneWaiter(w), seq: l.seq, state: Waiting}
+		r := &memRecord{w: cloneWaiter(w), seq: l.seq, state: Waiting}
+		l.recs[w.Key] = r
+		heap.Push(&l.waiting, r)
 		created = true
 	}
 	wake := l.arm(m.clock(), Safety, safetyDue)
@@ -354,6 +415,11 @@ func (m *MemoryWaitList) Claim(_ context.Context, lockID, key, runner string) (W
 	if r := l.runs[runner]; r != nil && r.w.Key == key {
 		return cloneWaiter(r.w), true, nil
 	}
+	return l.claim(key, runner)
+}
+
+// claim claims key's record for runner. m.mu must be held.
+func (l *memList) claim(key, runner string) (Waiter, bool, error) {
 	r := l.recs[key]
 	if r == nil || r.state != Waiting {
 		return Waiter{}, false, nil
@@ -367,6 +433,23 @@ func (m *MemoryWaitList) Claim(_ context.Context, lockID, key, runner string) (W
 	}
 	l.runs[runner] = run
 	return cloneWaiter(run.w), true, nil
+}
+
+// TakeClaim implements WaitList.
+func (m *MemoryWaitList) TakeClaim(_ context.Context, lockID string, kind WakeKind, gen uint64, key, runner string) (Waiter, bool, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	l := m.list(lockID)
+	if p := l.pending[kind]; !p.IsZero() && p.Gen == gen {
+		l.pending[kind] = Wake{}
+	}
+	if r := l.runs[runner]; r != nil {
+		return cloneWaiter(r.w), true, nil
+	}
+	if key == "" {
+		return Waiter{}, false, nil
+	}
+	return l.claim(key, runner)
 }
 
 // Running implements WaitList.
@@ -398,7 +481,6 @@ func (m *MemoryWaitList) Finish(_ context.Context, lockID, key, runner string) e
 		r = &memRecord{w: Waiter{Key: key}}
 		l.recs[key] = r
 	}
-	r.state, r.runner, r.finished = Finished, "", m.clock()
-	r.w.Body = nil
+	l.finish(r, m.clock())
 	return nil
 }

@@ -28,16 +28,24 @@
 //     generation.
 //
 // Park inserts the record with one non-transactional insert of one entity
-// (all or nothing); Claim and Finish are transactions on the record and the
-// run, tried again after a conflict or an ABORTED answer (up to 40
-// attempts, with jittered pauses that double up to 500 ms).
+// (all or nothing; the insert fails when the key has a record, which is then
+// read); Claim, TakeClaim and Finish are transactions on the record, the run
+// (and the wake), tried again after a conflict or an ABORTED answer (up to
+// 40 attempts, with jittered pauses that double up to 500 ms).
 //
 // # Cost (Datastore RPCs; a transaction is 3: begin, lookup, commit)
 //
-//   - Park: 1 lookup, 1 insert (1 commit more for a body kept apart), then
-//     the safety wake: 1 query and 1 lookup, and 1 insert when it arms one.
+// Counted at the wire by TestCost:
+//
+//   - Park: 1 insert (1 commit more for a body kept apart; for a key that
+//     has a record the insert fails and 1 lookup reads it), then the safety
+//     wake: 1 query and 1 lookup sent together, and 1 insert when it arms
+//     one. A new waiter behind a pending safety wake: 3 RPCs in 2 round
+//     trips.
 //   - Peek: 1 query, and 1 lookup for a key, sent together.
 //   - Arm: 1 query and 1 lookup sent together, 1 insert when it arms.
+//   - TakeClaim (a wake's turn: its take and its claim): a transaction (and
+//     1 lookup of a body kept apart).
 //   - Take, Disarm: a transaction.
 //   - Claim: a transaction (and 1 lookup of a body kept apart).
 //   - Running: 1 lookup (2 for a body kept apart).

@@ -201,8 +201,10 @@ func retryable(err error) bool {
 }
 
 // transact runs fn in a transaction, again after a conflict or an abort,
-// with a growing, jittered pause between attempts. The transaction begins
-// with its first lookup (no separate Begin round trip).
+// with a growing, jittered pause between attempts. An attempt is 3 RPCs:
+// begin, lookup, commit. (With datastore.BeginLater, which would begin it
+// with the lookup, the conformance tests' transactions on the Firestore
+// emulator were retried until their deadline: not used.)
 func (l *List) transact(ctx context.Context, fn func(tx *datastore.Transaction) error) error {
 	var err error
 	for attempt := range maxAttempts {
@@ -335,66 +337,78 @@ func (l *List) readBody(get func([]*datastore.Key, any) error, name string, part
 	return body, nil
 }
 
-// Park implements tasks.WaitList: 1 lookup, then, for a new key, 1 commit
-// of one insert (the record, its body inline: all or nothing; a body over
-// inlineBody is written apart first, 1 commit more), then the Safety wake:
-// 1 query and 1 lookup, and 1 insert when it arms one, about once a lease.
+// Park implements tasks.WaitList: for a new key, 1 commit of one insert
+// (the record, its body inline: all or nothing; a body over inlineBody is
+// written apart first, 1 commit more); for a key that has a record, that
+// insert fails and 1 lookup reads the record; then the Safety wake: 1 query
+// and 1 lookup sent together, and 1 insert when it arms one, about once a
+// lease.
 func (l *List) Park(ctx context.Context, lockID string, w tasks.Waiter, safetyDue time.Time) (tasks.WaiterState, bool, tasks.Wake, error) {
 	rk := l.recordKey(lockID, w.Key)
 	st, created := tasks.Waiting, false
-	for attempt := 0; ; attempt++ {
+	rec := recordEntity{Key: w.Key, State: int(tasks.Waiting), Q: queuePos(lockID, w), Arrived: w.Arrived.UTC(), Job: w.Job,
+		Coalesce: w.Coalesce, ExpiresAt: l.now().Add(MaxWait).UTC()}
+	if len(w.Body) <= inlineBody {
+		rec.Body = w.Body
+	} else {
+		rec.BodyName = hash(lockID, w.Key, strconv.FormatInt(l.now().UnixNano(), 10), strconv.FormatUint(mrand.Uint64(), 10))
+		var err error
+		if rec.BodyParts, err = l.writeBody(ctx, rec.BodyName, w.Body); err != nil {
+			return tasks.Absent, false, tasks.Wake{}, fmt.Errorf("dswait: park %q: writing its body: %w", w.Key, err)
+		}
+	}
+	// The insert decides for a new key; for a key that has a record (a
+	// retry or duplicate of a park, or a task that ran) it fails, and the
+	// record is read: a finished one past its retention is replaced.
+	_, err := l.client.Mutate(ctx, datastore.NewInsert(rk, &rec))
+	created = err == nil
+	for attempt := 0; !created; attempt++ {
+		if !alreadyExists(err) || attempt > 1 {
+			return tasks.Absent, false, tasks.Wake{}, fmt.Errorf("dswait: park %q: %w", w.Key, err)
+		}
 		var known recordEntity
-		err := l.client.Get(ctx, rk, &known)
-		if err != nil && !errors.Is(err, datastore.ErrNoSuchEntity) {
-			return tasks.Absent, false, tasks.Wake{}, fmt.Errorf("dswait: park %q: %w", w.Key, err)
-		}
-		if l.live(known, err == nil) {
-			if st = tasks.WaiterState(known.State); st != tasks.Waiting {
-				return st, false, tasks.Wake{}, nil
-			}
-			break
-		}
-		stale := err == nil // a finished record past its retention: replaced
-		rec := recordEntity{Key: w.Key, State: int(tasks.Waiting), Q: queuePos(lockID, w), Arrived: w.Arrived.UTC(), Job: w.Job,
-			Coalesce: w.Coalesce, ExpiresAt: l.now().Add(MaxWait).UTC()}
-		if len(w.Body) <= inlineBody {
-			rec.Body = w.Body
-		} else {
-			rec.BodyName = hash(lockID, w.Key, strconv.FormatInt(l.now().UnixNano(), 10), strconv.FormatUint(mrand.Uint64(), 10))
-			if rec.BodyParts, err = l.writeBody(ctx, rec.BodyName, w.Body); err != nil {
-				return tasks.Absent, false, tasks.Wake{}, fmt.Errorf("dswait: park %q: writing its body: %w", w.Key, err)
-			}
-		}
-		if stale {
-			err = l.transact(ctx, func(tx *datastore.Transaction) error {
-				var cur recordEntity
-				if err := tx.Get(rk, &cur); err == nil && l.live(cur, true) {
-					return status.Error(codes.AlreadyExists, "record exists")
-				}
-				_, err := tx.Put(rk, &rec)
-				return err
-			})
-		} else {
+		if err = l.client.Get(ctx, rk, &known); errors.Is(err, datastore.ErrNoSuchEntity) {
+			// Deleted since (a coalescing record claimed): insert again.
 			_, err = l.client.Mutate(ctx, datastore.NewInsert(rk, &rec))
-		}
-		if err == nil {
-			created = true
-			break
-		}
-		if !alreadyExists(err) || attempt > 0 {
+			created = err == nil
+			continue
+		} else if err != nil {
 			return tasks.Absent, false, tasks.Wake{}, fmt.Errorf("dswait: park %q: %w", w.Key, err)
 		}
-		// Created by a concurrent Park: read it.
+		if l.live(known, true) {
+			st = tasks.WaiterState(known.State)
+			break
+		}
+		err = l.transact(ctx, func(tx *datastore.Transaction) error {
+			var cur recordEntity
+			if err := tx.Get(rk, &cur); err == nil && l.live(cur, true) {
+				return status.Error(codes.AlreadyExists, "record exists")
+			}
+			_, err := tx.Put(rk, &rec)
+			return err
+		})
+		created = err == nil
+	}
+	if st != tasks.Waiting {
+		return st, false, tasks.Wake{}, nil
 	}
 	head := tasks.Waiter{Key: w.Key, Job: w.Job}
-	if h, ok, err := l.head(ctx, lockID); err != nil {
+	var (
+		wg      sync.WaitGroup
+		cur     wakeEntity
+		pending bool
+		werr    error
+	)
+	wg.Go(func() { cur, pending, werr = l.readWake(ctx, lockID, tasks.Safety) })
+	h, ok, err := l.head(ctx, lockID)
+	wg.Wait()
+	if err != nil {
 		return st, created, tasks.Wake{}, fmt.Errorf("dswait: park %q: %w", w.Key, err)
 	} else if ok {
 		head = h
 	}
-	cur, pending, err := l.readWake(ctx, lockID, tasks.Safety)
 	var wake tasks.Wake
-	if err == nil {
+	if err = werr; err == nil {
 		wake, err = l.armRead(ctx, lockID, head, tasks.Safety, safetyDue, cur, pending)
 	}
 	if err != nil {
@@ -553,25 +567,9 @@ func (l *List) Claim(ctx context.Context, lockID, key, runner string) (tasks.Wai
 		if !fs[0] || tasks.WaiterState(rec.State) != tasks.Waiting {
 			return nil
 		}
-		run = rec
-		run.State, run.Runner, run.Q = int(tasks.Running), runner, ""
-		if _, err := tx.Put(uk, &run); err != nil {
-			return err
-		}
-		if rec.Coalesce {
-			if err := tx.Delete(rk); err != nil {
-				return err
-			}
-		} else {
-			rec.State, rec.Runner, rec.Q = int(tasks.Running), runner, ""
-			rec.Body, rec.BodyName, rec.BodyParts = nil, "", 0
-			rec.ExpiresAt = l.now().Add(MaxWait).UTC()
-			if _, err := tx.Put(rk, &rec); err != nil {
-				return err
-			}
-		}
-		got, ok = run, true
-		return nil
+		run, err = l.claimIn(tx, rk, uk, rec, runner)
+		got, ok = run, err == nil
+		return err
 	})
 	if err == nil && ok {
 		var w tasks.Waiter
@@ -583,6 +581,76 @@ func (l *List) Claim(ctx context.Context, lockID, key, runner string) (tasks.Wai
 		return tasks.Waiter{}, false, fmt.Errorf("dswait: claim %q: %w", key, err)
 	}
 	return tasks.Waiter{}, false, nil
+}
+
+// TakeClaim implements tasks.WaitList: a transaction of 1 lookup (the
+// wake, the runner's run and the record) and 1 commit (and 1 lookup of a
+// body kept apart).
+func (l *List) TakeClaim(ctx context.Context, lockID string, kind tasks.WakeKind, gen uint64, key, runner string) (tasks.Waiter, bool, error) {
+	var (
+		got recordEntity
+		ok  bool
+	)
+	wk, uk := l.wakeKey(lockID, kind), l.runKey(lockID, runner)
+	keys := []*datastore.Key{wk, uk}
+	if key != "" {
+		keys = append(keys, l.recordKey(lockID, key))
+	}
+	err := l.transact(ctx, func(tx *datastore.Transaction) error {
+		ok = false
+		var (
+			wake wakeEntity
+			recs = make([]recordEntity, 2)
+		)
+		dst := []any{&wake, &recs[0], &recs[1]}
+		fs, err := found(tx.GetMulti(keys, dst[:len(keys)]), len(keys))
+		if err != nil {
+			return err
+		}
+		if fs[0] && uint64(wake.Gen) == gen {
+			if err := tx.Delete(wk); err != nil {
+				return err
+			}
+		}
+		if fs[1] {
+			got, ok = recs[0], true
+			return nil
+		}
+		if key == "" || !fs[2] || tasks.WaiterState(recs[1].State) != tasks.Waiting {
+			return nil
+		}
+		run, err := l.claimIn(tx, keys[2], uk, recs[1], runner)
+		got, ok = run, err == nil
+		return err
+	})
+	if err == nil && ok {
+		var w tasks.Waiter
+		if w, err = l.waiter(ctx, got); err == nil {
+			return w, true, nil
+		}
+	}
+	if err != nil {
+		return tasks.Waiter{}, false, fmt.Errorf("dswait: take a wake and claim %q: %w", key, err)
+	}
+	return tasks.Waiter{}, false, nil
+}
+
+// claimIn writes, in tx, the claim of the waiting record rec (at rk) by
+// runner (its run at uk), and returns the run.
+func (l *List) claimIn(tx *datastore.Transaction, rk, uk *datastore.Key, rec recordEntity, runner string) (recordEntity, error) {
+	run := rec
+	run.State, run.Runner, run.Q = int(tasks.Running), runner, ""
+	if _, err := tx.Put(uk, &run); err != nil {
+		return recordEntity{}, err
+	}
+	if rec.Coalesce {
+		return run, tx.Delete(rk)
+	}
+	rec.State, rec.Runner, rec.Q = int(tasks.Running), runner, ""
+	rec.Body, rec.BodyName, rec.BodyParts = nil, "", 0
+	rec.ExpiresAt = l.now().Add(MaxWait).UTC()
+	_, err := tx.Put(rk, &rec)
+	return run, err
 }
 
 // waiter reads r's body and returns it as a Waiter.

@@ -28,6 +28,8 @@ func Run(t *testing.T, newList func(t *testing.T) tasks.WaitList) {
 	t.Run("StaleWakeIsArmedAgain", func(t *testing.T) { testStale(t, newList(t)) })
 	t.Run("ConcurrentArmsArmOne", func(t *testing.T) { testConcurrentArm(t, newList(t)) })
 	t.Run("LargeBody", func(t *testing.T) { testLargeBody(t, newList(t)) })
+	t.Run("TakeClaimIsOneStep", func(t *testing.T) { testTakeClaim(t, newList(t)) })
+	t.Run("TakeClaimHasOneWinner", func(t *testing.T) { testTakeClaimRace(t, newList(t)) })
 }
 
 var t0 = time.Date(2026, 1, 2, 3, 4, 5, 123456000, time.UTC)
@@ -567,5 +569,121 @@ func RunRetention(t *testing.T, l tasks.WaitList, advance func(time.Duration)) {
 	}
 	if w, ok := claim(t, l, id, "q/named", "r2"); !ok || string(w.Body) != `{"again":1}` {
 		t.Fatalf("claim of the re-enqueued task: %v, body %q", ok, w.Body)
+	}
+}
+
+func takeClaim(t *testing.T, l tasks.WaitList, id string, w tasks.Wake, key, runner string) (tasks.Waiter, bool) {
+	t.Helper()
+	wt, ok, err := l.TakeClaim(t.Context(), id, w.Kind, w.Gen, key, runner)
+	if err != nil {
+		t.Fatalf("TakeClaim(%q, %v %d, %q, %q): %v", id, w.Kind, w.Gen, key, runner, err)
+	}
+	return wt, ok
+}
+
+func testTakeClaim(t *testing.T, l tasks.WaitList) {
+	id := lockID(t)
+	park(t, l, id, tasks.Waiter{Key: "q/a", Job: "ja", Arrived: t0, Body: []byte(`{"a":1}`)})
+	park(t, l, id, tasks.Waiter{Key: "q/b", Job: "jb", Arrived: t0.Add(time.Second), Body: []byte(`{"b":1}`)})
+	h1 := arm(t, l, id, tasks.Handoff, time.Now())
+	if h1.IsZero() {
+		t.Fatal("no hand-off armed")
+	}
+	// A stale generation claims but takes nothing.
+	stale := h1
+	stale.Gen++
+	if w, ok := takeClaim(t, l, id, stale, "q/a", "r1"); !ok || w.Key != "q/a" || string(w.Body) != `{"a":1}` {
+		t.Fatalf("TakeClaim of the head with another wake's generation: %+v, %v; want q/a claimed with its body", w, ok)
+	}
+	if w := arm(t, l, id, tasks.Handoff, time.Now()); !w.IsZero() {
+		t.Fatalf("a TakeClaim with another generation took the pending hand-off: Arm gave %+v", w)
+	}
+	finish(t, l, id, "q/a", "r1")
+	// The pending wake's generation takes it, with the claim.
+	if w, ok := takeClaim(t, l, id, h1, "q/b", "r2"); !ok || w.Key != "q/b" || w.Job != "jb" || string(w.Body) != `{"b":1}` {
+		t.Fatalf("TakeClaim of q/b: %+v, %v; want q/b claimed with its body", w, ok)
+	}
+	if st, runner := state(t, l, id, "q/b"); st != tasks.Running || runner != "r2" {
+		t.Fatalf("q/b after TakeClaim: %v by %q; want running by r2", st, runner)
+	}
+	if ok, _ := take(t, l, id, h1, time.Time{}); ok {
+		t.Error("the hand-off TakeClaim took is still pending")
+	}
+	// A retry of r2's wake gets r2's unfinished claim back, whatever key it
+	// names, and claims nothing else.
+	park(t, l, id, tasks.Waiter{Key: "q/c", Job: "jc", Arrived: t0.Add(2 * time.Second), Body: []byte(`{"c":1}`)})
+	h2 := arm(t, l, id, tasks.Handoff, time.Now())
+	if h2.IsZero() || sameWake(h2, h1) {
+		t.Fatalf("after the take, Arm gave %+v; want a new hand-off", h2)
+	}
+	if w, ok := takeClaim(t, l, id, h1, "q/c", "r2"); !ok || w.Key != "q/b" || string(w.Body) != `{"b":1}` {
+		t.Fatalf("TakeClaim by a runner with an unfinished claim: %+v, %v; want its claim of q/b back", w, ok)
+	}
+	if st, _ := state(t, l, id, "q/c"); st != tasks.Waiting {
+		t.Fatalf("q/c after a TakeClaim that returned another claim: %v; want waiting", st)
+	}
+	if w, ok := takeClaim(t, l, id, h1, "", "r2"); !ok || w.Key != "q/b" {
+		t.Fatalf("TakeClaim with no key by a runner with an unfinished claim: %+v, %v; want q/b", w, ok)
+	}
+	finish(t, l, id, "q/b", "r2")
+	// With no key, it takes the wake and claims nothing.
+	if w, ok := takeClaim(t, l, id, h2, "", "r3"); ok {
+		t.Fatalf("TakeClaim with no key claimed %+v", w)
+	}
+	if ok, _ := take(t, l, id, h2, time.Time{}); ok {
+		t.Error("the hand-off a TakeClaim with no key took is still pending")
+	}
+	if st, _ := state(t, l, id, "q/c"); st != tasks.Waiting {
+		t.Fatalf("q/c after a TakeClaim with no key: %v; want waiting", st)
+	}
+	// A Safety wake is taken the same way.
+	park(t, l, id, tasks.Waiter{Key: "q/d", Job: "jd", Arrived: t0.Add(3 * time.Second), Body: []byte(`{}`)})
+	// (Park armed one due an hour ahead: an earlier one supersedes it.)
+	safety := arm(t, l, id, tasks.Safety, time.Now().Add(time.Minute))
+	if safety.IsZero() {
+		t.Fatal("no Safety wake armed")
+	}
+	if _, ok := takeClaim(t, l, id, safety, "q/c", "r4"); !ok {
+		t.Fatal("TakeClaim by a Safety wake claimed nothing")
+	}
+	if w := arm(t, l, id, tasks.Safety, time.Now().Add(time.Hour)); w.IsZero() {
+		t.Error("the Safety wake TakeClaim took is still pending")
+	}
+}
+
+func testTakeClaimRace(t *testing.T, l tasks.WaitList) {
+	id := lockID(t)
+	park(t, l, id, tasks.Waiter{Key: "q/a", Job: "j", Arrived: t0, Body: []byte(`{}`)})
+	h := arm(t, l, id, tasks.Handoff, time.Now())
+	const n = 8
+	var (
+		wg   sync.WaitGroup
+		mu   sync.Mutex
+		won  []string
+		errs []error
+	)
+	for i := range n {
+		wg.Go(func() {
+			runner := fmt.Sprintf("r%d", i)
+			_, ok, err := l.TakeClaim(t.Context(), id, h.Kind, h.Gen, "q/a", runner)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				errs = append(errs, err)
+			}
+			if ok {
+				won = append(won, runner)
+			}
+		})
+	}
+	wg.Wait()
+	if len(errs) > 0 {
+		t.Fatalf("concurrent TakeClaims failed: %v", errs)
+	}
+	if len(won) != 1 {
+		t.Fatalf("%d concurrent TakeClaims won (%v), want exactly 1", len(won), won)
+	}
+	if ok, _ := take(t, l, id, h, time.Time{}); ok {
+		t.Error("the hand-off is still pending after concurrent TakeClaims")
 	}
 }
