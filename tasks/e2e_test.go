@@ -408,7 +408,7 @@ func TestE2EBadRequests(t *testing.T) {
 	defer admin.Close()
 
 	bodies := map[string]string{
-		"malformed":   `{"v":1,"job":"known"`,
+		"malformed": `{"v":1,"job":"known"`,
 		// Unknown for longer than UnknownJobGrace: dropped.
 		"unknown-job": `{"v":1,"job":"unknown","lockId":"lock-u","enqueuedAt":"2026-01-01T00:00:00Z"}`,
 		"oversized":   envelopeBody("known", "lock-o", strings.Repeat("x", 2000)),

@@ -201,6 +201,16 @@ type MemoryWaitList struct {
 	mu    sync.Mutex
 	locks map[string]*memList // guarded by mu
 	now   func() time.Time
+	// expiry lists the lock ids in the order their records finished, so
+	// that a lock id's list is dropped once nothing in it is kept (its
+	// finished records past retention, nothing waiting, running or
+	// pending); guarded by mu.
+	expiry []memExpiry
+}
+
+type memExpiry struct {
+	lockID string
+	at     time.Time
 }
 
 type memList struct {
@@ -265,18 +275,35 @@ func randomEpoch() uint64 {
 }
 
 // list returns lockID's list, dropping finished records past retention
-// (those at the front of its finished records: amortised O(1)). m.mu must
-// be held.
+// (those at the front of its finished records) and the lists of other lock
+// ids that keep nothing any more (amortised O(1) per call). m.mu must be
+// held.
 func (m *MemoryWaitList) list(lockID string) *memList {
 	if m.locks == nil {
 		m.locks = map[string]*memList{}
+	}
+	now := m.clock()
+	for len(m.expiry) > 0 && now.Sub(m.expiry[0].at) > FinishedRetention {
+		id := m.expiry[0].lockID
+		m.expiry[0] = memExpiry{}
+		m.expiry = m.expiry[1:]
+		if l := m.locks[id]; l != nil && id != lockID {
+			if l.expire(now); l.empty(now) {
+				delete(m.locks, id)
+			}
+		}
 	}
 	l := m.locks[lockID]
 	if l == nil {
 		l = &memList{epoch: randomEpoch(), recs: map[string]*memRecord{}, runs: map[string]*memRecord{}}
 		m.locks[lockID] = l
 	}
-	now := m.clock()
+	l.expire(now)
+	return l
+}
+
+// expire drops l's finished records past retention.
+func (l *memList) expire(now time.Time) {
 	for len(l.finished) > 0 {
 		f := l.finished[0]
 		r := f.r
@@ -289,7 +316,17 @@ func (m *MemoryWaitList) list(lockID string) *memList {
 		l.finished[0] = memFinished{}
 		l.finished = l.finished[1:]
 	}
-	return l
+}
+
+// empty reports whether l keeps nothing at now: no record, no claim, no
+// pending wake that is not stale.
+func (l *memList) empty(now time.Time) bool {
+	for _, p := range l.pending {
+		if !p.IsZero() && now.Sub(p.Due) < StaleWake {
+			return false
+		}
+	}
+	return len(l.recs) == 0 && len(l.runs) == 0
 }
 
 // finish marks r Finished at now. m.mu must be held.
@@ -481,6 +518,8 @@ func (m *MemoryWaitList) Finish(_ context.Context, lockID, key, runner string) e
 		r = &memRecord{w: Waiter{Key: key}}
 		l.recs[key] = r
 	}
-	l.finish(r, m.clock())
+	now := m.clock()
+	l.finish(r, now)
+	m.expiry = append(m.expiry, memExpiry{lockID: lockID, at: now})
 	return nil
 }
