@@ -107,11 +107,15 @@
 //     finished after the run, before its release: a duplicate of it (also a
 //     retry of a run longer than its dispatch deadline, parked meanwhile)
 //     does not run again.
-//   - Removed jobs. A waiter whose job is not registered (a deploy removed
-//     or renamed it, or the wake reached an instance of an older revision)
-//     is set aside: claimed and finished, with an ERROR log naming it (a
-//     coalescing waiter just leaves its key), and the next waiter runs: it
-//     never blocks its lock id.
+//   - Unknown and removed jobs. A waiter whose job the instance a wake
+//     reached does not have is claimed by that wake. Parked within
+//     UnknownJobGrace (15 min), it may be of a job a rolling deploy is
+//     adding: the wake is answered 503 and keeps the claim, and its retry,
+//     on an instance that may have the job, runs it (the waiters behind it
+//     are handed the lock meanwhile, so it may run after them). Parked
+//     longer ago, its job was removed or renamed: it is set aside, finished
+//     with an ERROR log naming it (a coalescing waiter just leaves its key).
+//     Either way it never blocks its lock id.
 //   - Coalescing (opt-in per job: Coalesce). A coalescing job has one
 //     waiter per lock id: while it waits, further deliveries are absorbed
 //     (204, logged with coalesced=true); its run gets the payload of the

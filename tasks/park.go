@@ -224,8 +224,11 @@ type outcome struct {
 	// parkLater: older waiters wait; the delivery parks after the release
 	parkLater bool
 	wakeErr   error // a wake (safety net) could not be made: answer 503
-	listErr   error // the wait list failed
-	busy      *locking.NotAcquiredError
+	// unknownJob is a claimed waiter whose job this instance does not have,
+	// parked within UnknownJobGrace: answer 503, its wake's retry runs it.
+	unknownJob Waiter
+	listErr    error // the wait list failed
+	busy       *locking.NotAcquiredError
 
 	beforeJob func() error // a Safety wake's arming of the next one, before its job runs
 	after     func()       // waits for work that went with the release
@@ -272,6 +275,10 @@ func (w *Worker) answerParked(rw http.ResponseWriter, r *http.Request, log *slog
 	case o.wakeErr != nil:
 		log.ErrorContext(ctx, "tasks: parking: creating the wake failed; retrying", "error", o.wakeErr)
 		http.Error(rw, "parking failed", StatusRetry)
+	case o.unknownJob.Key != "":
+		log.WarnContext(ctx, "tasks: the parked task's job is not registered on this instance (a deploy adding it in progress?); retrying the wake, which keeps it claimed",
+			"waiter", o.unknownJob.Key, "waiter_job", o.unknownJob.Job, "arrived", o.unknownJob.Arrived, "set_aside_after", o.unknownJob.Arrived.Add(UnknownJobGrace))
+		http.Error(rw, "job not registered here", StatusRetry)
 	case !o.ran && o.retry:
 		// This delivery's own run failed and is retried: as in 429 mode.
 		rw.Header().Set("Retry-After", strconv.Itoa(w.retryAfter(o.busy.Remaining)))
@@ -601,7 +608,10 @@ func (p *parking) claim(ctx context.Context, lockID, key, self string, turn *wak
 // the wait list recorded it (or, for a wake's retry, the waiter this wake
 // claimed before), taking the wake of turn (nil: taken already) with its
 // claim. Waiters whose job is not registered (a deploy removed or renamed
-// it) are set aside: marked finished, with an ERROR log naming them.
+// it) are set aside: marked finished, with an ERROR log naming them — once
+// they were parked UnknownJobGrace ago; before that (a deploy adding the
+// job may be rolling out) the wake is answered 503 and keeps its claim, so
+// that its retry runs the waiter.
 func (w *Worker) runOldest(ctx context.Context, log *slog.Logger, d *Delivery, self string, since time.Time, turn *wakeTake, o *outcome) error {
 	p := w.park
 	for range maxSetAside {
@@ -631,6 +641,13 @@ func (w *Worker) runOldest(ctx context.Context, log *slog.Logger, d *Delivery, s
 		first := since
 		if wt.Key != key {
 			first = time.Time{} // this wake's own claim, run again
+		}
+		if w.job(wt.Job) == nil && newJobPossible(wt.Arrived) {
+			// A deploy adding the job may be rolling out: the claim stays
+			// this wake's, and the wake's retry (on an instance that may
+			// have the job) gets it back and runs it.
+			o.unknownJob = wt
+			return errNotRun
 		}
 		if w.job(wt.Job) == nil {
 			log.ErrorContext(ctx, "tasks: setting aside a parked task whose job is not registered (removed or renamed by a deploy?); it will not run",

@@ -68,9 +68,9 @@ func TestParkSafetyWakeSurvivesItsOwnRun(t *testing.T) {
 }
 
 // TestParkSetAsideCoalescingWaiterFreesItsKey: a wake that sets aside a
-// coalescing waiter (its job unknown on the instance the wake reached, e.g.
-// an old revision during a deploy that adds the job) must not mark the
-// shared coalesce key finished: the next delivery of that job runs.
+// coalescing waiter (its job unknown on the instance the wake reached, and
+// parked longer than UnknownJobGrace ago) must not mark the shared coalesce
+// key finished: the next delivery of that job runs.
 func TestParkSetAsideCoalescingWaiterFreesItsKey(t *testing.T) {
 	const lease = time.Second
 	list := &tasks.MemoryWaitList{}
@@ -78,7 +78,7 @@ func TestParkSetAsideCoalescingWaiterFreesItsKey(t *testing.T) {
 	old := newParkFleet(t, 1, lease, list, nil, func(_ int, w *tasks.Worker) { w.Handle("other", runs.job) })
 	body, _ := json.Marshal(map[string]any{"v": 1, "job": "refresh", "lockId": "c9", "enqueuedAt": time.Now().UTC()})
 	key := "coalesce/jobs/refresh"
-	if _, _, _, err := list.Park(t.Context(), "c9", tasks.Waiter{Key: key, Arrived: time.Now(), Job: "refresh", Body: body, Coalesce: true}, time.Now().Add(time.Hour)); err != nil {
+	if _, _, _, err := list.Park(t.Context(), "c9", tasks.Waiter{Key: key, Arrived: time.Now().Add(-tasks.UnknownJobGrace - time.Minute), Job: "refresh", Body: body, Coalesce: true}, time.Now().Add(time.Hour)); err != nil {
 		t.Fatal(err)
 	}
 	holder := outsider(t, old, lease)
@@ -102,6 +102,44 @@ func TestParkSetAsideCoalescingWaiterFreesItsKey(t *testing.T) {
 	nw := newParkFleet(t, 1, lease, list, nil, func(_ int, w *tasks.Worker) { w.Handle("refresh", runs.job, tasks.Coalesce()) })
 	enqueueAll(t, nw.client, 1, func(int) tasks.Task { return tasks.Task{Job: "refresh", LockID: "c9", Payload: payload("new")} })
 	runs.waitRuns(t, `"new"`, 1, 5*time.Second)
+}
+
+// TestParkRolloutAddingAJob: during a rolling deploy that adds a job, the
+// wake of a task of that job parked a moment ago reaches an instance of the
+// old revision first. It must not set the task aside (it did: the task was
+// lost): the wake is answered 503 and keeps its claim, and its retry, on an
+// instance that has the job, runs the task once.
+func TestParkRolloutAddingAJob(t *testing.T) {
+	const lease = time.Second
+	list := &tasks.MemoryWaitList{}
+	var runs jobRuns
+	// The fleet's first delivery goes to worker 1, of the old revision;
+	// worker 0 is of the new one.
+	f := newParkFleet(t, 2, lease, list, nil, func(i int, w *tasks.Worker) {
+		if i == 0 {
+			w.Handle("new-job", runs.job)
+		}
+	})
+	body, _ := json.Marshal(map[string]any{"v": 1, "job": "new-job", "lockId": "ro", "payload": "n", "enqueuedAt": time.Now().UTC()})
+	if _, _, _, err := list.Park(t.Context(), "ro", tasks.Waiter{Key: "jobs/n1", Arrived: time.Now(), Job: "new-job", Body: body}, time.Now().Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	holder := outsider(t, f, lease)
+	if err := tasks.HandOff(holder, f.client, list, nil); err != nil {
+		t.Fatal(err)
+	}
+	<-holdFor(t, holder, "ro", 100*time.Millisecond) // its release hands off: a wake
+	runs.waitRuns(t, `"n"`, 1, 20*time.Second)
+	waitIdle(t, f.srv, 20*time.Second)
+	if n := runs.count(`"n"`); n != 1 {
+		t.Errorf("the task ran %d times, want once", n)
+	}
+	if st := f.statuses(); st[tasks.StatusRetry] < 1 {
+		t.Errorf("answers %v; want the old revision's 503 (else the test tested nothing)", st)
+	}
+	if logs := f.logs.String(); strings.Contains(logs, "setting aside") {
+		t.Errorf("the task was set aside:\n%s", logs)
+	}
 }
 
 // wakeRequest is a delivery of a wake task (as the worker's own wakes are).

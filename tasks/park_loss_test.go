@@ -198,7 +198,10 @@ func testRemovedJob(t *testing.T, list tasks.WaitList) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, _, _, err := list.Park(t.Context(), "r1", tasks.Waiter{Key: "jobs/old-task", Arrived: time.Now().Add(-time.Minute), Job: "gone", Body: body}, time.Now().Add(time.Hour)); err != nil {
+	// Parked before the deploy, longer than UnknownJobGrace ago (before
+	// that, an unknown job may be one a rolling deploy is adding: see
+	// TestParkRolloutAddingAJob).
+	if _, _, _, err := list.Park(t.Context(), "r1", tasks.Waiter{Key: "jobs/old-task", Arrived: time.Now().Add(-tasks.UnknownJobGrace - time.Minute), Job: "gone", Body: body}, time.Now().Add(time.Hour)); err != nil {
 		t.Fatal(err)
 	}
 	holder := outsider(t, f, lease)
