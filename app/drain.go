@@ -24,10 +24,13 @@ const MaxDrain = 9 * time.Second
 // DrainOnSIGTERM makes the functions end their requests in flight before
 // the process exits, when it receives SIGTERM (Cloud Run sends it before
 // shutting an instance down, and SIGKILL 10 s later). At SIGTERM every
-// request in flight has its context cancelled with cause ErrShutdown, so
+// Worker request in flight has its context cancelled with cause ErrShutdown, so
 // that a job stops and the Worker answers, releases its lock and hands it
 // on (a parked task behind it runs elsewhere at once, instead of after the
-// lock's lease and its safety wake); requests that arrive afterwards are
+// lock's lease and its safety wake); Enqueue's and CleanupLocks' requests,
+// which are short, run to their end within the wait instead (an Enqueue
+// cancelled after its task was created would answer an error, and its
+// caller enqueue the task again); requests that arrive afterwards are
 // answered 503 with Retry-After: 1. Once none is in flight, or wait (at
 // most MaxDrain) has passed, the process exits with status 0. Only the
 // functions registered with this option are waited for: other handlers of
@@ -64,8 +67,21 @@ func newDrainer(wait time.Duration) *drainer {
 }
 
 // serve runs next unless the instance is shutting down, with a context
-// that ends at the shutdown.
+// that ends, with cause ErrShutdown, at the shutdown: for the Worker, whose
+// jobs may run for minutes and must stop to release their locks.
 func (d *drainer) serve(w http.ResponseWriter, r *http.Request, next func(http.ResponseWriter, *http.Request)) {
+	d.run(w, r, next, true)
+}
+
+// serveToEnd runs next unless the instance is shutting down, and lets it
+// run to its end within the drain's wait: for the short requests of Enqueue
+// and CleanupLocks, whose cancelled answer would hide work already done
+// (a task created, then answered 502: its caller enqueues it again).
+func (d *drainer) serveToEnd(w http.ResponseWriter, r *http.Request, next func(http.ResponseWriter, *http.Request)) {
+	d.run(w, r, next, false)
+}
+
+func (d *drainer) run(w http.ResponseWriter, r *http.Request, next func(http.ResponseWriter, *http.Request), cancelAtShutdown bool) {
 	d.mu.Lock()
 	if d.closing {
 		d.mu.Unlock()
@@ -82,11 +98,17 @@ func (d *drainer) serve(w http.ResponseWriter, r *http.Request, next func(http.R
 		d.mu.Unlock()
 		d.flight.Done()
 	}()
-	ctx, cancel := context.WithCancelCause(r.Context())
-	defer cancel(nil)
-	stop := context.AfterFunc(d.ctx, func() { cancel(ErrShutdown) })
-	defer stop()
-	next(w, r.WithContext(ctx))
+	if cancelAtShutdown {
+		ctx, cancel := context.WithCancelCause(r.Context())
+		defer cancel(nil)
+		stop := context.AfterFunc(d.ctx, func() { cancel(ErrShutdown) })
+		defer stop()
+		r = r.WithContext(ctx)
+	}
+	next(w, r)
+	// The answer goes on the wire before the request counts as done: the
+	// process may exit as soon as none is in flight.
+	_ = http.NewResponseController(w).Flush()
 }
 
 // drain ends the requests in flight and waits for them, at most d.wait; it

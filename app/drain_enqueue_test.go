@@ -16,13 +16,13 @@ import (
 	"github.com/taskguard/taskguard/tasks/taskstest"
 )
 
-// TestDrainLetsAnEnqueueFinish: DrainOnSIGTERM cancels every request in
-// flight of the functions at SIGTERM, Enqueue's too. An Enqueue whose
-// CreateTask has created the task but not yet answered (CreateTask takes
-// 2 s here, the task is made after its first half) is answered 502 though
-// the drain had 5 s to let it end: its caller, told it failed, enqueues
-// again, and the task (no name) runs twice. Expected: the Enqueue, a short
-// request, ends within the wait and answers 200 with the task's name.
+// TestDrainLetsAnEnqueueFinish: at SIGTERM DrainOnSIGTERM lets an Enqueue
+// in flight run to its end within the wait (serveToEnd, what Register and
+// Handler give every function but the Worker). Its CreateTask has created
+// the task but not yet answered (CreateTask takes 2 s here, the task is made
+// after its first half); cancelled, it answered 502 though the drain had
+// 5 s, and its caller, told it failed, enqueued again: the task (no name)
+// ran twice. It must answer 200 with the task's name.
 func TestDrainLetsAnEnqueueFinish(t *testing.T) {
 	emu := taskstest.Start(t, taskstest.Options{SubsecondBackoffs: true, CreateTaskLatency: 2 * time.Second})
 	if _, err := emu.CreateQueue(t.Context(), &cloudtaskspb.CreateQueueRequest{
@@ -54,7 +54,7 @@ func TestDrainLetsAnEnqueueFinish(t *testing.T) {
 	a.worker.Handle("echo", func(context.Context, *tasks.Delivery) error { ran <- struct{}{}; return nil })
 	mux.Handle("/Worker", a.Worker())
 	enqueue := a.Enqueue()
-	mux.HandleFunc("/Enqueue", func(w http.ResponseWriter, r *http.Request) { d.serve(w, r, enqueue.ServeHTTP) })
+	mux.HandleFunc("/Enqueue", func(w http.ResponseWriter, r *http.Request) { d.serveToEnd(w, r, enqueue.ServeHTTP) })
 
 	codes := make(chan int, 1)
 	go func() {

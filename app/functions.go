@@ -69,7 +69,7 @@ func Register(register func(name string, fn func(http.ResponseWriter, *http.Requ
 	if err != nil {
 		l.logger().Error("taskguard: the functions cannot start until the configuration is fixed", "error", err.Error())
 	}
-	fns.each(func(name string, h func(*App) http.Handler) { register(name, serveFrom(l, h)) })
+	fns.each(func(name string, h func(*App) http.Handler) { register(name, serveFrom(l, h, name == fns.Worker)) })
 }
 
 // Handler serves the functions named by fns at /<name>, as the Functions
@@ -80,7 +80,9 @@ func Register(register func(name string, fn func(http.ResponseWriter, *http.Requ
 func Handler(fns Functions, opts ...Option) http.Handler {
 	l := newLazyApp(opts)
 	mux := http.NewServeMux()
-	fns.each(func(name string, h func(*App) http.Handler) { mux.HandleFunc("/"+name, serveFrom(l, h)) })
+	fns.each(func(name string, h func(*App) http.Handler) {
+		mux.HandleFunc("/"+name, serveFrom(l, h, name == fns.Worker))
+	})
 	return mux
 }
 
@@ -200,7 +202,10 @@ func (l *lazyApp) failure() error {
 // answers 500 for a configuration error (which needs a new deployment) and
 // 503 with Retry-After for a failure that may pass (Cloud Tasks and Cloud
 // Scheduler retry both).
-func serveFrom(l *lazyApp, h func(*App) http.Handler) func(http.ResponseWriter, *http.Request) {
+//
+// With DrainOnSIGTERM, the Worker's requests (worker) are cancelled at
+// SIGTERM and the other functions' run to their end within the wait.
+func serveFrom(l *lazyApp, h func(*App) http.Handler, worker bool) func(http.ResponseWriter, *http.Request) {
 	var (
 		once    sync.Once
 		handler http.Handler
@@ -220,8 +225,12 @@ func serveFrom(l *lazyApp, h func(*App) http.Handler) func(http.ResponseWriter, 
 		once.Do(func() { handler = h(a) })
 		handler.ServeHTTP(w, r)
 	}
-	if l.drain == nil {
+	switch {
+	case l.drain == nil:
 		return serve
+	case worker:
+		return func(w http.ResponseWriter, r *http.Request) { l.drain.serve(w, r, serve) }
+	default:
+		return func(w http.ResponseWriter, r *http.Request) { l.drain.serveToEnd(w, r, serve) }
 	}
-	return func(w http.ResponseWriter, r *http.Request) { l.drain.serve(w, r, serve) }
 }

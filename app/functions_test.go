@@ -33,7 +33,7 @@ func TestAppBuildRecoversFromPassingFailure(t *testing.T) {
 		builds++
 		return New(context.Background(), cfg, slog.New(slog.DiscardHandler))
 	}}
-	h := serveFrom(l, (*App).Enqueue)
+	h := serveFrom(l, (*App).Enqueue, false)
 	call := func(wantStatus, wantBuilds int, wantRetryAfter string) {
 		t.Helper()
 		w := httptest.NewRecorder()
@@ -68,7 +68,7 @@ func TestAppBuildKeepsConfigurationErrors(t *testing.T) {
 		_, err := ConfigFromEnv(env(map[string]string{EnvLease: "soon"}))
 		return nil, err
 	}}
-	h := serveFrom(l, (*App).Worker)
+	h := serveFrom(l, (*App).Worker, true)
 	for range 3 {
 		w := httptest.NewRecorder()
 		h(w, httptest.NewRequest(http.MethodPost, "/", nil))

@@ -113,7 +113,7 @@ func TestNewRefusesMemoryOnCloudRun(t *testing.T) {
 	if !errors.Is(err, locking.ErrNoStrongBackend) || !strings.Contains(err.Error(), EnvProject) {
 		t.Fatalf("New on Cloud Run without a project = %v; want ErrNoStrongBackend naming %s", err, EnvProject)
 	}
-	h := serveFrom(l, (*App).Worker)
+	h := serveFrom(l, (*App).Worker, true)
 	for range 2 {
 		w := httptest.NewRecorder()
 		h(w, httptest.NewRequest(http.MethodPost, "/", nil))

@@ -499,14 +499,19 @@ func (e *permanentError) Is(target error) bool { return target == ErrPermanent }
 // than dropped or set aside: during a rolling deploy that adds a job, the
 // new revision's tasks reach instances of the old one, which must not lose
 // them. After it the task is taken for one whose job was removed or
-// renamed.
+// renamed. A rollout that splits traffic between revisions for longer than
+// the grace may still lose such tasks: finish it within the grace, or add a
+// job in a deploy of its own before the code that enqueues it.
 const UnknownJobGrace = 15 * time.Minute
 
 // newJobPossible reports whether a task enqueued (or parked) at t whose job
 // is not registered may be of a job a deploy is adding: t is known and
-// within UnknownJobGrace.
+// within UnknownJobGrace, and not more than a minute ahead of this clock (a
+// time far ahead is a wrong clock or a forged envelope, not a new task: it
+// would be retried for as long as it is ahead).
 func newJobPossible(t time.Time) bool {
-	return !t.IsZero() && time.Since(t) < UnknownJobGrace
+	age := time.Since(t)
+	return !t.IsZero() && age > -time.Minute && age < UnknownJobGrace
 }
 
 // errRunRecords marks a failed read of 429 mode's run records.
