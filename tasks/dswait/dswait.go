@@ -571,16 +571,7 @@ func (l *List) Claim(ctx context.Context, lockID, key, runner string) (tasks.Wai
 		got, ok = run, err == nil
 		return err
 	})
-	if err == nil && ok {
-		var w tasks.Waiter
-		if w, err = l.waiter(ctx, got); err == nil {
-			return w, true, nil
-		}
-	}
-	if err != nil {
-		return tasks.Waiter{}, false, fmt.Errorf("dswait: claim %q: %w", key, err)
-	}
-	return tasks.Waiter{}, false, nil
+	return l.claimed(ctx, got, ok, err, "claim", key)
 }
 
 // TakeClaim implements tasks.WaitList: a transaction of 1 lookup (the
@@ -623,6 +614,13 @@ func (l *List) TakeClaim(ctx context.Context, lockID string, kind tasks.WakeKind
 		got, ok = run, err == nil
 		return err
 	})
+	return l.claimed(ctx, got, ok, err, "take a wake and claim", key)
+}
+
+// claimed turns the outcome of a claiming transaction (Claim, TakeClaim)
+// into their results: the claimed run as a Waiter, its body read, or the
+// error, wrapped with what was done to key.
+func (l *List) claimed(ctx context.Context, got recordEntity, ok bool, err error, what, key string) (tasks.Waiter, bool, error) {
 	if err == nil && ok {
 		var w tasks.Waiter
 		if w, err = l.waiter(ctx, got); err == nil {
@@ -630,7 +628,7 @@ func (l *List) TakeClaim(ctx context.Context, lockID string, kind tasks.WakeKind
 		}
 	}
 	if err != nil {
-		return tasks.Waiter{}, false, fmt.Errorf("dswait: take a wake and claim %q: %w", key, err)
+		return tasks.Waiter{}, false, fmt.Errorf("dswait: %s %q: %w", what, key, err)
 	}
 	return tasks.Waiter{}, false, nil
 }
