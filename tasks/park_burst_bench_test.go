@@ -76,6 +76,81 @@ func BenchmarkParkBurst(b *testing.B) {
 	}
 }
 
+// burstRuns records the runs of a burst's job: how often each task ran,
+// when each run ended, and runs that overlapped another.
+type burstRuns struct {
+	mu           sync.Mutex
+	runs         map[int]int // task index -> runs; guarded by mu
+	ends         []time.Time // guarded by mu
+	inside, over atomic.Int32
+}
+
+func newBurstRuns() *burstRuns { return &burstRuns{runs: map[int]int{}} }
+
+// job is the burst's job: it works for work; its payload is the task's
+// index.
+func (br *burstRuns) job(work time.Duration) tasks.JobFunc {
+	return func(ctx context.Context, d *tasks.Delivery) error {
+		if br.inside.Add(1) != 1 {
+			br.over.Add(1)
+		}
+		defer br.inside.Add(-1)
+		var i int
+		if err := d.Decode(&i); err != nil {
+			return tasks.Permanent(err)
+		}
+		time.Sleep(work)
+		br.mu.Lock()
+		br.runs[i]++
+		br.ends = append(br.ends, time.Now())
+		br.mu.Unlock()
+		return nil
+	}
+}
+
+// wait returns once n tasks ran or limit passed, looking every poll.
+func (br *burstRuns) wait(n int, limit time.Time, poll time.Duration) {
+	for {
+		br.mu.Lock()
+		done := len(br.runs)
+		br.mu.Unlock()
+		if done >= n || time.Now().After(limit) {
+			return
+		}
+		time.Sleep(poll)
+	}
+}
+
+// tally returns the span from start to the last run's end, the tasks of
+// 0..n-1 that never ran, the runs beyond one of those that ran more than
+// once, and the runs that overlapped another.
+func (br *burstRuns) tally(start time.Time, n int) (span time.Duration, missing, repeated, overlaps int) {
+	br.mu.Lock()
+	defer br.mu.Unlock()
+	for _, e := range br.ends {
+		span = max(span, e.Sub(start))
+	}
+	for i := range n {
+		switch c := br.runs[i]; {
+		case c == 0:
+			missing++
+		case c > 1:
+			repeated += c - 1
+		}
+	}
+	return span, missing, repeated, int(br.over.Load())
+}
+
+// countCreates counts the CreateTask calls made through a connection.
+func countCreates(n *atomic.Int64) grpc.UnaryClientInterceptor {
+	return func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		if _, ok := req.(*cloudtaskspb.CreateTaskRequest); ok {
+			n.Add(1)
+		}
+		return invoker(ctx, method, req, reply, cc, opts...)
+	}
+}
+
 type parkBurstResult struct {
 	span                time.Duration
 	creates, dispatches int
@@ -92,36 +167,12 @@ func parkBurst(b *testing.B, list tasks.WaitList, n int) parkBurstResult {
 	const work = 100 * time.Millisecond
 	var (
 		creates atomic.Int64
+		burst   = newBurstRuns()
 		mu      sync.Mutex
-		runs    = map[int]int{}
-		ends    []time.Time
 		starts  = map[int]time.Time{}
-		inside  atomic.Int32
-		over    atomic.Int32
 	)
-	count := func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
-		if _, ok := req.(*cloudtaskspb.CreateTaskRequest); ok {
-			creates.Add(1)
-		}
-		return invoker(ctx, method, req, reply, cc, opts...)
-	}
 	f := newParkFleetWith(b, 3, 30*time.Second, list, nil, func(_ int, w *tasks.Worker) {
-		w.Handle("burst", func(ctx context.Context, d *tasks.Delivery) error {
-			if inside.Add(1) != 1 {
-				over.Add(1)
-			}
-			defer inside.Add(-1)
-			var i int
-			if err := d.Decode(&i); err != nil {
-				return tasks.Permanent(err)
-			}
-			time.Sleep(work)
-			mu.Lock()
-			runs[i]++
-			ends = append(ends, time.Now())
-			mu.Unlock()
-			return nil
-		})
+		w.Handle("burst", burst.job(work))
 		w.Handle("other", func(ctx context.Context, d *tasks.Delivery) error {
 			var i int
 			_ = d.Decode(&i)
@@ -132,7 +183,7 @@ func parkBurst(b *testing.B, list tasks.WaitList, n int) parkBurstResult {
 			mu.Unlock()
 			return nil
 		})
-	}, option.WithGRPCDialOption(grpc.WithChainUnaryInterceptor(count)))
+	}, option.WithGRPCDialOption(grpc.WithChainUnaryInterceptor(countCreates(&creates))))
 	// The Workers' client counts CreateTask; the enqueuer is another.
 	enq, err := tasks.NewClient(b.Context(), baseConfig(f.url), f.srv.ClientOptions()...)
 	if err != nil {
@@ -174,16 +225,7 @@ func parkBurst(b *testing.B, list tasks.WaitList, n int) parkBurstResult {
 			mu.Unlock()
 		}
 	}()
-	limit := time.Now().Add(3*ideal + time.Minute)
-	for {
-		mu.Lock()
-		done := len(runs)
-		mu.Unlock()
-		if done >= n || time.Now().After(limit) {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	burst.wait(n, time.Now().Add(3*ideal+time.Minute), 20*time.Millisecond)
 	close(otherStop)
 	<-otherDone
 	ctx, cancel := context.WithTimeout(b.Context(), 2*time.Minute)
@@ -195,18 +237,7 @@ func parkBurst(b *testing.B, list tasks.WaitList, n int) parkBurstResult {
 	mu.Lock()
 	defer mu.Unlock()
 	var r parkBurstResult
-	for _, e := range ends {
-		r.span = max(r.span, e.Sub(start))
-	}
-	for i := range n {
-		switch c := runs[i]; {
-		case c == 0:
-			r.missing++
-		case c > 1:
-			r.repeated += c - 1
-		}
-	}
-	r.overlaps = int(over.Load())
+	r.span, r.missing, r.repeated, r.overlaps = burst.tally(start, n)
 	r.creates = int(creates.Load())
 	var lat []time.Duration
 	for i, at := range enqueued {

@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"cloud.google.com/go/cloudtasks/apiv2/cloudtaskspb"
 	dsclient "cloud.google.com/go/datastore"
 	"google.golang.org/api/option"
 	"google.golang.org/grpc"
@@ -130,31 +129,12 @@ func parkDistance(b *testing.B, m netdelay.Model, n int, work time.Duration) par
 
 	var (
 		creates atomic.Int64
-		mu      sync.Mutex
-		runs    = map[int]int{}
-		ends    []time.Time
+		burst   = newBurstRuns()
 	)
-	count := func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
-		if _, ok := req.(*cloudtaskspb.CreateTaskRequest); ok {
-			creates.Add(1)
-		}
-		return invoker(ctx, method, req, reply, cc, opts...)
-	}
 	f := newParkFleetEnv(b, 3, locking.DefaultLease, list, fleetEnv{tasks: m.TasksOptions(taskstest.Options{}), backend: backend}, nil,
 		func(_ int, w *tasks.Worker) {
-			w.Handle("burst", func(ctx context.Context, d *tasks.Delivery) error {
-				var i int
-				if err := d.Decode(&i); err != nil {
-					return tasks.Permanent(err)
-				}
-				time.Sleep(work)
-				mu.Lock()
-				runs[i]++
-				ends = append(ends, time.Now())
-				mu.Unlock()
-				return nil
-			})
-		}, option.WithGRPCDialOption(grpc.WithChainUnaryInterceptor(count)))
+			w.Handle("burst", burst.job(work))
+		}, option.WithGRPCDialOption(grpc.WithChainUnaryInterceptor(countCreates(&creates))))
 	enq, err := tasks.NewClient(b.Context(), baseConfig(f.url), f.srv.ClientOptions()...)
 	if err != nil {
 		b.Fatal(err)
@@ -173,36 +153,15 @@ func parkDistance(b *testing.B, m netdelay.Model, n int, work time.Duration) par
 		})
 	}
 	eg.Wait()
-	limit := time.Now().Add(2 * time.Minute)
-	for {
-		mu.Lock()
-		done := len(runs)
-		mu.Unlock()
-		if done >= n || time.Now().After(limit) {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	burst.wait(n, time.Now().Add(2*time.Minute), 10*time.Millisecond)
 	r := parkDistanceResult{rpcs: listRPCs.n.Load() + lockRPCs.n.Load(), lockRPCs: lockRPCs.n.Load(), rtt: commits[len(commits)/2]}
 	ctx, cancel := context.WithTimeout(b.Context(), 2*time.Minute)
 	defer cancel()
 	if err := f.srv.WaitIdle(ctx, queueName); err != nil {
 		b.Logf("the queue did not empty: %v", err)
 	}
-	mu.Lock()
-	defer mu.Unlock()
-	for _, end := range ends {
-		r.span = max(r.span, end.Sub(start))
-	}
-	missing, repeated := 0, 0
-	for i := range n {
-		switch c := runs[i]; {
-		case c == 0:
-			missing++
-		case c > 1:
-			repeated += c - 1
-		}
-	}
+	var missing, repeated int
+	r.span, missing, repeated, _ = burst.tally(start, n)
 	if missing > 0 || repeated > 0 {
 		b.Errorf("%d tasks: %d missing, %d ran more than once", n, missing, repeated)
 	}
