@@ -40,24 +40,30 @@ func TestMain(m *testing.M) {
 // newList returns a List on the emulator of mode m, on a fresh namespace.
 func newList(t *testing.T, m dstest.Mode) tasks.WaitList {
 	t.Helper()
-	e := emulators.Get(t, m, true)
-	cc, err := e.Dial()
-	if err != nil {
-		t.Fatal(err)
-	}
-	client, err := datastore.NewClient(t.Context(), e.ProjectID, option.WithGRPCConn(cc))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = client.Close()
-		_ = cc.Close()
-	})
-	l, err := dswait.New(client, dswait.Options{Namespace: "dswait"})
+	l, err := dswait.New(emulatorClient(t, emulators.Get(t, m, true)), dswait.Options{Namespace: "dswait"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	return l
+}
+
+// emulatorClient is a Datastore client of the emulator e, through a
+// connection dialled with opts, closed when tb ends.
+func emulatorClient(tb testing.TB, e *dstest.Emulator, opts ...grpc.DialOption) *datastore.Client {
+	tb.Helper()
+	cc, err := e.Dial(opts...)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	client, err := datastore.NewClient(tb.Context(), e.ProjectID, option.WithGRPCConn(cc))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() {
+		_ = client.Close()
+		_ = cc.Close()
+	})
+	return client
 }
 
 func TestConformance(t *testing.T) {
@@ -108,19 +114,7 @@ func (r *rpcLog) take() []string {
 func TestCost(t *testing.T) {
 	e := emulators.Get(t, dstest.Firestore, true)
 	var log rpcLog
-	cc, err := e.Dial(grpc.WithChainUnaryInterceptor(log.intercept))
-	if err != nil {
-		t.Fatal(err)
-	}
-	client, err := datastore.NewClient(t.Context(), e.ProjectID, option.WithGRPCConn(cc))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = client.Close()
-		_ = cc.Close()
-	})
-	l, err := dswait.New(client, dswait.Options{Namespace: "cost"})
+	l, err := dswait.New(emulatorClient(t, e, grpc.WithChainUnaryInterceptor(log.intercept)), dswait.Options{Namespace: "cost"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -195,19 +189,7 @@ func TestCost(t *testing.T) {
 // skips would grow from one figure to the next.
 func BenchmarkHeadAsRecordsPileUp(b *testing.B) {
 	const n = 1000
-	e := emulators.Get(b, dstest.Firestore, true)
-	cc, err := e.Dial()
-	if err != nil {
-		b.Fatal(err)
-	}
-	client, err := datastore.NewClient(b.Context(), e.ProjectID, option.WithGRPCConn(cc))
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() {
-		_ = client.Close()
-		_ = cc.Close()
-	})
+	client := emulatorClient(b, emulators.Get(b, dstest.Firestore, true))
 	for b.Loop() {
 		l, err := dswait.New(client, dswait.Options{Namespace: fmt.Sprintf("pileup-%d", time.Now().UnixNano())})
 		if err != nil {
