@@ -250,34 +250,9 @@ func testClaim(t *testing.T, l tasks.WaitList) {
 		t.Fatal("claim of a key never parked succeeded")
 	}
 	park(t, l, id, tasks.Waiter{Key: "q/a", Arrived: t0, Body: []byte(`{"a":1}`)})
-	const n = 8
-	var (
-		wg   sync.WaitGroup
-		mu   sync.Mutex
-		won  []string
-		errs []error
-	)
-	for i := range n {
-		wg.Go(func() {
-			runner := fmt.Sprintf("r%d", i)
-			_, ok, err := l.Claim(t.Context(), id, "q/a", runner)
-			mu.Lock()
-			defer mu.Unlock()
-			if err != nil {
-				errs = append(errs, err)
-			}
-			if ok {
-				won = append(won, runner)
-			}
-		})
-	}
-	wg.Wait()
-	if len(errs) > 0 {
-		t.Fatalf("concurrent claims failed: %v", errs)
-	}
-	if len(won) != 1 {
-		t.Fatalf("%d concurrent claims won (%v), want exactly 1", len(won), won)
-	}
+	won := raceOnce(t, "claims", func(runner string) (tasks.Waiter, bool, error) {
+		return l.Claim(t.Context(), id, "q/a", runner)
+	})
 	if st, runner := state(t, l, id, "q/a"); st != tasks.Running || runner != won[0] {
 		t.Fatalf("state after claim: %v by %q, want running by %q", st, runner, won[0])
 	}
@@ -651,10 +626,10 @@ func testTakeClaim(t *testing.T, l tasks.WaitList) {
 	}
 }
 
-func testTakeClaimRace(t *testing.T, l tasks.WaitList) {
-	id := lockID(t)
-	park(t, l, id, tasks.Waiter{Key: "q/a", Job: "j", Arrived: t0, Body: []byte(`{}`)})
-	h := arm(t, l, id, tasks.Handoff, time.Now())
+// raceOnce runs claim by 8 runners at once ("r0" ... "r7") and fails t
+// unless none failed and exactly one won; it returns the winners.
+func raceOnce(t *testing.T, what string, claim func(runner string) (tasks.Waiter, bool, error)) []string {
+	t.Helper()
 	const n = 8
 	var (
 		wg   sync.WaitGroup
@@ -665,7 +640,7 @@ func testTakeClaimRace(t *testing.T, l tasks.WaitList) {
 	for i := range n {
 		wg.Go(func() {
 			runner := fmt.Sprintf("r%d", i)
-			_, ok, err := l.TakeClaim(t.Context(), id, h.Kind, h.Gen, "q/a", runner)
+			_, ok, err := claim(runner)
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil {
@@ -678,11 +653,21 @@ func testTakeClaimRace(t *testing.T, l tasks.WaitList) {
 	}
 	wg.Wait()
 	if len(errs) > 0 {
-		t.Fatalf("concurrent TakeClaims failed: %v", errs)
+		t.Fatalf("concurrent %s failed: %v", what, errs)
 	}
 	if len(won) != 1 {
-		t.Fatalf("%d concurrent TakeClaims won (%v), want exactly 1", len(won), won)
+		t.Fatalf("%d concurrent %s won (%v), want exactly 1", len(won), what, won)
 	}
+	return won
+}
+
+func testTakeClaimRace(t *testing.T, l tasks.WaitList) {
+	id := lockID(t)
+	park(t, l, id, tasks.Waiter{Key: "q/a", Job: "j", Arrived: t0, Body: []byte(`{}`)})
+	h := arm(t, l, id, tasks.Handoff, time.Now())
+	raceOnce(t, "TakeClaims", func(runner string) (tasks.Waiter, bool, error) {
+		return l.TakeClaim(t.Context(), id, h.Kind, h.Gen, "q/a", runner)
+	})
 	if ok, _ := take(t, l, id, h, time.Time{}); ok {
 		t.Error("the hand-off is still pending after concurrent TakeClaims")
 	}
