@@ -142,6 +142,26 @@ func TestParkRolloutAddingAJob(t *testing.T) {
 	}
 }
 
+// memoryParkWorker is a Worker in park mode on an in-memory lock store
+// (1 s leases) and list, creating its wakes through a client with opts.
+func memoryParkWorker(t *testing.T, list tasks.WaitList, opts ...option.ClientOption) *tasks.Worker {
+	t.Helper()
+	locker, err := locking.New(locking.Config{Strong: memlock.New(), Lease: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := tasks.NewClient(t.Context(), baseConfig("http://127.0.0.1:1/Worker"), opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	w, err := tasks.NewWorker(locker, tasks.WithQueue("jobs"), tasks.WithParking(c, list))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return w
+}
+
 // wakeRequest is a delivery of a wake task (as the worker's own wakes are).
 func wakeRequest(task string, retry int) *http.Request {
 	body := fmt.Sprintf(`{"v":3,"job":"job","lockId":"w1","enqueuedAt":%q,"wake":{"kind":"handoff","epoch":1,"gen":7,"at":%q}}`,
@@ -158,20 +178,8 @@ func wakeRequest(task string, retry int) *http.Request {
 // A again, not claim B under the same runner and orphan A.
 func TestParkOneRunnerOneClaim(t *testing.T) {
 	list := &tasks.MemoryWaitList{}
-	locker, err := locking.New(locking.Config{Strong: memlock.New(), Lease: time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
 	srv := startQueue(t, taskstest.Options{}, nil) // wakes go to a queue nobody serves
-	c, err := tasks.NewClient(t.Context(), baseConfig("http://127.0.0.1:1/Worker"), srv.ClientOptions()...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	w, err := tasks.NewWorker(locker, tasks.WithQueue("jobs"), tasks.WithParking(c, list))
-	if err != nil {
-		t.Fatal(err)
-	}
+	w := memoryParkWorker(t, list, srv.ClientOptions()...)
 	var runs jobRuns
 	var failA atomic.Bool
 	failA.Store(true)
@@ -208,19 +216,7 @@ func TestParkOneRunnerOneClaim(t *testing.T) {
 // again.
 func TestParkDuplicateOfADirectRunDoesNotRun(t *testing.T) {
 	list := &tasks.MemoryWaitList{}
-	locker, err := locking.New(locking.Config{Strong: memlock.New(), Lease: time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := tasks.NewClient(t.Context(), baseConfig("http://127.0.0.1:1/Worker"), deadEndpoint(t)...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	w, err := tasks.NewWorker(locker, tasks.WithQueue("jobs"), tasks.WithParking(c, list))
-	if err != nil {
-		t.Fatal(err)
-	}
+	w := memoryParkWorker(t, list, deadEndpoint(t)...)
 	var runs jobRuns
 	w.Handle("job", runs.job)
 	for range 2 {
