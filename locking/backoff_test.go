@@ -56,29 +56,9 @@ func TestPollSchedule(t *testing.T) {
 				var lat []time.Duration
 				for range 101 {
 					store := memlock.New()
-					holder := newClient(t, store, locking.Config{})
-					waiter := newClient(t, store, locking.Config{})
-					l, err := holder.Acquire(t.Context(), "job", locking.Lease(2*time.Minute))
-					if err != nil {
-						t.Fatal(err)
-					}
-					got := make(chan time.Time, 1)
-					go func() {
-						w, err := waiter.Acquire(t.Context(), "job")
-						if err != nil {
-							t.Error(err)
-						}
-						got <- time.Now()
-						w.Release(t.Context())
-					}()
 					// Release at a random phase of the waiter's polls.
 					w := waited + rand.N(worst)
-					time.Sleep(w)
-					released := time.Now()
-					if err := l.Release(t.Context()); err != nil {
-						t.Fatal(err)
-					}
-					d := (<-got).Sub(released)
+					d := handOffAfter(t, store, store, w)
 					if d > bound(w) {
 						t.Errorf("a hand-off took %v after a wait of %v; want at most %v", d, w, bound(w))
 					}
@@ -128,28 +108,8 @@ func TestPollScheduleDistantStore(t *testing.T) {
 		var lat []time.Duration
 		for range 51 {
 			store := memlock.New()
-			holder := newClient(t, store, locking.Config{})
-			waiter := newClient(t, distant{store, delay}, locking.Config{})
-			l, err := holder.Acquire(t.Context(), "job", locking.Lease(2*time.Minute))
-			if err != nil {
-				t.Fatal(err)
-			}
-			got := make(chan time.Time, 1)
-			go func() {
-				w, err := waiter.Acquire(t.Context(), "job")
-				if err != nil {
-					t.Error(err)
-				}
-				got <- time.Now()
-				w.Release(t.Context())
-			}()
 			w := waited + rand.N(gap(waited))
-			time.Sleep(w)
-			released := time.Now()
-			if err := l.Release(t.Context()); err != nil {
-				t.Fatal(err)
-			}
-			d := (<-got).Sub(released)
+			d := handOffAfter(t, store, distant{store, delay}, w)
 			if most := max(gap(w), 2*delay) + delay; d > most {
 				t.Errorf("a hand-off took %v after a wait of %v, the store %v away; want at most %v", d, w, delay, most)
 			}
@@ -158,4 +118,32 @@ func TestPollScheduleDistantStore(t *testing.T) {
 		slices.Sort(lat)
 		t.Logf("hand-off p50 %v, max %v", lat[len(lat)/2], lat[len(lat)-1])
 	})
+}
+
+// handOffAfter has a client on holderStore hold a lock while a client on
+// waiterStore waits for it, releases it after w, and returns how long after
+// the release the waiter had it.
+func handOffAfter(t *testing.T, holderStore, waiterStore locking.Backend, w time.Duration) time.Duration {
+	t.Helper()
+	holder := newClient(t, holderStore, locking.Config{})
+	waiter := newClient(t, waiterStore, locking.Config{})
+	l, err := holder.Acquire(t.Context(), "job", locking.Lease(2*time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan time.Time, 1)
+	go func() {
+		w, err := waiter.Acquire(t.Context(), "job")
+		if err != nil {
+			t.Error(err)
+		}
+		got <- time.Now()
+		w.Release(t.Context())
+	}()
+	time.Sleep(w)
+	released := time.Now()
+	if err := l.Release(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	return (<-got).Sub(released)
 }
