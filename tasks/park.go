@@ -349,7 +349,7 @@ func (p *parking) safetyDue(remaining time.Duration) time.Time {
 // serveFresh handles a delivery of an enqueued task (not a wake).
 func (w *Worker) serveFresh(ctx context.Context, log *slog.Logger, j *job, d *Delivery, env envelope) (outcome, error) {
 	p := w.park
-	self := d.QueueName + "/" + d.TaskName
+	self := d.recordKey()
 	me := Waiter{Key: self, Arrived: time.Now(), Job: d.Job, Coalesce: j.coalesce}
 	if j.coalesce {
 		// One waiter per job and lock id (the wait list is per lock id).
@@ -499,7 +499,7 @@ func (w *Worker) holdFresh(ctx context.Context, log *slog.Logger, j *job, d *Del
 // leaves the turn to the holder's release (and a safety wake).
 func (w *Worker) serveWake(ctx context.Context, log *slog.Logger, j *job, d *Delivery, env envelope) (outcome, error) {
 	p := w.park
-	self := d.QueueName + "/" + d.TaskName
+	self := d.recordKey()
 	kind, gen := env.Wake.kind(), env.Wake.Gen
 	o, err := w.wakeTurn(ctx, log, j, d, self, kind, gen, env.Wake.At)
 	if kind == Safety {

@@ -458,6 +458,11 @@ type Delivery struct {
 	RetryReason      string
 }
 
+// recordKey is the key of the delivery's task in a WaitList (its waiter
+// record, its run record, and its runner name): the queue id and the task
+// name.
+func (d *Delivery) recordKey() string { return d.QueueName + "/" + d.TaskName }
+
 // Decode unmarshals the JSON payload into v.
 func (d *Delivery) Decode(v any) error {
 	if d.Payload == nil {
@@ -623,7 +628,7 @@ func (w *Worker) run(rw http.ResponseWriter, r *http.Request, log *slog.Logger, 
 	}
 	ran, done := false, false
 	var jobErr error
-	key := d.QueueName + "/" + d.TaskName
+	key := d.recordKey()
 	start := time.Now()
 	err := w.locker.With(r.Context(), d.LockID, func(ctx context.Context) (err error) {
 		if w.runs != nil {
