@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/binary"
+	"fmt"
 	"slices"
 	"sync"
 	"time"
@@ -182,6 +183,13 @@ type WaitList interface {
 	// claims nothing: the caller runs it again first. Claim and Take are
 	// made atomically with each other: on error neither happened.
 	TakeClaim(ctx context.Context, lockID string, kind WakeKind, gen uint64, key, runner string) (Waiter, bool, error)
+	// FinishClaim is a runner's step from one waiter to the next, holding
+	// the lock, in one atomic step: it finishes done, runner's claim, as
+	// Finish(lockID, done, runner) does, and claims key's record for runner
+	// as Claim does (ok false: key's record does not wait; done is finished
+	// all the same). It fails, changing nothing, when runner has a claim
+	// that is not done's; done may be empty (runner has no claim: a Claim).
+	FinishClaim(ctx context.Context, lockID, done, key, runner string) (Waiter, bool, error)
 	// Running returns the record runner claimed and has not finished.
 	Running(ctx context.Context, lockID, runner string) (Waiter, bool, error)
 	// Finish marks key's record Finished (creating it when absent), taking
@@ -500,16 +508,35 @@ func (m *MemoryWaitList) Running(_ context.Context, lockID, runner string) (Wait
 	return cloneWaiter(r.w), true, nil
 }
 
+// FinishClaim implements WaitList.
+func (m *MemoryWaitList) FinishClaim(_ context.Context, lockID, done, key, runner string) (Waiter, bool, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	l := m.list(lockID)
+	if r := l.runs[runner]; r != nil && r.w.Key != done {
+		return Waiter{}, false, fmt.Errorf("tasks: FinishClaim: runner %q has a claim of %q, not of %q", runner, r.w.Key, done)
+	}
+	if done != "" {
+		m.finish(l, lockID, done, runner)
+	}
+	return l.claim(key, runner)
+}
+
 // Finish implements WaitList.
 func (m *MemoryWaitList) Finish(_ context.Context, lockID, key, runner string) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	l := m.list(lockID)
+	m.finish(m.list(lockID), lockID, key, runner)
+	return nil
+}
+
+// finish is Finish on lockID's list l. m.mu must be held.
+func (m *MemoryWaitList) finish(l *memList, lockID, key, runner string) {
 	if runner != "" {
 		if r := l.runs[runner]; r != nil && r.w.Key == key {
 			delete(l.runs, runner)
 			if r.w.Coalesce {
-				return nil
+				return
 			}
 		}
 	}
@@ -521,5 +548,4 @@ func (m *MemoryWaitList) Finish(_ context.Context, lockID, key, runner string) e
 	now := m.clock()
 	l.finish(r, now)
 	m.expiry = append(m.expiry, memExpiry{lockID: lockID, at: now})
-	return nil
 }

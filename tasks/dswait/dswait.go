@@ -617,6 +617,82 @@ func (l *List) TakeClaim(ctx context.Context, lockID string, kind tasks.WakeKind
 	return l.claimed(ctx, got, ok, err, "take a wake and claim", key)
 }
 
+// FinishClaim implements tasks.WaitList: a transaction of 1 lookup (the
+// runner's run and both records) and 1 commit (and 1 lookup of a body kept
+// apart, and 1 commit deleting done's body kept apart).
+func (l *List) FinishClaim(ctx context.Context, lockID, done, key, runner string) (tasks.Waiter, bool, error) {
+	var (
+		got    recordEntity
+		ok     bool
+		bodies []*datastore.Key
+	)
+	uk := l.runKey(lockID, runner)
+	keys := []*datastore.Key{uk}
+	di, ki := -1, -1 // done's and key's records in keys
+	if done != "" {
+		di, keys = len(keys), append(keys, l.recordKey(lockID, done))
+	}
+	switch {
+	case key != "" && key == done:
+		ki = di // a coalescing record's key, parked again while it ran
+	case key != "":
+		ki, keys = len(keys), append(keys, l.recordKey(lockID, key))
+	}
+	err := l.transact(ctx, func(tx *datastore.Transaction) error {
+		ok, bodies = false, nil
+		recs := make([]recordEntity, len(keys))
+		fs, err := found(tx.GetMulti(keys, recs), len(keys))
+		if err != nil {
+			return err
+		}
+		run, claimed := recs[0], fs[0]
+		if claimed && run.Key != done {
+			return fmt.Errorf("runner %q has a claim of %q, not of %q", runner, run.Key, done)
+		}
+		var (
+			next   recordEntity
+			exists bool
+		)
+		if ki >= 0 {
+			next, exists = recs[ki], fs[ki]
+		}
+		if done != "" {
+			if claimed {
+				bodies = l.bodyKeys(run.BodyName, run.BodyParts)
+			}
+			if !claimed || !run.Coalesce {
+				// As Finish: done's record is finished (a coalescing run
+				// leaves the key's record, a newer waiter, as it is).
+				if fs[di] {
+					bodies = append(bodies, l.bodyKeys(recs[di].BodyName, recs[di].BodyParts)...)
+				}
+				now := l.now().UTC()
+				fin := recordEntity{Key: done, State: int(tasks.Finished), FinishedAt: now, ExpiresAt: now.Add(tasks.FinishedRetention)}
+				if _, err := tx.Put(keys[di], &fin); err != nil {
+					return err
+				}
+				if ki == di {
+					next = fin
+				}
+			}
+		}
+		if !exists || tasks.WaiterState(next.State) != tasks.Waiting {
+			if claimed {
+				return tx.Delete(uk)
+			}
+			return nil
+		}
+		run, err = l.claimIn(tx, keys[ki], uk, next, runner)
+		got, ok = run, err == nil
+		return err
+	})
+	if err == nil && len(bodies) > 0 {
+		// Garbage only: a failure leaves parts the TTL policy removes.
+		_ = l.client.DeleteMulti(ctx, bodies)
+	}
+	return l.claimed(ctx, got, ok, err, "finish "+strconv.Quote(done)+" and claim", key)
+}
+
 // claimed turns the outcome of a claiming transaction (Claim, TakeClaim)
 // into their results: the claimed run as a Waiter, its body read, or the
 // error, wrapped with what was done to key.

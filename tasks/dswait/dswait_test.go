@@ -167,7 +167,14 @@ func TestCost(t *testing.T) {
 		}
 		return err
 	})
-	step("Finish", 3, func() error { return l.Finish(ctx, id, "q/a", "wake-1") })
+	step("FinishClaim (a run's step to the next waiter)", 3, func() error {
+		_, ok, err := l.FinishClaim(ctx, id, "q/a", "q/b", "wake-1")
+		if err == nil && !ok {
+			err = errors.New("claimed nothing")
+		}
+		return err
+	})
+	step("Finish", 3, func() error { return l.Finish(ctx, id, "q/b", "wake-1") })
 	step("Park of a finished key (a late duplicate)", 2, func() error {
 		st, _, _, err := l.Park(ctx, id, tasks.Waiter{Key: "q/a", Job: "j", Arrived: time.Now(), Body: []byte("{}")}, safety)
 		if err == nil && st != tasks.Finished {

@@ -30,6 +30,8 @@ func Run(t *testing.T, newList func(t *testing.T) tasks.WaitList) {
 	t.Run("LargeBody", func(t *testing.T) { testLargeBody(t, newList(t)) })
 	t.Run("TakeClaimIsOneStep", func(t *testing.T) { testTakeClaim(t, newList(t)) })
 	t.Run("TakeClaimHasOneWinner", func(t *testing.T) { testTakeClaimRace(t, newList(t)) })
+	t.Run("FinishClaimIsOneStep", func(t *testing.T) { testFinishClaim(t, newList(t)) })
+	t.Run("FinishClaimHasOneWinner", func(t *testing.T) { testFinishClaimRace(t, newList(t)) })
 }
 
 var t0 = time.Date(2026, 1, 2, 3, 4, 5, 123456000, time.UTC)
@@ -671,4 +673,105 @@ func testTakeClaimRace(t *testing.T, l tasks.WaitList) {
 	if ok, _ := take(t, l, id, h, time.Time{}); ok {
 		t.Error("the hand-off is still pending after concurrent TakeClaims")
 	}
+}
+
+func finishClaim(t *testing.T, l tasks.WaitList, id, done, key, runner string) (tasks.Waiter, bool) {
+	t.Helper()
+	w, ok, err := l.FinishClaim(t.Context(), id, done, key, runner)
+	if err != nil {
+		t.Fatalf("FinishClaim(%q, %q, %q, %q): %v", id, done, key, runner, err)
+	}
+	return w, ok
+}
+
+func testFinishClaim(t *testing.T, l tasks.WaitList) {
+	id := lockID(t)
+	park(t, l, id, tasks.Waiter{Key: "q/a", Arrived: t0, Body: []byte(`{"a":1}`)})
+	park(t, l, id, tasks.Waiter{Key: "q/b", Job: "jb", Arrived: t0.Add(time.Second), Body: []byte(`{"b":1}`)})
+	park(t, l, id, tasks.Waiter{Key: "q/c", Arrived: t0.Add(2 * time.Second), Body: []byte(`{"c":1}`)})
+	if _, ok := claim(t, l, id, "q/a", "r1"); !ok {
+		t.Fatal("claim of q/a failed")
+	}
+	// From a to b in one step.
+	if w, ok := finishClaim(t, l, id, "q/a", "q/b", "r1"); !ok || w.Key != "q/b" || w.Job != "jb" || string(w.Body) != `{"b":1}` {
+		t.Fatalf("FinishClaim(q/a, q/b) = %+v, %v; want q/b claimed with its body", w, ok)
+	}
+	if st, _ := state(t, l, id, "q/a"); st != tasks.Finished {
+		t.Fatalf("q/a after FinishClaim: %v, want finished", st)
+	}
+	if st, runner := state(t, l, id, "q/b"); st != tasks.Running || runner != "r1" {
+		t.Fatalf("q/b after FinishClaim: %v by %q, want running by r1", st, runner)
+	}
+	if w, ok, err := l.Running(t.Context(), id, "r1"); err != nil || !ok || w.Key != "q/b" {
+		t.Fatalf("Running(r1) = %+v, %v, %v; want q/b", w, ok, err)
+	}
+	if w, ok := oldest(t, l, id); !ok || w.Key != "q/c" {
+		t.Fatalf("oldest after FinishClaim = %+v, %v; want q/c", w, ok)
+	}
+	// A claim that is not done's: an error, and nothing changes.
+	if _, _, err := l.FinishClaim(t.Context(), id, "q/other", "q/c", "r1"); err == nil {
+		t.Fatal("FinishClaim naming another record than the runner's claim succeeded")
+	}
+	if _, _, err := l.FinishClaim(t.Context(), id, "", "q/c", "r1"); err == nil {
+		t.Fatal("FinishClaim with no done by a runner with a claim succeeded")
+	}
+	if st, runner := state(t, l, id, "q/b"); st != tasks.Running || runner != "r1" {
+		t.Fatalf("q/b after a refused FinishClaim: %v by %q, want running by r1", st, runner)
+	}
+	if st, _ := state(t, l, id, "q/c"); st != tasks.Waiting {
+		t.Fatalf("q/c after a refused FinishClaim: %v, want waiting", st)
+	}
+	if st, _ := state(t, l, id, "q/other"); st != tasks.Absent {
+		t.Fatalf("q/other after a refused FinishClaim: %v, want absent", st)
+	}
+	// A key that does not wait: done is finished all the same.
+	if w, ok := finishClaim(t, l, id, "q/b", "q/a", "r1"); ok {
+		t.Fatalf("FinishClaim claimed a finished record: %+v", w)
+	}
+	if st, _ := state(t, l, id, "q/b"); st != tasks.Finished {
+		t.Fatalf("q/b after FinishClaim of a finished key: %v, want finished", st)
+	}
+	if _, ok, err := l.Running(t.Context(), id, "r1"); err != nil || ok {
+		t.Fatalf("Running(r1) after its claim was finished: %v, %v", ok, err)
+	}
+	// With no done, it is a Claim.
+	if w, ok := finishClaim(t, l, id, "", "q/c", "r1"); !ok || string(w.Body) != `{"c":1}` {
+		t.Fatalf("FinishClaim with no done = %+v, %v; want q/c", w, ok)
+	}
+	finish(t, l, id, "q/c", "r1")
+	if _, ok := oldest(t, l, id); ok {
+		t.Fatal("a waiter is left")
+	}
+	// A coalescing record parked again while its run ran: the run is
+	// finished and the newer record claimed, under the same key.
+	c := tasks.Waiter{Key: "coalesce/q/job", Arrived: t0.Add(3 * time.Second), Body: []byte(`{"first":true}`), Coalesce: true}
+	park(t, l, id, c)
+	if _, ok := claim(t, l, id, c.Key, "r2"); !ok {
+		t.Fatal("claim of the coalescing record failed")
+	}
+	park(t, l, id, tasks.Waiter{Key: c.Key, Arrived: t0.Add(4 * time.Second), Body: []byte(`{"second":true}`), Coalesce: true})
+	if w, ok := finishClaim(t, l, id, c.Key, c.Key, "r2"); !ok || string(w.Body) != `{"second":true}` {
+		t.Fatalf("FinishClaim from a coalesced run to its newer record = %+v, %v; want the second body", w, ok)
+	}
+	if w, ok, err := l.Running(t.Context(), id, "r2"); err != nil || !ok || string(w.Body) != `{"second":true}` {
+		t.Fatalf("Running(r2) = %+v, %v, %v; want the second coalesced run", w, ok, err)
+	}
+	finish(t, l, id, c.Key, "r2")
+	// A non-coalescing record finished and named again: nothing to claim.
+	park(t, l, id, tasks.Waiter{Key: "q/d", Arrived: t0.Add(5 * time.Second), Body: []byte(`{}`)})
+	claim(t, l, id, "q/d", "r3")
+	if w, ok := finishClaim(t, l, id, "q/d", "q/d", "r3"); ok {
+		t.Fatalf("FinishClaim(q/d, q/d) claimed %+v", w)
+	}
+	if st, _ := state(t, l, id, "q/d"); st != tasks.Finished {
+		t.Fatalf("q/d after FinishClaim(q/d, q/d): %v, want finished", st)
+	}
+}
+
+func testFinishClaimRace(t *testing.T, l tasks.WaitList) {
+	id := lockID(t)
+	park(t, l, id, tasks.Waiter{Key: "q/a", Arrived: t0, Body: []byte(`{}`)})
+	raceOnce(t, "FinishClaims", func(runner string) (tasks.Waiter, bool, error) {
+		return l.FinishClaim(t.Context(), id, "", "q/a", runner)
+	})
 }
