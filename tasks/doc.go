@@ -107,6 +107,17 @@
 //     finished after the run, before its release: a duplicate of it (also a
 //     retry of a run longer than its dispatch deadline, parked meanwhile)
 //     does not run again.
+//   - Run next (WithRunNext). A wake whose job succeeded goes on, holding
+//     the lock, with the next oldest waiter: one wait-list step finishes the
+//     one it ran and claims the next (WaitList.FinishClaim), and the next
+//     runs in the same request, up to DefaultRunNext (30 s) after the wake
+//     came, cut so that a job started then ends, at the job deadline, before
+//     the wake's dispatch deadline. A burst on one lock id then costs a wake
+//     per 30 s of work instead of one per task, and the hand-off between two
+//     runs is a Peek and that step (on Datastore 4 round trips) instead of a
+//     release, a CreateTask, a dispatch, an acquire and a claim. Its runs
+//     are one holding: they share its fencing token. A job that fails ends
+//     the wake's run of tasks (see Failures).
 //   - Unknown and removed jobs. A waiter whose job the instance a wake
 //     reached does not have is claimed by that wake. Parked within
 //     UnknownJobGrace (15 min), it may be of a job a rolling deploy is

@@ -14,3 +14,8 @@ func SetConnect(l *LazyClient, connect func(ctx context.Context, real func(conte
 
 // SetWaitListClock sets the clock m judges retention by.
 func SetWaitListClock(m *MemoryWaitList, now func() time.Time) { m.now = now }
+
+// RunNextBudget is the run-next budget a Worker derives (see WithRunNext).
+func RunNextBudget(d *time.Duration, dispatch, jobDeadline time.Duration) time.Duration {
+	return runNextBudget(d, dispatch, jobDeadline)
+}

@@ -67,6 +67,12 @@ func (l *recordingList) TakeClaim(ctx context.Context, lockID string, kind tasks
 	})
 }
 
+func (l *recordingList) FinishClaim(ctx context.Context, lockID, done, key, runner string) (tasks.Waiter, bool, error) {
+	return l.record(key, func() (tasks.Waiter, bool, error) {
+		return l.WaitList.FinishClaim(ctx, lockID, done, key, runner)
+	})
+}
+
 // record records the claim of key that claim makes.
 func (l *recordingList) record(key string, claim func() (tasks.Waiter, bool, error)) (tasks.Waiter, bool, error) {
 	l.mu.Lock()
@@ -143,6 +149,7 @@ func newParkFleetWith(t testing.TB, n int, lease time.Duration, list tasks.WaitL
 type fleetEnv struct {
 	tasks   taskstest.Options
 	backend func() locking.Backend
+	workers []tasks.WorkerOption // more options for every worker
 }
 
 // newParkFleetEnv is newParkFleetWith in env.
@@ -205,8 +212,9 @@ func newParkFleetEnv(t testing.TB, n int, lease time.Duration, list tasks.WaitLi
 		if err != nil {
 			t.Fatal(err)
 		}
-		w, err := tasks.NewWorker(locker, tasks.WithLogger(logger), tasks.WithQueue(queueName), tasks.WithParking(f.client, f.list),
-			tasks.WithParkingLease(lease), tasks.WithParkingMeterProvider(mp))
+		opts := []tasks.WorkerOption{tasks.WithLogger(logger), tasks.WithQueue(queueName), tasks.WithParking(f.client, f.list),
+			tasks.WithParkingLease(lease), tasks.WithParkingMeterProvider(mp)}
+		w, err := tasks.NewWorker(locker, append(opts, env.workers...)...)
 		if err != nil {
 			t.Fatal(err)
 		}

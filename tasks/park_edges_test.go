@@ -41,12 +41,14 @@ func failHandoffs(n int32) (option.ClientOption, *atomic.Int32) {
 // TestParkSafetyWakeSurvivesItsOwnRun: a Safety wake that finds the lock
 // free runs the oldest waiter; when the release that follows cannot create
 // its Handoff (one CreateTask failure), the next waiter still has a Safety
-// wake (taking a Safety arms the next one while waiters wait).
+// wake (taking a Safety arms the next one while waiters wait). The wakes
+// run one task each (WithRunNext(0)): otherwise the Safety wake runs B
+// after A itself, and no release hands off between them.
 func TestParkSafetyWakeSurvivesItsOwnRun(t *testing.T) {
 	const lease = time.Second
 	var runs jobRuns
 	fail, failed := failHandoffs(1)
-	f := newParkFleetWith(t, 2, lease, &tasks.MemoryWaitList{}, nil, func(_ int, w *tasks.Worker) {
+	f := newParkFleetEnv(t, 2, lease, &tasks.MemoryWaitList{}, fleetEnv{workers: []tasks.WorkerOption{tasks.WithRunNext(0)}}, nil, func(_ int, w *tasks.Worker) {
 		w.Handle("job", func(ctx context.Context, d *tasks.Delivery) error {
 			time.Sleep(200 * time.Millisecond)
 			return runs.job(ctx, d)

@@ -142,6 +142,7 @@ type Worker struct {
 	jobDeadline   time.Duration    // 0: none but the request's
 	stepBudget    time.Duration    // for the steps before a job runs
 	runs          WaitList         // 429 mode's run records; nil: none
+	runNext       *time.Duration   // WithRunNext; nil: the default
 
 	mu   sync.RWMutex
 	jobs map[string]*job // guarded by mu
@@ -370,6 +371,7 @@ func NewWorker(locker *locking.Client, opts ...WorkerOption) (*Worker, error) {
 		return nil, fmt.Errorf("%w: WithRunRecords with WithParking (park mode keeps run records in its wait list)", ErrInvalidConfig)
 	}
 	if w.park != nil {
+		w.park.runNext = runNextBudget(w.runNext, w.park.h.client.deadline, w.jobDeadline)
 		w.park.h.register(locker, w.log, w.park.metrics)
 	} else if os.Getenv("K_SERVICE") != "" {
 		w.log.Warn("tasks: this Worker answers a busy lock 429 (no WithParking): on Cloud Tasks that means the queue's backoff (5, 15, 35 ... s), an attempt spent per 429, and system throttling of the whole queue; give it WithParking to park busy tasks instead")
@@ -434,7 +436,8 @@ type Delivery struct {
 	Job, LockID string
 	// Token is the fencing token of the lock held for this delivery: strictly
 	// greater than that of every earlier holding of LockID. Hand it to the
-	// resource the job writes to.
+	// resource the job writes to. Parked tasks that one wake runs one after
+	// another (WithRunNext) are one holding and share its token.
 	Token uint64
 	// Lock is the held lock. The worker releases it; the job must not.
 	Lock *locking.Lock
@@ -456,6 +459,8 @@ type Delivery struct {
 	// none) and RetryReason Cloud Tasks' reason for this retry.
 	PreviousResponse int
 	RetryReason      string
+
+	began time.Time // when the delivery came
 }
 
 // recordKey is the key of the delivery's task in a WaitList (its waiter
@@ -528,6 +533,7 @@ var errPanic = errors.New("tasks: job panicked")
 // ServeHTTP handles one delivery; see Worker for its answers.
 func (w *Worker) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 	d := &Delivery{
+		began:       time.Now(),
 		TaskName:    r.Header.Get(headerTaskName),
 		QueueName:   r.Header.Get(headerQueueName),
 		RetryReason: r.Header.Get(headerRetryReason),
