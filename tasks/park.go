@@ -819,29 +819,18 @@ func (w *Worker) runNextOpen(ctx context.Context, d *Delivery) bool {
 }
 
 // nextWaiter finishes done, runner self's claim, and claims the lock id's
-// oldest waiter for self, in one step when there is one. When there is none,
-// or the wait list fails, done is finished alone (a failure logged) and ok
-// is false: the release hands off.
+// oldest waiter for self, in one step. When none waits, done is finished
+// alone; when the wait list fails, done is finished apart (a failure
+// logged); either way ok is false and the release hands off.
 func (w *Worker) nextWaiter(ctx context.Context, log *slog.Logger, lockID, done, self string) (Waiter, bool) {
 	p := w.park
-	for range maxSetAside {
-		head, any, _, _, err := p.list.Peek(ctx, lockID, "")
-		if err != nil || !any {
-			break
-		}
-		wt, ok, err := p.list.FinishClaim(ctx, lockID, done, head.Key, self)
-		if err != nil {
-			break
-		}
-		if done = ""; ok {
-			return wt, true
-		}
-		// Finished or claimed since the Peek: the next one.
-	}
-	if done != "" {
+	wt, ok, err := p.list.FinishClaim(ctx, lockID, done, self)
+	if err != nil {
+		log.WarnContext(ctx, "tasks: the step to the next parked task failed; the release hands off", "error", err)
 		finishRun(ctx, log, p.list, lockID, done, self)
+		return Waiter{}, false
 	}
-	return Waiter{}, false
+	return wt, ok
 }
 
 // finishRun records key's run finished in list (Finish). It runs even when

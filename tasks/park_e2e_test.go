@@ -67,10 +67,30 @@ func (l *recordingList) TakeClaim(ctx context.Context, lockID string, kind tasks
 	})
 }
 
-func (l *recordingList) FinishClaim(ctx context.Context, lockID, done, key, runner string) (tasks.Waiter, bool, error) {
-	return l.record(key, func() (tasks.Waiter, bool, error) {
-		return l.WaitList.FinishClaim(ctx, lockID, done, key, runner)
-	})
+func (l *recordingList) FinishClaim(ctx context.Context, lockID, done, runner string) (tasks.Waiter, bool, error) {
+	l.mu.Lock()
+	var older []string // parked before this claim, unclaimed
+	for k := range l.parked {
+		if !l.claimed[k] {
+			older = append(older, k)
+		}
+	}
+	l.mu.Unlock()
+	w, ok, err := l.WaitList.FinishClaim(ctx, lockID, done, runner)
+	if err == nil && ok {
+		l.mu.Lock()
+		if !l.claimed[w.Key] {
+			l.claims = append(l.claims, w.Key)
+			l.claimed[w.Key] = true
+		}
+		for _, k := range older {
+			if !l.claimed[k] && l.parked[k].Before(w.Arrived) {
+				l.unfairly = append(l.unfairly, fmt.Sprintf("%s claimed before the older %s", w.Key, k))
+			}
+		}
+		l.mu.Unlock()
+	}
+	return w, ok, err
 }
 
 // record records the claim of key that claim makes.

@@ -185,11 +185,12 @@ type WaitList interface {
 	TakeClaim(ctx context.Context, lockID string, kind WakeKind, gen uint64, key, runner string) (Waiter, bool, error)
 	// FinishClaim is a runner's step from one waiter to the next, holding
 	// the lock, in one atomic step: it finishes done, runner's claim, as
-	// Finish(lockID, done, runner) does, and claims key's record for runner
-	// as Claim does (ok false: key's record does not wait; done is finished
-	// all the same). It fails, changing nothing, when runner has a claim
-	// that is not done's; done may be empty (runner has no claim: a Claim).
-	FinishClaim(ctx context.Context, lockID, done, key, runner string) (Waiter, bool, error)
+	// Finish(lockID, done, runner) does, and claims lockID's oldest waiting
+	// record for runner as Claim does, returning it (ok false: none waits;
+	// done is finished all the same). done is runner's claim, or empty when
+	// runner has none (then it claims the oldest waiter); otherwise it
+	// fails, changing nothing.
+	FinishClaim(ctx context.Context, lockID, done, runner string) (Waiter, bool, error)
 	// Running returns the record runner claimed and has not finished.
 	Running(ctx context.Context, lockID, runner string) (Waiter, bool, error)
 	// Finish marks key's record Finished (creating it when absent), taking
@@ -509,17 +510,21 @@ func (m *MemoryWaitList) Running(_ context.Context, lockID, runner string) (Wait
 }
 
 // FinishClaim implements WaitList.
-func (m *MemoryWaitList) FinishClaim(_ context.Context, lockID, done, key, runner string) (Waiter, bool, error) {
+func (m *MemoryWaitList) FinishClaim(_ context.Context, lockID, done, runner string) (Waiter, bool, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	l := m.list(lockID)
-	if r := l.runs[runner]; r != nil && r.w.Key != done {
-		return Waiter{}, false, fmt.Errorf("tasks: FinishClaim: runner %q has a claim of %q, not of %q", runner, r.w.Key, done)
+	if r := l.runs[runner]; r != nil && r.w.Key != done || r == nil && done != "" {
+		return Waiter{}, false, fmt.Errorf("tasks: FinishClaim: %q is not runner %q's claim", done, runner)
 	}
 	if done != "" {
 		m.finish(l, lockID, done, runner)
 	}
-	return l.claim(key, runner)
+	h := l.head()
+	if h == nil {
+		return Waiter{}, false, nil
+	}
+	return l.claim(h.w.Key, runner)
 }
 
 // Finish implements WaitList.

@@ -617,80 +617,114 @@ func (l *List) TakeClaim(ctx context.Context, lockID string, kind tasks.WakeKind
 	return l.claimed(ctx, got, ok, err, "take a wake and claim", key)
 }
 
-// FinishClaim implements tasks.WaitList: a transaction of 1 lookup (the
-// runner's run and both records) and 1 commit (and 1 lookup of a body kept
-// apart, and 1 commit deleting done's body kept apart).
-func (l *List) FinishClaim(ctx context.Context, lockID, done, key, runner string) (tasks.Waiter, bool, error) {
+// errStaleHead ends a FinishClaim transaction whose head query named a
+// record that no longer waits: it is tried again with a new query.
+var errStaleHead = errors.New("dswait: the oldest waiter changed")
+
+// errNotDone is a FinishClaim whose done is not its runner's claim.
+var errNotDone = errors.New("dswait: FinishClaim of a record that is not the runner's claim")
+
+// FinishClaim implements tasks.WaitList: the head query sent with the
+// transaction's begin, then 1 lookup (the runner's run, done's record and
+// the head's) and 1 commit: 4 RPCs in 3 round trips (and 1 lookup of a body
+// kept apart, and 1 commit deleting done's body kept apart).
+func (l *List) FinishClaim(ctx context.Context, lockID, done, runner string) (tasks.Waiter, bool, error) {
+	type headResult struct {
+		w   tasks.Waiter
+		ok  bool
+		err error
+	}
 	var (
 		got    recordEntity
 		ok     bool
 		bodies []*datastore.Key
+		err    error
 	)
 	uk := l.runKey(lockID, runner)
-	keys := []*datastore.Key{uk}
-	di, ki := -1, -1 // done's and key's records in keys
-	if done != "" {
-		di, keys = len(keys), append(keys, l.recordKey(lockID, done))
-	}
-	switch {
-	case key != "" && key == done:
-		ki = di // a coalescing record's key, parked again while it ran
-	case key != "":
-		ki, keys = len(keys), append(keys, l.recordKey(lockID, key))
-	}
-	err := l.transact(ctx, func(tx *datastore.Transaction) error {
-		ok, bodies = false, nil
-		recs := make([]recordEntity, len(keys))
-		fs, err := found(tx.GetMulti(keys, recs), len(keys))
-		if err != nil {
-			return err
-		}
-		run, claimed := recs[0], fs[0]
-		if claimed && run.Key != done {
-			return fmt.Errorf("runner %q has a claim of %q, not of %q", runner, run.Key, done)
-		}
-		var (
-			next   recordEntity
-			exists bool
-		)
-		if ki >= 0 {
-			next, exists = recs[ki], fs[ki]
-		}
-		if done != "" {
-			if claimed {
+	for range maxAttempts {
+		hc := make(chan headResult, 1)
+		go func() {
+			w, ok, err := l.head(ctx, lockID)
+			hc <- headResult{w, ok, err}
+		}()
+		var h *headResult
+		err = l.transact(ctx, func(tx *datastore.Transaction) error {
+			ok, bodies = false, nil
+			if h == nil {
+				r := <-hc
+				h = &r
+			} else {
+				// An attempt after a conflict: the head may have moved.
+				w, found, err := l.head(ctx, lockID)
+				h = &headResult{w, found, err}
+			}
+			if h.err != nil {
+				return h.err
+			}
+			keys := []*datastore.Key{uk}
+			di, ki := -1, -1 // done's and the head's records in keys
+			if done != "" {
+				di, keys = len(keys), append(keys, l.recordKey(lockID, done))
+			}
+			switch {
+			case h.ok && h.w.Key == done:
+				ki = di // a coalescing record's key, parked again while it ran
+			case h.ok:
+				ki, keys = len(keys), append(keys, l.recordKey(lockID, h.w.Key))
+			}
+			recs := make([]recordEntity, len(keys))
+			fs, err := found(tx.GetMulti(keys, recs), len(keys))
+			if err != nil {
+				return err
+			}
+			run, claimed := recs[0], fs[0]
+			if claimed && run.Key != done || !claimed && done != "" {
+				return fmt.Errorf("%w: runner %q's claim is %q, not %q", errNotDone, runner, run.Key, done)
+			}
+			var next recordEntity
+			if ki >= 0 {
+				next = recs[ki]
+				if !fs[ki] || tasks.WaiterState(next.State) != tasks.Waiting {
+					return errStaleHead
+				}
+			}
+			if done != "" {
 				bodies = l.bodyKeys(run.BodyName, run.BodyParts)
+				if !run.Coalesce {
+					// As Finish: done's record is finished (a coalescing run
+					// leaves the key's record, a newer waiter, as it is).
+					if fs[di] {
+						bodies = append(bodies, l.bodyKeys(recs[di].BodyName, recs[di].BodyParts)...)
+					}
+					now := l.now().UTC()
+					fin := recordEntity{Key: done, State: int(tasks.Finished), FinishedAt: now, ExpiresAt: now.Add(tasks.FinishedRetention)}
+					if _, err := tx.Put(keys[di], &fin); err != nil {
+						return err
+					}
+					if ki == di {
+						return errStaleHead // the head was done's record, now finished
+					}
+				}
 			}
-			if !claimed || !run.Coalesce {
-				// As Finish: done's record is finished (a coalescing run
-				// leaves the key's record, a newer waiter, as it is).
-				if fs[di] {
-					bodies = append(bodies, l.bodyKeys(recs[di].BodyName, recs[di].BodyParts)...)
+			if ki < 0 {
+				if claimed {
+					return tx.Delete(uk)
 				}
-				now := l.now().UTC()
-				fin := recordEntity{Key: done, State: int(tasks.Finished), FinishedAt: now, ExpiresAt: now.Add(tasks.FinishedRetention)}
-				if _, err := tx.Put(keys[di], &fin); err != nil {
-					return err
-				}
-				if ki == di {
-					next = fin
-				}
+				return nil
 			}
+			run, err = l.claimIn(tx, keys[ki], uk, next, runner)
+			got, ok = run, err == nil
+			return err
+		})
+		if !errors.Is(err, errStaleHead) {
+			break
 		}
-		if !exists || tasks.WaiterState(next.State) != tasks.Waiting {
-			if claimed {
-				return tx.Delete(uk)
-			}
-			return nil
-		}
-		run, err = l.claimIn(tx, keys[ki], uk, next, runner)
-		got, ok = run, err == nil
-		return err
-	})
+	}
 	if err == nil && len(bodies) > 0 {
 		// Garbage only: a failure leaves parts the TTL policy removes.
 		_ = l.client.DeleteMulti(ctx, bodies)
 	}
-	return l.claimed(ctx, got, ok, err, "finish "+strconv.Quote(done)+" and claim", key)
+	return l.claimed(ctx, got, ok, err, "finish "+strconv.Quote(done)+" and claim the oldest waiter of", lockID)
 }
 
 // claimed turns the outcome of a claiming transaction (Claim, TakeClaim)

@@ -167,8 +167,8 @@ func TestCost(t *testing.T) {
 		}
 		return err
 	})
-	step("FinishClaim (a run's step to the next waiter)", 3, func() error {
-		_, ok, err := l.FinishClaim(ctx, id, "q/a", "q/b", "wake-1")
+	step("FinishClaim (a run's step to the oldest waiter: its query sent with the begin)", 4, func() error {
+		_, ok, err := l.FinishClaim(ctx, id, "q/a", "wake-1")
 		if err == nil && !ok {
 			err = errors.New("claimed nothing")
 		}

@@ -675,11 +675,11 @@ func testTakeClaimRace(t *testing.T, l tasks.WaitList) {
 	}
 }
 
-func finishClaim(t *testing.T, l tasks.WaitList, id, done, key, runner string) (tasks.Waiter, bool) {
+func finishClaim(t *testing.T, l tasks.WaitList, id, done, runner string) (tasks.Waiter, bool) {
 	t.Helper()
-	w, ok, err := l.FinishClaim(t.Context(), id, done, key, runner)
+	w, ok, err := l.FinishClaim(t.Context(), id, done, runner)
 	if err != nil {
-		t.Fatalf("FinishClaim(%q, %q, %q, %q): %v", id, done, key, runner, err)
+		t.Fatalf("FinishClaim(%q, %q, %q): %v", id, done, runner, err)
 	}
 	return w, ok
 }
@@ -687,14 +687,14 @@ func finishClaim(t *testing.T, l tasks.WaitList, id, done, key, runner string) (
 func testFinishClaim(t *testing.T, l tasks.WaitList) {
 	id := lockID(t)
 	park(t, l, id, tasks.Waiter{Key: "q/a", Arrived: t0, Body: []byte(`{"a":1}`)})
-	park(t, l, id, tasks.Waiter{Key: "q/b", Job: "jb", Arrived: t0.Add(time.Second), Body: []byte(`{"b":1}`)})
 	park(t, l, id, tasks.Waiter{Key: "q/c", Arrived: t0.Add(2 * time.Second), Body: []byte(`{"c":1}`)})
-	if _, ok := claim(t, l, id, "q/a", "r1"); !ok {
-		t.Fatal("claim of q/a failed")
+	park(t, l, id, tasks.Waiter{Key: "q/b", Job: "jb", Arrived: t0.Add(time.Second), Body: []byte(`{"b":1}`)})
+	if w, ok := finishClaim(t, l, id, "", "r1"); !ok || w.Key != "q/a" || string(w.Body) != `{"a":1}` {
+		t.Fatalf("FinishClaim with nothing done = %+v, %v; want the oldest, q/a", w, ok)
 	}
-	// From a to b in one step.
-	if w, ok := finishClaim(t, l, id, "q/a", "q/b", "r1"); !ok || w.Key != "q/b" || w.Job != "jb" || string(w.Body) != `{"b":1}` {
-		t.Fatalf("FinishClaim(q/a, q/b) = %+v, %v; want q/b claimed with its body", w, ok)
+	// From a to the oldest waiter, b, in one step.
+	if w, ok := finishClaim(t, l, id, "q/a", "r1"); !ok || w.Key != "q/b" || w.Job != "jb" || string(w.Body) != `{"b":1}` {
+		t.Fatalf("FinishClaim(q/a) = %+v, %v; want q/b claimed with its body", w, ok)
 	}
 	if st, _ := state(t, l, id, "q/a"); st != tasks.Finished {
 		t.Fatalf("q/a after FinishClaim: %v, want finished", st)
@@ -708,63 +708,55 @@ func testFinishClaim(t *testing.T, l tasks.WaitList) {
 	if w, ok := oldest(t, l, id); !ok || w.Key != "q/c" {
 		t.Fatalf("oldest after FinishClaim = %+v, %v; want q/c", w, ok)
 	}
-	// A claim that is not done's: an error, and nothing changes.
-	if _, _, err := l.FinishClaim(t.Context(), id, "q/other", "q/c", "r1"); err == nil {
-		t.Fatal("FinishClaim naming another record than the runner's claim succeeded")
-	}
-	if _, _, err := l.FinishClaim(t.Context(), id, "", "q/c", "r1"); err == nil {
-		t.Fatal("FinishClaim with no done by a runner with a claim succeeded")
+	// done not the runner's claim: an error, and nothing changes.
+	for _, c := range []struct{ done, runner string }{{"q/other", "r1"}, {"", "r1"}, {"q/c", "r9"}} {
+		if _, _, err := l.FinishClaim(t.Context(), id, c.done, c.runner); err == nil {
+			t.Errorf("FinishClaim(%q) by %s, whose claim is not that, succeeded", c.done, c.runner)
+		}
 	}
 	if st, runner := state(t, l, id, "q/b"); st != tasks.Running || runner != "r1" {
 		t.Fatalf("q/b after a refused FinishClaim: %v by %q, want running by r1", st, runner)
 	}
-	if st, _ := state(t, l, id, "q/c"); st != tasks.Waiting {
-		t.Fatalf("q/c after a refused FinishClaim: %v, want waiting", st)
+	for _, k := range []string{"q/c", "q/other"} {
+		if st, _ := state(t, l, id, k); st != map[string]tasks.WaiterState{"q/c": tasks.Waiting, "q/other": tasks.Absent}[k] {
+			t.Fatalf("%s after a refused FinishClaim: %v", k, st)
+		}
 	}
-	if st, _ := state(t, l, id, "q/other"); st != tasks.Absent {
-		t.Fatalf("q/other after a refused FinishClaim: %v, want absent", st)
+	if w, ok := finishClaim(t, l, id, "q/b", "r1"); !ok || w.Key != "q/c" {
+		t.Fatalf("FinishClaim(q/b) = %+v, %v; want q/c", w, ok)
 	}
-	// A key that does not wait: done is finished all the same.
-	if w, ok := finishClaim(t, l, id, "q/b", "q/a", "r1"); ok {
-		t.Fatalf("FinishClaim claimed a finished record: %+v", w)
+	// Nobody waits: done is finished all the same.
+	if w, ok := finishClaim(t, l, id, "q/c", "r1"); ok {
+		t.Fatalf("FinishClaim with nobody waiting claimed %+v", w)
 	}
-	if st, _ := state(t, l, id, "q/b"); st != tasks.Finished {
-		t.Fatalf("q/b after FinishClaim of a finished key: %v, want finished", st)
+	if st, _ := state(t, l, id, "q/c"); st != tasks.Finished {
+		t.Fatalf("q/c after FinishClaim with nobody waiting: %v, want finished", st)
 	}
 	if _, ok, err := l.Running(t.Context(), id, "r1"); err != nil || ok {
 		t.Fatalf("Running(r1) after its claim was finished: %v, %v", ok, err)
 	}
-	// With no done, it is a Claim.
-	if w, ok := finishClaim(t, l, id, "", "q/c", "r1"); !ok || string(w.Body) != `{"c":1}` {
-		t.Fatalf("FinishClaim with no done = %+v, %v; want q/c", w, ok)
-	}
-	finish(t, l, id, "q/c", "r1")
-	if _, ok := oldest(t, l, id); ok {
-		t.Fatal("a waiter is left")
+	if w, ok := finishClaim(t, l, id, "", "r1"); ok {
+		t.Fatalf("FinishClaim with nothing done and nobody waiting claimed %+v", w)
 	}
 	// A coalescing record parked again while its run ran: the run is
-	// finished and the newer record claimed, under the same key.
+	// finished and the newer record, under the same key, claimed.
 	c := tasks.Waiter{Key: "coalesce/q/job", Arrived: t0.Add(3 * time.Second), Body: []byte(`{"first":true}`), Coalesce: true}
 	park(t, l, id, c)
-	if _, ok := claim(t, l, id, c.Key, "r2"); !ok {
-		t.Fatal("claim of the coalescing record failed")
+	if w, ok := finishClaim(t, l, id, "", "r2"); !ok || w.Key != c.Key {
+		t.Fatalf("FinishClaim of the coalescing record = %+v, %v", w, ok)
 	}
 	park(t, l, id, tasks.Waiter{Key: c.Key, Arrived: t0.Add(4 * time.Second), Body: []byte(`{"second":true}`), Coalesce: true})
-	if w, ok := finishClaim(t, l, id, c.Key, c.Key, "r2"); !ok || string(w.Body) != `{"second":true}` {
+	if w, ok := finishClaim(t, l, id, c.Key, "r2"); !ok || string(w.Body) != `{"second":true}` {
 		t.Fatalf("FinishClaim from a coalesced run to its newer record = %+v, %v; want the second body", w, ok)
 	}
 	if w, ok, err := l.Running(t.Context(), id, "r2"); err != nil || !ok || string(w.Body) != `{"second":true}` {
 		t.Fatalf("Running(r2) = %+v, %v, %v; want the second coalesced run", w, ok, err)
 	}
-	finish(t, l, id, c.Key, "r2")
-	// A non-coalescing record finished and named again: nothing to claim.
-	park(t, l, id, tasks.Waiter{Key: "q/d", Arrived: t0.Add(5 * time.Second), Body: []byte(`{}`)})
-	claim(t, l, id, "q/d", "r3")
-	if w, ok := finishClaim(t, l, id, "q/d", "q/d", "r3"); ok {
-		t.Fatalf("FinishClaim(q/d, q/d) claimed %+v", w)
+	if _, ok := finishClaim(t, l, id, c.Key, "r2"); ok {
+		t.Fatal("a waiter is left")
 	}
-	if st, _ := state(t, l, id, "q/d"); st != tasks.Finished {
-		t.Fatalf("q/d after FinishClaim(q/d, q/d): %v, want finished", st)
+	if st, _ := state(t, l, id, c.Key); st != tasks.Absent {
+		t.Fatalf("the coalescing key after its runs: %v, want absent", st)
 	}
 }
 
@@ -772,6 +764,6 @@ func testFinishClaimRace(t *testing.T, l tasks.WaitList) {
 	id := lockID(t)
 	park(t, l, id, tasks.Waiter{Key: "q/a", Arrived: t0, Body: []byte(`{}`)})
 	raceOnce(t, "FinishClaims", func(runner string) (tasks.Waiter, bool, error) {
-		return l.FinishClaim(t.Context(), id, "", "q/a", runner)
+		return l.FinishClaim(t.Context(), id, "", runner)
 	})
 }
