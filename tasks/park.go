@@ -819,12 +819,15 @@ func (w *Worker) runNextOpen(ctx context.Context, d *Delivery) bool {
 }
 
 // nextWaiter finishes done, runner self's claim, and claims the lock id's
-// oldest waiter for self, in one step. When none waits, done is finished
+// oldest waiter for self, in one step bounded by the step budget
+// (WithStepBudget). When none waits, done is finished
 // alone; when the wait list fails, done is finished apart (a failure
 // logged); either way ok is false and the release hands off.
 func (w *Worker) nextWaiter(ctx context.Context, log *slog.Logger, lockID, done, self string) (Waiter, bool) {
 	p := w.park
-	wt, ok, err := p.list.FinishClaim(ctx, lockID, done, self)
+	sctx, cancel := context.WithTimeoutCause(ctx, w.stepBudget, ErrStepBudget)
+	defer cancel()
+	wt, ok, err := p.list.FinishClaim(sctx, lockID, done, self)
 	if err != nil {
 		log.WarnContext(ctx, "tasks: the step to the next parked task failed; the release hands off", "error", err)
 		finishRun(ctx, log, p.list, lockID, done, self)
