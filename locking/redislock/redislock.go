@@ -78,7 +78,8 @@ func New(c redis.Scripter, opts Options) (*Backend, error) {
 func (b *Backend) LockKey(id string) string { return b.prefix + "{" + lockkey.Hash(id) + "}:lock" }
 
 // ReleaseChannel returns the pub/sub channel on which the release of id is
-// announced when a waiter was turned away: Prefix+"{"+H+"}:released".
+// announced when a waiter was turned away: Prefix+"{"+H+"}:released",
+// LockKey(id) with "lock" replaced by "released".
 func (b *Backend) ReleaseChannel(id string) string {
 	return b.prefix + "{" + lockkey.Hash(id) + "}:released"
 }
@@ -162,7 +163,7 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 }
 
 // Release gives owner's holding back, in one script run (one round trip;
-// GET, PTTL and SET on the server) that checks the owner and the lease
+// GET, PTTL and SETRANGE on the server) that checks the owner and the lease
 // first, so it never touches another owner's holding. The record stays (with
 // its token, for fencing) and reads as free. Release with the owner of an
 // Acquire that failed or whose context ended gives back the holding that
@@ -182,7 +183,7 @@ func (b *Backend) Release(ctx context.Context, id, owner string) error {
 	if id == "" || owner == "" {
 		return fmt.Errorf("%w: %w: release needs an id and an owner", ErrInvalidRequest, locking.ErrInvalid)
 	}
-	n, err := releaseScript.Run(ctx, b.c, []string{b.LockKey(id)}, owner, newNonce(), b.ReleaseChannel(id)).Int64()
+	n, err := releaseScript.Run(ctx, b.c, []string{b.LockKey(id)}, owner, newNonce()).Int64()
 	if err != nil {
 		return fmt.Errorf("redislock: release %q: %w", id, err)
 	}
