@@ -119,7 +119,7 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 	}
 	switch v := res.(type) {
 	case string: // acquired
-		tok, err := token(v)
+		tok, err := tokenOf(v)
 		if err != nil {
 			return locking.Grant{}, fmt.Errorf("redislock: acquire %q: %w", r.ID, err)
 		}
@@ -154,7 +154,7 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 	}
 	switch v := res.(type) {
 	case string:
-		tok, err := token(v)
+		tok, err := tokenOf(v)
 		if err != nil {
 			return locking.Grant{}, fmt.Errorf("redislock: renew %q: %w", r.ID, err)
 		}
@@ -255,6 +255,12 @@ func token(v any) (uint64, error) {
 	if !ok {
 		return 0, fmt.Errorf("%w: token %v (%T)", ErrBadReply, v, v)
 	}
+	return tokenOf(s)
+}
+
+// tokenOf parses a token the scripts sent as a string (taking s as a
+// string, not an any, spares the call an allocation).
+func tokenOf(s string) (uint64, error) {
 	t, err := strconv.ParseUint(s, 10, 64)
 	if err != nil || t == 0 {
 		return 0, fmt.Errorf("%w: token %q", ErrBadReply, s)
