@@ -108,12 +108,12 @@
 //
 // The record of an id keeps the last token issued for it; it outlives every
 // holding by a day (it expires a day after the last lease ran out, or would
-// have run out had it not been released). A new token is the larger of the last token plus one and
-// the server's time in microseconds. Tokens strictly increase while the
-// record lasts, and still increase when it was lost to a restart, an
-// eviction or a failover to a replica that missed the latest writes,
-// provided the server's clock has not gone back. That is not a guarantee;
-// Weak locks are for efficiency only.
+// have run out had it not been released). A new token is the larger of the
+// last token plus one and the server's time in microseconds. Tokens
+// strictly increase while the record lasts, and still increase when it was
+// lost to a restart, an eviction or a failover to a replica that missed the
+// latest writes, provided the server's clock has not gone back. That is not
+// a guarantee; Weak locks are for efficiency only.
 //
 // Grant.TookOver is true for a steal and when the record shows that the
 // previous holding was never released (its lease ran out).
@@ -136,9 +136,9 @@
 // both run (a rolling update), this version reads a holding of the earlier
 // one as busy until it expires, and the earlier one reads this version's
 // records as busy (for up to a day after the released lease would have run
-// out) unless it steals them
-// with StealAfter; fencing tokens keep growing across the change, as both
-// floor them with the server's time in microseconds.
+// out) unless it steals them with StealAfter; fencing tokens keep growing
+// across the change, as both floor them with the server's time in
+// microseconds.
 //
 // # Configuration
 //

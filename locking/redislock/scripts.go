@@ -33,8 +33,9 @@ import (
 //
 // Its TTL says the rest, on the server's clock, without TIME: an acquire or
 // renewal sets it to lease + G (G = grace, one day); a release keeps it
-// (SETRANGE rewrites bytes 1-49 in place, which costs the server a third of
-// a SET with PX), and no script reads the TTL of a released record. So
+// (SETRANGE rewrites bytes 1-49 in place, which costs the server less than
+// half of a SET with PX), and no script reads the TTL of a released record.
+// So
 //
 //   - a holding is held while PTTL >= G: its lease has not run out (like a
 //     key with PX lease, it is held through the lease's last millisecond);
