@@ -122,9 +122,10 @@ func BenchmarkAcquireRelease(b *testing.B) {
 
 // stats are a server's INFO commandstats, summed.
 type stats struct {
-	calls      int64 // script calls (EVAL, EVALSHA)
-	scriptUsec int64 // the server's time in them, µs
-	cmds       int64 // other commands: those the scripts ran, as the callers send nothing else
+	calls      int64            // script calls (EVAL, EVALSHA)
+	scriptUsec int64            // the server's time in them, µs
+	cmds       int64            // other commands: those the scripts ran, as the callers send nothing else
+	byName     map[string]int64 // cmds by command name (lower case)
 }
 
 // commandStats reads INFO commandstats (since the last CONFIG RESETSTAT),
@@ -135,7 +136,7 @@ func commandStats(tb testing.TB, c *redis.Client) stats {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	var s stats
+	s := stats{byName: map[string]int64{}}
 	sc := bufio.NewScanner(strings.NewReader(info))
 	for sc.Scan() {
 		// cmdstat_get:calls=5,usec=...
@@ -163,7 +164,9 @@ func commandStats(tb testing.TB, c *redis.Client) stats {
 			s.scriptUsec += field("usec")
 		case "config|resetstat", "info", "hello", "client|setinfo", "ping", "select", "auth":
 		default:
-			s.cmds += field("calls")
+			n := field("calls")
+			s.cmds += n
+			s.byName[name] += n
 		}
 	}
 	return s

@@ -47,9 +47,9 @@
 //     holder's remaining lease. The first Acquire turned away by a holding
 //     also marks it as waited for (SETRANGE).
 //   - Renew: GET, PTTL and SET, if owner holds the lock.
-//   - Release: GET, PTTL and SET, if owner holds the lock, and PUBLISH when
-//     a waiter was turned away; GET alone (or GET and PTTL) when it does
-//     not.
+//   - Release: GET, PTTL and SETRANGE (which marks the record released in
+//     place, keeping its TTL), if owner holds the lock, and PUBLISH when a
+//     waiter was turned away; GET alone (or GET and PTTL) when it does not.
 //
 // # Announced releases
 //
@@ -107,13 +107,13 @@
 // # Fencing tokens
 //
 // The record of an id keeps the last token issued for it; it outlives every
-// holding by a day (it expires a day after the last lease ran out or the
-// last release). A new token is the larger of the last token plus one and
-// the server's time in microseconds. Tokens strictly increase while the
-// record lasts, and still increase when it was lost to a restart, an
-// eviction or a failover to a replica that missed the latest writes,
-// provided the server's clock has not gone back. That is not a guarantee;
-// Weak locks are for efficiency only.
+// holding by a day (it expires a day after the last lease ran out, or would
+// have run out had it not been released). A new token is the larger of the
+// last token plus one and the server's time in microseconds. Tokens
+// strictly increase while the record lasts, and still increase when it was
+// lost to a restart, an eviction or a failover to a replica that missed the
+// latest writes, provided the server's clock has not gone back. That is not
+// a guarantee; Weak locks are for efficiency only.
 //
 // Grant.TookOver is true for a steal and when the record shows that the
 // previous holding was never released (its lease ran out).
@@ -128,15 +128,17 @@
 // up to the owner (1 + 48 + 1 + 16 + 1 + 9 + 1 bytes): whether the last
 // holding is out (h) or was released (r), the nonces of the last four
 // Release calls that released a holding, its token, its last lease, and its
-// owner. Its TTL is the lease plus a day while held, a day once released.
+// owner. Its TTL is the lease plus a day from the last acquire or renewal;
+// a release leaves it as it is.
 //
 // Versions before this layout kept "<token> <µs> <owner>" under the same key
 // (with the lease as TTL) and the fence in a second key, "...}:fence". While
 // both run (a rolling update), this version reads a holding of the earlier
 // one as busy until it expires, and the earlier one reads this version's
-// records as busy (for up to a day after a release) unless it steals them
-// with StealAfter; fencing tokens keep growing across the change, as both
-// floor them with the server's time in microseconds.
+// records as busy (for up to a day after the released lease would have run
+// out) unless it steals them with StealAfter; fencing tokens keep growing
+// across the change, as both floor them with the server's time in
+// microseconds.
 //
 // # Configuration
 //

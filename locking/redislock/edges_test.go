@@ -447,3 +447,38 @@ func TestAcquireReplyLost(t *testing.T) {
 		t.Errorf("Release: %v", err)
 	}
 }
+
+// TestRecordLifetime: the record of an id lives a day past its last lease,
+// released or not: an acquire or renewal sets its TTL to the lease plus a
+// day, a release leaves the TTL as it is (it marks the record in place),
+// and the token stays for the next holder.
+func TestRecordLifetime(t *testing.T) {
+	srv := redistest.Start(t)
+	b := newBackend(t, srv.Addr, uniquePrefix(), nil)
+	c := newClient(t, srv.Addr, nil)
+	ctx := t.Context()
+	const id, lease, day = "lifetime", 10 * time.Minute, 24 * time.Hour
+	g1, err := b.Acquire(ctx, req(id, "first", lease))
+	if err != nil || !g1.Acquired {
+		t.Fatalf("Acquire = %+v, %v", g1, err)
+	}
+	pttl := func(when string) {
+		t.Helper()
+		d, err := c.PTTL(ctx, b.LockKey(id)).Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d <= day+lease-time.Minute || d > day+lease {
+			t.Errorf("%s: the record's TTL is %v, want just under %v (the lease plus a day)", when, d, day+lease)
+		}
+	}
+	pttl("held")
+	if err := b.Release(ctx, id, "first"); err != nil {
+		t.Fatal(err)
+	}
+	pttl("released")
+	g2, err := b.Acquire(ctx, req(id, "second", time.Second))
+	if err != nil || !g2.Acquired || g2.TookOver || g2.Token <= g1.Token {
+		t.Errorf("Acquire after the release = %+v, %v; want acquired, not taken over, token above %d", g2, err, g1.Token)
+	}
+}

@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"strconv"
-	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -49,7 +49,12 @@ type Options struct {
 type Backend struct {
 	c      redis.Scripter
 	prefix string
-	hub    hub // the subscriptions of Watch
+	open   string // prefix + "{", which starts every key and channel
+	hub    hub    // the subscriptions of Watch
+
+	// lease holds the acquire script's lease arguments for the last lease
+	// sent: a client sends the same lease on every call.
+	lease atomic.Pointer[leaseArg]
 }
 
 var _ locking.Backend = (*Backend)(nil)
@@ -70,17 +75,18 @@ func New(c redis.Scripter, opts Options) (*Backend, error) {
 		return nil, fmt.Errorf("%w: prefix %q must be at most %d bytes of printable ASCII without spaces or braces",
 			ErrInvalidOptions, p, MaxPrefixLen)
 	}
-	return &Backend{c: c, prefix: p}, nil
+	return &Backend{c: c, prefix: p, open: p + "{"}, nil
 }
 
 // LockKey returns the key holding the lock record for id:
 // Prefix+"{"+H+"}:lock", H being the unpadded base64url SHA-256 of id.
-func (b *Backend) LockKey(id string) string { return b.prefix + "{" + lockkey.Hash(id) + "}:lock" }
+func (b *Backend) LockKey(id string) string { return lockkey.Join(b.open, id, "}:lock") }
 
 // ReleaseChannel returns the pub/sub channel on which the release of id is
-// announced when a waiter was turned away: Prefix+"{"+H+"}:released".
+// announced when a waiter was turned away: Prefix+"{"+H+"}:released",
+// LockKey(id) with "lock" replaced by "released".
 func (b *Backend) ReleaseChannel(id string) string {
-	return b.prefix + "{" + lockkey.Hash(id) + "}:released"
+	return lockkey.Join(b.open, id, "}:released")
 }
 
 // FenceKey returns LockKey(id): the fencing counter lives in the lock
@@ -106,14 +112,14 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 	if r.StealAfter > 0 {
 		steal = ms(r.StealAfter)
 	}
-	lease, px := leaseArgs(r.Lease)
-	res, err := acquireScript.Run(ctx, b.c, []string{b.LockKey(r.ID)}, r.Owner, lease, px, steal).Result()
+	la := b.leaseArgs(r.Lease)
+	res, err := acquireScript.Run(ctx, b.c, []string{b.LockKey(r.ID)}, r.Owner, la.lease, la.px, steal).Result()
 	if err != nil {
 		return locking.Grant{}, fmt.Errorf("redislock: acquire %q: %w", r.ID, err)
 	}
 	switch v := res.(type) {
 	case string: // acquired
-		tok, err := token(v)
+		tok, err := tokenOf(v)
 		if err != nil {
 			return locking.Grant{}, fmt.Errorf("redislock: acquire %q: %w", r.ID, err)
 		}
@@ -141,14 +147,14 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 	if err := validate(r); err != nil {
 		return locking.Grant{}, err
 	}
-	lease, px := leaseArgs(r.Lease)
-	res, err := renewScript.Run(ctx, b.c, []string{b.LockKey(r.ID)}, r.Owner, lease, px).Result()
+	la := b.leaseArgs(r.Lease)
+	res, err := renewScript.Run(ctx, b.c, []string{b.LockKey(r.ID)}, r.Owner, la.lease, la.px).Result()
 	if err != nil {
 		return locking.Grant{}, fmt.Errorf("redislock: renew %q: %w", r.ID, err)
 	}
 	switch v := res.(type) {
 	case string:
-		tok, err := token(v)
+		tok, err := tokenOf(v)
 		if err != nil {
 			return locking.Grant{}, fmt.Errorf("redislock: renew %q: %w", r.ID, err)
 		}
@@ -162,7 +168,7 @@ func (b *Backend) Renew(ctx context.Context, r locking.Request) (locking.Grant, 
 }
 
 // Release gives owner's holding back, in one script run (one round trip;
-// GET, PTTL and SET on the server) that checks the owner and the lease
+// GET, PTTL and SETRANGE on the server) that checks the owner and the lease
 // first, so it never touches another owner's holding. The record stays (with
 // its token, for fencing) and reads as free. Release with the owner of an
 // Acquire that failed or whose context ended gives back the holding that
@@ -182,7 +188,7 @@ func (b *Backend) Release(ctx context.Context, id, owner string) error {
 	if id == "" || owner == "" {
 		return fmt.Errorf("%w: %w: release needs an id and an owner", ErrInvalidRequest, locking.ErrInvalid)
 	}
-	n, err := releaseScript.Run(ctx, b.c, []string{b.LockKey(id)}, owner, newNonce(), b.ReleaseChannel(id)).Int64()
+	n, err := releaseScript.Run(ctx, b.c, []string{b.LockKey(id)}, owner, newNonce()).Int64()
 	if err != nil {
 		return fmt.Errorf("redislock: release %q: %w", id, err)
 	}
@@ -203,12 +209,28 @@ func ms(d time.Duration) int64 {
 	return max(m, 1)
 }
 
-// leaseArgs returns the lease in whole milliseconds (rounded up) as the 9
-// digits the record keeps, and the TTL of a held record: lease + grace, ms.
-func leaseArgs(d time.Duration) (lease string, px int64) {
+// leaseArg is a lease as the scripts take it.
+type leaseArg struct {
+	d     time.Duration
+	lease any // string: the lease in whole ms (rounded up), the 9 digits the record keeps
+	px    any // string: the TTL of a held record, lease + grace, in ms
+}
+
+// leaseArgs returns d as the scripts take it, from b.lease when d is the
+// lease of the last call (boxed once, so that a call allocates nothing for
+// it).
+func (b *Backend) leaseArgs(d time.Duration) *leaseArg {
+	if la := b.lease.Load(); la != nil && la.d == d {
+		return la
+	}
+	la := newLeaseArg(d)
+	b.lease.Store(la)
+	return la
+}
+
+func newLeaseArg(d time.Duration) *leaseArg {
 	m := ms(d) // <= locking.MaxLease: 8 digits
-	s := strconv.FormatInt(m, 10)
-	return strings.Repeat("0", max(9-len(s), 0)) + s, m + grace.Milliseconds()
+	return &leaseArg{d: d, lease: fmt.Sprintf("%09d", m), px: strconv.FormatInt(m+grace.Milliseconds(), 10)}
 }
 
 // nonceLen is the length of a Release call's nonce in the record.
@@ -218,8 +240,14 @@ const nonceLen = 12
 // random bits. A retry of the call by go-redis sends the same.
 func newNonce() string {
 	const span = 4738381338321616896 // 36^12
-	s := strconv.FormatUint(rand.Uint64N(span), 36)
-	return strings.Repeat("0", nonceLen-len(s)) + s
+	const digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+	var b [nonceLen]byte
+	n := rand.Uint64N(span)
+	for i := nonceLen - 1; i >= 0; i-- {
+		b[i] = digits[n%36]
+		n /= 36
+	}
+	return string(b[:])
 }
 
 func token(v any) (uint64, error) {
@@ -227,6 +255,12 @@ func token(v any) (uint64, error) {
 	if !ok {
 		return 0, fmt.Errorf("%w: token %v (%T)", ErrBadReply, v, v)
 	}
+	return tokenOf(s)
+}
+
+// tokenOf parses a token the scripts sent as a string (taking s as a
+// string, not an any, spares the call an allocation).
+func tokenOf(s string) (uint64, error) {
 	t, err := strconv.ParseUint(s, 10, 64)
 	if err != nil || t == 0 {
 		return 0, fmt.Errorf("%w: token %q", ErrBadReply, s)

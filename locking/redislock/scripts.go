@@ -32,7 +32,10 @@ import (
 //	bytes 78-     owner of the last holding (any bytes)
 //
 // Its TTL says the rest, on the server's clock, without TIME: an acquire or
-// renewal sets it to lease + G (G = grace, one day), a release to G. So
+// renewal sets it to lease + G (G = grace, one day); a release keeps it
+// (SETRANGE rewrites bytes 1-49 in place, which costs the server less than
+// half of a SET with PX), and no script reads the TTL of a released record.
+// So
 //
 //   - a holding is held while PTTL >= G: its lease has not run out (like a
 //     key with PX lease, it is held through the lease's last millisecond);
@@ -41,8 +44,9 @@ import (
 //     whole milliseconds of the server's clock (the true time is up to 1 ms
 //     more or less), which is what StealAfter compares: a steal needs more
 //     than StealAfter ms, so that at least StealAfter has truly passed;
-//   - the record outlives every holding by G, so tokens keep growing and
-//     TookOver can tell an expired holding from a released one.
+//   - the record outlives every holding by G (a released one by G plus
+//     what remained of its lease), so tokens keep growing and TookOver can
+//     tell an expired holding from a released one.
 //
 // TIME is read once, when Acquire issues a token: a new token is the larger
 // of the last token plus one and the server's time in microseconds, so that
@@ -67,8 +71,12 @@ import (
 // Commands per call: Acquire: GET + TIME + SET when the record is absent or
 // released; GET + PTTL (+ TIME + SET when it takes over) when it is held or
 // expired, + SETRANGE for the first waiter turned away. Renew: GET + PTTL +
-// SET. Release: GET + PTTL + SET (+ PUBLISH when a waiter was turned away);
-// GET (+ PTTL) when the owner does not hold it.
+// SET. Release: GET + PTTL + SETRANGE (+ PUBLISH when a waiter was turned
+// away); GET (+ PTTL) when the owner does not hold it.
+//
+// Every argument the scripts pass to redis.call is a string: the server
+// formats a Lua number into a string at each call, which costs about as
+// much as a GET.
 
 // acquireScript: ARGV[1] owner, ARGV[2] lease ms (9 digits), ARGV[3] lease
 // + G ms, ARGV[4] StealAfter ms (0: never steal; steals when more than that
@@ -100,7 +108,7 @@ if v then
       end
       local steal = tonumber(ARGV[4])
       if steal == 0 or string.sub(v, 68, 76) + G - pttl <= steal then
-        if st == 104 then redis.call('SETRANGE', KEYS[1], 0, 'w') end
+        if st == 104 then redis.call('SETRANGE', KEYS[1], '0', 'w') end
         return pttl - G
       end
     end
@@ -137,8 +145,9 @@ return string.sub(v, 51, 66)
 `)
 
 // releaseScript: ARGV[1] owner, ARGV[2] nonce: 12 bytes of [0-9a-z], drawn
-// by one Release call and the same in the client's retries of it, ARGV[3]
-// the id's release channel.
+// by one Release call and the same in the client's retries of it. It
+// announces on KEYS[1] with ":lock" replaced by ":released" (the id's
+// release channel, Backend.ReleaseChannel).
 // Replies: 1: released, now or by an earlier attempt of the same call
 // (whose reply was lost), whatever happened to the id since, unless four
 // other releases came after it; 0: owner does not hold it and this call did
@@ -152,8 +161,8 @@ if (st ~= 104 and st ~= 114 and st ~= 119) or #v < 78 then
   return redis.error_reply('ERR taskguard: not a lock record')
 end
 if st ~= 114 and string.sub(v, 78) == ARGV[1] and redis.call('PTTL', KEYS[1]) >= @G then
-  redis.call('SET', KEYS[1], 'r' .. ARGV[2] .. string.sub(v, 2, 37) .. string.sub(v, 50), 'PX', @G)
-  if st == 119 then redis.call('PUBLISH', ARGV[3], '1') end
+  redis.call('SETRANGE', KEYS[1], '0', 'r' .. ARGV[2] .. string.sub(v, 2, 37))
+  if st == 119 then redis.call('PUBLISH', string.sub(KEYS[1], 1, -5) .. 'released', '1') end
   return 1
 end
 for i = 2, 38, 12 do
