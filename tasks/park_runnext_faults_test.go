@@ -1,0 +1,166 @@
+package tasks_test
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	dsclient "cloud.google.com/go/datastore"
+	"google.golang.org/api/option"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/taskguard/taskguard/tasks"
+	"github.com/taskguard/taskguard/tasks/dswait"
+)
+
+// replyLostOnce is a wait list whose first FinishClaim is applied but
+// answers an error, as a step whose commit applied and whose reply was lost
+// (a gRPC UNAVAILABLE or a deadline after the commit reached the store).
+type replyLostOnce struct {
+	tasks.WaitList
+	lost atomic.Bool
+}
+
+func (l *replyLostOnce) FinishClaim(ctx context.Context, lockID, done, runner string) (tasks.Waiter, bool, error) {
+	wt, ok, err := l.WaitList.FinishClaim(ctx, lockID, done, runner)
+	if err == nil && l.lost.CompareAndSwap(false, true) {
+		return tasks.Waiter{}, false, errors.New("injected: FinishClaim applied, its reply lost")
+	}
+	return wt, ok, err
+}
+
+// TestParkRunNextStepReplyLost: a wake's step to the next parked task
+// (FinishClaim) that the wait list applied but whose answer was an error
+// claimed that task for the wake: the wake must still see that it runs.
+// Three tasks parked behind a release: each runs once.
+func TestParkRunNextStepReplyLost(t *testing.T) {
+	for name, list := range waitLists {
+		t.Run(name, func(t *testing.T) {
+			var runs jobRuns
+			f := newParkFleet(t, 2, time.Minute, &replyLostOnce{WaitList: list(t)}, nil, func(_ int, w *tasks.Worker) {
+				w.Handle("job", runs.job)
+			})
+			<-parkBehind(t, f, "lost-step", time.Second, "A", "B", "C")
+			runs.waitRuns(t, `"C"`, 1, 15*time.Second)
+			deadline := time.Now().Add(5 * time.Second)
+			for runs.count(`"B"`) == 0 && time.Now().Before(deadline) {
+				time.Sleep(10 * time.Millisecond)
+			}
+			runs.mu.Lock()
+			got := slices.Clone(runs.runs)
+			runs.mu.Unlock()
+			for _, p := range []string{`"A"`, `"B"`, `"C"`} {
+				if n := runs.count(p); n != 1 {
+					t.Errorf("%s ran %d times, want once; runs %q, answers %v", p, n, got, f.statuses())
+				}
+			}
+		})
+	}
+}
+
+// TestParkRunNextStepReplyLostAtTheWire: as TestParkRunNextStepReplyLost,
+// on Datastore, the reply of the step's commit lost at the wire: the
+// emulator applied the commit, the client got UNAVAILABLE.
+func TestParkRunNextStepReplyLostAtTheWire(t *testing.T) {
+	e2eBackend(t) // starts (once) and resets the emulator
+	e := datastore.emu
+	var armed atomic.Bool
+	cc, err := e.Dial(grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		err := invoker(ctx, method, req, reply, cc, opts...)
+		if err == nil && strings.HasSuffix(method, "/Commit") && armed.CompareAndSwap(true, false) {
+			return status.Error(codes.Unavailable, "injected: the commit applied, its reply lost")
+		}
+		return err
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	client, err := dsclient.NewClient(t.Context(), e.ProjectID, option.WithGRPCConn(cc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = client.Close()
+		_ = cc.Close()
+	})
+	list, err := dswait.New(client, dswait.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var runs jobRuns
+	f := newParkFleet(t, 2, time.Minute, list, nil, func(_ int, w *tasks.Worker) {
+		w.Handle("job", func(ctx context.Context, d *tasks.Delivery) error {
+			if string(d.Payload) == `"A"` {
+				armed.Store(true) // the next commit is the step from A to B
+			}
+			return runs.job(ctx, d)
+		})
+	})
+	<-parkBehind(t, f, "lost-commit", time.Second, "A", "B", "C")
+	runs.waitRuns(t, `"C"`, 1, 15*time.Second)
+	deadline := time.Now().Add(5 * time.Second)
+	for runs.count(`"B"`) == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if armed.Load() {
+		t.Fatal("no commit followed A's run")
+	}
+	runs.mu.Lock()
+	got := slices.Clone(runs.runs)
+	runs.mu.Unlock()
+	for _, p := range []string{`"A"`, `"B"`, `"C"`} {
+		if n := runs.count(p); n != 1 {
+			t.Errorf("%s ran %d times, want once; runs %q, answers %v", p, n, got, f.statuses())
+		}
+	}
+}
+
+// TestParkRunNextStepReplyLostCoalescing: a coalescing task run by a wake
+// whose step to the next task was applied but answered an error must not
+// leave its key marked finished: a later delivery of that job on the lock
+// id runs (it is not taken for a duplicate of a task that ran).
+func TestParkRunNextStepReplyLostCoalescing(t *testing.T) {
+	for name, list := range waitLists {
+		t.Run(name, func(t *testing.T) {
+			var runs jobRuns
+			f := newParkFleet(t, 2, time.Minute, &replyLostOnce{WaitList: list(t)}, nil, func(_ int, w *tasks.Worker) {
+				w.Handle("job", runs.job)
+				w.Handle("sum", runs.job, tasks.Coalesce())
+			})
+			holder := outsider(t, f, time.Minute)
+			if err := tasks.HandOff(holder, f.client, f.list, nil); err != nil {
+				t.Fatal(err)
+			}
+			released := holdFor(t, holder, "lost-co", time.Second)
+			enqueueAll(t, f.client, 1, func(int) tasks.Task { return tasks.Task{Job: "sum", LockID: "lost-co", Payload: payload("S1")} })
+			waitAnswered(t, f, 1)
+			enqueueAll(t, f.client, 1, func(int) tasks.Task { return tasks.Task{Job: "job", LockID: "lost-co", Payload: payload("B")} })
+			waitAnswered(t, f, 2)
+			<-released
+			deadline := time.Now().Add(5 * time.Second)
+			for runs.count(`"B"`) == 0 && time.Now().Before(deadline) {
+				time.Sleep(10 * time.Millisecond)
+			}
+			// A new delivery of the coalescing job, nobody running it.
+			enqueueAll(t, f.client, 1, func(int) tasks.Task { return tasks.Task{Job: "sum", LockID: "lost-co", Payload: payload("S2")} })
+			deadline = time.Now().Add(5 * time.Second)
+			for runs.count(`"S2"`) == 0 && time.Now().Before(deadline) {
+				time.Sleep(10 * time.Millisecond)
+			}
+			runs.mu.Lock()
+			got := slices.Clone(runs.runs)
+			runs.mu.Unlock()
+			for _, p := range []string{`"S1"`, `"B"`, `"S2"`} {
+				if n := runs.count(p); n != 1 {
+					t.Errorf("%s ran %d times, want once; runs %q, answers %v", p, n, got, f.statuses())
+				}
+			}
+		})
+	}
+}
