@@ -724,20 +724,20 @@ func (w *Worker) runWaiter(ctx context.Context, log *slog.Logger, d *Delivery, w
 			// or the first waiter was set aside (runOldest goes on).
 			return err
 		}
-		done := wt.Key
+		done := wt
 		if setAside {
-			done = "" // finished by runClaimed
+			done = Waiter{} // finished by runClaimed
 		}
 		if o.jobErr != nil || !w.runNextOpen(ctx, d) {
-			if done == "" {
+			if done.Key == "" {
 				return o.jobErr
 			}
 			break
 		}
 		ended := time.Now()
-		next, ok := w.nextWaiter(ctx, log, d.LockID, done, self)
+		next, ok := w.nextWaiter(ctx, log, d.LockID, done, self, o)
 		if !ok {
-			return o.jobErr // done finished by nextWaiter
+			return o.jobErr // done finished by nextWaiter (or o.listErr set)
 		}
 		wt, since = next, ended
 	}
@@ -818,22 +818,44 @@ func (w *Worker) runNextOpen(ctx context.Context, d *Delivery) bool {
 	return ctx.Err() == nil && w.park.runNext > 0 && time.Since(d.began) < w.park.runNext
 }
 
-// nextWaiter finishes done, runner self's claim, and claims the lock id's
+// nextWaiter finishes done (zero: none), runner self's claim, and claims the lock id's
 // oldest waiter for self, in one step bounded by the step budget
-// (WithStepBudget). When none waits, done is finished
-// alone; when the wait list fails, done is finished apart (a failure
-// logged); either way ok is false and the release hands off.
-func (w *Worker) nextWaiter(ctx context.Context, log *slog.Logger, lockID, done, self string) (Waiter, bool) {
+// (WithStepBudget). When none waits, done is finished alone, and ok is
+// false: the release hands off.
+//
+// A step that failed may have been applied all the same (its reply was
+// lost, or its deadline came while the store applied it): then self holds
+// a claim of the next waiter, which nobody else runs. So the runner's claim
+// is read back: when the step was applied, the waiter it claimed is
+// returned, to run; when not, done is finished apart (a failure logged) and
+// ok is false; when the claim cannot be read, o.listErr is set, so that the
+// wake is answered 503 and its retry gets the claim back (TakeClaim).
+func (w *Worker) nextWaiter(ctx context.Context, log *slog.Logger, lockID string, done Waiter, self string, o *outcome) (Waiter, bool) {
 	p := w.park
 	sctx, cancel := context.WithTimeoutCause(ctx, w.stepBudget, ErrStepBudget)
 	defer cancel()
-	wt, ok, err := p.list.FinishClaim(sctx, lockID, done, self)
-	if err != nil {
-		log.WarnContext(ctx, "tasks: the step to the next parked task failed; the release hands off", "error", err)
-		finishRun(ctx, log, p.list, lockID, done, self)
-		return Waiter{}, false
+	wt, ok, err := p.list.FinishClaim(sctx, lockID, done.Key, self)
+	if err == nil {
+		return wt, ok
 	}
-	return wt, ok
+	log.WarnContext(ctx, "tasks: the step to the next parked task failed; reading back the runner's claim", "error", err)
+	rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), handoffTimeout)
+	defer rcancel()
+	wt, ok, rerr := p.list.Running(rctx, lockID, self)
+	switch {
+	case rerr != nil:
+		o.listErr = fmt.Errorf("the step to the next parked task failed (%w), and reading back the runner's claim too: %w", err, rerr)
+		return Waiter{}, false
+	case ok && (wt.Key != done.Key || !wt.Arrived.Equal(done.Arrived)):
+		// Applied: done is finished and wt claimed for self (a coalescing
+		// waiter parked again while done ran has done's key, and arrived
+		// later).
+		return wt, true
+	case ok:
+		// Not applied: done is still self's claim.
+		finishRun(ctx, log, p.list, lockID, done.Key, self)
+	}
+	return Waiter{}, false
 }
 
 // finishRun records key's run finished in list (Finish). It runs even when
