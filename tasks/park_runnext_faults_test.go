@@ -3,6 +3,7 @@ package tasks_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -15,6 +16,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/tasks"
 	"github.com/taskguard/taskguard/tasks/dswait"
 )
@@ -161,6 +163,88 @@ func TestParkRunNextStepReplyLostCoalescing(t *testing.T) {
 					t.Errorf("%s ran %d times, want once; runs %q, answers %v", p, n, got, f.statuses())
 				}
 			}
+		})
+	}
+}
+
+// renewLoses makes the wrapped backend answer renewals of id with
+// ErrNotHeld (the lock taken over) while lose is set.
+type renewLoses struct {
+	locking.Backend
+	id   string
+	lose *atomic.Bool
+}
+
+func (r renewLoses) Renew(ctx context.Context, req locking.Request) (locking.Grant, error) {
+	if req.ID == r.id && r.lose.Load() {
+		return locking.Grant{}, fmt.Errorf("injected: %w", locking.ErrNotHeld)
+	}
+	return r.Backend.Renew(ctx, req)
+}
+
+// loseLockInStep is a wait list whose step from the task named first to the
+// next one is applied, then, before it answers, the wake's lock is lost
+// (its renewal finds it taken over): the answer comes as the loss is known.
+type loseLockInStep struct {
+	tasks.WaitList
+	first string // the done key of the step
+	lose  *atomic.Bool
+	fired atomic.Bool // the lock was lost in a step
+}
+
+func (l *loseLockInStep) FinishClaim(ctx context.Context, lockID, done, runner string) (tasks.Waiter, bool, error) {
+	wt, ok, err := l.WaitList.FinishClaim(context.WithoutCancel(ctx), lockID, done, runner)
+	if done == l.first && l.fired.CompareAndSwap(false, true) {
+		l.lose.Store(true)
+		select {
+		case <-ctx.Done():
+		case <-time.After(5 * time.Second):
+		}
+		l.lose.Store(false) // the lock's later holders renew
+	}
+	return wt, ok, err
+}
+
+// TestParkRunNextLockLostInStep: the wake's lock is lost during its step to
+// the next parked task (the step applied): the next task must not start
+// without the lock (its job's context already ended); it runs once, later,
+// with a lock.
+func TestParkRunNextLockLostInStep(t *testing.T) {
+	const lease = time.Second
+	for name, list := range waitLists {
+		t.Run(name, func(t *testing.T) {
+			var runs jobRuns
+			var lose atomic.Bool
+			var unlocked atomic.Int32
+			wl := &loseLockInStep{WaitList: list(t), lose: &lose}
+			f := newParkFleet(t, 2, lease, wl, func(_ int, _ *atomic.Bool, b locking.Backend) locking.Backend {
+				return renewLoses{Backend: b, id: "lost-lock", lose: &lose}
+			}, func(_ int, w *tasks.Worker) {
+				w.Handle("job", func(ctx context.Context, d *tasks.Delivery) error {
+					if ctx.Err() != nil {
+						unlocked.Add(1)
+						t.Logf("%s started with its context ended: %v", d.Payload, context.Cause(ctx))
+					}
+					if string(d.Payload) == `"A"` {
+						wl.first = d.QueueName + "/" + d.TaskName
+					}
+					return runs.job(ctx, d)
+				})
+			})
+			<-parkBehind(t, f, "lost-lock", time.Second, "A", "B", "C")
+			runs.waitRuns(t, `"C"`, 1, 30*time.Second)
+			runs.waitRuns(t, `"B"`, 1, 30*time.Second)
+			time.Sleep(500 * time.Millisecond)
+			if !wl.fired.Load() {
+				t.Fatal("no step from A: the test tested nothing")
+			}
+			if n := unlocked.Load(); n != 0 {
+				t.Errorf("%d jobs started with their lock lost, want none", n)
+			}
+			runs.mu.Lock()
+			got := slices.Clone(runs.runs)
+			runs.mu.Unlock()
+			t.Logf("runs %q, answers %v", got, f.statuses())
 		})
 	}
 }
