@@ -804,6 +804,14 @@ func (w *Worker) runClaimed(ctx context.Context, log *slog.Logger, d *Delivery, 
 		}
 	}
 	o.ran = true
+	if ctx.Err() != nil {
+		// The holding ended (the lock lost, the request cancelled) before
+		// the job started, as can happen in a wake's step from one waiter
+		// to the next: it does not start without the lock. The record
+		// stays Running by self: this wake's retry runs it.
+		o.jobErr = fmt.Errorf("%w: %w", errNotStarted, context.Cause(ctx))
+		return o.jobErr
+	}
 	o.jobErr = w.callJob(ctx, log, j, &rd)
 	if o.jobErr != nil && !errors.Is(o.jobErr, ErrPermanent) {
 		return o.jobErr
