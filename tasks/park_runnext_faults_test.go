@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -247,4 +248,67 @@ func TestParkRunNextLockLostInStep(t *testing.T) {
 			t.Logf("runs %q, answers %v", got, f.statuses())
 		})
 	}
+}
+
+// slowStep is a wait list whose step from the task named slow to the next
+// one takes delay (a contended or slow store).
+type slowStep struct {
+	tasks.WaitList
+	mu    sync.Mutex
+	slow  string
+	delay time.Duration
+}
+
+func (l *slowStep) FinishClaim(ctx context.Context, lockID, done, runner string) (tasks.Waiter, bool, error) {
+	l.mu.Lock()
+	slow := done != "" && done == l.slow
+	l.mu.Unlock()
+	if slow {
+		time.Sleep(l.delay)
+	}
+	return l.WaitList.FinishClaim(ctx, lockID, done, runner)
+}
+
+// TestParkRunNextSlowStepDispatchDeadline: the run-next budget is cut so
+// that a job started within it ends before the wake's dispatch deadline
+// (15 s dispatch deadline, 10 s job deadline: 4 s). A step to the next task
+// that began within it but ended after it (a slow store: 3 s) must not
+// start that task's job there: started, it runs past the dispatch deadline,
+// Cloud Tasks gives the wake up while it runs, and it starts again in the
+// retry.
+func TestParkRunNextSlowStepDispatchDeadline(t *testing.T) {
+	var runs jobRuns
+	var cStarts atomic.Int32
+	wl := &slowStep{WaitList: &tasks.MemoryWaitList{}, delay: 3 * time.Second}
+	env := fleetEnv{dispatch: 15 * time.Second, workers: []tasks.WorkerOption{tasks.WithJobDeadline(10 * time.Second)}}
+	f := newParkFleetEnv(t, 2, time.Minute, wl, env, nil, func(_ int, w *tasks.Worker) {
+		w.Handle("job", func(ctx context.Context, d *tasks.Delivery) error {
+			work := map[string]time.Duration{`"A"`: time.Second, `"B"`: 2500 * time.Millisecond, `"C"`: 9 * time.Second}[string(d.Payload)]
+			switch string(d.Payload) {
+			case `"B"`:
+				wl.mu.Lock()
+				wl.slow = d.QueueName + "/" + d.TaskName
+				wl.mu.Unlock()
+			case `"C"`:
+				cStarts.Add(1)
+			}
+			select {
+			case <-time.After(work):
+			case <-ctx.Done():
+				return context.Cause(ctx)
+			}
+			return runs.job(ctx, d)
+		})
+	})
+	<-parkBehind(t, f, "slow-step", time.Second, "A", "B", "C")
+	runs.waitRuns(t, `"C"`, 1, 60*time.Second)
+	if n := cStarts.Load(); n != 1 {
+		t.Errorf("C's job started %d times, want once", n)
+	}
+	for _, a := range f.srv.Attempts() {
+		if a.Err != nil {
+			t.Errorf("attempt %d of %s: %v (it ran %v)", a.Number, a.Task, a.Err, a.Responded.Sub(a.Dispatched).Round(time.Millisecond))
+		}
+	}
+	t.Logf("answers %v", f.statuses())
 }
