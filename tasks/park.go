@@ -50,6 +50,11 @@ type parking struct {
 	// runNext is how long after its delivery came a wake may start another
 	// waiter's job (WithRunNext, cut by the deadlines); 0: one job a wake.
 	runNext time.Duration
+	// startBy is how long after its delivery came a wake's job must start
+	// to end, at the job deadline, before the dispatch deadline (a step to
+	// the next waiter that began within runNext may end later); 0: no
+	// bound (no job deadline).
+	startBy time.Duration
 }
 
 // WithParking turns on park and hand-off (see the package documentation):
@@ -122,7 +127,9 @@ const DefaultRunNext = 30 * time.Second
 // within it ends before the wake's dispatch deadline: to the dispatch
 // deadline of the Client given to WithParking minus the job deadline
 // (WithJobDeadline) minus 1 s, or, without a job deadline, to a tenth of
-// the dispatch deadline. Meanwhile other callers waiting for the lock id
+// the dispatch deadline; a step to the next task that ends after the job
+// deadline's cut (a slow store) does not start it: the wake is answered
+// 500 and its retry runs it. Meanwhile other callers waiting for the lock id
 // (lockhttp.Guard, locking.With) wait too: parked tasks came first. d must
 // be within [0, MaxDispatchDeadline]; it may be given before or after
 // WithParking.
@@ -134,6 +141,15 @@ func WithRunNext(d time.Duration) WorkerOption {
 		w.runNext = &d
 		return nil
 	}
+}
+
+// startByLimit is park mode's startBy for wakes with dispatch deadline
+// dispatch and jobs with deadline jobDeadline (0: none).
+func startByLimit(dispatch, jobDeadline time.Duration) time.Duration {
+	if jobDeadline <= 0 {
+		return 0
+	}
+	return max(dispatch-jobDeadline-time.Second, 0)
 }
 
 // runNextBudget is the run-next budget of a worker in park mode whose
@@ -735,9 +751,18 @@ func (w *Worker) runWaiter(ctx context.Context, log *slog.Logger, d *Delivery, w
 			break
 		}
 		ended := time.Now()
-		next, ok := w.nextWaiter(ctx, log, d.LockID, done, self, o)
+		next, ok := w.nextWaiter(ctx, log, d, done, self, o)
 		if !ok {
 			return o.jobErr // done finished by nextWaiter (or o.listErr set)
+		}
+		if p.startBy > 0 && time.Since(d.began) >= p.startBy {
+			// The step ended too late for the job to end, at the job
+			// deadline, before the dispatch deadline: it does not start
+			// here. The record stays Running by self: this wake's retry
+			// runs it.
+			o.jobErr = fmt.Errorf("%w: the step to parked task %q ended %v after the wake came, too late to run it before the dispatch deadline; the wake's retry runs it",
+				errNotStarted, next.Key, time.Since(d.began).Round(time.Millisecond))
+			return o.jobErr
 		}
 		wt, since = next, ended
 	}
@@ -828,7 +853,8 @@ func (w *Worker) runNextOpen(ctx context.Context, d *Delivery) bool {
 
 // nextWaiter finishes done (zero: none), runner self's claim, and claims the lock id's
 // oldest waiter for self, in one step bounded by the step budget
-// (WithStepBudget). When none waits, done is finished alone, and ok is
+// (WithStepBudget) and by the time left to start a job (startBy). When
+// none waits, done is finished alone, and ok is
 // false: the release hands off.
 //
 // A step that failed may have been applied all the same (its reply was
@@ -838,9 +864,13 @@ func (w *Worker) runNextOpen(ctx context.Context, d *Delivery) bool {
 // returned, to run; when not, done is finished apart (a failure logged) and
 // ok is false; when the claim cannot be read, o.listErr is set, so that the
 // wake is answered 503 and its retry gets the claim back (TakeClaim).
-func (w *Worker) nextWaiter(ctx context.Context, log *slog.Logger, lockID string, done Waiter, self string, o *outcome) (Waiter, bool) {
-	p := w.park
-	sctx, cancel := context.WithTimeoutCause(ctx, w.stepBudget, ErrStepBudget)
+func (w *Worker) nextWaiter(ctx context.Context, log *slog.Logger, d *Delivery, done Waiter, self string, o *outcome) (Waiter, bool) {
+	p, lockID := w.park, d.LockID
+	budget := w.stepBudget
+	if p.startBy > 0 {
+		budget = min(budget, p.startBy-time.Since(d.began))
+	}
+	sctx, cancel := context.WithTimeoutCause(ctx, budget, ErrStepBudget)
 	defer cancel()
 	wt, ok, err := p.list.FinishClaim(sctx, lockID, done.Key, self)
 	if err == nil {
