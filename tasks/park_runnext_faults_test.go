@@ -312,3 +312,63 @@ func TestParkRunNextSlowStepDispatchDeadline(t *testing.T) {
 	}
 	t.Logf("answers %v", f.statuses())
 }
+
+// TestParkRunNextStepFaultsAtTheWire: the Datastore step to the next parked
+// task (FinishClaim) meets an error at the wire, once, not applied: an
+// ABORTED commit, an ABORTED lookup, an UNAVAILABLE begin, an UNAVAILABLE
+// head query. Each parked task runs once, in the order parked.
+func TestParkRunNextStepFaultsAtTheWire(t *testing.T) {
+	for _, c := range []struct {
+		method string
+		code   codes.Code
+	}{{"Commit", codes.Aborted}, {"Lookup", codes.Aborted}, {"BeginTransaction", codes.Unavailable}, {"RunQuery", codes.Unavailable}} {
+		t.Run(c.method+"-"+c.code.String(), func(t *testing.T) {
+			e2eBackend(t) // starts (once) and resets the emulator
+			e := datastore.emu
+			var armed, fired atomic.Bool
+			cc, err := e.Dial(grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+				if strings.HasSuffix(method, "/"+c.method) && armed.CompareAndSwap(true, false) {
+					fired.Store(true)
+					return status.Error(c.code, "injected")
+				}
+				return invoker(ctx, method, req, reply, cc, opts...)
+			}))
+			if err != nil {
+				t.Fatal(err)
+			}
+			client, err := dsclient.NewClient(t.Context(), e.ProjectID, option.WithGRPCConn(cc))
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() {
+				_ = client.Close()
+				_ = cc.Close()
+			})
+			list, err := dswait.New(client, dswait.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var runs jobRuns
+			f := newParkFleet(t, 2, time.Minute, list, nil, func(_ int, w *tasks.Worker) {
+				w.Handle("job", func(ctx context.Context, d *tasks.Delivery) error {
+					if string(d.Payload) == `"A"` {
+						armed.Store(true) // the step from A to B meets the fault
+					}
+					return runs.job(ctx, d)
+				})
+			})
+			<-parkBehind(t, f, "wire-"+c.method, time.Second, "A", "B", "C")
+			runs.waitRuns(t, `"C"`, 1, 30*time.Second)
+			time.Sleep(300 * time.Millisecond)
+			if !fired.Load() {
+				t.Fatal("the fault was not injected: the test tested nothing")
+			}
+			runs.mu.Lock()
+			got := slices.Clone(runs.runs)
+			runs.mu.Unlock()
+			if want := []string{`"A"`, `"B"`, `"C"`}; !slices.Equal(got, want) {
+				t.Errorf("runs %q, want %q; answers %v", got, want, f.statuses())
+			}
+		})
+	}
+}
