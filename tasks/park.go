@@ -115,8 +115,8 @@ const DefaultRunNext = 30 * time.Second
 // finishes the one it ran) in one wait-list step (WaitList.FinishClaim)
 // and runs it in the same request, as long as less than d has passed since
 // its delivery came; then it releases, and the release hands off as
-// usual. A hand-off within a wake costs that step and a Peek (on Datastore
-// 4 round trips) instead of a release, an arming, a CreateTask, a dispatch,
+// usual. A hand-off within a wake costs that step (on Datastore 4 RPCs in
+// 3 round trips) instead of a release, an arming, a CreateTask, a dispatch,
 // an acquire and a claim. Jobs run this way in one holding share its
 // fencing token (fences accept a token equal to the highest they saw). A
 // job that fails ends the wake's run of tasks: its delivery is answered as
