@@ -372,3 +372,64 @@ func TestParkRunNextStepFaultsAtTheWire(t *testing.T) {
 		})
 	}
 }
+
+// TestParkRunNextHandOffClientDeadline: a program that shares lock ids with
+// parked tasks registers HandOff with its own Client (as HandOff's
+// documentation says), whose dispatch deadline (15 s) is shorter than the
+// Worker's (10 min, no job deadline: a 30 s run-next budget). The wake its
+// release creates runs parked tasks of 4 s one after another: it must stop
+// in time for its own dispatch deadline, not the Worker's; otherwise Cloud
+// Tasks gives the wake up while a job runs (its context cancelled) and
+// that job starts again in the retry.
+func TestParkRunNextHandOffClientDeadline(t *testing.T) {
+	var runs jobRuns
+	var mu sync.Mutex
+	starts := map[string]int{}
+	f := newParkFleet(t, 2, time.Minute, &tasks.MemoryWaitList{}, nil, func(_ int, w *tasks.Worker) {
+		w.Handle("job", func(ctx context.Context, d *tasks.Delivery) error {
+			mu.Lock()
+			starts[string(d.Payload)]++
+			mu.Unlock()
+			select {
+			case <-time.After(4 * time.Second):
+			case <-ctx.Done():
+				return context.Cause(ctx)
+			}
+			return runs.job(ctx, d)
+		})
+	})
+	cfg := baseConfig(f.url)
+	cfg.DispatchDeadline = 15 * time.Second
+	other, err := tasks.NewClient(t.Context(), cfg, f.srv.ClientOptions()...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = other.Close() })
+	holder := outsider(t, f, time.Minute)
+	if err := tasks.HandOff(holder, other, f.list, nil); err != nil {
+		t.Fatal(err)
+	}
+	released := holdFor(t, holder, "other-deadline", time.Second)
+	in := []string{"A", "B", "C", "D", "E"}
+	for i, p := range in {
+		enqueueAll(t, f.client, 1, func(int) tasks.Task { return tasks.Task{Job: "job", LockID: "other-deadline", Payload: payload(p)} })
+		waitAnswered(t, f, i+1)
+	}
+	<-released
+	for _, p := range in {
+		runs.waitRuns(t, `"`+p+`"`, 1, 90*time.Second)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, p := range in {
+		if n := starts[`"`+p+`"`]; n != 1 {
+			t.Errorf("%s's job started %d times, want once", p, n)
+		}
+	}
+	for _, a := range f.srv.Attempts() {
+		if a.Err != nil {
+			t.Errorf("attempt %d of %s: %v", a.Number, a.Task, a.Err)
+		}
+	}
+	t.Logf("answers %v", f.statuses())
+}
