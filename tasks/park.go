@@ -125,14 +125,15 @@ const DefaultRunNext = 30 * time.Second
 // d = 0 turns it off: one parked task per wake. The default is
 // DefaultRunNext. Either way the budget is cut so that a job started
 // within it ends before the wake's dispatch deadline: to the dispatch
-// deadline of the Client given to WithParking minus the job deadline
-// (WithJobDeadline) minus 1 s, or, without a job deadline, to a tenth of
-// the dispatch deadline; a step to the next task that ends after the job
-// deadline's cut (a slow store) does not start it: the wake is answered
-// 500 and its retry runs it. Meanwhile other callers waiting for the lock id
-// (lockhttp.Guard, locking.With) wait too: parked tasks came first. d must
-// be within [0, MaxDispatchDeadline]; it may be given before or after
-// WithParking.
+// deadline minus the job deadline (WithJobDeadline) minus 1 s, or, without
+// a job deadline, to a tenth of the dispatch deadline. The dispatch
+// deadline is that of the Client given to WithParking, or the wake's own
+// when shorter (a wake created by HandOff through another Client). A step
+// to the next task that ends after the job deadline's cut (a slow store)
+// does not start it: the wake is answered 500 and its retry runs it.
+// Meanwhile other callers waiting for the lock id (lockhttp.Guard,
+// locking.With) wait too: parked tasks came first. d must be within [0,
+// MaxDispatchDeadline]; it may be given before or after WithParking.
 func WithRunNext(d time.Duration) WorkerOption {
 	return func(w *Worker) error {
 		if d < 0 || d > MaxDispatchDeadline {
@@ -258,7 +259,7 @@ func (h *handoff) create(ctx context.Context, lockID string, w Wake) error {
 		return nil
 	}
 	env := envelope{V: wakeVersion, Job: ident.String(w.Job), LockID: ident.String(lockID), EnqueuedAt: time.Now().UTC(),
-		Wake: &wakeRef{Kind: w.Kind.String(), Epoch: w.Epoch, Gen: w.Gen, At: time.Now().UTC()}}
+		Wake: &wakeRef{Kind: w.Kind.String(), Epoch: w.Epoch, Gen: w.Gen, At: time.Now().UTC(), DeadlineMS: h.client.deadline.Milliseconds()}}
 	body, err := json.Marshal(env)
 	if err == nil {
 		req, rerr := h.client.request(Task{Job: w.Job, LockID: lockID, ScheduleTime: w.Due, Name: wakeName(lockID, w)})
@@ -572,6 +573,13 @@ func (w *Worker) serveWake(ctx context.Context, log *slog.Logger, j *job, d *Del
 	p := w.park
 	self := d.recordKey()
 	kind, gen := env.Wake.kind(), env.Wake.Gen
+	d.runNext, d.startBy = p.runNext, p.startBy
+	if dl := time.Duration(env.Wake.DeadlineMS) * time.Millisecond; dl > 0 && dl < p.h.client.deadline {
+		// Created through another Client (HandOff's) with a shorter
+		// dispatch deadline: its budget is cut by that deadline.
+		d.runNext = runNextBudget(w.runNext, dl, w.jobDeadline)
+		d.startBy = startByLimit(dl, w.jobDeadline)
+	}
 	o, err := w.wakeTurn(ctx, log, j, d, self, kind, gen, env.Wake.At)
 	if kind == Safety {
 		p.metrics.countSafetyNet(ctx, o.ran)
@@ -755,7 +763,7 @@ func (w *Worker) runWaiter(ctx context.Context, log *slog.Logger, d *Delivery, w
 		if !ok {
 			return o.jobErr // done finished by nextWaiter (or o.listErr set)
 		}
-		if p.startBy > 0 && time.Since(d.began) >= p.startBy {
+		if d.startBy > 0 && time.Since(d.began) >= d.startBy {
 			// The step ended too late for the job to end, at the job
 			// deadline, before the dispatch deadline: it does not start
 			// here. The record stays Running by self: this wake's retry
@@ -848,7 +856,7 @@ func (w *Worker) runClaimed(ctx context.Context, log *slog.Logger, d *Delivery, 
 // waiter's job: its request goes on, and less than the run-next budget has
 // passed since it came.
 func (w *Worker) runNextOpen(ctx context.Context, d *Delivery) bool {
-	return ctx.Err() == nil && w.park.runNext > 0 && time.Since(d.began) < w.park.runNext
+	return ctx.Err() == nil && d.runNext > 0 && time.Since(d.began) < d.runNext
 }
 
 // nextWaiter finishes done (zero: none), runner self's claim, and claims the lock id's
@@ -867,8 +875,8 @@ func (w *Worker) runNextOpen(ctx context.Context, d *Delivery) bool {
 func (w *Worker) nextWaiter(ctx context.Context, log *slog.Logger, d *Delivery, done Waiter, self string, o *outcome) (Waiter, bool) {
 	p, lockID := w.park, d.LockID
 	budget := w.stepBudget
-	if p.startBy > 0 {
-		budget = min(budget, p.startBy-time.Since(d.began))
+	if d.startBy > 0 {
+		budget = min(budget, d.startBy-time.Since(d.began))
 	}
 	sctx, cancel := context.WithTimeoutCause(ctx, budget, ErrStepBudget)
 	defer cancel()

@@ -462,6 +462,9 @@ type Delivery struct {
 	RetryReason      string
 
 	began time.Time // when the delivery came
+	// A wake's run-next budget and start-by limit (see parking), cut by
+	// the wake's own dispatch deadline.
+	runNext, startBy time.Duration
 }
 
 // recordKey is the key of the delivery's task in a WaitList (its waiter
