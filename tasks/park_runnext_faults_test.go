@@ -2,8 +2,10 @@ package tasks_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http/httptest"
 	"slices"
 	"strings"
 	"sync"
@@ -20,6 +22,7 @@ import (
 	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/tasks"
 	"github.com/taskguard/taskguard/tasks/dswait"
+	"github.com/taskguard/taskguard/tasks/taskstest"
 )
 
 // replyLostOnce is a wait list whose first FinishClaim is applied but
@@ -432,4 +435,66 @@ func TestParkRunNextHandOffClientDeadline(t *testing.T) {
 		}
 	}
 	t.Logf("answers %v", f.statuses())
+}
+
+// cancelInStep is a wait list whose step from the task first to the next
+// one is applied, and then the delivery's context is cancelled (cancel),
+// as DrainOnSIGTERM cancels the requests in flight at SIGTERM.
+type cancelInStep struct {
+	tasks.WaitList
+	first  string
+	cancel func()
+}
+
+func (l *cancelInStep) FinishClaim(ctx context.Context, lockID, done, runner string) (tasks.Waiter, bool, error) {
+	wt, ok, err := l.WaitList.FinishClaim(ctx, lockID, done, runner)
+	if done == l.first && l.cancel != nil {
+		l.cancel()
+		l.cancel = nil
+	}
+	return wt, ok, err
+}
+
+// TestParkRunNextShutdownInStep: the wake's request is cancelled (SIGTERM,
+// DrainOnSIGTERM) during its step to the next parked task: that task's job
+// does not start in the cancelled request, the wake is not answered done
+// (it keeps the task claimed), and its retry runs it, once.
+func TestParkRunNextShutdownInStep(t *testing.T) {
+	mem := &tasks.MemoryWaitList{}
+	list := &cancelInStep{WaitList: mem, first: "jobs/task-A"}
+	srv := startQueue(t, taskstest.Options{}, nil) // wakes go to a queue nobody serves
+	w := memoryParkWorker(t, list, srv.ClientOptions()...)
+	var runs jobRuns
+	var lateStarts atomic.Int32
+	w.Handle("job", func(ctx context.Context, d *tasks.Delivery) error {
+		if ctx.Err() != nil {
+			lateStarts.Add(1)
+		}
+		return runs.job(ctx, d)
+	})
+	now := time.Now()
+	for i, p := range []string{"A", "B"} {
+		body, _ := json.Marshal(map[string]any{"v": 1, "job": "job", "lockId": "w1", "payload": p, "enqueuedAt": now.UTC()})
+		if _, _, _, err := mem.Park(t.Context(), "w1", tasks.Waiter{Key: "jobs/task-" + p, Arrived: now.Add(time.Duration(i) * time.Millisecond), Job: "job", Body: body}, now.Add(time.Hour)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithCancelCause(t.Context())
+	list.cancel = func() { cancel(errors.New("shutting down")) }
+	rw := httptest.NewRecorder()
+	w.ServeHTTP(rw, wakeRequest("wake-1", 0).WithContext(ctx))
+	if n := lateStarts.Load(); n != 0 {
+		t.Errorf("%d jobs started in the cancelled request, want none; runs %q", n, runs.runs)
+	}
+	if rw.Code/100 == 2 {
+		t.Errorf("the cancelled wake was answered %d: nothing retries it, and B is its claim", rw.Code)
+	}
+	rw = httptest.NewRecorder()
+	w.ServeHTTP(rw, wakeRequest("wake-1", 1))
+	t.Logf("retry answered %d; runs %q", rw.Code, runs.runs)
+	for _, p := range []string{`"A"`, `"B"`} {
+		if n := runs.count(p); n != 1 {
+			t.Errorf("%s ran %d times, want once; runs %q", p, n, runs.runs)
+		}
+	}
 }
