@@ -498,3 +498,60 @@ func TestParkRunNextShutdownInStep(t *testing.T) {
 		}
 	}
 }
+
+// TestParkRunNextCoalescingParkedWhileItRuns: a coalescing job run by a
+// wake after another task, whose job is delivered again while it runs,
+// parks a new run (its key's record, waiting again), which the wake's step
+// claims and runs next: the job runs once more after the delivery, not
+// less, not twice more.
+func TestParkRunNextCoalescingParkedWhileItRuns(t *testing.T) {
+	for name, list := range waitLists {
+		t.Run(name, func(t *testing.T) {
+			var runs jobRuns
+			s1Running := make(chan struct{})
+			s2Parked := make(chan struct{})
+			f := newParkFleet(t, 2, time.Minute, list(t), nil, func(_ int, w *tasks.Worker) {
+				w.Handle("job", runs.job)
+				w.Handle("sum", func(ctx context.Context, d *tasks.Delivery) error {
+					if string(d.Payload) == `"S1"` {
+						close(s1Running)
+						select {
+						case <-s2Parked:
+						case <-time.After(10 * time.Second):
+						}
+					}
+					return runs.job(ctx, d)
+				}, tasks.Coalesce())
+			})
+			holder := outsider(t, f, time.Minute)
+			if err := tasks.HandOff(holder, f.client, f.list, nil); err != nil {
+				t.Fatal(err)
+			}
+			released := holdFor(t, holder, "co-chain", time.Second)
+			enqueueAll(t, f.client, 1, func(int) tasks.Task { return tasks.Task{Job: "job", LockID: "co-chain", Payload: payload("A")} })
+			waitAnswered(t, f, 1)
+			enqueueAll(t, f.client, 1, func(int) tasks.Task { return tasks.Task{Job: "sum", LockID: "co-chain", Payload: payload("S1")} })
+			waitAnswered(t, f, 2)
+			<-released
+			select {
+			case <-s1Running:
+			case <-time.After(15 * time.Second):
+				t.Fatal("S1 did not run")
+			}
+			enqueueAll(t, f.client, 1, func(int) tasks.Task { return tasks.Task{Job: "sum", LockID: "co-chain", Payload: payload("S2")} })
+			waitAnswered(t, f, 3)
+			close(s2Parked)
+			runs.waitRuns(t, `"S2"`, 1, 15*time.Second)
+			time.Sleep(300 * time.Millisecond)
+			runs.mu.Lock()
+			got := slices.Clone(runs.runs)
+			runs.mu.Unlock()
+			if want := []string{`"A"`, `"S1"`, `"S2"`}; !slices.Equal(got, want) {
+				t.Errorf("runs %q, want %q; answers %v", got, want, f.statuses())
+			}
+			if n := wakes(f, 3); n != 1 {
+				t.Errorf("%d wakes ran them, want 1 (S2 claimed by the step after S1)", n)
+			}
+		})
+	}
+}
