@@ -555,3 +555,35 @@ func TestParkRunNextCoalescingParkedWhileItRuns(t *testing.T) {
 		})
 	}
 }
+
+// TestParkRunNextPermanentFailure: a job that fails for good (Permanent)
+// in a wake's run of parked tasks ends it: that task is finished (never run
+// again), and the next ones run, each once, in order.
+func TestParkRunNextPermanentFailure(t *testing.T) {
+	for name, list := range waitLists {
+		t.Run(name, func(t *testing.T) {
+			var runs jobRuns
+			f := newParkFleet(t, 2, time.Minute, list(t), nil, func(_ int, w *tasks.Worker) {
+				w.Handle("job", func(ctx context.Context, d *tasks.Delivery) error {
+					err := runs.job(ctx, d)
+					if string(d.Payload) == `"B"` {
+						return tasks.Permanent(errors.New("injected: B cannot succeed"))
+					}
+					return err
+				})
+			})
+			<-parkBehind(t, f, "perm", time.Second, "A", "B", "C", "D")
+			runs.waitRuns(t, `"D"`, 1, 15*time.Second)
+			time.Sleep(500 * time.Millisecond)
+			runs.mu.Lock()
+			got := slices.Clone(runs.runs)
+			runs.mu.Unlock()
+			if want := []string{`"A"`, `"B"`, `"C"`, `"D"`}; !slices.Equal(got, want) {
+				t.Errorf("runs %q, want %q; answers %v", got, want, f.statuses())
+			}
+			if st := f.statuses(); st[500]+st[503]+st[429] != 0 {
+				t.Errorf("answers %v: a permanent failure is not retried", st)
+			}
+		})
+	}
+}
