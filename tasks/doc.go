@@ -114,8 +114,8 @@
 //     came, cut so that a job started then ends, at the job deadline, before
 //     the wake's dispatch deadline. A burst on one lock id then costs a wake
 //     per 30 s of work instead of one per task, and the hand-off between two
-//     runs is a Peek and that step (on Datastore 4 round trips) instead of a
-//     release, a CreateTask, a dispatch, an acquire and a claim. Its runs
+//     runs is that step (on Datastore 4 RPCs in 3 round trips) instead of
+//     a release, a CreateTask, a dispatch, an acquire and a claim. Its runs
 //     are one holding: they share its fencing token. A job that fails ends
 //     the wake's run of tasks (see Failures).
 //   - Unknown and removed jobs. A waiter whose job the instance a wake

@@ -15,11 +15,13 @@ import (
 // wakeVersion is the version of a wake's body (park mode): the job and lock
 // id plus "wake", and no payload (a wake runs what the wait list recorded).
 // Version 2 was the continuation of an earlier park mode, which carried a
-// waiter's payload; it is refused (dropped with an ERROR log).
+// waiter's payload; it is refused (dropped with an ERROR log). A version 3
+// wake is a version 4 wake without its dispatch deadline; it is accepted.
 const (
 	envelopeVersion = 1
 	legacyVersion   = 2
-	wakeVersion     = 3
+	wakeVersion3    = 3
+	wakeVersion     = 4
 )
 
 // envelope is the JSON body of every task:
@@ -51,6 +53,10 @@ type wakeRef struct {
 	Gen   uint64 `json:"gen"`
 	// At is when the wake was created, for the hand-off latency.
 	At time.Time `json:"at"`
+	// DeadlineMS is the dispatch deadline of the wake's task in
+	// milliseconds (that of the Client that created it); 0 in a version 3
+	// wake.
+	DeadlineMS int64 `json:"deadlineMs,omitempty"`
 }
 
 // kind returns r's WakeKind (0 when unknown).
@@ -116,11 +122,11 @@ func decodeEnvelope(body []byte) (envelope, error) {
 		return e, fmt.Errorf("%w: data after the envelope", errMalformed)
 	}
 	switch {
-	case e.V != envelopeVersion && e.V != wakeVersion:
+	case e.V != envelopeVersion && e.V != wakeVersion && e.V != wakeVersion3:
 		return e, fmt.Errorf("%w: version %d", errMalformed, e.V)
-	case (e.V == wakeVersion) != (e.Wake != nil):
+	case (e.V == wakeVersion || e.V == wakeVersion3) != (e.Wake != nil):
 		return e, fmt.Errorf("%w: version %d with wake %v", errMalformed, e.V, e.Wake != nil)
-	case e.Wake != nil && (e.Wake.kind() == 0 || e.Wake.Gen == 0):
+	case e.Wake != nil && (e.Wake.kind() == 0 || e.Wake.Gen == 0 || e.Wake.DeadlineMS < 0 || e.V == wakeVersion3 && e.Wake.DeadlineMS != 0):
 		return e, fmt.Errorf("%w: bad wake %+v", errMalformed, *e.Wake)
 	case e.Wake != nil && (e.Payload != nil || e.Data != nil):
 		return e, fmt.Errorf("%w: a wake carries no payload", errMalformed)

@@ -22,6 +22,8 @@ func FuzzDecodeEnvelope(f *testing.F) {
 		`{"v":1,"job":"\u0000","lockId":"\ud800"}`, `{"v":1,"V":2,"job":"j","lockId":"l"}`, `{"v":-1,"job":"j","lockId":"l"}`,
 		`{"v":3,"job":"j","lockId":"l","wake":{"kind":"handoff","epoch":1,"gen":2,"at":"2026-01-02T03:04:05Z"}}`,
 		`{"v":3,"job":"j","lockId":"l","wake":{"kind":"handoff","epoch":1,"gen":2},"payload":1}`,
+		`{"v":4,"job":"j","lockId":"l","wake":{"kind":"safety","epoch":1,"gen":2,"deadlineMs":15000}}`,
+		`{"v":3,"job":"j","lockId":"l","wake":{"kind":"safety","epoch":1,"gen":2,"deadlineMs":15000}}`,
 		`{"v":2,"job":"j","lockId":"l","cont":{"key":"q/t","kind":"handoff","n":1}}`,
 	} {
 		f.Add([]byte(s))
@@ -34,7 +36,7 @@ func FuzzDecodeEnvelope(f *testing.F) {
 			}
 			return
 		}
-		if (e.V != envelopeVersion && e.V != wakeVersion) || (e.V == wakeVersion) != (e.Wake != nil) || e.Job == "" || e.LockID == "" ||
+		if (e.V != envelopeVersion && e.V != wakeVersion && e.V != wakeVersion3) || (e.V == wakeVersion || e.V == wakeVersion3) != (e.Wake != nil) || e.Job == "" || e.LockID == "" ||
 			(e.Payload != nil && e.Data != nil) || (e.Wake != nil && (e.Payload != nil || e.Data != nil || e.Wake.kind() == 0 || e.Wake.Gen == 0)) {
 			t.Fatalf("decodeEnvelope(%q) accepted %+v", body, e)
 		}

@@ -50,6 +50,11 @@ type parking struct {
 	// runNext is how long after its delivery came a wake may start another
 	// waiter's job (WithRunNext, cut by the deadlines); 0: one job a wake.
 	runNext time.Duration
+	// startBy is how long after its delivery came a wake's job must start
+	// to end, at the job deadline, before the dispatch deadline (a step to
+	// the next waiter that began within runNext may end later); 0: no
+	// bound (no job deadline).
+	startBy time.Duration
 }
 
 // WithParking turns on park and hand-off (see the package documentation):
@@ -110,8 +115,8 @@ const DefaultRunNext = 30 * time.Second
 // finishes the one it ran) in one wait-list step (WaitList.FinishClaim)
 // and runs it in the same request, as long as less than d has passed since
 // its delivery came; then it releases, and the release hands off as
-// usual. A hand-off within a wake costs that step and a Peek (on Datastore
-// 4 round trips) instead of a release, an arming, a CreateTask, a dispatch,
+// usual. A hand-off within a wake costs that step (on Datastore 4 RPCs in
+// 3 round trips) instead of a release, an arming, a CreateTask, a dispatch,
 // an acquire and a claim. Jobs run this way in one holding share its
 // fencing token (fences accept a token equal to the highest they saw). A
 // job that fails ends the wake's run of tasks: its delivery is answered as
@@ -120,12 +125,15 @@ const DefaultRunNext = 30 * time.Second
 // d = 0 turns it off: one parked task per wake. The default is
 // DefaultRunNext. Either way the budget is cut so that a job started
 // within it ends before the wake's dispatch deadline: to the dispatch
-// deadline of the Client given to WithParking minus the job deadline
-// (WithJobDeadline) minus 1 s, or, without a job deadline, to a tenth of
-// the dispatch deadline. Meanwhile other callers waiting for the lock id
-// (lockhttp.Guard, locking.With) wait too: parked tasks came first. d must
-// be within [0, MaxDispatchDeadline]; it may be given before or after
-// WithParking.
+// deadline minus the job deadline (WithJobDeadline) minus 1 s, or, without
+// a job deadline, to a tenth of the dispatch deadline. The dispatch
+// deadline is that of the Client given to WithParking, or the wake's own
+// when shorter (a wake created by HandOff through another Client). A step
+// to the next task that ends after the job deadline's cut (a slow store)
+// does not start it: the wake is answered 500 and its retry runs it.
+// Meanwhile other callers waiting for the lock id (lockhttp.Guard,
+// locking.With) wait too: parked tasks came first. d must be within [0,
+// MaxDispatchDeadline]; it may be given before or after WithParking.
 func WithRunNext(d time.Duration) WorkerOption {
 	return func(w *Worker) error {
 		if d < 0 || d > MaxDispatchDeadline {
@@ -134,6 +142,15 @@ func WithRunNext(d time.Duration) WorkerOption {
 		w.runNext = &d
 		return nil
 	}
+}
+
+// startByLimit is park mode's startBy for wakes with dispatch deadline
+// dispatch and jobs with deadline jobDeadline (0: none).
+func startByLimit(dispatch, jobDeadline time.Duration) time.Duration {
+	if jobDeadline <= 0 {
+		return 0
+	}
+	return max(dispatch-jobDeadline-time.Second, 0)
 }
 
 // runNextBudget is the run-next budget of a worker in park mode whose
@@ -242,7 +259,7 @@ func (h *handoff) create(ctx context.Context, lockID string, w Wake) error {
 		return nil
 	}
 	env := envelope{V: wakeVersion, Job: ident.String(w.Job), LockID: ident.String(lockID), EnqueuedAt: time.Now().UTC(),
-		Wake: &wakeRef{Kind: w.Kind.String(), Epoch: w.Epoch, Gen: w.Gen, At: time.Now().UTC()}}
+		Wake: &wakeRef{Kind: w.Kind.String(), Epoch: w.Epoch, Gen: w.Gen, At: time.Now().UTC(), DeadlineMS: h.client.deadline.Milliseconds()}}
 	body, err := json.Marshal(env)
 	if err == nil {
 		req, rerr := h.client.request(Task{Job: w.Job, LockID: lockID, ScheduleTime: w.Due, Name: wakeName(lockID, w)})
@@ -556,6 +573,13 @@ func (w *Worker) serveWake(ctx context.Context, log *slog.Logger, j *job, d *Del
 	p := w.park
 	self := d.recordKey()
 	kind, gen := env.Wake.kind(), env.Wake.Gen
+	d.runNext, d.startBy = p.runNext, p.startBy
+	if dl := time.Duration(env.Wake.DeadlineMS) * time.Millisecond; dl > 0 && dl < p.h.client.deadline {
+		// Created through another Client (HandOff's) with a shorter
+		// dispatch deadline: its budget is cut by that deadline.
+		d.runNext = runNextBudget(w.runNext, dl, w.jobDeadline)
+		d.startBy = startByLimit(dl, w.jobDeadline)
+	}
 	o, err := w.wakeTurn(ctx, log, j, d, self, kind, gen, env.Wake.At)
 	if kind == Safety {
 		p.metrics.countSafetyNet(ctx, o.ran)
@@ -724,20 +748,29 @@ func (w *Worker) runWaiter(ctx context.Context, log *slog.Logger, d *Delivery, w
 			// or the first waiter was set aside (runOldest goes on).
 			return err
 		}
-		done := wt.Key
+		done := wt
 		if setAside {
-			done = "" // finished by runClaimed
+			done = Waiter{} // finished by runClaimed
 		}
 		if o.jobErr != nil || !w.runNextOpen(ctx, d) {
-			if done == "" {
+			if done.Key == "" {
 				return o.jobErr
 			}
 			break
 		}
 		ended := time.Now()
-		next, ok := w.nextWaiter(ctx, log, d.LockID, done, self)
+		next, ok := w.nextWaiter(ctx, log, d, done, self, o)
 		if !ok {
-			return o.jobErr // done finished by nextWaiter
+			return o.jobErr // done finished by nextWaiter (or o.listErr set)
+		}
+		if d.startBy > 0 && time.Since(d.began) >= d.startBy {
+			// The step ended too late for the job to end, at the job
+			// deadline, before the dispatch deadline: it does not start
+			// here. The record stays Running by self: this wake's retry
+			// runs it.
+			o.jobErr = fmt.Errorf("%w: the step to parked task %q ended %v after the wake came, too late to run it before the dispatch deadline; the wake's retry runs it",
+				errNotStarted, next.Key, time.Since(d.began).Round(time.Millisecond))
+			return o.jobErr
 		}
 		wt, since = next, ended
 	}
@@ -804,6 +837,14 @@ func (w *Worker) runClaimed(ctx context.Context, log *slog.Logger, d *Delivery, 
 		}
 	}
 	o.ran = true
+	if ctx.Err() != nil {
+		// The holding ended (the lock lost, the request cancelled) before
+		// the job started, as can happen in a wake's step from one waiter
+		// to the next: it does not start without the lock. The record
+		// stays Running by self: this wake's retry runs it.
+		o.jobErr = fmt.Errorf("%w: %w", errNotStarted, context.Cause(ctx))
+		return o.jobErr
+	}
 	o.jobErr = w.callJob(ctx, log, j, &rd)
 	if o.jobErr != nil && !errors.Is(o.jobErr, ErrPermanent) {
 		return o.jobErr
@@ -815,25 +856,52 @@ func (w *Worker) runClaimed(ctx context.Context, log *slog.Logger, d *Delivery, 
 // waiter's job: its request goes on, and less than the run-next budget has
 // passed since it came.
 func (w *Worker) runNextOpen(ctx context.Context, d *Delivery) bool {
-	return ctx.Err() == nil && w.park.runNext > 0 && time.Since(d.began) < w.park.runNext
+	return ctx.Err() == nil && d.runNext > 0 && time.Since(d.began) < d.runNext
 }
 
-// nextWaiter finishes done, runner self's claim, and claims the lock id's
+// nextWaiter finishes done (zero: none), runner self's claim, and claims the lock id's
 // oldest waiter for self, in one step bounded by the step budget
-// (WithStepBudget). When none waits, done is finished
-// alone; when the wait list fails, done is finished apart (a failure
-// logged); either way ok is false and the release hands off.
-func (w *Worker) nextWaiter(ctx context.Context, log *slog.Logger, lockID, done, self string) (Waiter, bool) {
-	p := w.park
-	sctx, cancel := context.WithTimeoutCause(ctx, w.stepBudget, ErrStepBudget)
-	defer cancel()
-	wt, ok, err := p.list.FinishClaim(sctx, lockID, done, self)
-	if err != nil {
-		log.WarnContext(ctx, "tasks: the step to the next parked task failed; the release hands off", "error", err)
-		finishRun(ctx, log, p.list, lockID, done, self)
-		return Waiter{}, false
+// (WithStepBudget) and by the time left to start a job (startBy). When
+// none waits, done is finished alone, and ok is
+// false: the release hands off.
+//
+// A step that failed may have been applied all the same (its reply was
+// lost, or its deadline came while the store applied it): then self holds
+// a claim of the next waiter, which nobody else runs. So the runner's claim
+// is read back: when the step was applied, the waiter it claimed is
+// returned, to run; when not, done is finished apart (a failure logged) and
+// ok is false; when the claim cannot be read, o.listErr is set, so that the
+// wake is answered 503 and its retry gets the claim back (TakeClaim).
+func (w *Worker) nextWaiter(ctx context.Context, log *slog.Logger, d *Delivery, done Waiter, self string, o *outcome) (Waiter, bool) {
+	p, lockID := w.park, d.LockID
+	budget := w.stepBudget
+	if d.startBy > 0 {
+		budget = min(budget, d.startBy-time.Since(d.began))
 	}
-	return wt, ok
+	sctx, cancel := context.WithTimeoutCause(ctx, budget, ErrStepBudget)
+	defer cancel()
+	wt, ok, err := p.list.FinishClaim(sctx, lockID, done.Key, self)
+	if err == nil {
+		return wt, ok
+	}
+	log.WarnContext(ctx, "tasks: the step to the next parked task failed; reading back the runner's claim", "error", err)
+	rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), handoffTimeout)
+	defer rcancel()
+	wt, ok, rerr := p.list.Running(rctx, lockID, self)
+	switch {
+	case rerr != nil:
+		o.listErr = fmt.Errorf("the step to the next parked task failed (%w), and reading back the runner's claim too: %w", err, rerr)
+		return Waiter{}, false
+	case ok && (wt.Key != done.Key || !wt.Arrived.Equal(done.Arrived)):
+		// Applied: done is finished and wt claimed for self (a coalescing
+		// waiter parked again while done ran has done's key, and arrived
+		// later).
+		return wt, true
+	case ok:
+		// Not applied: done is still self's claim.
+		finishRun(ctx, log, p.list, lockID, done.Key, self)
+	}
+	return Waiter{}, false
 }
 
 // finishRun records key's run finished in list (Finish). It runs even when

@@ -170,6 +170,8 @@ type fleetEnv struct {
 	tasks   taskstest.Options
 	backend func() locking.Backend
 	workers []tasks.WorkerOption // more options for every worker
+	// dispatch is the Client's dispatch deadline (Config.DispatchDeadline).
+	dispatch time.Duration
 }
 
 // newParkFleetEnv is newParkFleetWith in env.
@@ -203,7 +205,9 @@ func newParkFleetEnv(t testing.TB, n int, lease time.Duration, list tasks.WaitLi
 	ts := httptest.NewServer(f.handler)
 	t.Cleanup(ts.Close)
 	f.url = ts.URL + "/Worker"
-	f.client, err = tasks.NewClient(t.Context(), baseConfig(ts.URL+"/Worker"), append(f.srv.ClientOptions(), clientOpts...)...)
+	cfg := baseConfig(ts.URL + "/Worker")
+	cfg.DispatchDeadline = env.dispatch
+	f.client, err = tasks.NewClient(t.Context(), cfg, append(f.srv.ClientOptions(), clientOpts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -130,7 +130,7 @@ func TestWorkerAnswers(t *testing.T) {
 		{"trailing data", func() *http.Request { return delivery(envelopeBody("ok", "a", nil) + "{}") }, 200, 0, "ERROR"},
 		{"no lock id", func() *http.Request { return delivery(envelopeBody("ok", "", nil)) }, 200, 0, "ERROR"},
 		{"version 0", func() *http.Request { return delivery(`{"job":"ok","lockId":"a"}`) }, 200, 0, "ERROR"},
-		{"newer version", func() *http.Request { return delivery(`{"v":4,"job":"ok","lockId":"a","more":true}`) }, 503, 0, "ERROR"},
+		{"newer version", func() *http.Request { return delivery(`{"v":5,"job":"ok","lockId":"a","more":true}`) }, 503, 0, "ERROR"},
 		{"oversized", func() *http.Request { return delivery(envelopeBody("ok", "a", strings.Repeat("x", 5000))) }, 200, 0, "ERROR"},
 		{"GET", func() *http.Request {
 			r := delivery("")
