@@ -123,10 +123,11 @@ const DefaultRunNext = 30 * time.Second
 // for that job (a retry of the wake runs the failed task again first).
 //
 // d = 0 turns it off: one parked task per wake. The default is
-// DefaultRunNext. Either way the budget is cut so that a job started
-// within it ends before the wake's dispatch deadline: to the dispatch
-// deadline minus the job deadline (WithJobDeadline) minus 1 s, or, without
-// a job deadline, to a tenth of the dispatch deadline. The dispatch
+// DefaultRunNext. With a job deadline (WithJobDeadline; package app sets
+// one) the budget is cut so that a job started within it ends before the
+// wake's dispatch deadline: to the dispatch deadline minus the job
+// deadline minus 1 s. Without one, jobs are not bounded by the Worker at
+// all, and the budget is cut to a tenth of the dispatch deadline. The dispatch
 // deadline is that of the Client given to WithParking, or the wake's own
 // when shorter (a wake created by HandOff through another Client). A step
 // to the next task that ends after the job deadline's cut (a slow store)
