@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	mrand "math/rand/v2"
+	"sync"
 	"time"
 )
 
@@ -39,13 +40,133 @@ func (c *Client) maxPollGap(waited time.Duration) time.Duration {
 }
 
 // waiter is one Acquire's waiting between polls: a watch of the backend's
-// announcements when it has them, polls spaced by pollGap otherwise.
+// announcements when it has them, polls spaced by pollGap otherwise, and
+// on such a backend one poll timed to reach the store just after the
+// holding waited for is expected to end (see expect).
 type waiter struct {
 	n       Notifier // nil: poll
 	log     *slog.Logger
 	ch      <-chan struct{}
 	stopFn  func()
 	started bool // a watch was tried
+
+	// The holding waited for, and its expected end (see expect).
+	wrote  time.Time // its last write (acquire or renewal), on this clock; zero: unknown
+	ends   time.Time // when a poll should reach the store to find it released; zero: no idea
+	rtt    time.Duration
+	missed int // polls that found it still held after ends
+}
+
+// Timing polls to an expected release. Lock holdings of one id tend to
+// last alike (one kind of job per id), and a backend that answers a busy
+// poll with the holding's age (Grant.Age) tells the waiter when the current
+// holding began. A Client remembers how long its own recent holdings of an
+// id lasted when it had waited for them (holdLog), and a waiter that knows
+// both aims one poll at the store a little after the current holding
+// should end: the hand-off is then about that margin and the acquire's own
+// round trips, instead of half a poll gap on average. If the aimed poll
+// still finds the holding, up to missedPolls more follow at MinBackoff
+// starts; then the schedule of pollGap goes on. That costs at most
+// missedPolls+1 polls per holding beyond the schedule, and none where the
+// guess is right (the aimed poll replaces a scheduled one).
+const (
+	// missedPolls is how many polls follow a missed aim at MinBackoff.
+	missedPolls = 2
+	// holdLogSize bounds the ids a Client remembers holdings of.
+	holdLogSize = 1024
+)
+
+// aimMargin is how long after the expected end of a holding the aimed poll
+// reaches the store: a quarter of MinBackoff (5 ms by default), room for
+// holdings that last a little longer and for the estimates' error.
+func (c *Client) aimMargin() time.Duration { return c.minBackoff / 4 }
+
+// holdLog remembers, per lock (kind, id), how long this Client's last
+// three holdings of it lasted, from their last write to their release
+// (each as the store saw it: at the middle of the call's round trip),
+// for holdings it had waited for (contended ids only). At most holdLogSize
+// ids; a new id beyond that replaces an arbitrary one.
+type holdLog struct {
+	mu sync.Mutex
+	m  map[gateKey]holdTimes // guarded by mu
+}
+
+type holdTimes struct {
+	d [3]time.Duration
+	n int // holdings recorded; the latest is d[(n-1)%3]
+}
+
+// record adds a holding of key that lasted d.
+func (h *holdLog) record(key gateKey, d time.Duration) {
+	if d <= 0 {
+		return
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	t, ok := h.m[key]
+	if !ok {
+		if h.m == nil {
+			h.m = make(map[gateKey]holdTimes)
+		}
+		if len(h.m) >= holdLogSize {
+			for k := range h.m {
+				delete(h.m, k)
+				break
+			}
+		}
+	}
+	t.d[t.n%len(t.d)] = d
+	t.n++
+	h.m[key] = t
+}
+
+// typical returns how long a holding of key is expected to last: the
+// median of the last three recorded, the longer of two, the one of one.
+// (A guess too long costs the hand-off its excess; one too short costs a
+// poll that finds the lock held, and a round trip more.)
+func (h *holdLog) typical(key gateKey) (time.Duration, bool) {
+	h.mu.Lock()
+	t, ok := h.m[key]
+	h.mu.Unlock()
+	switch {
+	case !ok || t.n == 0:
+		return 0, false
+	case t.n == 1:
+		return t.d[0], true
+	case t.n == 2:
+		return max(t.d[0], t.d[1]), true
+	}
+	a, b, c := t.d[0], t.d[1], t.d[2]
+	return max(min(a, b), min(max(a, b), c)), true
+}
+
+// expect notes a busy answer to a poll whose round trip took rtt and that
+// the store read at read (the middle of that round trip), with the
+// holding's age (Grant.Age; 0: unknown), and aims the next poll at the
+// holding's expected end: its last write plus the typical holding of key,
+// plus aimMargin. A holding already seen (its last write within half a
+// round trip, or half a MinBackoff, of the one noted) keeps its aim.
+func (w *waiter) expect(c *Client, key gateKey, read time.Time, rtt, age time.Duration) {
+	if w.ch != nil {
+		return // announced releases: nothing to aim at
+	}
+	if w.rtt == 0 || rtt < w.rtt {
+		w.rtt = rtt // the shortest: the store's round trip, with the least queueing
+	}
+	if age <= 0 {
+		w.wrote, w.ends, w.missed = time.Time{}, time.Time{}, 0
+		return
+	}
+	wrote := read.Add(-age)
+	if !w.wrote.IsZero() {
+		if d := wrote.Sub(w.wrote); d.Abs() <= max(w.rtt, c.minBackoff)/2 {
+			return
+		}
+	}
+	w.wrote, w.ends, w.missed = wrote, time.Time{}, 0
+	if d, ok := c.holds.typical(key); ok {
+		w.ends = wrote.Add(d + c.aimMargin())
+	}
 }
 
 // wants reports whether a watch should be started now.
@@ -71,9 +192,30 @@ func (w *waiter) start(ctx context.Context, id string) {
 // store (a 30 ms round trip to Datastore) a waiter notices a release
 // within its gap of it, not a gap and a round trip; and it still starts
 // at most one poll per gap (polls never overlap).
+//
+// With an expected end of the holding (see expect), the poll that would
+// start less than a round trip before the one aimed at it is moved to it
+// (earlier or, by less than a round trip, later), so that it reaches the
+// store just after that end; and a poll that still found the holding
+// after it is followed by up to missedPolls more at MinBackoff starts.
 func (w *waiter) pause(c *Client, waited, remaining, took time.Duration) time.Duration {
 	if w.ch == nil {
-		return max(0, c.pollGap(waited)-took)
+		p := max(0, c.pollGap(waited)-took)
+		if w.ends.IsZero() {
+			return p
+		}
+		// The aimed poll starts half a round trip before it reaches the store.
+		until := time.Until(w.ends.Add(-w.rtt / 2))
+		switch {
+		case until > 0:
+			if p > until-w.rtt {
+				p = until
+			}
+		case w.missed < missedPolls:
+			w.missed++
+			p = min(p, max(0, c.minBackoff-took))
+		}
+		return p
 	}
 	// Announced releases wake the waiter at once; a poll every 2 to 3 s
 	// covers a lost announcement, and one as the lease runs out an expiry.
