@@ -100,9 +100,9 @@
 // waits cost little. Where the backend tells a busy poll how old the holding
 // is (Grant.Age) and this Client has held the id after waiting for it
 // before, one poll is timed to reach the store a quarter of MinBackoff after
-// the holding should end, as long as the Client's last holdings of the id
-// lasted (the median of three), and at most 2 more follow at MinBackoff while
-// it is still held: holdings of one id tend to last alike. Callers of one Client waiting for the same id queue
+// the holding should end if it lasts as long as the longest of the Client's
+// last three holdings of the id, and at most 2 more follow at MinBackoff
+// while it is still held: holdings of one id tend to last alike. Callers of one Client waiting for the same id queue
 // in-process behind a single poller; when a holder in this process releases,
 // the next local waiter tries at once. Those local hand-offs are bounded, as
 // sync.Mutex bounds them in starvation mode, so that waiters in other

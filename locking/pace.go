@@ -120,31 +120,26 @@ func (h *holdLog) record(key gateKey, d time.Duration) {
 	h.m[key] = t
 }
 
-// typical returns how long a holding of key is expected to last: the
-// median of the last three recorded, the longer of two, the one of one.
-// (A guess too long costs the hand-off its excess; one too short costs a
-// poll that finds the lock held, and a round trip more.)
-func (h *holdLog) typical(key gateKey) (time.Duration, bool) {
+// longest returns how long a holding of key is expected to last at most:
+// the longest of the last three recorded. A guess too long costs the
+// hand-off its excess; one too short costs a poll that finds the lock held,
+// and a round trip more, so the guess leans long: on a loaded machine (or
+// a slow network) holdings of one length end a few milliseconds apart.
+func (h *holdLog) longest(key gateKey) (time.Duration, bool) {
 	h.mu.Lock()
 	t, ok := h.m[key]
 	h.mu.Unlock()
-	switch {
-	case !ok || t.n == 0:
+	if !ok || t.n == 0 {
 		return 0, false
-	case t.n == 1:
-		return t.d[0], true
-	case t.n == 2:
-		return max(t.d[0], t.d[1]), true
 	}
-	a, b, c := t.d[0], t.d[1], t.d[2]
-	return max(min(a, b), min(max(a, b), c)), true
+	return max(t.d[0], t.d[1], t.d[2]), true
 }
 
 // expect notes a busy answer to a poll whose round trip took rtt and that
 // the store read at read (the middle of that round trip), with the
 // holding's age (Grant.Age; 0: unknown), and aims the next poll at the
-// holding's expected end: its last write plus the typical holding of key,
-// plus aimMargin. A holding already seen (its last write within half a
+// holding's expected end: its last write plus the longest recent holding
+// of key, plus aimMargin. A holding already seen (its last write within half a
 // round trip, or half a MinBackoff, of the one noted) keeps its aim.
 func (w *waiter) expect(c *Client, key gateKey, read time.Time, rtt, age time.Duration) {
 	if w.ch != nil {
@@ -164,7 +159,7 @@ func (w *waiter) expect(c *Client, key gateKey, read time.Time, rtt, age time.Du
 		}
 	}
 	w.wrote, w.ends, w.missed = wrote, time.Time{}, 0
-	if d, ok := c.holds.typical(key); ok {
+	if d, ok := c.holds.longest(key); ok {
 		w.ends = wrote.Add(d + c.aimMargin())
 	}
 }
