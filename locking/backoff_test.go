@@ -185,7 +185,7 @@ func (r remote) Release(ctx context.Context, id, owner string) error {
 // holding's age (Grant.Age), so from the third holding on its hand-off
 // (the holder's Release returning to the waiter's Acquire returning, both
 // 15 ms from the store: the delay of the poll that finds the lock free)
-// takes at most 10 ms at the median (5 ms when this test was written). The
+// takes at most 10 ms at the median (about 6 ms when this test was written). The
 // schedule alone lets a part of its gap pass (poll starts 30 to 50 ms apart
 // at a 500 ms wait, a poll taking 30 ms): 24 ms at the median. The test logs
 // the waiters' polls per second of waiting (32 a second either way).
