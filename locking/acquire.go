@@ -160,9 +160,9 @@ func (c *Client) acquire(ctx, life context.Context, id string, o options, b Back
 			// follows sees a release that came before it.
 			w.start(ctx, id)
 		}
-		took := time.Since(sent)
-		w.expect(c, gateKey{o.kind, id}, sent.Add(took/2), took, grant.Age)
-		pause := w.pause(c, time.Since(polling), grant.Remaining, took)
+		took, waited := time.Since(sent), time.Since(polling)
+		w.expect(c, gateKey{o.kind, id}, sent.Add(took/2), waited, took, grant.Age)
+		pause := w.pause(c, waited, grant.Remaining, took)
 		if !deadline.IsZero() {
 			left := time.Until(deadline)
 			if left <= 0 {

@@ -253,3 +253,66 @@ func TestPollScheduleRepeatedHolds(t *testing.T) {
 		}
 	})
 }
+
+// TestPollScheduleWrongGuess checks what a wrong guess of a holding's end
+// costs: a waiter that learnt holdings of 100 ms waits 60 s for a holding
+// that goes on, renewed every 2 s (a 6 s lease), each renewal restarting
+// the holding's age, so that it looks like a new holding due to end 100 ms
+// later. Its polls stay within the schedule's bound (at most 2 a second
+// over 60 s, as TestPollSchedule): after maxOverdue holdings that outlast
+// their aims (and their missed polls) a wait aims no more. (Aiming after
+// every renewal would cost about 3 polls per 2 s, some 190 polls in all.)
+func TestPollScheduleWrongGuess(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		store := memlock.New()
+		holder := newClient(t, store, locking.Config{})
+		b := &counting{Backend: store}
+		waiter := newClient(t, b, locking.Config{})
+
+		// The waiter learns a 100 ms holding of "job", taken after a wait.
+		l, err := holder.Acquire(t.Context(), "job")
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make(chan *locking.Lock)
+		go func() {
+			w, err := waiter.Acquire(t.Context(), "job")
+			if err != nil {
+				t.Error(err)
+			}
+			got <- w
+		}()
+		time.Sleep(50 * time.Millisecond)
+		if err := l.Release(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		w := <-got
+		if w == nil {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+		if err := w.Release(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+
+		l, err = holder.Acquire(t.Context(), "job", locking.Lease(6*time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Release(t.Context())
+		before := b.acquires.Load()
+		const wait = 60 * time.Second
+		_, err = waiter.Acquire(t.Context(), "job", locking.MaxWait(wait))
+		if !errors.Is(err, locking.ErrNotAcquired) {
+			t.Fatalf("err = %v; want ErrNotAcquired", err)
+		}
+		n := b.acquires.Load() - before
+		t.Logf("%d polls in %v (%.2f/s)", n, wait, float64(n)/wait.Seconds())
+		if n > 2*int64(wait/time.Second) {
+			t.Errorf("%d polls in a %v wait; want at most 2 a second", n, wait)
+		}
+		if least := int64(wait / locking.DefaultMaxBackoff); n < least {
+			t.Errorf("%d polls in a %v wait; want at least one per DefaultMaxBackoff (%d)", n, wait, least)
+		}
+	})
+}

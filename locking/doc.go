@@ -102,7 +102,9 @@
 // before, one poll is timed to reach the store a quarter of MinBackoff after
 // the holding should end if it lasts as long as the longest of the Client's
 // last three holdings of the id, and at most 2 more follow at MinBackoff
-// while it is still held: holdings of one id tend to last alike. Callers of one Client waiting for the same id queue
+// while it is still held: holdings of one id tend to last alike. Such aims
+// come at most once per longest gap of the schedule, and a wait in which
+// 2 holdings outlast their aims aims no more. Callers of one Client waiting for the same id queue
 // in-process behind a single poller; when a holder in this process releases,
 // the next local waiter tries at once. Those local hand-offs are bounded, as
 // sync.Mutex bounds them in starvation mode, so that waiters in other

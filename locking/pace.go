@@ -51,10 +51,13 @@ type waiter struct {
 	started bool // a watch was tried
 
 	// The holding waited for, and its expected end (see expect).
-	wrote  time.Time // its last write (acquire or renewal), on this clock; zero: unknown
-	ends   time.Time // when a poll should reach the store to find it released; zero: no idea
-	rtt    time.Duration
-	missed int // polls that found it still held after ends
+	wrote   time.Time     // its last write (acquire or renewal), on this clock; zero: unknown
+	within  time.Duration // how far wrote may be off: half the round trip it was read in
+	ends    time.Time     // when a poll should reach the store to find it released; zero: no aim
+	aimed   time.Time     // the last ends set in this wait
+	rtt     time.Duration // the shortest round trip of a poll in this wait
+	missed  int           // polls that found the holding still there after ends
+	overdue int           // holdings in this wait that outlasted their aim and its missed polls
 }
 
 // Timing polls to an expected release. Lock holdings of one id tend to
@@ -66,12 +69,20 @@ type waiter struct {
 // should end: the hand-off is then about that margin and the acquire's own
 // round trips, instead of half a poll gap on average. If the aimed poll
 // still finds the holding, up to missedPolls more follow at MinBackoff
-// starts; then the schedule of pollGap goes on. That costs at most
-// missedPolls+1 polls per holding beyond the schedule, and none where the
-// guess is right (the aimed poll replaces a scheduled one).
+// starts; then the schedule of pollGap goes on.
+//
+// What it costs beyond the schedule is bounded: an aim moves a scheduled
+// poll (earlier, or later by less than a round trip), at most one per
+// longest gap of the schedule (so at most doubling its rate, and only
+// while new holdings keep coming), plus at most missedPolls per holding
+// that outlasts its aim; after maxOverdue such holdings a wait aims no more
+// (a long job among short ones, or a holder's renewals, which restart the
+// holding's age).
 const (
 	// missedPolls is how many polls follow a missed aim at MinBackoff.
 	missedPolls = 2
+	// maxOverdue is how many holdings may outlast their aims in one wait.
+	maxOverdue = 2
 	// holdLogSize bounds the ids a Client remembers holdings of.
 	holdLogSize = 1024
 )
@@ -136,12 +147,13 @@ func (h *holdLog) longest(key gateKey) (time.Duration, bool) {
 }
 
 // expect notes a busy answer to a poll whose round trip took rtt and that
-// the store read at read (the middle of that round trip), with the
-// holding's age (Grant.Age; 0: unknown), and aims the next poll at the
-// holding's expected end: its last write plus the longest recent holding
-// of key, plus aimMargin. A holding already seen (its last write within half a
-// round trip, or half a MinBackoff, of the one noted) keeps its aim.
-func (w *waiter) expect(c *Client, key gateKey, read time.Time, rtt, age time.Duration) {
+// the store read at read (the middle of that round trip), after waited of
+// polling, with the holding's age (Grant.Age; 0: unknown), and aims the
+// next poll at the holding's expected end: its last write plus the longest
+// recent holding of key, plus aimMargin. A holding already seen (its last
+// write as far from the one noted as the two reads' half round trips
+// allow) keeps its aim.
+func (w *waiter) expect(c *Client, key gateKey, read time.Time, waited, rtt, age time.Duration) {
 	if w.ch != nil {
 		return // announced releases: nothing to aim at
 	}
@@ -153,14 +165,19 @@ func (w *waiter) expect(c *Client, key gateKey, read time.Time, rtt, age time.Du
 		return
 	}
 	wrote := read.Add(-age)
-	if !w.wrote.IsZero() {
-		if d := wrote.Sub(w.wrote); d.Abs() <= max(w.rtt, c.minBackoff)/2 {
-			return
-		}
+	if !w.wrote.IsZero() && wrote.Sub(w.wrote).Abs() <= w.within+rtt/2+time.Millisecond {
+		return // the same holding
 	}
-	w.wrote, w.ends, w.missed = wrote, time.Time{}, 0
+	w.wrote, w.within, w.ends, w.missed = wrote, rtt/2, time.Time{}, 0
+	if w.overdue >= maxOverdue {
+		return
+	}
+	if !w.aimed.IsZero() && read.Sub(w.aimed) < c.maxPollGap(waited) {
+		return // an aim at most every longest gap of the schedule
+	}
 	if d, ok := c.holds.longest(key); ok {
 		w.ends = wrote.Add(d + c.aimMargin())
+		w.aimed = w.ends
 	}
 }
 
@@ -209,6 +226,9 @@ func (w *waiter) pause(c *Client, waited, remaining, took time.Duration) time.Du
 		case w.missed < missedPolls:
 			w.missed++
 			p = min(p, max(0, c.minBackoff-took))
+		default: // the holding outlasted its aim: back to the schedule
+			w.ends = time.Time{}
+			w.overdue++
 		}
 		return p
 	}
