@@ -124,7 +124,16 @@ func (c *Client) acquire(ctx, life context.Context, id string, o options, b Back
 				return nil, st, fmt.Errorf("locking: acquire %q: %w", id, ctx.Err())
 			}
 			st.outcome, st.token, st.tookOver = outcomeAcquired, grant.Token, grant.TookOver
-			return c.newLock(life, b, o, req, grant.Token, sent, g, parent), st, nil
+			var wrote time.Time
+			if !polling.IsZero() {
+				// A contended id: time this holding (see holdLog). The
+				// write that took it reached the store about half a
+				// round trip before the answer (the call may have read
+				// first).
+				took := time.Since(sent)
+				wrote = sent.Add(took - min(took, cmp(w.rtt, took))/2)
+			}
+			return c.newLock(life, b, o, req, grant.Token, sent, wrote, g, parent), st, nil
 		}
 		if err != nil {
 			if !errors.Is(err, ErrInvalid) {
@@ -151,7 +160,9 @@ func (c *Client) acquire(ctx, life context.Context, id string, o options, b Back
 			// follows sees a release that came before it.
 			w.start(ctx, id)
 		}
-		pause := w.pause(c, time.Since(polling), grant.Remaining, time.Since(sent))
+		took, waited := time.Since(sent), time.Since(polling)
+		w.expect(c, gateKey{o.kind, id}, sent.Add(took/2), waited, took, grant.Age)
+		pause := w.pause(c, waited, grant.Remaining, took)
 		if !deadline.IsZero() {
 			left := time.Until(deadline)
 			if left <= 0 {

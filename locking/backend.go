@@ -92,6 +92,13 @@ type Grant struct {
 	// Remaining, when Acquired is false, is how long the current holder's
 	// lease still runs, if the backend knows it (0 when unknown).
 	Remaining time.Duration
+	// Age, when Acquired is false, is how long before the store answered
+	// the current holder acquired the lock or last renewed it, as the store
+	// saw those writes, if the backend knows it (0 when unknown). The client
+	// uses it only to time its polls (see Client.Acquire): it learns how long
+	// an id's holdings last and polls just after the current one should end.
+	// An estimate is fine; it is never used to decide who holds the lock.
+	Age time.Duration
 }
 
 // MaxLease is the longest duration a lock accepts: for Lease (Config.Lease

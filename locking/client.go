@@ -92,6 +92,7 @@ type Client struct {
 	gates map[gateKey]*gate // guarded by mu
 
 	renewals renewals // when each held lock renews next
+	holds    holdLog  // how long recent holdings of contended ids lasted
 
 	hooksMu   sync.Mutex                                                // serializes OnRelease
 	onRelease atomic.Pointer[[]func(context.Context, LockKind, string)] // replaced, never changed, by OnRelease
@@ -231,8 +232,9 @@ func (c *Client) Backend(k LockKind) Backend {
 //
 // While the lock is held by someone else Acquire waits (unless Wait(false)),
 // woken by the backend's announcement of a release (a Notifier) or polling
-// it with a jittered pause that grows with the time waited, until it acquires
-// the lock, MaxWait passes (a *NotAcquiredError, errors.Is ErrNotAcquired), or
+// it with a jittered pause that grows with the time waited (and one poll
+// timed to the expected end of the holding; see the package documentation),
+// until it acquires the lock, MaxWait passes (a *NotAcquiredError, errors.Is ErrNotAcquired), or
 // ctx is done (an error wrapping ctx.Err()). Callers of one Client waiting for
 // the same id queue in this process: only the first polls the backend, and a
 // release here hands the lock on without waiting for a poll. Callers that

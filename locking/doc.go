@@ -97,7 +97,14 @@
 // other backends the pause between polls grows with the time already
 // waited: a tenth of it, jittered, within Config.MinBackoff and
 // Config.MaxBackoff, so that short waits notice a release quickly and long
-// waits cost little. Callers of one Client waiting for the same id queue
+// waits cost little. Where the backend tells a busy poll how old the holding
+// is (Grant.Age) and this Client has held the id after waiting for it
+// before, one poll is timed to reach the store a quarter of MinBackoff after
+// the holding should end if it lasts as long as the longest of the Client's
+// last three holdings of the id, and at most 2 more follow at MinBackoff
+// while it is still held: holdings of one id tend to last alike. Such aims
+// come at most once per longest gap of the schedule, and a wait in which
+// 2 holdings outlast their aims aims no more. Callers of one Client waiting for the same id queue
 // in-process behind a single poller; when a holder in this process releases,
 // the next local waiter tries at once. Those local hand-offs are bounded, as
 // sync.Mutex bounds them in starvation mode, so that waiters in other

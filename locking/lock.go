@@ -74,6 +74,12 @@ type Lock struct {
 	lostAt  time.Time // a tenth of a lease before the lease, as counted here, runs out
 	attempt int       // renewals failed in a row
 
+	// waited: Acquire waited for the lock, so that the release records
+	// how long the holding lasted since wrote, when the store saw its last
+	// write (acquire or renewal; see holdLog). wrote is guarded by mu.
+	waited bool
+	wrote  time.Time
+
 	mu            sync.Mutex
 	state         lockState               // guarded by mu
 	err           error                   // why the lock is no longer held; guarded by mu
@@ -351,9 +357,19 @@ func (c *opContext) cancel() {
 func (l *Lock) release(ctx context.Context) error {
 	rctx := l.lastCall(ctx)
 	defer rctx.cancel()
+	var sent time.Time
+	if l.waited {
+		sent = time.Now()
+	}
 	err := l.b.Release(rctx, l.req.ID, l.req.Owner)
 	switch {
 	case err == nil:
+		if l.waited {
+			l.mu.Lock()
+			wrote := l.wrote
+			l.mu.Unlock()
+			l.c.holds.record(gateKey{l.kind, l.req.ID}, sent.Add(time.Since(sent)/2).Sub(wrote))
+		}
 		l.released = releasedError{l.req.ID}
 		l.end(released, &l.released, false)
 		l.c.released(rctx, l.kind, l.req.ID)
@@ -423,12 +439,14 @@ func (l *Lock) end(state lockState, err error, lossy bool) bool {
 // or lost. A held lock runs no goroutine of its own: the client's renewal
 // schedule starts each renewal (tick) in a goroutine of its own when it is
 // due, and the end of life is watched with context.AfterFunc.
-func (c *Client) newLock(life context.Context, b Backend, o options, req Request, token uint64, sent time.Time, g *gate, parent *Lock) *Lock {
+func (c *Client) newLock(life context.Context, b Backend, o options, req Request, token uint64, sent, wrote time.Time, g *gate, parent *Lock) *Lock {
 	l := &Lock{
 		c: c, b: b, kind: o.kind, req: req, token: token, g: g, parent: parent, measured: o.measured,
 		life:   life,
 		lostAt: sent.Add(req.Lease - req.Lease/10),
 		dueIdx: -1,
+		waited: !wrote.IsZero(),
+		wrote:  wrote,
 	}
 	// The gate learnt of the holding from the grant (Client.ask).
 	l.mu.Lock()
@@ -654,6 +672,7 @@ func (l *Lock) renew(rctx context.Context) (next time.Duration, again bool) {
 		// Under mu while held: the gate is still this lock's (end leaves
 		// it after the state changes).
 		l.g.holding(sent.Add(lease))
+		l.wrote = sent.Add(time.Since(sent) / 2)
 	}
 	l.mu.Unlock()
 	if ended {

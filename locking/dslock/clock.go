@@ -38,6 +38,23 @@ func (b *Backend) judge(rec record, readTime time.Time) age {
 	return age{since: since, remaining: subSat(rec.lease, since), server: server}
 }
 
+// holdAge is Grant.Age of rec read at readTime by a lookup sent at asked
+// (this Backend's clock): how long before the read the holder's last write
+// reached the store. On server times it is exact. Otherwise it compares
+// the writer's clock as it sent the write (renewedAt) with this reader's as
+// it sent the read: each is about half a round trip before the store saw
+// it, so the halves cancel (and the skew between the two clocks remains).
+// It is 0, unknown, when negative.
+func holdAge(rec record, readTime, asked time.Time) time.Duration {
+	var d time.Duration
+	if !readTime.IsZero() && !rec.updated.IsZero() {
+		d = readTime.Sub(rec.updated)
+	} else {
+		d = asked.Sub(rec.renewedAt)
+	}
+	return max(d, 0)
+}
+
 // addSat returns a+b, held at the bounds of time.Duration instead of
 // wrapping around: a lease judged from a broken clock or a huge stored value
 // stays huge, never turns negative (expired) or the other way round.

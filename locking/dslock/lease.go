@@ -100,6 +100,7 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 			}
 		}
 
+		asked := b.now()
 		rec, found, readTime, err := b.lookup(ctx, "acquire", k)
 		if errors.Is(err, errContended) && !unsure {
 			// The store keeps answering ABORTED: busy, as a held lock is.
@@ -132,7 +133,7 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 		stealable := r.StealAfter > 0 && a.since >= r.StealAfter
 		if (a.remaining > 0 && !stealable) || writes >= maxWrites {
 			b.hints.held(name, a.remaining)
-			return locking.Grant{Remaining: max(a.remaining, 0)}, nil
+			return locking.Grant{Remaining: max(a.remaining, 0), Age: holdAge(rec, readTime, asked)}, nil
 		}
 		// The takeover keeps the entity's incarnation: it replaces the
 		// holder without a delete.

@@ -72,6 +72,7 @@ func Run(t *testing.T, newBackend NewBackend, opts Options) {
 		{"Backend/ExpiredLeaseIsTakenOver", s.backendExpiry},
 		{"Backend/StealAfter", s.backendSteal},
 		{"Backend/OneWinnerPerTakeover", s.backendTakeoverRace},
+		{"Backend/AgeOfHolding", s.backendAge},
 		{"Backend/AnyID", s.backendAnyID},
 		{"Backend/DurationExtremes", s.backendDurations},
 		{"MutualExclusion", s.mutualExclusion},
@@ -187,6 +188,38 @@ func (s *suite) backendAcquire(t *testing.T) {
 	if !indep.Acquired {
 		t.Errorf("another id was not acquired while the first is held")
 	}
+}
+
+// backendAge checks Grant.Age of a busy answer, where the backend reports
+// it (0 means unknown): the time since the holder's acquire, then since its
+// renewal, within the time between those calls and the answer.
+func (s *suite) backendAge(t *testing.T) {
+	b, other := s.newBackend(t), s.newBackend(t)
+	r := locking.Request{ID: id(t, "x"), Owner: owner(), Lease: 20 * s.u}
+	check := func(what string, before time.Time, least time.Duration) {
+		t.Helper()
+		g := backendAcquire(t, other, locking.Request{ID: r.ID, Owner: owner(), Lease: r.Lease})
+		most := time.Since(before)
+		if g.Acquired {
+			t.Fatalf("a second owner acquired a held lock: %+v", g)
+		}
+		t.Logf("Age = %v %s (within [%v, %v]; 0: unknown)", g.Age, what, least, most)
+		if g.Age != 0 && (g.Age < least-s.g || g.Age > most+s.g) {
+			t.Errorf("Age = %v %s; want 0 (unknown) or within [%v, %v]", g.Age, what, least, most)
+		}
+	}
+	acquired := time.Now()
+	if g := backendAcquire(t, b, r); !g.Acquired {
+		t.Fatalf("Acquire of a free lock failed: %+v", g)
+	}
+	time.Sleep(2 * s.u)
+	check("2 units after the acquire", acquired, 2*s.u)
+	renewed := time.Now()
+	if _, err := b.Renew(t.Context(), r); err != nil {
+		t.Fatalf("Renew: %v", err)
+	}
+	time.Sleep(s.u)
+	check("1 unit after the renewal", renewed, s.u)
 }
 
 func (s *suite) backendRenew(t *testing.T) {

@@ -167,7 +167,7 @@ func (b *Backend) Acquire(ctx context.Context, r locking.Request) (locking.Grant
 			if !ok {
 				return locking.Grant{}, nil
 			}
-			return locking.Grant{Remaining: held.remaining(now)}, nil
+			return locking.Grant{Remaining: held.remaining(now), Age: max(now.Sub(held.stamp), 0)}, nil
 		}
 		// A token is a fence only if it is above every token granted
 		// before. The item read holds the latest granted one (a holder's,

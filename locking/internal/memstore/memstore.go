@@ -44,6 +44,7 @@ type Result struct {
 	Token     uint64
 	TookOver  bool
 	Remaining time.Duration
+	Age       time.Duration // since the holder's last acquire or renewal, when not Acquired
 }
 
 // Acquire takes id for owner when it is free, expired (lease has passed
@@ -64,7 +65,7 @@ func (s *Store) Acquire(id, owner string, lease, stealAfter time.Duration) Resul
 		live := now.Before(e.expires)
 		fresh := stealAfter <= 0 || now.Sub(e.renewed) < stealAfter
 		if live && fresh {
-			return Result{Remaining: e.expires.Sub(now)}
+			return Result{Remaining: e.expires.Sub(now), Age: now.Sub(e.renewed)}
 		}
 		tookOver = true
 	}
