@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"slices"
 	"time"
 
@@ -84,7 +85,25 @@ func openDatastore(ctx context.Context, cfg Config) (dsResource, error) {
 
 type dsVersion struct{ Version int64 }
 
+// write writes id's next version under the fence, in a transaction tried
+// again (with a jittered pause) while it meets a concurrent one, until ctx
+// ends: the Firestore emulator serialises overlapping transactions, and a
+// stale holder's write must reach the fence's check to be refused.
 func (r dsResource) write(ctx context.Context, id string, tok fence.Token, owner string) error {
+	for {
+		err := r.writeOnce(ctx, id, tok, owner)
+		if !errors.Is(err, datastore.ErrConcurrentTransaction) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(10*time.Millisecond + rand.N(40*time.Millisecond)):
+		}
+	}
+}
+
+func (r dsResource) writeOnce(ctx context.Context, id string, tok fence.Token, owner string) error {
 	_, err := r.c.RunInTransaction(ctx, func(tx *datastore.Transaction) error {
 		if err := (dsfence.Records{Kind: r.prefix + "Fence"}).Check(tx, id, tok); err != nil {
 			return err
