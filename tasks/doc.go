@@ -143,12 +143,14 @@
 //     jobs pay the 429 costs.
 //
 // The cost of a task that waits, measured by BenchmarkParkBurst (bursts of
-// 10 to 1,000 tasks on one lock id): 1 to 1.1 CreateTask (its hand-off
-// wake, and one more where a new delivery overtook a hand-off in flight;
-// the safety wakes add about one per lease per lock id) and 2 dispatches
-// (its own delivery and its wake); at most 2 and 3. WaitList operations: 1 Park, the releasing
+// 10 to 1,000 tasks on one lock id): its own delivery, and a share of the
+// wakes — one wake per DefaultRunNext (30 s) of work on a lock id, one more
+// where a new delivery overtook a hand-off in flight, and the safety wakes
+// (about one per lease per lock id): 0.008 to 0.3 CreateTask and 1.008 to
+// 1.3 dispatches per task; at most 2 and 3. WaitList operations per task: 1
+// Park (and a Peek after it) and 1 FinishClaim; per wake: the releasing
 // holder's Arm, the wake's Peek and TakeClaim (its take and its claim in one
-// step), and 1 Finish; see the
+// step), and its last run's Finish; see the
 // WaitList implementation for the RPCs each costs. No delivery waits in the
 // handler, and none is answered 429 or 503 for a busy lock.
 //
