@@ -47,14 +47,6 @@ type parking struct {
 	margin  time.Duration
 	lease   time.Duration // the longest lease of the jobs' locks
 	metrics *parkMetrics
-	// runNext is how long after its delivery came a wake may start another
-	// waiter's job (WithRunNext, cut by the deadlines); 0: one job a wake.
-	runNext time.Duration
-	// startBy is how long after its delivery came a wake's job must start
-	// to end, at the job deadline, before the dispatch deadline (a step to
-	// the next waiter that began within runNext may end later); 0: no
-	// bound (no job deadline).
-	startBy time.Duration
 }
 
 // WithParking turns on park and hand-off (see the package documentation):
@@ -145,8 +137,10 @@ func WithRunNext(d time.Duration) WorkerOption {
 	}
 }
 
-// startByLimit is park mode's startBy for wakes with dispatch deadline
-// dispatch and jobs with deadline jobDeadline (0: none).
+// startByLimit is how long after a wake with dispatch deadline dispatch
+// came its job must start to end, at the job deadline jobDeadline, before
+// the dispatch deadline (a step to the next waiter that began within the
+// run-next budget may end later); 0: no bound (no job deadline).
 func startByLimit(dispatch, jobDeadline time.Duration) time.Duration {
 	if jobDeadline <= 0 {
 		return 0
@@ -164,7 +158,7 @@ func runNextBudget(d *time.Duration, dispatch, jobDeadline time.Duration) time.D
 	}
 	limit := dispatch / 10
 	if jobDeadline > 0 {
-		limit = dispatch - jobDeadline - time.Second
+		limit = startByLimit(dispatch, jobDeadline)
 	}
 	return max(min(budget, limit), 0)
 }
@@ -574,13 +568,13 @@ func (w *Worker) serveWake(ctx context.Context, log *slog.Logger, j *job, d *Del
 	p := w.park
 	self := d.recordKey()
 	kind, gen := env.Wake.kind(), env.Wake.Gen
-	d.runNext, d.startBy = p.runNext, p.startBy
-	if dl := time.Duration(env.Wake.DeadlineMS) * time.Millisecond; dl > 0 && dl < p.h.client.deadline {
+	dispatch := p.h.client.deadline
+	if dl := time.Duration(env.Wake.DeadlineMS) * time.Millisecond; dl > 0 && dl < dispatch {
 		// Created through another Client (HandOff's) with a shorter
 		// dispatch deadline: its budget is cut by that deadline.
-		d.runNext = runNextBudget(w.runNext, dl, w.jobDeadline)
-		d.startBy = startByLimit(dl, w.jobDeadline)
+		dispatch = dl
 	}
+	d.runNext, d.startBy = runNextBudget(w.runNext, dispatch, w.jobDeadline), startByLimit(dispatch, w.jobDeadline)
 	o, err := w.wakeTurn(ctx, log, j, d, self, kind, gen, env.Wake.At)
 	if kind == Safety {
 		p.metrics.countSafetyNet(ctx, o.ran)

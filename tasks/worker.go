@@ -371,8 +371,6 @@ func NewWorker(locker *locking.Client, opts ...WorkerOption) (*Worker, error) {
 		return nil, fmt.Errorf("%w: WithRunRecords with WithParking (park mode keeps run records in its wait list)", ErrInvalidConfig)
 	}
 	if w.park != nil {
-		w.park.runNext = runNextBudget(w.runNext, w.park.h.client.deadline, w.jobDeadline)
-		w.park.startBy = startByLimit(w.park.h.client.deadline, w.jobDeadline)
 		w.park.h.register(locker, w.log, w.park.metrics)
 	} else if os.Getenv("K_SERVICE") != "" {
 		w.log.Warn("tasks: this Worker answers a busy lock 429 (no WithParking): on Cloud Tasks that means the queue's backoff (5, 15, 35 ... s), an attempt spent per 429, and system throttling of the whole queue; give it WithParking to park busy tasks instead")
@@ -462,8 +460,8 @@ type Delivery struct {
 	RetryReason      string
 
 	began time.Time // when the delivery came
-	// A wake's run-next budget and start-by limit (see parking), cut by
-	// the wake's own dispatch deadline.
+	// A wake's run-next budget (runNextBudget) and start-by limit
+	// (startByLimit), for its dispatch deadline.
 	runNext, startBy time.Duration
 }
 
