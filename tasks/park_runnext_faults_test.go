@@ -13,15 +13,12 @@ import (
 	"testing"
 	"time"
 
-	dsclient "cloud.google.com/go/datastore"
-	"google.golang.org/api/option"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"github.com/taskguard/taskguard/locking"
 	"github.com/taskguard/taskguard/tasks"
-	"github.com/taskguard/taskguard/tasks/dswait"
 	"github.com/taskguard/taskguard/tasks/taskstest"
 )
 
@@ -74,31 +71,14 @@ func TestParkRunNextStepReplyLost(t *testing.T) {
 // on Datastore, the reply of the step's commit lost at the wire: the
 // emulator applied the commit, the client got UNAVAILABLE.
 func TestParkRunNextStepReplyLostAtTheWire(t *testing.T) {
-	e2eBackend(t) // starts (once) and resets the emulator
-	e := datastore.emu
 	var armed atomic.Bool
-	cc, err := e.Dial(grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	list := dsWaitList(t, grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
 		err := invoker(ctx, method, req, reply, cc, opts...)
 		if err == nil && strings.HasSuffix(method, "/Commit") && armed.CompareAndSwap(true, false) {
 			return status.Error(codes.Unavailable, "injected: the commit applied, its reply lost")
 		}
 		return err
 	}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	client, err := dsclient.NewClient(t.Context(), e.ProjectID, option.WithGRPCConn(cc))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = client.Close()
-		_ = cc.Close()
-	})
-	list, err := dswait.New(client, dswait.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
 	var runs jobRuns
 	f := newParkFleet(t, 2, time.Minute, list, nil, func(_ int, w *tasks.Worker) {
 		w.Handle("job", func(ctx context.Context, d *tasks.Delivery) error {
@@ -326,31 +306,14 @@ func TestParkRunNextStepFaultsAtTheWire(t *testing.T) {
 		code   codes.Code
 	}{{"Commit", codes.Aborted}, {"Lookup", codes.Aborted}, {"BeginTransaction", codes.Unavailable}, {"RunQuery", codes.Unavailable}} {
 		t.Run(c.method+"-"+c.code.String(), func(t *testing.T) {
-			e2eBackend(t) // starts (once) and resets the emulator
-			e := datastore.emu
 			var armed, fired atomic.Bool
-			cc, err := e.Dial(grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+			list := dsWaitList(t, grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
 				if strings.HasSuffix(method, "/"+c.method) && armed.CompareAndSwap(true, false) {
 					fired.Store(true)
 					return status.Error(c.code, "injected")
 				}
 				return invoker(ctx, method, req, reply, cc, opts...)
 			}))
-			if err != nil {
-				t.Fatal(err)
-			}
-			client, err := dsclient.NewClient(t.Context(), e.ProjectID, option.WithGRPCConn(cc))
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() {
-				_ = client.Close()
-				_ = cc.Close()
-			})
-			list, err := dswait.New(client, dswait.Options{})
-			if err != nil {
-				t.Fatal(err)
-			}
 			var runs jobRuns
 			f := newParkFleet(t, 2, time.Minute, list, nil, func(_ int, w *tasks.Worker) {
 				w.Handle("job", func(ctx context.Context, d *tasks.Delivery) error {
