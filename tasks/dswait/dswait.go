@@ -696,9 +696,7 @@ func (l *List) FinishClaim(ctx context.Context, lockID, done, runner string) (ta
 					if fs[di] {
 						bodies = append(bodies, l.bodyKeys(recs[di].BodyName, recs[di].BodyParts)...)
 					}
-					now := l.now().UTC()
-					fin := recordEntity{Key: done, State: int(tasks.Finished), FinishedAt: now, ExpiresAt: now.Add(tasks.FinishedRetention)}
-					if _, err := tx.Put(keys[di], &fin); err != nil {
+					if err := l.finishIn(tx, keys[di], done); err != nil {
 						return err
 					}
 					if ki == di {
@@ -720,9 +718,8 @@ func (l *List) FinishClaim(ctx context.Context, lockID, done, runner string) (ta
 			break
 		}
 	}
-	if err == nil && len(bodies) > 0 {
-		// Garbage only: a failure leaves parts the TTL policy removes.
-		_ = l.client.DeleteMulti(ctx, bodies)
+	if err == nil {
+		l.dropBodies(ctx, bodies)
 	}
 	return l.claimed(ctx, got, ok, err, "finish "+strconv.Quote(done)+" and claim the oldest waiter of", lockID)
 }
@@ -818,17 +815,27 @@ func (l *List) Finish(ctx context.Context, lockID, key, runner string) error {
 		if fs[0] {
 			bodies = append(bodies, l.bodyKeys(recs[0].BodyName, recs[0].BodyParts)...)
 		}
-		now := l.now().UTC()
-		fin := recordEntity{Key: key, State: int(tasks.Finished), FinishedAt: now, ExpiresAt: now.Add(tasks.FinishedRetention)}
-		_, err = tx.Put(rk, &fin)
-		return err
+		return l.finishIn(tx, rk, key)
 	})
-	if err == nil && len(bodies) > 0 {
-		// Garbage only: a failure leaves parts the TTL policy removes.
-		_ = l.client.DeleteMulti(ctx, bodies)
-	}
 	if err != nil {
 		return fmt.Errorf("dswait: finish %q: %w", key, err)
 	}
+	l.dropBodies(ctx, bodies)
 	return nil
+}
+
+// finishIn writes, in tx, key's record (at rk) as Finished, kept for
+// tasks.FinishedRetention.
+func (l *List) finishIn(tx *datastore.Transaction, rk *datastore.Key, key string) error {
+	now := l.now().UTC()
+	_, err := tx.Put(rk, &recordEntity{Key: key, State: int(tasks.Finished), FinishedAt: now, ExpiresAt: now.Add(tasks.FinishedRetention)})
+	return err
+}
+
+// dropBodies deletes the body parts of finished records. Garbage only: a
+// failure leaves parts the TTL policy removes.
+func (l *List) dropBodies(ctx context.Context, bodies []*datastore.Key) {
+	if len(bodies) > 0 {
+		_ = l.client.DeleteMulti(ctx, bodies)
+	}
 }
