@@ -157,6 +157,18 @@ type InProcessBackend interface {
 	InProcess() bool
 }
 
+// A Prober is a Backend that can tell whether a lock is held without
+// taking it (packages memlock and dslock, and the in-memory store of the
+// default client, implement it). Code that must not wait for a holder to
+// notice it, such as park mode's enqueue (package tasks), reads a lock this
+// way instead of trying to take it, which would write.
+type Prober interface {
+	// Probe reports whether id is held now, judged as Acquire judges it (a
+	// lease that has ended counts as free), and when held how much of the
+	// lease is left. It writes nothing; on Datastore it is one lookup.
+	Probe(ctx context.Context, id string) (held bool, remaining time.Duration, err error)
+}
+
 // maxUnwrap bounds the chain of Unwrap calls that capability follows.
 const maxUnwrap = 64
 

@@ -209,6 +209,26 @@ func (c *Client) InProcess(k LockKind) bool {
 	return ok && b.InProcess()
 }
 
+// Probe reports whether the lock id of kind k is held now, and the lease
+// left when it is, without taking it (see Prober). It returns an error
+// wrapping errors.ErrUnsupported when k's backend cannot tell (it does not
+// implement Prober, through Wrapper chains), or wrapping ErrInvalid for an
+// empty id or an unknown kind.
+func (c *Client) Probe(ctx context.Context, k LockKind, id string) (held bool, remaining time.Duration, err error) {
+	if id == "" {
+		return false, 0, NewInvalid("locking: probe: empty id")
+	}
+	b := c.Backend(k)
+	if b == nil {
+		return false, 0, NewInvalid(fmt.Sprintf("locking: probe: no backend for kind %v", k))
+	}
+	p, ok := capability[Prober](b)
+	if !ok {
+		return false, 0, fmt.Errorf("locking: probe %q: the %v backend cannot probe a lock: %w", id, k, errors.ErrUnsupported)
+	}
+	return p.Probe(ctx, id)
+}
+
 // Backend returns the backend that stores locks of kind k, or nil.
 func (c *Client) Backend(k LockKind) Backend {
 	if k != Strong && k != Weak {

@@ -38,6 +38,12 @@ func (m memory) Release(_ context.Context, id, owner string) error {
 	return nil
 }
 
+// Probe implements Prober.
+func (m memory) Probe(_ context.Context, id string) (bool, time.Duration, error) {
+	held, left := m.s.Probe(id)
+	return held, left, nil
+}
+
 // InProcess reports true: these locks live in this process only.
 func (memory) InProcess() bool { return true }
 

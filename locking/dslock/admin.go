@@ -204,6 +204,21 @@ func (b *Backend) Inspect(ctx context.Context, id string) (LockInfo, error) {
 	return in, err
 }
 
+// Probe implements locking.Prober: one lookup (Inspect), judged as
+// Acquire judges the lease (on the server's read time).
+func (b *Backend) Probe(ctx context.Context, id string) (bool, time.Duration, error) {
+	in, err := b.Inspect(ctx, id)
+	switch {
+	case errors.Is(err, ErrNotFound):
+		return false, 0, nil
+	case err != nil:
+		return false, 0, err
+	case !in.Held:
+		return false, 0, nil
+	}
+	return true, in.Remaining, nil
+}
+
 func (b *Backend) inspect(ctx context.Context, op, id string) (LockInfo, *pb.Key, error) {
 	k := b.key(id)
 	res, err := read(ctx, b, op, func(ctx context.Context, c pb.DatastoreClient) (*pb.LookupResponse, error) {

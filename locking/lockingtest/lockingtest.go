@@ -73,6 +73,7 @@ func Run(t *testing.T, newBackend NewBackend, opts Options) {
 		{"Backend/StealAfter", s.backendSteal},
 		{"Backend/OneWinnerPerTakeover", s.backendTakeoverRace},
 		{"Backend/AgeOfHolding", s.backendAge},
+		{"Backend/Probe", s.backendProbe},
 		{"Backend/AnyID", s.backendAnyID},
 		{"Backend/DurationExtremes", s.backendDurations},
 		{"MutualExclusion", s.mutualExclusion},
@@ -220,6 +221,54 @@ func (s *suite) backendAge(t *testing.T) {
 	}
 	time.Sleep(s.u)
 	check("1 unit after the renewal", renewed, s.u)
+}
+
+// backendProbe checks Client.Probe: a backend that implements
+// locking.Prober reports a lock free, held (with the lease left, by a
+// reader that is another instance) and free again after the release or
+// the lease's end, and writes nothing (the holder keeps its lock and its
+// token); one that does not says so with errors.ErrUnsupported.
+func (s *suite) backendProbe(t *testing.T) {
+	b := s.newBackend(t)
+	c, _ := s.client(t)
+	lockID := id(t, "x")
+	held, _, err := c.Probe(t.Context(), locking.Strong, lockID)
+	if errors.Is(err, errors.ErrUnsupported) {
+		t.Logf("the backend cannot probe: %v", err)
+		return
+	}
+	if err != nil || held {
+		t.Fatalf("Probe of a lock never taken = %v, %v; want free", held, err)
+	}
+	r := locking.Request{ID: lockID, Owner: owner(), Lease: 20 * s.u}
+	g := backendAcquire(t, b, r)
+	if !g.Acquired {
+		t.Fatalf("Acquire of a free lock failed: %+v", g)
+	}
+	held, left, err := c.Probe(t.Context(), locking.Strong, lockID)
+	if err != nil || !held || left <= 0 || left > r.Lease+s.g {
+		t.Fatalf("Probe of a held lock = %v, %v, %v; want held with at most %v left", held, left, err, r.Lease)
+	}
+	if rg, err := b.Renew(t.Context(), r); err != nil || rg.Token != g.Token {
+		t.Fatalf("after a probe the holder's Renew = %+v, %v; want its token %d", rg, err, g.Token)
+	}
+	if err := b.Release(t.Context(), r.ID, r.Owner); err != nil {
+		t.Fatalf("Release: %v", err)
+	}
+	if held, _, err := c.Probe(t.Context(), locking.Strong, lockID); err != nil || held {
+		t.Fatalf("Probe after the release = %v, %v; want free", held, err)
+	}
+	short := locking.Request{ID: lockID, Owner: owner(), Lease: 2 * s.u}
+	if g := backendAcquire(t, b, short); !g.Acquired {
+		t.Fatalf("Acquire of a released lock failed: %+v", g)
+	}
+	time.Sleep(short.Lease + 2*s.g)
+	if held, _, err := c.Probe(t.Context(), locking.Strong, lockID); err != nil || held {
+		t.Fatalf("Probe after the lease ended = %v, %v; want free", held, err)
+	}
+	if _, _, err := c.Probe(t.Context(), locking.Strong, ""); !errors.Is(err, locking.ErrInvalid) {
+		t.Errorf("Probe of an empty id: %v; want ErrInvalid", err)
+	}
 }
 
 func (s *suite) backendRenew(t *testing.T) {

@@ -91,6 +91,12 @@ func (b *Backend) Release(_ context.Context, id, owner string) error {
 	return nil
 }
 
+// Probe implements locking.Prober. It never fails.
+func (b *Backend) Probe(_ context.Context, id string) (bool, time.Duration, error) {
+	held, left := b.s.Probe(id)
+	return held, left, nil
+}
+
 // Held reports how many locks the backend holds (stored and not expired), so
 // that a test can check that nothing was left held.
 func (b *Backend) Held() int { return b.s.Held() }

@@ -113,6 +113,21 @@ func (s *Store) Release(id, owner string) bool {
 	return true
 }
 
+// Probe reports whether id is held now (stored and not expired) and the
+// lease left when it is.
+func (s *Store) Probe(id string) (bool, time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e, ok := s.entries[id]
+	if !ok {
+		return false, 0
+	}
+	if left := e.expires.Sub(s.now()); left > 0 {
+		return true, left
+	}
+	return false, 0
+}
+
 // Held reports how many locks are held: stored and not expired.
 func (s *Store) Held() int {
 	s.mu.Lock()
