@@ -68,6 +68,12 @@ func (a *App) parkOptions(ctx context.Context, cfg Config, given tasks.WaitList)
 		lease = a.locks.Lease()
 	}
 	a.busy = BusyPark
+	// Bursts on one lock id park at enqueue (the Enqueue function's), so
+	// that they do not take the queue's rate from other lock ids. The
+	// wait list's locks are Datastore's or this process's: both probe.
+	if err := a.enqueue.ParkAtEnqueue(list, a.locks); err != nil {
+		return nil, err
+	}
 	return []tasks.WorkerOption{tasks.WithParking(a.enqueue, list), tasks.WithParkingLease(lease)}, nil
 }
 

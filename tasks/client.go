@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"os"
 	"regexp"
+	"sync"
 	"time"
 
 	"github.com/taskguard/taskguard/internal/ident"
@@ -92,6 +93,10 @@ type Client struct {
 	deadline time.Duration
 	tasks    *cloudtasks.Client
 	now      func() time.Time
+
+	parkMu     sync.Mutex
+	park       *enqueueParking // ParkAtEnqueue's; guarded by parkMu
+	coalescing map[string]bool // jobs that coalesce in park mode; guarded by parkMu
 }
 
 // EnvEmulatorHost names the environment variable that points NewClient at
@@ -137,7 +142,7 @@ func NewClient(ctx context.Context, cfg Config, opts ...option.ClientOption) (*C
 	if err != nil {
 		return nil, fmt.Errorf("tasks: connect to Cloud Tasks: %w", err)
 	}
-	return &Client{cfg: cfg, deadline: deadline, tasks: tc, now: time.Now}, nil
+	return &Client{cfg: cfg, deadline: deadline, tasks: tc, now: time.Now, coalescing: map[string]bool{}}, nil
 }
 
 func (cfg *Config) validate() (time.Duration, error) {
@@ -220,12 +225,20 @@ func (c *Client) Enqueue(ctx context.Context, t Task) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	p := c.parking()
+	now := c.now()
+	if p != nil && req.Task.ScheduleTime == nil && p.hot(t.LockID, now) {
+		return c.parkTask(ctx, p, t, req, now)
+	}
 	created, err := c.tasks.CreateTask(ctx, req)
 	if err != nil {
 		if status.Code(err) == codes.AlreadyExists && req.Task.Name != "" {
 			return req.Task.Name, fmt.Errorf("%w: %s: %w", ErrDuplicate, req.Task.Name, err)
 		}
 		return "", fmt.Errorf("tasks: create task for job %q: %w", t.Job, err)
+	}
+	if p != nil && req.Task.ScheduleTime == nil {
+		p.busy(t.LockID, now)
 	}
 	return created.GetName(), nil
 }

@@ -58,9 +58,9 @@
 // instead and hands the lock on itself:
 //
 //   - Park. A delivery that finds its lock busy records itself as a waiter of
-//     that lock id in a WaitList (durably; ordered by when it first arrived;
-//     keyed by queue and task name, so a duplicate delivery finds its record)
-//     and makes sure the lock id's safety wake is pending: a wake task due
+//     that lock id in a WaitList (durably; ordered by when it joined the
+//     line, see Park at enqueue; keyed by queue and task name, so a
+//     duplicate delivery finds its record) and makes sure the lock id's safety wake is pending: a wake task due
 //     when the holder's lease could end. Only when both exist does it answer
 //     202 Accepted; if either fails, 503 and nothing is lost: its retry parks
 //     again, idempotently, and creates the pending safety wake again by its
@@ -70,6 +70,21 @@
 //     first try and its record (which would see no waiter) cannot strand it;
 //     behind an older waiter it need not: that waiter's run releases after
 //     the record exists, and hands off.
+//   - Park at enqueue (Client.ParkAtEnqueue; package app's Enqueue function
+//     does). A burst on one lock id need not pass through the queue at all:
+//     a Client that sent a task of a lock id through the queue less than
+//     BurstWindow ago, or found the lock held when it last parked one,
+//     records the next task of that lock id straight into the wait list (as
+//     the Worker would, keyed by queue and task name, ordered by when it was
+//     enqueued) and arms the safety wake; when the lock is free
+//     (locking.Client.Probe, one read, after the park) it arms a hand-off
+//     wake too, otherwise the holder's release hands off. The queue then
+//     carries the burst's first task and its wakes, not one task each, and
+//     tasks on other lock ids are not held up behind the burst by the
+//     queue's rate limit. Deliveries join the line by their ETA (when they
+//     were enqueued, or scheduled for) on a first attempt, so that the queue's
+//     first task of a burst still runs before the tasks parked behind it
+//     (should the queue deliver it after their wake, it runs next).
 //   - Wakes. A wake is a task of the same queue that carries the lock id, a
 //     job name (whose lock options it takes the lock with) and its own
 //     identity, and no payload: holding the lock, it claims the lock id's

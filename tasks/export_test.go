@@ -19,3 +19,7 @@ func SetWaitListClock(m *MemoryWaitList, now func() time.Time) { m.now = now }
 func RunNextBudget(d *time.Duration, dispatch, jobDeadline time.Duration) time.Duration {
 	return runNextBudget(d, dispatch, jobDeadline)
 }
+
+// MarkBusy makes c, parking at enqueue, take lockID as busy (as if it had
+// just created a task on it), so that its next Enqueue on it parks.
+func MarkBusy(c *Client, lockID string) { c.parking().busy(lockID, time.Now()) }

@@ -413,11 +413,32 @@ func (p *parking) safetyDue(remaining time.Duration) time.Time {
 	return time.Now().Add(max(remaining, time.Second) + p.margin)
 }
 
+// inLineSince is when a delivery's task joined its lock id's line, which
+// orders the wait list: for a first attempt, when it was due (its ETA: when
+// it was created or scheduled for), so that tasks wait in the order they
+// were enqueued, also behind tasks parked at enqueue (ParkAtEnqueue); for a
+// retry, or without an ETA, now.
+func (d *Delivery) inLineSince(now time.Time) time.Time {
+	if d.RetryCount == 0 && !d.ETA.IsZero() && d.ETA.Before(now) {
+		return d.ETA
+	}
+	return now
+}
+
+// before reports whether waiter a comes before b in a wait list's order:
+// by Arrived, then by Key.
+func before(a, b Waiter) bool {
+	if !a.Arrived.Equal(b.Arrived) {
+		return a.Arrived.Before(b.Arrived)
+	}
+	return a.Key < b.Key
+}
+
 // serveFresh handles a delivery of an enqueued task (not a wake).
 func (w *Worker) serveFresh(ctx context.Context, log *slog.Logger, j *job, d *Delivery, env envelope) (outcome, error) {
 	p := w.park
 	self := d.recordKey()
-	me := Waiter{Key: self, Arrived: time.Now(), Job: d.Job, Coalesce: j.coalesce}
+	me := Waiter{Key: self, Arrived: d.inLineSince(time.Now()), Job: d.Job, Coalesce: j.coalesce}
 	if j.coalesce {
 		// One waiter per job and lock id (the wait list is per lock id).
 		me.Key = "coalesce/" + d.QueueName + "/" + d.Job
@@ -535,8 +556,10 @@ func (w *Worker) holdFresh(ctx context.Context, log *slog.Logger, j *job, d *Del
 	case st == Waiting && me.Coalesce:
 		o.merged = true
 		return errNotRun
-	case st == Absent && !any:
-		// Nobody waits: run now, with no record.
+	case st == Absent && (!any || before(me, head)):
+		// Nobody waits, or only tasks that joined the line after this one
+		// (parked at enqueue while the queue delivered this one, the first
+		// of their burst): run now, with no record.
 	default:
 		// Older waiters go first: park behind them (again, for a duplicate;
 		// Park is idempotent and makes sure a wake is pending), after the

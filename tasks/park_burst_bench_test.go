@@ -25,16 +25,18 @@ import (
 // into the emulator (deploy's queue: max burst 50), delivered to three
 // Workers with the default 30 s lease, the wait list in memory or in
 // Datastore (the Firestore emulator, which also keeps the locks). Meanwhile
-// unrelated tasks on other lock ids are enqueued every 200 ms. It reports,
-// per N and wait list: the span (first enqueue to the last run's end)
-// against the ideal N × 100 ms and the bound 1.3 × ideal + 1 s, the
-// CreateTask calls the Workers made and the dispatches the queue made per
-// task, the runs that were missing, repeated or overlapping, and the
-// unrelated tasks' start latency (enqueue to start: median and max; the
-// max includes the queue's own rate limit while it first dispatches the
-// burst, (N − 50) / 50 s with deploy's queue), split into the queue's part
-// (enqueue to dispatch: the emulator's Attempt.Dispatched) and the Worker's
-// (dispatch to the job's start).
+// unrelated tasks on other lock ids are enqueued every 200 ms. The
+// enqueuing Client parks at enqueue (ParkAtEnqueue, as package app's
+// Enqueue function does): the burst's first task goes through the queue,
+// the others into the wait list. It reports, per N and wait list: the span
+// (first enqueue to the last run's end) against the ideal N × 100 ms and
+// the bound 1.3 × ideal + 1 s, the CreateTask calls (the burst's own tasks
+// and every wake, by the enqueuer and the Workers) and the dispatches the
+// queue made per burst task, the runs that were missing, repeated or
+// overlapping, and the unrelated tasks' start latency (enqueue to start:
+// median and max), split into the queue's part (enqueue to dispatch: the
+// emulator's Attempt.Dispatched) and the Worker's (dispatch to the job's
+// start).
 //
 // TASKGUARD_BURST_SIZES (default "10,50,200,1000") chooses the N. `make
 // bench` runs it; the loopback figures are in BENCHMARKS.md.
@@ -184,12 +186,18 @@ func parkBurst(b *testing.B, list tasks.WaitList, n int) parkBurstResult {
 			return nil
 		})
 	}, option.WithGRPCDialOption(grpc.WithChainUnaryInterceptor(countCreates(&creates))))
-	// The Workers' client counts CreateTask; the enqueuer is another.
-	enq, err := tasks.NewClient(b.Context(), baseConfig(f.url), f.srv.ClientOptions()...)
+	// The Workers' client counts CreateTask; the enqueuer is another, which
+	// parks bursts at enqueue (as package app's Enqueue does) and counts
+	// its own.
+	enq, err := tasks.NewClient(b.Context(), baseConfig(f.url), append(f.srv.ClientOptions(),
+		option.WithGRPCDialOption(grpc.WithChainUnaryInterceptor(countCreates(&creates))))...)
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer enq.Close()
+	if err := enq.ParkAtEnqueue(f.list, f.lockers[0]); err != nil {
+		b.Fatal(err)
+	}
 
 	start := time.Now()
 	for i := range n {
@@ -238,7 +246,7 @@ func parkBurst(b *testing.B, list tasks.WaitList, n int) parkBurstResult {
 	defer mu.Unlock()
 	var r parkBurstResult
 	r.span, r.missing, r.repeated, r.overlaps = burst.tally(start, n)
-	r.creates = int(creates.Load())
+	r.creates = int(creates.Load()) - len(enqueued) // the burst's, its own tasks included
 	var lat []time.Duration
 	for i, at := range enqueued {
 		if s, ok := starts[i]; ok {

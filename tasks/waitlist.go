@@ -48,7 +48,8 @@ type Waiter struct {
 	// Key identifies the delivery's task: the queue id and task name (for a
 	// coalescing job, the queue id and the job).
 	Key string
-	// Arrived is when the delivery first found the lock busy; the list is
+	// Arrived is when the task joined the lock id's line (a first
+	// delivery's ETA, a retry's arrival, or when Enqueue parked it); the list is
 	// ordered by it, then by Key.
 	Arrived time.Time
 	// Job is the task's job name.

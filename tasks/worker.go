@@ -417,6 +417,11 @@ func (w *Worker) Handle(name string, fn JobFunc, opts ...JobOption) {
 		panic(fmt.Sprintf("tasks: job %q registered twice", name))
 	}
 	w.jobs[name] = j
+	if j.coalesce && w.park != nil {
+		// Its Client, parking at enqueue, absorbs the job's tasks as this
+		// Worker does.
+		w.park.h.client.coalesces(name)
+	}
 }
 
 // Has reports whether a job called name is registered, so that an enqueuer

@@ -1,0 +1,243 @@
+package tasks
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path"
+	"sync"
+	"time"
+
+	"github.com/taskguard/taskguard/locking"
+
+	"cloud.google.com/go/cloudtasks/apiv2/cloudtaskspb"
+)
+
+// BurstWindow is how long after a Client in park mode created a Cloud Task
+// on a lock id (or found the lock id held when it parked a task) it parks
+// the next tasks on that lock id at enqueue: see ParkAtEnqueue.
+const BurstWindow = time.Second
+
+// enqueueParkTries bounds the attempts to create a parked task's safety
+// wake before Enqueue gives up.
+const enqueueParkTries = 3
+
+// enqueueParking is a Client's park mode at enqueue (ParkAtEnqueue).
+type enqueueParking struct {
+	h     *handoff
+	locks *locking.Client
+	lease time.Duration // the safety wake's distance: the lock client's lease
+	log   *slog.Logger
+
+	mu     sync.Mutex
+	recent map[string]time.Time // lock id -> when it was last seen busy; guarded by mu
+	swept  time.Time            // guarded by mu
+}
+
+// ParkAtEnqueue makes Enqueue park bursts on one lock id straight into
+// list, park mode's wait list (the one the Worker's WithParking is given),
+// instead of sending every task of the burst through the queue:
+//
+//   - A task with no Delay or ScheduleTime, on a lock id this Client
+//     created a Cloud Task for less than BurstWindow ago, or found held
+//     when it last parked one, is recorded as a waiter in list (ordered by
+//     when it was enqueued), and a wake runs it: the holder's release hands
+//     off (HandOff, registered by every Worker in park mode), and when the
+//     lock is free (locks.Probe, one read) Enqueue arms and creates a
+//     Handoff wake itself. A Safety wake due a lease after (locks.Lease(),
+//     plus DefaultSafetyMargin) runs it should the holder die. The queue
+//     then carries one task per burst, plus one wake per hand-off, instead
+//     of one per task, so a burst on one id no longer holds up tasks on
+//     other ids behind the queue's rate limit.
+//   - Any other task is created in the queue as without it.
+//
+// Enqueue's answers keep their meaning. A parked task's name (returned) is
+// the full task name it would have had; a task of the same Name that ran,
+// runs, waits or was created in the queue is a duplicate either way, as the
+// Worker dedups the queue's deliveries against the wait list's records
+// (ErrDuplicate is returned when the record exists already; within the
+// wait list's FinishedRetention). A task of a job that coalesces (listed
+// in coalescing, or registered with Coalesce on a Worker in park mode
+// given this Client) is absorbed into its job's waiting run on the lock
+// id, as the Worker absorbs one (Enqueue returns a name that names no
+// task, and nil). When the task was parked but its Safety wake could not
+// be created (Cloud Tasks failing after enqueueParkTries tries), Enqueue
+// returns an error: a task without a Name is withdrawn first, so that
+// retrying it runs it once; a task with a Name stays parked, and retrying
+// it with that Name makes its wake.
+//
+// locks is the lock client the Workers take these locks with (its Strong
+// backend must implement locking.Prober: in-memory or Datastore). Tasks
+// whose jobs take Weak locks are parked all the same; their Handoff wakes
+// are then made whatever the lock's state, and find it busy at worst.
+// Package app's functions call it in park mode; call it once, before the
+// first Enqueue, on a Client of a program that enqueues. A Worker in park
+// mode given c (WithParking) tells c which of its jobs coalesce. It fails
+// with ErrInvalidConfig for a nil list or lock client, or a lock client
+// that cannot probe its Strong locks.
+func (c *Client) ParkAtEnqueue(list WaitList, locks *locking.Client, coalescing ...string) error {
+	if list == nil || locks == nil {
+		return fmt.Errorf("%w: ParkAtEnqueue needs a WaitList and a lock client", ErrInvalidConfig)
+	}
+	if _, _, err := locks.Probe(context.Background(), locking.Strong, "taskguard/probe"); errors.Is(err, errors.ErrUnsupported) {
+		return fmt.Errorf("%w: ParkAtEnqueue: %w", ErrInvalidConfig, err)
+	}
+	p := &enqueueParking{h: &handoff{client: c, list: list}, locks: locks, lease: locks.Lease(), log: slog.Default(),
+		recent: map[string]time.Time{}}
+	for _, j := range coalescing {
+		c.coalesces(j)
+	}
+	c.parkMu.Lock()
+	defer c.parkMu.Unlock()
+	c.park = p
+	return nil
+}
+
+// coalesces marks job as coalescing for ParkAtEnqueue (Worker.Handle does,
+// for a job registered with Coalesce on a Worker in park mode given c).
+func (c *Client) coalesces(job string) {
+	c.parkMu.Lock()
+	defer c.parkMu.Unlock()
+	if c.coalescing == nil {
+		c.coalescing = map[string]bool{}
+	}
+	c.coalescing[job] = true
+}
+
+func (c *Client) isCoalescing(job string) bool {
+	c.parkMu.Lock()
+	defer c.parkMu.Unlock()
+	return c.coalescing[job]
+}
+
+// parking returns c's park mode at enqueue, or nil.
+func (c *Client) parking() *enqueueParking {
+	c.parkMu.Lock()
+	defer c.parkMu.Unlock()
+	return c.park
+}
+
+// hot reports whether lockID was seen busy less than BurstWindow ago.
+func (p *enqueueParking) hot(lockID string, now time.Time) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	at, ok := p.recent[lockID]
+	return ok && now.Sub(at) < BurstWindow && !at.After(now)
+}
+
+// busy records lockID as seen busy at now, and now and then forgets lock
+// ids not seen for BurstWindow, so that the table stays as small as the
+// lock ids in bursts.
+func (p *enqueueParking) busy(lockID string, now time.Time) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.recent[lockID] = now
+	if now.Sub(p.swept) < BurstWindow {
+		return
+	}
+	p.swept = now
+	for id, at := range p.recent {
+		if now.Sub(at) >= BurstWindow {
+			delete(p.recent, id)
+		}
+	}
+}
+
+// park records t, whose request is req, as a waiter of its lock id (see
+// ParkAtEnqueue) and returns its task name.
+func (c *Client) parkTask(ctx context.Context, p *enqueueParking, t Task, req *cloudtaskspb.CreateTaskRequest, now time.Time) (string, error) {
+	queueID := path.Base(c.cfg.Queue)
+	id := ""
+	if t.Name != "" {
+		id = path.Base(req.Task.GetName())
+	} else {
+		var b [16]byte
+		_, _ = rand.Read(b[:])
+		id = "p" + hex.EncodeToString(b[:])
+	}
+	name := c.cfg.Queue + "/tasks/" + id
+	w := Waiter{Key: queueID + "/" + id, Arrived: now, Job: t.Job, Body: req.Task.GetHttpRequest().GetBody()}
+	if c.isCoalescing(t.Job) {
+		w.Key, w.Coalesce = "coalesce/"+queueID+"/"+t.Job, true
+	}
+	safetyDue := now.Add(p.lease + DefaultSafetyMargin)
+	st, created, wake, err := p.h.list.Park(ctx, t.LockID, w, safetyDue)
+	if err != nil {
+		return "", fmt.Errorf("tasks: parking a task of job %q at enqueue: %w", t.Job, err)
+	}
+	// The wake is made also for a record that existed (a retry of an
+	// Enqueue whose wake could not be made): creating it again by name is
+	// idempotent.
+	if err := p.safetyWake(ctx, t.LockID, wake, safetyDue); err != nil {
+		if created && t.Name == "" && !w.Coalesce {
+			ran, werr := p.withdraw(ctx, t.LockID, w.Key)
+			if ran {
+				// A runner claimed it meanwhile: it runs.
+				return name, nil
+			}
+			err = errors.Join(err, werr)
+		}
+		return "", fmt.Errorf("tasks: a task of job %q was parked at enqueue, but its safety wake could not be made: %w", t.Job, err)
+	}
+	if !created && !(w.Coalesce && st == Waiting) {
+		return name, fmt.Errorf("%w: %s (%v in the wait list)", ErrDuplicate, name, st)
+	}
+	// Parked, or absorbed into its job's waiting run (a coalescing job).
+	held, _, perr := p.locks.Probe(ctx, locking.Strong, t.LockID)
+	if perr == nil && held {
+		// The holder's release hands off.
+		p.busy(t.LockID, now)
+		return name, nil
+	}
+	// Free (or unknown): nobody may release it; a Handoff wake runs the
+	// oldest waiter now. One is armed per lock id at a time.
+	hw, err := p.h.list.Arm(ctx, t.LockID, Handoff, time.Now())
+	if err == nil {
+		err = p.h.create(ctx, t.LockID, hw)
+	}
+	if err != nil {
+		p.log.WarnContext(ctx, "tasks: a task parked at enqueue on a free lock could not be handed the lock; its safety wake will run it",
+			"lock_id", t.LockID, "job", t.Job, "safety_due", safetyDue, "error", errors.Join(perr, err))
+	}
+	return name, nil
+}
+
+// safetyWake creates wake (Park's), arming and creating it again should
+// that fail, up to enqueueParkTries times in all.
+func (p *enqueueParking) safetyWake(ctx context.Context, lockID string, wake Wake, due time.Time) error {
+	err := p.h.create(ctx, lockID, wake)
+	for try := 1; err != nil && try < enqueueParkTries && ctx.Err() == nil; try++ {
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Duration(try) * 100 * time.Millisecond):
+		}
+		var w Wake
+		if w, err = p.h.list.Arm(ctx, lockID, Safety, due); err == nil {
+			err = p.h.create(ctx, lockID, w)
+		}
+	}
+	return err
+}
+
+// withdraw takes key, a record this Enqueue parked, out of the list: it
+// claims it for a runner of its own and finishes it. When another runner
+// claimed it first, it runs there: ran is true, and nothing is withdrawn.
+func (p *enqueueParking) withdraw(ctx context.Context, lockID, key string) (ran bool, err error) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), handoffTimeout)
+	defer cancel()
+	runner := "enqueue/" + key
+	_, ok, err := p.h.list.Claim(ctx, lockID, key, runner)
+	switch {
+	case err != nil:
+		return false, fmt.Errorf("withdrawing the parked task: %w", err)
+	case !ok:
+		return true, nil
+	}
+	if err := p.h.list.Finish(ctx, lockID, key, runner); err != nil {
+		return false, fmt.Errorf("withdrawing the parked task: %w", err)
+	}
+	return false, nil
+}
