@@ -55,7 +55,9 @@ type enqueueParking struct {
 //   - Any other task is created in the queue as without it.
 //
 // Enqueue's answers keep their meaning. A parked task's name (returned) is
-// the full task name it would have had; a task of the same Name that ran,
+// the full task name it would have had, but names no task in the queue
+// (Cloud Tasks' GetTask and DeleteTask do not find it; it is in the wait
+// list, where its wake runs it); a task of the same Name that ran,
 // runs, waits or was created in the queue is a duplicate either way, as the
 // Worker dedups the queue's deliveries against the wait list's records
 // (ErrDuplicate is returned when the record exists already; within the
