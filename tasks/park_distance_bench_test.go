@@ -30,6 +30,11 @@ import (
 // Workers, deploy's queue, the default 30 s lease, locks (dslock) and the
 // wait list (dswait) on the Firestore emulator.
 //
+// Each runs twice: the burst enqueued at once through the queue (Client
+// without ParkAtEnqueue; enqueue=queue), and enqueued one after another
+// by a Client parking at enqueue (enqueue=park), the first task through
+// the queue, the others into the wait list.
+//
 // It reports the span (first enqueue to the last run's end) against the
 // goal ideal + 20 × (3 RTT + 1 dispatch), with the RTT measured in the same
 // run (rtt-ms: the median of bare commits through the same proxy: the
@@ -37,34 +42,48 @@ import (
 // (model-bound-s), the dispatch being the model's mean (75 ms; 0 on
 // loopback); the park hand-off mean (taskguard.tasks.handoff.latency: the
 // creation of a wake to its waiter's start); and the Datastore RPCs,
-// CreateTask calls and dispatches per task, counted at the wire.
+// CreateTask calls (the tasks' own included) and dispatches per task,
+// counted at the wire; and each
+// Enqueue's latency (median and max).
 //
 // `make bench` runs it; BENCHMARKS.md gives the figures.
 func BenchmarkParkDistance(b *testing.B) {
 	const n, work = 20, 100 * time.Millisecond
 	for _, m := range []netdelay.Model{netdelay.Loopback, netdelay.Production} {
-		b.Run("net="+m.Name, func(b *testing.B) {
-			for range b.N {
-				r := parkDistance(b, m, n, work)
-				ideal := time.Duration(n) * work
-				dispatch := (m.DispatchMin + m.DispatchMax) / 2
-				bound := ideal + time.Duration(n)*(3*r.rtt+dispatch)
-				modelBound := ideal + time.Duration(n)*(3*m.RTT()+dispatch)
-				b.ReportMetric(r.span.Seconds(), "burst-s")
-				b.ReportMetric(ideal.Seconds(), "ideal-s")
-				b.ReportMetric(bound.Seconds(), "bound-s")
-				b.ReportMetric(modelBound.Seconds(), "model-bound-s")
-				b.ReportMetric(r.span.Seconds()/bound.Seconds(), "of-bound")
-				b.ReportMetric(float64(r.rtt)/1e6, "rtt-ms")
-				b.ReportMetric(float64(r.handoffMean)/1e6, "handoff-mean-ms")
-				b.ReportMetric(float64(r.handoffs), "handoffs")
-				b.ReportMetric(float64(r.rpcs)/n, "datastore-rpcs/task")
-				b.ReportMetric(float64(r.lockRPCs)/n, "lock-rpcs/task")
-				b.ReportMetric(float64(r.creates)/n, "createtasks/task")
-				b.ReportMetric(float64(r.dispatches)/n, "dispatches/task")
-				b.Logf("%s: %d tasks of %v: span %v; answers %v", m, n, work, r.span, r.answers)
+		for _, atEnqueue := range []bool{false, true} {
+			mode := "queue"
+			if atEnqueue {
+				mode = "park"
 			}
-		})
+			b.Run("net="+m.Name+"/enqueue="+mode, func(b *testing.B) {
+				benchParkDistance(b, m, n, work, atEnqueue)
+			})
+		}
+	}
+}
+
+func benchParkDistance(b *testing.B, m netdelay.Model, n int, work time.Duration, atEnqueue bool) {
+	for range b.N {
+		r := parkDistance(b, m, n, work, atEnqueue)
+		ideal := time.Duration(n) * work
+		dispatch := (m.DispatchMin + m.DispatchMax) / 2
+		bound := ideal + time.Duration(n)*(3*r.rtt+dispatch)
+		modelBound := ideal + time.Duration(n)*(3*m.RTT()+dispatch)
+		b.ReportMetric(r.span.Seconds(), "burst-s")
+		b.ReportMetric(ideal.Seconds(), "ideal-s")
+		b.ReportMetric(bound.Seconds(), "bound-s")
+		b.ReportMetric(modelBound.Seconds(), "model-bound-s")
+		b.ReportMetric(r.span.Seconds()/bound.Seconds(), "of-bound")
+		b.ReportMetric(float64(r.rtt)/1e6, "rtt-ms")
+		b.ReportMetric(float64(r.handoffMean)/1e6, "handoff-mean-ms")
+		b.ReportMetric(float64(r.handoffs), "handoffs")
+		b.ReportMetric(float64(r.rpcs)/float64(n), "datastore-rpcs/task")
+		b.ReportMetric(float64(r.lockRPCs)/float64(n), "lock-rpcs/task")
+		b.ReportMetric(float64(r.creates)/float64(n), "createtasks/task")
+		b.ReportMetric(float64(r.dispatches)/float64(n), "dispatches/task")
+		b.ReportMetric(float64(r.enqueueP50)/1e6, "enqueue-p50-ms")
+		b.ReportMetric(float64(r.enqueueMax)/1e6, "enqueue-max-ms")
+		b.Logf("%s: %d tasks of %v: span %v; answers %v", m, n, work, r.span, r.answers)
 	}
 }
 
@@ -74,6 +93,8 @@ type parkDistanceResult struct {
 	rpcs, lockRPCs         int64 // Datastore RPCs: all, and the locks' alone
 	creates, dispatches    int
 	answers                map[int]int
+	// Each Enqueue's latency: median and max.
+	enqueueP50, enqueueMax time.Duration
 }
 
 // rpcCount counts the unary RPCs of the connections it intercepts.
@@ -84,7 +105,7 @@ func (c *rpcCount) intercept(ctx context.Context, method string, req, reply any,
 	return invoker(ctx, method, req, reply, cc, opts...)
 }
 
-func parkDistance(b *testing.B, m netdelay.Model, n int, work time.Duration) parkDistanceResult {
+func parkDistance(b *testing.B, m netdelay.Model, n int, work time.Duration, atEnqueue bool) parkDistanceResult {
 	e2eBackend(b) // starts (once) and resets the emulator
 	e := datastore.emu
 	proxy := m.DatastoreProxy(b, e.Host)
@@ -135,22 +156,44 @@ func parkDistance(b *testing.B, m netdelay.Model, n int, work time.Duration) par
 		func(_ int, w *tasks.Worker) {
 			w.Handle("burst", burst.job(work))
 		}, option.WithGRPCDialOption(grpc.WithChainUnaryInterceptor(countCreates(&creates))))
-	enq, err := tasks.NewClient(b.Context(), baseConfig(f.url), f.srv.ClientOptions()...)
+	enq, err := tasks.NewClient(b.Context(), baseConfig(f.url), append(f.srv.ClientOptions(),
+		option.WithGRPCDialOption(grpc.WithChainUnaryInterceptor(countCreates(&creates))))...)
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer enq.Close()
 
+	if atEnqueue {
+		if err := enq.ParkAtEnqueue(f.list, f.lockers[0]); err != nil {
+			b.Fatal(err)
+		}
+	}
+
 	listRPCs.n.Store(0)
 	lockRPCs.n.Store(0)
-	start := time.Now()
-	var eg sync.WaitGroup
+	var (
+		eg    sync.WaitGroup
+		emu   sync.Mutex
+		took  []time.Duration
+		start = time.Now()
+	)
+	enqueue := func(i int) {
+		t0 := time.Now()
+		if _, err := enq.Enqueue(b.Context(), tasks.Task{Job: "burst", LockID: "hot", Payload: i}); err != nil {
+			b.Error(err)
+		}
+		emu.Lock()
+		took = append(took, time.Since(t0))
+		emu.Unlock()
+	}
 	for i := range n {
-		eg.Go(func() {
-			if _, err := enq.Enqueue(b.Context(), tasks.Task{Job: "burst", LockID: "hot", Payload: i}); err != nil {
-				b.Error(err)
-			}
-		})
+		if atEnqueue {
+			// One after another, as a loop in a program would: the first
+			// goes through the queue, the others park at enqueue.
+			enqueue(i)
+			continue
+		}
+		eg.Go(func() { enqueue(i) })
 	}
 	eg.Wait()
 	burst.wait(n, time.Now().Add(2*time.Minute), 10*time.Millisecond)
@@ -172,6 +215,7 @@ func parkDistance(b *testing.B, m netdelay.Model, n int, work time.Duration) par
 	}
 	r.creates = int(creates.Load())
 	r.dispatches = len(f.srv.Attempts())
+	r.enqueueP50, r.enqueueMax = medianMax(took)
 	r.answers = f.statuses()
 	return r
 }
