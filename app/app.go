@@ -264,7 +264,11 @@ type enqueueRequest struct {
 // it) or an unknown job, 405 for another method, 408 when the body has not
 // arrived whole when the request's context ends (the read stops then), 413
 // for a body over 1 MB, 503 when the function has no queue configured and
-// 502 when Cloud Tasks fails. Deploy it
+// 502 when Cloud Tasks (or, parking at enqueue, the wait list) fails. In
+// park mode a burst on one lock id is parked at enqueue
+// (tasks.Client.ParkAtEnqueue): the tasks that follow the first within
+// tasks.BurstWindow, or while the lock is held, go into the wait list, not
+// the queue, and their "task" names no task in the queue. Deploy it
 // with --no-allow-unauthenticated: only callers granted run.invoker may
 // enqueue.
 func (a *App) Enqueue() http.Handler {
@@ -324,7 +328,7 @@ func (a *App) Enqueue() http.Handler {
 			writeJSON(w, http.StatusBadRequest, map[string]string{"error": err.Error()})
 		case err != nil:
 			a.log.ErrorContext(ctx, "enqueue failed", "job", req.Job, "lock_id", req.LockID, "error", err)
-			writeJSON(w, http.StatusBadGateway, map[string]string{"error": "Cloud Tasks: " + err.Error()})
+			writeJSON(w, http.StatusBadGateway, map[string]string{"error": err.Error()})
 		default:
 			a.log.InfoContext(ctx, "task enqueued", "job", req.Job, "lock_id", req.LockID, "task", name)
 			writeJSON(w, http.StatusOK, map[string]any{"task": name})
