@@ -81,7 +81,7 @@ func TestDemo(t *testing.T) {
 		t.Fatalf("demo failed: %v\n%s", err, out)
 	}
 	for _, want := range []string{
-		"report-A", "per id never more than 1", "parked (202", "0 answered 429, 0 answered 503", "burst on report-A: 6 of 6 runs",
+		"report-A", "per id never more than 1", "parked by the Worker (202", "parked at enqueue: 5 of the", "0 answered 429, 0 answered 503", "burst on report-A: 6 of 6 runs",
 		"1 call(s) to the token endpoint", "CleanupLocks: 200 OK", "OK: at most one task at a time per lock id",
 	} {
 		if !strings.Contains(string(out), want) {
