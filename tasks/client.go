@@ -227,7 +227,7 @@ func (c *Client) Enqueue(ctx context.Context, t Task) (string, error) {
 	}
 	p := c.parking()
 	now := c.now()
-	if p != nil && req.Task.ScheduleTime == nil && p.hot(t.LockID, now) {
+	if p != nil && req.Task.ScheduleTime == nil && !p.direct(t.LockID, now) {
 		return c.parkTask(ctx, p, t, req, now)
 	}
 	created, err := c.tasks.CreateTask(ctx, req)
@@ -236,9 +236,6 @@ func (c *Client) Enqueue(ctx context.Context, t Task) (string, error) {
 			return req.Task.Name, fmt.Errorf("%w: %s: %w", ErrDuplicate, req.Task.Name, err)
 		}
 		return "", fmt.Errorf("tasks: create task for job %q: %w", t.Job, err)
-	}
-	if p != nil && req.Task.ScheduleTime == nil {
-		p.busy(t.LockID, now)
 	}
 	return created.GetName(), nil
 }

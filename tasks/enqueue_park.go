@@ -41,9 +41,10 @@ type enqueueParking struct {
 // list, park mode's wait list (the one the Worker's WithParking is given),
 // instead of sending every task of the burst through the queue:
 //
-//   - A task with no Delay or ScheduleTime, on a lock id this Client
-//     created a Cloud Task for less than BurstWindow ago, or found held
-//     when it last parked one, is recorded as a waiter in list (ordered by
+//   - A task with no Delay or ScheduleTime, on a lock id this Client began
+//     to create a Cloud Task for less than BurstWindow ago (also while that
+//     CreateTask is under way: concurrent Enqueues of a burst park), or
+//     found held when it last parked one, is recorded as a waiter in list (ordered by
 //     when it was enqueued), and a wake runs it: the holder's release hands
 //     off (HandOff, registered by every Worker in park mode), and when the
 //     lock is free (locks.Probe, one read) Enqueue arms and creates a
@@ -122,12 +123,19 @@ func (c *Client) parking() *enqueueParking {
 	return c.park
 }
 
-// hot reports whether lockID was seen busy less than BurstWindow ago.
-func (p *enqueueParking) hot(lockID string, now time.Time) bool {
+// direct reports whether a task on lockID, due now, goes through the
+// queue: when lockID was not seen busy less than BurstWindow ago. It then
+// marks lockID busy at once, so that the Enqueues of the same burst made
+// meanwhile (concurrently, while this one's CreateTask is under way) park.
+func (p *enqueueParking) direct(lockID string, now time.Time) bool {
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	at, ok := p.recent[lockID]
-	return ok && now.Sub(at) < BurstWindow && !at.After(now)
+	p.mu.Unlock()
+	if ok && now.Sub(at) < BurstWindow && !at.After(now) {
+		return false
+	}
+	p.busy(lockID, now)
+	return true
 }
 
 // busy records lockID as seen busy at now, and now and then forgets lock

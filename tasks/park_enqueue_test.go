@@ -120,6 +120,46 @@ func TestParkAtEnqueueBurst(t *testing.T) {
 	}
 }
 
+// TestParkAtEnqueueConcurrentBurst enqueues a burst of 20 tasks on one
+// lock id at once, from 20 goroutines (as an Enqueue function serving 20
+// requests at a time would): one goes through the queue, and the others,
+// begun while its CreateTask was under way, park (before, each found no
+// task of the lock id sent yet, and all 20 went through the queue). Each
+// runs once, never two at once.
+func TestParkAtEnqueueConcurrentBurst(t *testing.T) {
+	const n = 20
+	var (
+		runs orderedRuns
+		cr   creates
+	)
+	f := newParkFleetWith(t, 3, 5*time.Second, &tasks.MemoryWaitList{}, nil, func(_ int, w *tasks.Worker) {
+		w.Handle("serial", runs.job(10*time.Millisecond))
+	}, cr.interceptor())
+	if err := f.client.ParkAtEnqueue(f.list, f.lockers[0]); err != nil {
+		t.Fatal(err)
+	}
+	enqueueAll(t, f.client, n, func(i int) tasks.Task {
+		return tasks.Task{Job: "serial", LockID: "hot", Payload: i}
+	})
+	runs.waitRuns(n, time.Minute)
+	waitIdle(t, f.srv, time.Minute)
+	got := runs.runs()
+	seen := map[int]int{}
+	for _, i := range got {
+		seen[i]++
+	}
+	if len(got) != n || len(seen) != n {
+		t.Errorf("runs %v; want each of 0..%d once", got, n-1)
+	}
+	if o := runs.over.Load(); o > 0 {
+		t.Errorf("%d runs overlapped another", o)
+	}
+	if c := cr.n.Load(); c > 5 {
+		t.Errorf("%d CreateTask calls for a concurrent burst of %d; want at most 5", c, n)
+	}
+	t.Logf("%d tasks enqueued at once: %d CreateTask, %d dispatches", n, cr.n.Load(), len(f.srv.Attempts()))
+}
+
 // checkOnceInOrder checks that got holds 0..n-1 once each, in order, but
 // for 0, which may come second.
 func checkOnceInOrder(t *testing.T, got []int, n int) {
