@@ -158,15 +158,19 @@
 //     jobs pay the 429 costs.
 //
 // The cost of a task that waits, measured by BenchmarkParkBurst (bursts of
-// 10 to 1,000 tasks on one lock id): its own delivery, and a share of the
-// wakes — one wake per DefaultRunNext (30 s) of work on a lock id, one more
-// where a new delivery overtook a hand-off in flight, and the safety wakes
-// (about one per lease per lock id): 0.008 to 0.3 CreateTask and 1.008 to
-// 1.3 dispatches per task; at most 2 and 3. WaitList operations per task: 1
-// Park (and a Peek after it) and 1 FinishClaim; per wake: the releasing
-// holder's Arm, the wake's Peek and TakeClaim (its take and its claim in one
-// step), and its last run's Finish; see the
-// WaitList implementation for the RPCs each costs. No delivery waits in the
+// 10 to 1,000 tasks on one lock id, enqueued by a Client parking at
+// enqueue): parked at enqueue, it passes through the queue not at all; the
+// burst's first task and a share of the wakes do — one wake per
+// DefaultRunNext (30 s) of work on a lock id, and the safety wakes (about
+// one per lease per lock id): 0.009 to 0.3 CreateTask and as many
+// dispatches per task, at most 3 and 3. Parked by the Worker instead (a
+// Client without ParkAtEnqueue), a task costs its own delivery besides:
+// 1.008 to 1.3 dispatches. WaitList operations per task: 1 Park (at
+// enqueue, with a lock probe after it; by the Worker, with a Peek after
+// it) and 1 FinishClaim; per wake: the releasing holder's Arm, the wake's
+// Peek and TakeClaim (its take and its claim in one step), and its last
+// run's Finish; see the WaitList implementation for the RPCs each costs.
+// No delivery waits in the
 // handler, and none is answered 429 or 503 for a busy lock.
 //
 // The WaitList is separate from the lock backends: package locking only
