@@ -84,6 +84,7 @@ type burstRuns struct {
 	mu           sync.Mutex
 	runs         map[int]int // task index -> runs; guarded by mu
 	ends         []time.Time // guarded by mu
+	started      []int       // task indexes in the order their runs started; guarded by mu
 	inside, over atomic.Int32
 }
 
@@ -101,6 +102,9 @@ func (br *burstRuns) job(work time.Duration) tasks.JobFunc {
 		if err := d.Decode(&i); err != nil {
 			return tasks.Permanent(err)
 		}
+		br.mu.Lock()
+		br.started = append(br.started, i)
+		br.mu.Unlock()
 		time.Sleep(work)
 		br.mu.Lock()
 		br.runs[i]++
@@ -121,6 +125,13 @@ func (br *burstRuns) wait(n int, limit time.Time, poll time.Duration) {
 		}
 		time.Sleep(poll)
 	}
+}
+
+// order returns the task indexes in the order their runs started.
+func (br *burstRuns) order() []int {
+	br.mu.Lock()
+	defer br.mu.Unlock()
+	return slices.Clone(br.started)
 }
 
 // tally returns the span from start to the last run's end, the tasks of

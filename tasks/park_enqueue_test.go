@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -19,45 +18,14 @@ import (
 	"github.com/taskguard/taskguard/tasks"
 )
 
-// orderedRuns records a job's runs in the order they started, and runs
-// that overlapped another.
-type orderedRuns struct {
-	mu           sync.Mutex
-	order        []int // payloads, in the order their runs started
-	inside, over atomic.Int32
-}
-
-func (o *orderedRuns) job(work time.Duration) tasks.JobFunc {
-	return func(ctx context.Context, d *tasks.Delivery) error {
-		if o.inside.Add(1) != 1 {
-			o.over.Add(1)
-		}
-		defer o.inside.Add(-1)
-		var i int
-		if err := d.Decode(&i); err != nil {
-			return tasks.Permanent(err)
-		}
-		o.mu.Lock()
-		o.order = append(o.order, i)
-		o.mu.Unlock()
-		time.Sleep(work)
-		return nil
-	}
-}
-
-func (o *orderedRuns) runs() []int {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return append([]int(nil), o.order...)
-}
-
-// waitRuns waits until n runs started or d passed.
-func (o *orderedRuns) waitRuns(n int, d time.Duration) []int {
+// waitStarted waits until n runs started or d passed, and returns the
+// task indexes in the order their runs started.
+func (br *burstRuns) waitStarted(n int, d time.Duration) []int {
 	limit := time.Now().Add(d)
-	for time.Now().Before(limit) && len(o.runs()) < n {
+	for time.Now().Before(limit) && len(br.order()) < n {
 		time.Sleep(10 * time.Millisecond)
 	}
-	return o.runs()
+	return br.order()
 }
 
 // creates counts the CreateTask calls through a connection, and fails
@@ -92,7 +60,7 @@ func TestParkAtEnqueueBurst(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			const n, work = 30, 20 * time.Millisecond
 			var (
-				runs orderedRuns
+				runs = newBurstRuns()
 				cr   creates
 			)
 			f := newParkFleetWith(t, 3, 5*time.Second, list(t), nil, func(_ int, w *tasks.Worker) {
@@ -106,9 +74,9 @@ func TestParkAtEnqueueBurst(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			runs.waitRuns(n, time.Minute)
+			runs.waitStarted(n, time.Minute)
 			waitIdle(t, f.srv, time.Minute) // the wakes ran nothing more
-			checkOnceInOrder(t, runs.runs(), n)
+			checkOnceInOrder(t, runs.order(), n)
 			if o := runs.over.Load(); o > 0 {
 				t.Errorf("%d runs overlapped another", o)
 			}
@@ -129,7 +97,7 @@ func TestParkAtEnqueueBurst(t *testing.T) {
 func TestParkAtEnqueueConcurrentBurst(t *testing.T) {
 	const n = 20
 	var (
-		runs orderedRuns
+		runs = newBurstRuns()
 		cr   creates
 	)
 	f := newParkFleetWith(t, 3, 5*time.Second, &tasks.MemoryWaitList{}, nil, func(_ int, w *tasks.Worker) {
@@ -141,9 +109,9 @@ func TestParkAtEnqueueConcurrentBurst(t *testing.T) {
 	enqueueAll(t, f.client, n, func(i int) tasks.Task {
 		return tasks.Task{Job: "serial", LockID: "hot", Payload: i}
 	})
-	runs.waitRuns(n, time.Minute)
+	runs.waitStarted(n, time.Minute)
 	waitIdle(t, f.srv, time.Minute)
-	got := runs.runs()
+	got := runs.order()
 	seen := map[int]int{}
 	for _, i := range got {
 		seen[i]++
@@ -188,7 +156,7 @@ func checkOnceInOrder(t *testing.T, got []int, n int) {
 // job's tasks enqueued meanwhile are absorbed into one run.
 func TestParkAtEnqueueBehindAHolder(t *testing.T) {
 	var (
-		runs      orderedRuns
+		runs      = newBurstRuns()
 		coalesced atomic.Int32
 		cr        creates
 	)
@@ -226,17 +194,17 @@ func TestParkAtEnqueueBehindAHolder(t *testing.T) {
 		}
 	}
 	time.Sleep(300 * time.Millisecond)
-	if got := runs.runs(); len(got) > 0 || coalesced.Load() > 0 {
+	if got := runs.order(); len(got) > 0 || coalesced.Load() > 0 {
 		t.Fatalf("ran %v and %d refreshes while the lock was held", got, coalesced.Load())
 	}
 	released := time.Now()
 	if err := held.Release(t.Context()); err != nil {
 		t.Fatal(err)
 	}
-	got := runs.waitRuns(5, 10*time.Second)
+	got := runs.waitStarted(5, 10*time.Second)
 	took := time.Since(released)
 	waitIdle(t, f.srv, time.Minute)
-	checkOnceInOrder(t, runs.runs(), 5)
+	checkOnceInOrder(t, runs.order(), 5)
 	if c := coalesced.Load(); c != 1 {
 		t.Errorf("the coalescing job ran %d times for 5 tasks enqueued behind the holder; want 1", c)
 	}
@@ -249,7 +217,7 @@ func TestParkAtEnqueueBehindAHolder(t *testing.T) {
 // TestParkAtEnqueueDedup: a task's Name dedups it whichever way it went,
 // through the queue or into the wait list.
 func TestParkAtEnqueueDedup(t *testing.T) {
-	var runs orderedRuns
+	runs := newBurstRuns()
 	f := newParkFleet(t, 2, 5*time.Second, &tasks.MemoryWaitList{}, nil, func(_ int, w *tasks.Worker) {
 		w.Handle("serial", runs.job(50*time.Millisecond))
 	})
@@ -276,7 +244,7 @@ func TestParkAtEnqueueDedup(t *testing.T) {
 	if err := enqueue("b", 2); !errors.Is(err, tasks.ErrDuplicate) {
 		t.Errorf("a second Enqueue of parked \"b\": %v; want ErrDuplicate", err)
 	}
-	runs.waitRuns(2, 10*time.Second)
+	runs.waitStarted(2, 10*time.Second)
 	waitIdle(t, f.srv, time.Minute)
 	// "b" ran: within the dedup window it is a duplicate still. Parked at
 	// enqueue, Enqueue says so; through the queue (the id idle for the
@@ -291,7 +259,7 @@ func TestParkAtEnqueueDedup(t *testing.T) {
 	}
 	waitIdle(t, f.srv, time.Minute)
 	time.Sleep(200 * time.Millisecond)
-	got := runs.runs()
+	got := runs.order()
 	count := map[int]int{}
 	for _, i := range got {
 		count[i]++
@@ -308,7 +276,7 @@ func TestParkAtEnqueueDedup(t *testing.T) {
 // Name makes its wake (and is a duplicate).
 func TestParkAtEnqueueWakeFails(t *testing.T) {
 	var (
-		runs orderedRuns
+		runs = newBurstRuns()
 		cr   creates
 	)
 	f := newParkFleetWith(t, 2, 5*time.Second, &tasks.MemoryWaitList{}, nil, func(_ int, w *tasks.Worker) {
@@ -347,9 +315,9 @@ func TestParkAtEnqueueWakeFails(t *testing.T) {
 	if err := holder.Release(t.Context()); err != nil {
 		t.Fatal(err)
 	}
-	runs.waitRuns(2, 10*time.Second)
+	runs.waitStarted(2, 10*time.Second)
 	waitIdle(t, f.srv, time.Minute)
-	got := runs.runs()
+	got := runs.order()
 	count := map[int]int{}
 	for _, i := range got {
 		count[i]++
@@ -365,7 +333,7 @@ func TestParkAtEnqueueWakeFails(t *testing.T) {
 // queue.
 func TestParkAtEnqueueWindow(t *testing.T) {
 	var (
-		runs orderedRuns
+		runs = newBurstRuns()
 		cr   creates
 	)
 	f := newParkFleetWith(t, 1, 5*time.Second, &tasks.MemoryWaitList{}, nil, func(_ int, w *tasks.Worker) {
@@ -380,7 +348,7 @@ func TestParkAtEnqueueWindow(t *testing.T) {
 		if _, err := f.client.Enqueue(t.Context(), task); err != nil {
 			t.Fatal(err)
 		}
-		runs.waitRuns(len(runs.runs())+1, 5*time.Second)
+		runs.waitStarted(len(runs.order())+1, 5*time.Second)
 		if got := cr.n.Load() - before; got != wantCreates {
 			t.Errorf("%s: %d CreateTask; want %d", what, got, wantCreates)
 		}
@@ -393,7 +361,7 @@ func TestParkAtEnqueueWindow(t *testing.T) {
 	time.Sleep(tasks.BurstWindow)
 	step("a task after the window", tasks.Task{Job: "serial", LockID: "x", Payload: 4}, 1)
 	waitIdle(t, f.srv, time.Minute)
-	if got := runs.runs(); len(got) != 5 {
+	if got := runs.order(); len(got) != 5 {
 		t.Errorf("runs %v; want 5", got)
 	}
 	// The parked one was no Cloud Task: its wakes were.
