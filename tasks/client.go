@@ -227,7 +227,7 @@ func (c *Client) Enqueue(ctx context.Context, t Task) (string, error) {
 	}
 	p := c.parking()
 	now := c.now()
-	if p != nil && req.Task.ScheduleTime == nil && p.hot(t.LockID, now) {
+	if p != nil && req.Task.ScheduleTime == nil && p.hot(t.LockID, now) && c.mayPark(t) {
 		return c.parkTask(ctx, p, t, req, now)
 	}
 	created, err := c.tasks.CreateTask(ctx, req)

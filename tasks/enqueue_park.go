@@ -65,7 +65,8 @@ type enqueueParking struct {
 // in coalescing, or registered with Coalesce on a Worker in park mode
 // given this Client) is absorbed into its job's waiting run on the lock
 // id, as the Worker absorbs one (Enqueue returns a name that names no
-// task, and nil). When the task was parked but its Safety wake could not
+// task, and nil); such a task with a Name always goes through the queue,
+// since its waiter is keyed by its job and only the queue dedups its Name. When the task was parked but its Safety wake could not
 // be created (Cloud Tasks failing after enqueueParkTries tries), Enqueue
 // returns an error: a task without a Name is withdrawn first, so that
 // retrying it runs it once; a task with a Name stays parked, and retrying
@@ -113,6 +114,14 @@ func (c *Client) isCoalescing(job string) bool {
 	c.parkMu.Lock()
 	defer c.parkMu.Unlock()
 	return c.coalescing[job]
+}
+
+// mayPark reports whether t may be parked at enqueue: not a named task of a
+// coalescing job, whose waiter is keyed by its job, so that only the
+// queue's dedup of its Name keeps it from running again within the dedup
+// window.
+func (c *Client) mayPark(t Task) bool {
+	return t.Name == "" || !c.isCoalescing(t.Job)
 }
 
 // parking returns c's park mode at enqueue, or nil.

@@ -365,3 +365,40 @@ func TestParkAtEnqueueWindow(t *testing.T) {
 		t.Errorf("ParkAtEnqueue without a wait list: %v; want ErrInvalidConfig", err)
 	}
 }
+
+// TestParkAtEnqueueNamedCoalescingOnce: a named task of a coalescing job,
+// enqueued again under its Name within the dedup window after it ran, is a
+// duplicate and does not run again, also on a lock id the Client parks at
+// enqueue (a coalescing job's waiter is keyed by its job, not its Name, so
+// the wait list cannot dedup it by name: the queue must).
+func TestParkAtEnqueueNamedCoalescingOnce(t *testing.T) {
+	var ran atomic.Int32
+	f := newParkFleet(t, 1, 5*time.Second, &tasks.MemoryWaitList{}, nil, func(_ int, w *tasks.Worker) {
+		w.Handle("refresh", func(context.Context, *tasks.Delivery) error {
+			ran.Add(1)
+			return nil
+		}, tasks.Coalesce())
+	})
+	if err := f.client.ParkAtEnqueue(f.list, f.lockers[0]); err != nil {
+		t.Fatal(err)
+	}
+	task := tasks.Task{Job: "refresh", LockID: "c", Name: "daily-2026-12-07"}
+	if _, err := f.client.Enqueue(t.Context(), task); err != nil {
+		t.Fatal(err)
+	}
+	waitIdle(t, f.srv, time.Minute)
+	if n := ran.Load(); n != 1 {
+		t.Fatalf("the named task ran %d times; want 1", n)
+	}
+	// The lock id is busy for the Client (another task of it went through
+	// the queue just now): the same Name again is still a duplicate.
+	tasks.MarkBusy(f.client, "c")
+	if _, err := f.client.Enqueue(t.Context(), task); !errors.Is(err, tasks.ErrDuplicate) {
+		t.Errorf("Enqueue of the same Name after it ran: %v; want ErrDuplicate", err)
+	}
+	waitIdle(t, f.srv, time.Minute)
+	time.Sleep(200 * time.Millisecond)
+	if n := ran.Load(); n != 1 {
+		t.Errorf("the named task ran %d times for one Name within the dedup window; want 1", n)
+	}
+}
