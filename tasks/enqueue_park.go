@@ -80,13 +80,15 @@ type enqueueParking struct {
 // first Enqueue, on a Client of a program that enqueues. A Worker in park
 // mode given c (WithParking) tells c which of its jobs coalesce. It fails
 // with ErrInvalidConfig for a nil list or lock client, or a lock client
-// that cannot probe its Strong locks.
+// that cannot probe its Strong locks (locking.Client.CanProbe; the error
+// wraps errors.ErrUnsupported too). It does no I/O.
 func (c *Client) ParkAtEnqueue(list WaitList, locks *locking.Client, coalescing ...string) error {
 	if list == nil || locks == nil {
 		return fmt.Errorf("%w: ParkAtEnqueue needs a WaitList and a lock client", ErrInvalidConfig)
 	}
-	if _, _, err := locks.Probe(context.Background(), locking.Strong, "taskguard/probe"); errors.Is(err, errors.ErrUnsupported) {
-		return fmt.Errorf("%w: ParkAtEnqueue: %w", ErrInvalidConfig, err)
+	if !locks.CanProbe(locking.Strong) {
+		return fmt.Errorf("%w: ParkAtEnqueue: the lock client's Strong backend (%T) cannot probe a lock: %w",
+			ErrInvalidConfig, locks.Backend(locking.Strong), errors.ErrUnsupported)
 	}
 	p := &enqueueParking{h: &handoff{client: c, list: list}, locks: locks, lease: locks.Lease(), log: slog.Default(),
 		recent: map[string]time.Time{}}
