@@ -195,15 +195,22 @@ func (c *Client) parkTask(ctx context.Context, p *enqueueParking, t Task, req *c
 		}
 		return "", fmt.Errorf("tasks: a task of job %q was parked at enqueue, but its safety wake could not be made: %w", t.Job, err)
 	}
+	var dup error
 	if !created && !(w.Coalesce && st == Waiting) {
-		return name, fmt.Errorf("%w: %s (%v in the wait list)", ErrDuplicate, name, st)
+		dup = fmt.Errorf("%w: %s (%v in the wait list)", ErrDuplicate, name, st)
+		if st != Waiting {
+			return name, dup
+		}
+		// It waits (a retry of an Enqueue that failed after its park): it
+		// may wait on a free lock, which nobody releases. Hand it off as a
+		// new one.
 	}
 	// Parked, or absorbed into its job's waiting run (a coalescing job).
 	held, _, perr := p.locks.Probe(ctx, locking.Strong, t.LockID)
 	if perr == nil && held {
 		// The holder's release hands off.
 		p.busy(t.LockID, now)
-		return name, nil
+		return name, dup
 	}
 	// Free (or unknown): nobody may release it; a Handoff wake runs the
 	// oldest waiter now. One is armed per lock id at a time.
@@ -215,7 +222,7 @@ func (c *Client) parkTask(ctx context.Context, p *enqueueParking, t Task, req *c
 		p.log.WarnContext(ctx, "tasks: a task parked at enqueue on a free lock could not be handed the lock; its safety wake will run it",
 			"lock_id", t.LockID, "job", t.Job, "safety_due", safetyDue, "error", errors.Join(perr, err))
 	}
-	return name, nil
+	return name, dup
 }
 
 // safetyWake creates wake (Park's), arming and creating it again should

@@ -402,3 +402,44 @@ func TestParkAtEnqueueNamedCoalescingOnce(t *testing.T) {
 		t.Errorf("the named task ran %d times for one Name within the dedup window; want 1", n)
 	}
 }
+
+// TestParkAtEnqueueRetryOnFreeLock: a named task parked at enqueue whose
+// Enqueue failed (its safety wake could not be made) stays parked; the
+// retry with its Name, a duplicate, makes its wake — and, the lock being
+// free, hands it the lock: it runs within a dispatch, not a lease later at
+// its safety wake.
+func TestParkAtEnqueueRetryOnFreeLock(t *testing.T) {
+	const lease = 10 * time.Second
+	var (
+		runs orderedRuns
+		cr   creates
+	)
+	f := newParkFleetWith(t, 2, lease, &tasks.MemoryWaitList{}, nil, func(_ int, w *tasks.Worker) {
+		w.Handle("serial", runs.job(0))
+	}, cr.interceptor())
+	if err := f.client.ParkAtEnqueue(f.list, f.lockers[0]); err != nil {
+		t.Fatal(err)
+	}
+	task := tasks.Task{Job: "serial", LockID: "r", Payload: 7, Name: "retried"}
+	wake := []byte(`"wake":`)
+	cr.fail.Store(&wake)
+	tasks.MarkBusy(f.client, "r")
+	if _, err := f.client.Enqueue(t.Context(), task); err == nil || errors.Is(err, tasks.ErrDuplicate) {
+		t.Fatalf("Enqueue with no wake possible: %v; want an error", err)
+	}
+	cr.fail.Store(nil)
+	retried := time.Now()
+	tasks.MarkBusy(f.client, "r")
+	if _, err := f.client.Enqueue(t.Context(), task); !errors.Is(err, tasks.ErrDuplicate) {
+		t.Fatalf("retry of the named task: %v; want ErrDuplicate (it is parked)", err)
+	}
+	got := runs.waitRuns(1, 2*lease)
+	took := time.Since(retried)
+	if len(got) != 1 {
+		t.Fatalf("runs %v; want the parked task's", got)
+	}
+	if took > 2*time.Second {
+		t.Errorf("the parked task ran %v after the retry of its Enqueue, the lock free; want within a dispatch (under 2 s)", took)
+	}
+	waitIdle(t, f.srv, time.Minute)
+}
