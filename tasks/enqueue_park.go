@@ -54,23 +54,33 @@ type enqueueParking struct {
 //     other ids behind the queue's rate limit.
 //   - Any other task is created in the queue as without it.
 //
-// Enqueue's answers keep their meaning. A parked task's name (returned) is
-// the full task name it would have had, but names no task in the queue
-// (Cloud Tasks' GetTask and DeleteTask do not find it; it is in the wait
-// list, where its wake runs it); a task of the same Name that ran,
-// runs, waits or was created in the queue is a duplicate either way, as the
-// Worker dedups the queue's deliveries against the wait list's records
-// (ErrDuplicate is returned when the record exists already; within the
-// wait list's FinishedRetention). A task of a job that coalesces (listed
-// in coalescing, or registered with Coalesce on a Worker in park mode
-// given this Client) is absorbed into its job's waiting run on the lock
-// id, as the Worker absorbs one (Enqueue returns a name that names no
-// task, and nil); such a task with a Name always goes through the queue,
-// since its waiter is keyed by its job and only the queue dedups its Name. When the task was parked but its Safety wake could not
-// be created (Cloud Tasks failing after enqueueParkTries tries), Enqueue
-// returns an error: a task without a Name is withdrawn first, so that
-// retrying it runs it once; a task with a Name stays parked, and retrying
-// it with that Name makes its wake.
+// Enqueue's answers keep their meaning, but for one. A parked task's name
+// (returned) is the full task name it would have had, but names no task in
+// the queue (Cloud Tasks' GetTask and DeleteTask do not find it; it is in
+// the wait list, where its wake runs it). A task of the same Name that
+// ran, runs, waits or was created in the queue is a duplicate either way:
+// the Worker dedups the queue's deliveries against the wait list's records,
+// and it runs once. Enqueue returns ErrDuplicate when the wait list has its
+// record already (within FinishedRetention) or, through the queue, when
+// Cloud Tasks has the name; but a task parked while a task of its Name is
+// in the queue and has not reached a Worker (or the reverse, a task sent
+// through the queue while one of its Name waits in the wait list) is
+// accepted, Enqueue returns nil, and the Worker runs the first of the two
+// to get the lock (so a Name held by a task scheduled for later, Delay or
+// ScheduleTime, runs now when enqueued again undelayed). A task of a job
+// that coalesces (listed in coalescing, or registered with Coalesce on a
+// Worker in park mode given this Client) is absorbed into its job's
+// waiting run on the lock id, as the Worker absorbs one (Enqueue returns a
+// name that names no task, and nil); such a task with a Name always goes
+// through the queue, since its waiter is keyed by its job and only the
+// queue dedups its Name.
+//
+// Once a task is parked its wakes are made even when ctx ends (for up to
+// 10 s more): a caller that went away cannot retry. When its Safety wake
+// could not be created (Cloud Tasks failing after enqueueParkTries tries),
+// Enqueue returns an error: a task without a Name is withdrawn first, so
+// that retrying it runs it once; a task with a Name stays parked, and
+// retrying it with that Name (a duplicate) makes its wake.
 //
 // locks is the lock client the Workers take these locks with (its Strong
 // backend must implement locking.Prober: in-memory or Datastore). Tasks
@@ -181,6 +191,10 @@ func (c *Client) parkTask(ctx context.Context, p *enqueueParking, t Task, req *c
 	if err != nil {
 		return "", fmt.Errorf("tasks: parking a task of job %q at enqueue: %w", t.Job, err)
 	}
+	// Parked: its wakes are made even when the caller has gone (its
+	// context ended), which nobody may retry; bounded as a hand-off is.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), handoffTimeout)
+	defer cancel()
 	// The wake is made also for a record that existed (a retry of an
 	// Enqueue whose wake could not be made): creating it again by name is
 	// idempotent.

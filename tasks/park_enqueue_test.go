@@ -443,3 +443,49 @@ func TestParkAtEnqueueRetryOnFreeLock(t *testing.T) {
 	}
 	waitIdle(t, f.srv, time.Minute)
 }
+
+// cancelAfterPark is a WaitList whose Park ends the caller's request (calls
+// cancel) once the record is made: the caller of Enqueue went away then.
+type cancelAfterPark struct {
+	tasks.WaitList
+	cancel atomic.Pointer[context.CancelFunc]
+}
+
+func (l *cancelAfterPark) Park(ctx context.Context, lockID string, w tasks.Waiter, due time.Time) (tasks.WaiterState, bool, tasks.Wake, error) {
+	st, created, wake, err := l.WaitList.Park(ctx, lockID, w, due)
+	if c := l.cancel.Swap(nil); c != nil {
+		(*c)()
+	}
+	return st, created, wake, err
+}
+
+// TestParkAtEnqueueCallerGone: a task parked at enqueue whose caller's
+// context ends right after the park (the caller gave up: a timeout, a
+// closed connection) still gets its wakes, and runs: nobody may retry it.
+// Without a Name it would otherwise be withdrawn and lost with the
+// caller's error unseen; with one it would wait, with no wake, on a free
+// lock that nobody releases.
+func TestParkAtEnqueueCallerGone(t *testing.T) {
+	for _, name := range []string{"", "gone"} {
+		t.Run("name="+name, func(t *testing.T) {
+			var runs orderedRuns
+			list := &cancelAfterPark{WaitList: &tasks.MemoryWaitList{}}
+			f := newParkFleet(t, 2, 5*time.Second, list, nil, func(_ int, w *tasks.Worker) {
+				w.Handle("serial", runs.job(0))
+			})
+			if err := f.client.ParkAtEnqueue(f.list, f.lockers[0]); err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(t.Context())
+			defer cancel()
+			list.cancel.Store(&cancel)
+			tasks.MarkBusy(f.client, "g")
+			_, err := f.client.Enqueue(ctx, tasks.Task{Job: "serial", LockID: "g", Payload: 3, Name: name})
+			t.Logf("Enqueue, its caller gone after the park: %v", err)
+			if got := runs.waitRuns(1, 15*time.Second); len(got) != 1 {
+				t.Errorf("runs %v; want the parked task's once", got)
+			}
+			waitIdle(t, f.srv, time.Minute)
+		})
+	}
+}
