@@ -158,7 +158,9 @@
 //     jobs pay the 429 costs.
 //
 // The cost of a task that waits, measured by BenchmarkParkBurst (bursts of
-// 10 to 1,000 tasks on one lock id): its own delivery, and a share of the
+// 10 to 1,000 tasks on one lock id) before park at enqueue, which spares a
+// task parked at enqueue its own delivery and adds a lock probe and, on a
+// free lock, an Arm: its own delivery, and a share of the
 // wakes — one wake per DefaultRunNext (30 s) of work on a lock id, one more
 // where a new delivery overtook a hand-off in flight, and the safety wakes
 // (about one per lease per lock id): 0.008 to 0.3 CreateTask and 1.008 to
