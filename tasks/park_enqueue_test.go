@@ -106,10 +106,9 @@ func TestParkAtEnqueueBurst(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			got := runs.waitRuns(n, time.Minute)
+			runs.waitRuns(n, time.Minute)
 			waitIdle(t, f.srv, time.Minute)
-			got = runs.runs()
-			checkOnceInOrder(t, got, n)
+			checkOnceInOrder(t, runs.runs(), n)
 			if o := runs.over.Load(); o > 0 {
 				t.Errorf("%d runs overlapped another", o)
 			}
