@@ -93,12 +93,8 @@ type enqueueParking struct {
 // that cannot probe its Strong locks (locking.Client.CanProbe; the error
 // wraps errors.ErrUnsupported too). It does no I/O.
 func (c *Client) ParkAtEnqueue(list WaitList, locks *locking.Client, coalescing ...string) error {
-	if list == nil || locks == nil {
-		return fmt.Errorf("%w: ParkAtEnqueue needs a WaitList and a lock client", ErrInvalidConfig)
-	}
-	if !locks.CanProbe(locking.Strong) {
-		return fmt.Errorf("%w: ParkAtEnqueue: the lock client's Strong backend (%T) cannot probe a lock: %w",
-			ErrInvalidConfig, locks.Backend(locking.Strong), errors.ErrUnsupported)
+	if err := checkParkAtEnqueue(list, locks); err != nil {
+		return err
 	}
 	p := &enqueueParking{h: &handoff{client: c, list: list}, locks: locks, lease: locks.Lease(), log: slog.Default(),
 		recent: map[string]time.Time{}}
@@ -108,6 +104,18 @@ func (c *Client) ParkAtEnqueue(list WaitList, locks *locking.Client, coalescing 
 	c.parkMu.Lock()
 	defer c.parkMu.Unlock()
 	c.park = p
+	return nil
+}
+
+// checkParkAtEnqueue checks ParkAtEnqueue's arguments.
+func checkParkAtEnqueue(list WaitList, locks *locking.Client) error {
+	if list == nil || locks == nil {
+		return fmt.Errorf("%w: ParkAtEnqueue needs a WaitList and a lock client", ErrInvalidConfig)
+	}
+	if !locks.CanProbe(locking.Strong) {
+		return fmt.Errorf("%w: ParkAtEnqueue: the lock client's Strong backend (%T) cannot probe a lock: %w",
+			ErrInvalidConfig, locks.Backend(locking.Strong), errors.ErrUnsupported)
+	}
 	return nil
 }
 

@@ -488,3 +488,38 @@ func TestParkAtEnqueueCallerGone(t *testing.T) {
 		})
 	}
 }
+
+// TestParkAtEnqueueLazyClient: a LazyClient (the README's way to enqueue
+// from a function of your own) parks bursts at enqueue too, given the wait
+// list and lock client before its Client is built.
+func TestParkAtEnqueueLazyClient(t *testing.T) {
+	const n = 10
+	var (
+		runs orderedRuns
+		cr   creates
+	)
+	f := newParkFleetWith(t, 2, 5*time.Second, &tasks.MemoryWaitList{}, nil, func(_ int, w *tasks.Worker) {
+		w.Handle("serial", runs.job(20*time.Millisecond))
+	}, cr.interceptor())
+	l := tasks.LazyClientFromEnv()
+	tasks.SetConnect(l, func(context.Context, func(context.Context) (*tasks.Client, error)) (*tasks.Client, error) {
+		return f.client, nil
+	})
+	if err := l.ParkAtEnqueue(nil, f.lockers[0]); !errors.Is(err, tasks.ErrInvalidConfig) {
+		t.Errorf("ParkAtEnqueue without a wait list: %v; want ErrInvalidConfig", err)
+	}
+	if err := l.ParkAtEnqueue(f.list, f.lockers[0]); err != nil {
+		t.Fatal(err)
+	}
+	for i := range n {
+		if _, err := l.Enqueue(t.Context(), tasks.Task{Job: "serial", LockID: "lazy", Payload: i}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	runs.waitRuns(n, time.Minute)
+	waitIdle(t, f.srv, time.Minute)
+	checkOnceInOrder(t, runs.runs(), n)
+	if c := cr.n.Load(); c > 5 {
+		t.Errorf("%d CreateTask calls for a burst of %d through a LazyClient parking at enqueue; want at most 5", c, n)
+	}
+}
