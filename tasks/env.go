@@ -166,6 +166,7 @@ func (l *LazyClient) Client(ctx context.Context) (*Client, error) {
 		// Its arguments were checked by ParkAtEnqueue: it does not fail.
 		if err = l.park(c); err != nil {
 			_ = c.Close()
+			c = nil
 		}
 	}
 	switch {
