@@ -141,7 +141,10 @@ func WithLogger(l *slog.Logger) Option {
 // Datastore, in memory when they are in this process's memory (correct
 // only within one process, as those locks are). Any other Strong backend,
 // or no queue, gives 429 mode: with an empty cfg.Busy New logs why at
-// WARN; with BusyPark it fails with ErrConfig. The safety nets of parked
+// WARN; with BusyPark it fails with ErrConfig. In park mode the Enqueue
+// function parks bursts on one lock id at enqueue (tasks.Client's
+// ParkAtEnqueue) when the Strong store can probe a lock (Datastore's and
+// memory's can); otherwise its tasks all go through the queue. The safety nets of parked
 // tasks are sized by cfg.Lease (locking.DefaultLease when zero): a job
 // given a longer lease by its LockOptions has safety nets that fire before
 // its holder's lease ends, find the lock held and are scheduled again.

@@ -69,10 +69,17 @@ func (a *App) parkOptions(ctx context.Context, cfg Config, given tasks.WaitList)
 	}
 	a.busy = BusyPark
 	// Bursts on one lock id park at enqueue (the Enqueue function's), so
-	// that they do not take the queue's rate from other lock ids. The
-	// wait list's locks are Datastore's or this process's: both probe.
-	if err := a.enqueue.ParkAtEnqueue(list, a.locks); err != nil {
-		return nil, err
+	// that they do not take the queue's rate from other lock ids, when the
+	// Strong locks can be probed (Datastore's and this process's can; a
+	// store of its own, with a wait list given, may not: then every task
+	// goes through the queue).
+	if a.locks.CanProbe(locking.Strong) {
+		if err := a.enqueue.ParkAtEnqueue(list, a.locks); err != nil {
+			return nil, err
+		}
+	} else {
+		a.log.InfoContext(ctx, "taskguard: the Enqueue function does not park bursts at enqueue: the Strong lock store cannot probe a lock",
+			"strong", fmt.Sprintf("%T", a.locks.Backend(locking.Strong)))
 	}
 	return []tasks.WorkerOption{tasks.WithParking(a.enqueue, list), tasks.WithParkingLease(lease)}, nil
 }

@@ -222,3 +222,20 @@ func TestParkDefaultBurst(t *testing.T) {
 		})
 	}
 }
+
+// TestParkGivenWaitListAnyStore: with a wait list of its own
+// (WithWaitList), New parks on any Strong store, also one that cannot
+// probe a lock (then the Enqueue function does not park at enqueue: its
+// tasks go through the queue, as in park mode before).
+func TestParkGivenWaitListAnyStore(t *testing.T) {
+	queued := Config{Queue: testQueue, WorkerURL: "http://127.0.0.1:1/Worker", TaskServiceAccount: "w@p.iam.gserviceaccount.com", TasksEmulator: "127.0.0.1:1"}
+	_, other := modeClients(t)
+	a, err := New(t.Context(), queued, slog.New(slog.DiscardHandler), WithLocks(other), WithWaitList(&tasks.MemoryWaitList{}))
+	if err != nil {
+		t.Fatalf("New with a wait list of its own on a store that cannot probe: %v", err)
+	}
+	defer a.Close()
+	if a.Busy() != BusyPark {
+		t.Errorf("Busy() = %q; want %q", a.Busy(), BusyPark)
+	}
+}

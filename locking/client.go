@@ -209,6 +209,14 @@ func (c *Client) InProcess(k LockKind) bool {
 	return ok && b.InProcess()
 }
 
+// CanProbe reports whether Probe can tell for locks of kind k: k's backend
+// implements Prober (also when wrapped by a decorator that implements
+// Wrapper). It does no I/O.
+func (c *Client) CanProbe(k LockKind) bool {
+	_, ok := capability[Prober](c.Backend(k))
+	return ok
+}
+
 // Probe reports whether the lock id of kind k is held now, and the lease
 // left when it is, without taking it (see Prober). It returns an error
 // wrapping errors.ErrUnsupported when k's backend cannot tell (it does not

@@ -203,8 +203,10 @@ type Task struct {
 	ScheduleTime time.Time
 	// Name, when set, de-duplicates the task: while a task of this job and
 	// name exists in the queue, or for about an hour after it ran or was
-	// deleted, Enqueue of another one fails with ErrDuplicate. The name is
-	// hashed (with the job) into the task id, so it may be any string.
+	// deleted, Enqueue of another one fails with ErrDuplicate (a Client
+	// that parks at enqueue runs it once all the same, but may return nil:
+	// see ParkAtEnqueue). The name is hashed (with the job) into the task
+	// id, so it may be any string.
 	Name string
 }
 
@@ -227,7 +229,7 @@ func (c *Client) Enqueue(ctx context.Context, t Task) (string, error) {
 	}
 	p := c.parking()
 	now := c.now()
-	if p != nil && req.Task.ScheduleTime == nil && !p.direct(t.LockID, now) {
+	if p != nil && req.Task.ScheduleTime == nil && c.mayPark(t) && !p.direct(t.LockID, now) {
 		return c.parkTask(ctx, p, t, req, now)
 	}
 	created, err := c.tasks.CreateTask(ctx, req)

@@ -55,22 +55,33 @@ type enqueueParking struct {
 //     other ids behind the queue's rate limit.
 //   - Any other task is created in the queue as without it.
 //
-// Enqueue's answers keep their meaning. A parked task's name (returned) is
-// the full task name it would have had, but names no task in the queue
-// (Cloud Tasks' GetTask and DeleteTask do not find it; it is in the wait
-// list, where its wake runs it); a task of the same Name that ran,
-// runs, waits or was created in the queue is a duplicate either way, as the
-// Worker dedups the queue's deliveries against the wait list's records
-// (ErrDuplicate is returned when the record exists already; within the
-// wait list's FinishedRetention). A task of a job that coalesces (listed
-// in coalescing, or registered with Coalesce on a Worker in park mode
-// given this Client) is absorbed into its job's waiting run on the lock
-// id, as the Worker absorbs one (Enqueue returns a name that names no
-// task, and nil). When the task was parked but its Safety wake could not
-// be created (Cloud Tasks failing after enqueueParkTries tries), Enqueue
-// returns an error: a task without a Name is withdrawn first, so that
-// retrying it runs it once; a task with a Name stays parked, and retrying
-// it with that Name makes its wake.
+// Enqueue's answers keep their meaning, but for one. A parked task's name
+// (returned) is the full task name it would have had, but names no task in
+// the queue (Cloud Tasks' GetTask and DeleteTask do not find it; it is in
+// the wait list, where its wake runs it). A task of the same Name that
+// ran, runs, waits or was created in the queue is a duplicate either way:
+// the Worker dedups the queue's deliveries against the wait list's records,
+// and it runs once. Enqueue returns ErrDuplicate when the wait list has its
+// record already (within FinishedRetention) or, through the queue, when
+// Cloud Tasks has the name; but a task parked while a task of its Name is
+// in the queue and has not reached a Worker (or the reverse, a task sent
+// through the queue while one of its Name waits in the wait list) is
+// accepted, Enqueue returns nil, and the Worker runs the first of the two
+// to get the lock (so a Name held by a task scheduled for later, Delay or
+// ScheduleTime, runs now when enqueued again undelayed). A task of a job
+// that coalesces (listed in coalescing, or registered with Coalesce on a
+// Worker in park mode given this Client) is absorbed into its job's
+// waiting run on the lock id, as the Worker absorbs one (Enqueue returns a
+// name that names no task, and nil); such a task with a Name always goes
+// through the queue, since its waiter is keyed by its job and only the
+// queue dedups its Name.
+//
+// Once a task is parked its wakes are made even when ctx ends (for up to
+// 10 s more): a caller that went away cannot retry. When its Safety wake
+// could not be created (Cloud Tasks failing after enqueueParkTries tries),
+// Enqueue returns an error: a task without a Name is withdrawn first, so
+// that retrying it runs it once; a task with a Name stays parked, and
+// retrying it with that Name (a duplicate) makes its wake.
 //
 // locks is the lock client the Workers take these locks with (its Strong
 // backend must implement locking.Prober: in-memory or Datastore). Tasks
@@ -80,13 +91,11 @@ type enqueueParking struct {
 // first Enqueue, on a Client of a program that enqueues. A Worker in park
 // mode given c (WithParking) tells c which of its jobs coalesce. It fails
 // with ErrInvalidConfig for a nil list or lock client, or a lock client
-// that cannot probe its Strong locks.
+// that cannot probe its Strong locks (locking.Client.CanProbe; the error
+// wraps errors.ErrUnsupported too). It does no I/O.
 func (c *Client) ParkAtEnqueue(list WaitList, locks *locking.Client, coalescing ...string) error {
-	if list == nil || locks == nil {
-		return fmt.Errorf("%w: ParkAtEnqueue needs a WaitList and a lock client", ErrInvalidConfig)
-	}
-	if _, _, err := locks.Probe(context.Background(), locking.Strong, "taskguard/probe"); errors.Is(err, errors.ErrUnsupported) {
-		return fmt.Errorf("%w: ParkAtEnqueue: %w", ErrInvalidConfig, err)
+	if err := checkParkAtEnqueue(list, locks); err != nil {
+		return err
 	}
 	p := &enqueueParking{h: &handoff{client: c, list: list}, locks: locks, lease: locks.Lease(), log: slog.Default(),
 		recent: map[string]time.Time{}}
@@ -96,6 +105,18 @@ func (c *Client) ParkAtEnqueue(list WaitList, locks *locking.Client, coalescing 
 	c.parkMu.Lock()
 	defer c.parkMu.Unlock()
 	c.park = p
+	return nil
+}
+
+// checkParkAtEnqueue checks ParkAtEnqueue's arguments.
+func checkParkAtEnqueue(list WaitList, locks *locking.Client) error {
+	if list == nil || locks == nil {
+		return fmt.Errorf("%w: ParkAtEnqueue needs a WaitList and a lock client", ErrInvalidConfig)
+	}
+	if !locks.CanProbe(locking.Strong) {
+		return fmt.Errorf("%w: ParkAtEnqueue: the lock client's Strong backend (%T) cannot probe a lock: %w",
+			ErrInvalidConfig, locks.Backend(locking.Strong), errors.ErrUnsupported)
+	}
 	return nil
 }
 
@@ -114,6 +135,14 @@ func (c *Client) isCoalescing(job string) bool {
 	c.parkMu.Lock()
 	defer c.parkMu.Unlock()
 	return c.coalescing[job]
+}
+
+// mayPark reports whether t may be parked at enqueue: not a named task of a
+// coalescing job, whose waiter is keyed by its job, so that only the
+// queue's dedup of its Name keeps it from running again within the dedup
+// window.
+func (c *Client) mayPark(t Task) bool {
+	return t.Name == "" || !c.isCoalescing(t.Job)
 }
 
 // parking returns c's park mode at enqueue, or nil.
@@ -178,6 +207,10 @@ func (c *Client) parkTask(ctx context.Context, p *enqueueParking, t Task, req *c
 	if err != nil {
 		return "", fmt.Errorf("tasks: parking a task of job %q at enqueue: %w", t.Job, err)
 	}
+	// Parked: its wakes are made even when the caller has gone (its
+	// context ended), which nobody may retry; bounded as a hand-off is.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), handoffTimeout)
+	defer cancel()
 	// The wake is made also for a record that existed (a retry of an
 	// Enqueue whose wake could not be made): creating it again by name is
 	// idempotent.
@@ -192,15 +225,22 @@ func (c *Client) parkTask(ctx context.Context, p *enqueueParking, t Task, req *c
 		}
 		return "", fmt.Errorf("tasks: a task of job %q was parked at enqueue, but its safety wake could not be made: %w", t.Job, err)
 	}
+	var dup error
 	if !created && !(w.Coalesce && st == Waiting) {
-		return name, fmt.Errorf("%w: %s (%v in the wait list)", ErrDuplicate, name, st)
+		dup = fmt.Errorf("%w: %s (%v in the wait list)", ErrDuplicate, name, st)
+		if st != Waiting {
+			return name, dup
+		}
+		// It waits (a retry of an Enqueue that failed after its park): it
+		// may wait on a free lock, which nobody releases. Hand it off as a
+		// new one.
 	}
 	// Parked, or absorbed into its job's waiting run (a coalescing job).
 	held, _, perr := p.locks.Probe(ctx, locking.Strong, t.LockID)
 	if perr == nil && held {
 		// The holder's release hands off.
 		p.busy(t.LockID, now)
-		return name, nil
+		return name, dup
 	}
 	// Free (or unknown): nobody may release it; a Handoff wake runs the
 	// oldest waiter now. One is armed per lock id at a time.
@@ -212,7 +252,7 @@ func (c *Client) parkTask(ctx context.Context, p *enqueueParking, t Task, req *c
 		p.log.WarnContext(ctx, "tasks: a task parked at enqueue on a free lock could not be handed the lock; its safety wake will run it",
 			"lock_id", t.LockID, "job", t.Job, "safety_due", safetyDue, "error", errors.Join(perr, err))
 	}
-	return name, nil
+	return name, dup
 }
 
 // safetyWake creates wake (Park's), arming and creating it again should

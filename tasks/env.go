@@ -6,11 +6,14 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
 
 	"google.golang.org/api/option"
+
+	"github.com/taskguard/taskguard/locking"
 )
 
 // Environment variables ConfigFromEnv reads: the names deploy/ gives every
@@ -124,9 +127,10 @@ type LazyClient struct {
 	connect func(context.Context) (*Client, error) // NewClientFromEnv with opts
 
 	mu     sync.Mutex
-	c      *Client // guarded by mu; nil until built
-	err    error   // guarded by mu; a configuration error, kept
-	closed bool    // guarded by mu
+	c      *Client             // guarded by mu; nil until built
+	err    error               // guarded by mu; a configuration error, kept
+	closed bool                // guarded by mu
+	park   func(*Client) error // ParkAtEnqueue's, applied when c is built; guarded by mu
 }
 
 var _ Enqueuer = (*LazyClient)(nil)
@@ -158,6 +162,13 @@ func (l *LazyClient) Client(ctx context.Context) (*Client, error) {
 	}
 	// The connection outlives the request that happens to build it.
 	c, err := l.connect(context.WithoutCancel(ctx))
+	if err == nil && l.park != nil {
+		// Its arguments were checked by ParkAtEnqueue: it does not fail.
+		if err = l.park(c); err != nil {
+			_ = c.Close()
+			c = nil
+		}
+	}
 	switch {
 	case err == nil:
 		l.c = c
@@ -165,6 +176,25 @@ func (l *LazyClient) Client(ctx context.Context) (*Client, error) {
 		l.err = err
 	}
 	return c, err
+}
+
+// ParkAtEnqueue makes the Client park bursts on one lock id at enqueue
+// (Client.ParkAtEnqueue, which see): when it is built, or at once if it is
+// built already. It checks its arguments as Client.ParkAtEnqueue does
+// (ErrInvalidConfig), and does no I/O and builds nothing. Call it before
+// the first Enqueue.
+func (l *LazyClient) ParkAtEnqueue(list WaitList, locks *locking.Client, coalescing ...string) error {
+	if err := checkParkAtEnqueue(list, locks); err != nil {
+		return err
+	}
+	coalescing = slices.Clone(coalescing)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.park = func(c *Client) error { return c.ParkAtEnqueue(list, locks, coalescing...) }
+	if l.c != nil {
+		return l.park(l.c)
+	}
+	return nil
 }
 
 // Enqueue builds the Client if it is not built yet (see LazyClient) and

@@ -372,3 +372,162 @@ func TestParkAtEnqueueWindow(t *testing.T) {
 		t.Errorf("ParkAtEnqueue without a wait list: %v; want ErrInvalidConfig", err)
 	}
 }
+
+// TestParkAtEnqueueNamedCoalescingOnce: a named task of a coalescing job,
+// enqueued again under its Name within the dedup window after it ran, is a
+// duplicate and does not run again, also on a lock id the Client parks at
+// enqueue (a coalescing job's waiter is keyed by its job, not its Name, so
+// the wait list cannot dedup it by name: the queue must).
+func TestParkAtEnqueueNamedCoalescingOnce(t *testing.T) {
+	var ran atomic.Int32
+	f := newParkFleet(t, 1, 5*time.Second, &tasks.MemoryWaitList{}, nil, func(_ int, w *tasks.Worker) {
+		w.Handle("refresh", func(context.Context, *tasks.Delivery) error {
+			ran.Add(1)
+			return nil
+		}, tasks.Coalesce())
+	})
+	if err := f.client.ParkAtEnqueue(f.list, f.lockers[0]); err != nil {
+		t.Fatal(err)
+	}
+	task := tasks.Task{Job: "refresh", LockID: "c", Name: "daily-2026-12-07"}
+	if _, err := f.client.Enqueue(t.Context(), task); err != nil {
+		t.Fatal(err)
+	}
+	waitIdle(t, f.srv, time.Minute)
+	if n := ran.Load(); n != 1 {
+		t.Fatalf("the named task ran %d times; want 1", n)
+	}
+	// The lock id is busy for the Client (another task of it went through
+	// the queue just now): the same Name again is still a duplicate.
+	tasks.MarkBusy(f.client, "c")
+	if _, err := f.client.Enqueue(t.Context(), task); !errors.Is(err, tasks.ErrDuplicate) {
+		t.Errorf("Enqueue of the same Name after it ran: %v; want ErrDuplicate", err)
+	}
+	waitIdle(t, f.srv, time.Minute)
+	time.Sleep(200 * time.Millisecond)
+	if n := ran.Load(); n != 1 {
+		t.Errorf("the named task ran %d times for one Name within the dedup window; want 1", n)
+	}
+}
+
+// TestParkAtEnqueueRetryOnFreeLock: a named task parked at enqueue whose
+// Enqueue failed (its safety wake could not be made) stays parked; the
+// retry with its Name, a duplicate, makes its wake — and, the lock being
+// free, hands it the lock: it runs within a dispatch, not a lease later at
+// its safety wake.
+func TestParkAtEnqueueRetryOnFreeLock(t *testing.T) {
+	const lease = 10 * time.Second
+	var (
+		runs = newBurstRuns()
+		cr   creates
+	)
+	f := newParkFleetWith(t, 2, lease, &tasks.MemoryWaitList{}, nil, func(_ int, w *tasks.Worker) {
+		w.Handle("serial", runs.job(0))
+	}, cr.interceptor())
+	if err := f.client.ParkAtEnqueue(f.list, f.lockers[0]); err != nil {
+		t.Fatal(err)
+	}
+	task := tasks.Task{Job: "serial", LockID: "r", Payload: 7, Name: "retried"}
+	wake := []byte(`"wake":`)
+	cr.fail.Store(&wake)
+	tasks.MarkBusy(f.client, "r")
+	if _, err := f.client.Enqueue(t.Context(), task); err == nil || errors.Is(err, tasks.ErrDuplicate) {
+		t.Fatalf("Enqueue with no wake possible: %v; want an error", err)
+	}
+	cr.fail.Store(nil)
+	retried := time.Now()
+	tasks.MarkBusy(f.client, "r")
+	if _, err := f.client.Enqueue(t.Context(), task); !errors.Is(err, tasks.ErrDuplicate) {
+		t.Fatalf("retry of the named task: %v; want ErrDuplicate (it is parked)", err)
+	}
+	got := runs.waitStarted(1, 2*lease)
+	took := time.Since(retried)
+	if len(got) != 1 {
+		t.Fatalf("runs %v; want the parked task's", got)
+	}
+	if took > 2*time.Second {
+		t.Errorf("the parked task ran %v after the retry of its Enqueue, the lock free; want within a dispatch (under 2 s)", took)
+	}
+	waitIdle(t, f.srv, time.Minute)
+}
+
+// cancelAfterPark is a WaitList whose Park ends the caller's request (calls
+// cancel) once the record is made: the caller of Enqueue went away then.
+type cancelAfterPark struct {
+	tasks.WaitList
+	cancel atomic.Pointer[context.CancelFunc]
+}
+
+func (l *cancelAfterPark) Park(ctx context.Context, lockID string, w tasks.Waiter, due time.Time) (tasks.WaiterState, bool, tasks.Wake, error) {
+	st, created, wake, err := l.WaitList.Park(ctx, lockID, w, due)
+	if c := l.cancel.Swap(nil); c != nil {
+		(*c)()
+	}
+	return st, created, wake, err
+}
+
+// TestParkAtEnqueueCallerGone: a task parked at enqueue whose caller's
+// context ends right after the park (the caller gave up: a timeout, a
+// closed connection) still gets its wakes, and runs: nobody may retry it.
+// Without a Name it would otherwise be withdrawn and lost with the
+// caller's error unseen; with one it would wait, with no wake, on a free
+// lock that nobody releases.
+func TestParkAtEnqueueCallerGone(t *testing.T) {
+	for _, name := range []string{"", "gone"} {
+		t.Run("name="+name, func(t *testing.T) {
+			runs := newBurstRuns()
+			list := &cancelAfterPark{WaitList: &tasks.MemoryWaitList{}}
+			f := newParkFleet(t, 2, 5*time.Second, list, nil, func(_ int, w *tasks.Worker) {
+				w.Handle("serial", runs.job(0))
+			})
+			if err := f.client.ParkAtEnqueue(f.list, f.lockers[0]); err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(t.Context())
+			defer cancel()
+			list.cancel.Store(&cancel)
+			tasks.MarkBusy(f.client, "g")
+			_, err := f.client.Enqueue(ctx, tasks.Task{Job: "serial", LockID: "g", Payload: 3, Name: name})
+			t.Logf("Enqueue, its caller gone after the park: %v", err)
+			if got := runs.waitStarted(1, 15*time.Second); len(got) != 1 {
+				t.Errorf("runs %v; want the parked task's once", got)
+			}
+			waitIdle(t, f.srv, time.Minute)
+		})
+	}
+}
+
+// TestParkAtEnqueueLazyClient: a LazyClient (the README's way to enqueue
+// from a function of your own) parks bursts at enqueue too, given the wait
+// list and lock client before its Client is built.
+func TestParkAtEnqueueLazyClient(t *testing.T) {
+	const n = 10
+	var (
+		runs = newBurstRuns()
+		cr   creates
+	)
+	f := newParkFleetWith(t, 2, 5*time.Second, &tasks.MemoryWaitList{}, nil, func(_ int, w *tasks.Worker) {
+		w.Handle("serial", runs.job(20*time.Millisecond))
+	}, cr.interceptor())
+	l := tasks.LazyClientFromEnv()
+	tasks.SetConnect(l, func(context.Context, func(context.Context) (*tasks.Client, error)) (*tasks.Client, error) {
+		return f.client, nil
+	})
+	if err := l.ParkAtEnqueue(nil, f.lockers[0]); !errors.Is(err, tasks.ErrInvalidConfig) {
+		t.Errorf("ParkAtEnqueue without a wait list: %v; want ErrInvalidConfig", err)
+	}
+	if err := l.ParkAtEnqueue(f.list, f.lockers[0]); err != nil {
+		t.Fatal(err)
+	}
+	for i := range n {
+		if _, err := l.Enqueue(t.Context(), tasks.Task{Job: "serial", LockID: "lazy", Payload: i}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	runs.waitStarted(n, time.Minute)
+	waitIdle(t, f.srv, time.Minute)
+	checkOnceInOrder(t, runs.order(), n)
+	if c := cr.n.Load(); c > 5 {
+		t.Errorf("%d CreateTask calls for a burst of %d through a LazyClient parking at enqueue; want at most 5", c, n)
+	}
+}

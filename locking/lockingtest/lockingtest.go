@@ -233,6 +233,9 @@ func (s *suite) backendProbe(t *testing.T) {
 	c, _ := s.client(t)
 	lockID := id(t, "x")
 	held, _, err := c.Probe(t.Context(), locking.Strong, lockID)
+	if can := c.CanProbe(locking.Strong); can == errors.Is(err, errors.ErrUnsupported) {
+		t.Errorf("CanProbe = %v, but Probe = %v", can, err)
+	}
 	if errors.Is(err, errors.ErrUnsupported) {
 		t.Logf("the backend cannot probe: %v", err)
 		return
