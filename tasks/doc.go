@@ -162,7 +162,7 @@
 // enqueue): parked at enqueue, it passes through the queue not at all; the
 // burst's first task and a share of the wakes do — one wake per
 // DefaultRunNext (30 s) of work on a lock id, and the safety wakes (about
-// one per lease per lock id): 0.009 to 0.3 CreateTask and as many
+// one per lease per lock id): 0.009 to 0.4 CreateTask and as many
 // dispatches per task, at most 3 and 3. Parked by the Worker instead (a
 // Client without ParkAtEnqueue), a task costs its own delivery besides:
 // 1.008 to 1.3 dispatches. WaitList operations per task: 1 Park (at
