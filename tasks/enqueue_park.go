@@ -158,21 +158,25 @@ func (c *Client) parking() *enqueueParking {
 // meanwhile (concurrently, while this one's CreateTask is under way) park.
 func (p *enqueueParking) direct(lockID string, now time.Time) bool {
 	p.mu.Lock()
-	at, ok := p.recent[lockID]
-	p.mu.Unlock()
-	if ok && now.Sub(at) < BurstWindow && !at.After(now) {
+	defer p.mu.Unlock()
+	if at, ok := p.recent[lockID]; ok && now.Sub(at) < BurstWindow && !at.After(now) {
 		return false
 	}
-	p.busy(lockID, now)
+	p.busyLocked(lockID, now)
 	return true
 }
 
-// busy records lockID as seen busy at now, and now and then forgets lock
-// ids not seen for BurstWindow, so that the table stays as small as the
-// lock ids in bursts.
+// busy records lockID as seen busy at now.
 func (p *enqueueParking) busy(lockID string, now time.Time) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	p.busyLocked(lockID, now)
+}
+
+// busyLocked is busy with p.mu held. Now and then it forgets lock ids not
+// seen for BurstWindow, so that the table stays as small as the lock ids
+// in bursts.
+func (p *enqueueParking) busyLocked(lockID string, now time.Time) {
 	p.recent[lockID] = now
 	if now.Sub(p.swept) < BurstWindow {
 		return
