@@ -202,9 +202,9 @@ func (c *Client) parkTask(ctx context.Context, p *enqueueParking, t Task, req *c
 		id = "p" + hex.EncodeToString(b[:])
 	}
 	name := c.cfg.Queue + "/tasks/" + id
-	w := Waiter{Key: queueID + "/" + id, Arrived: now, Job: t.Job, Body: req.Task.GetHttpRequest().GetBody()}
+	w := Waiter{Key: taskKey(queueID, id), Arrived: now, Job: t.Job, Body: req.Task.GetHttpRequest().GetBody()}
 	if c.isCoalescing(t.Job) {
-		w.Key, w.Coalesce = "coalesce/"+queueID+"/"+t.Job, true
+		w.Key, w.Coalesce = coalesceKey(queueID, t.Job), true
 	}
 	safetyDue := now.Add(p.lease + DefaultSafetyMargin)
 	st, created, wake, err := p.h.list.Park(ctx, t.LockID, w, safetyDue)

@@ -425,15 +425,6 @@ func (d *Delivery) inLineSince(now time.Time) time.Time {
 	return now
 }
 
-// before reports whether waiter a comes before b in a wait list's order:
-// by Arrived, then by Key.
-func before(a, b Waiter) bool {
-	if !a.Arrived.Equal(b.Arrived) {
-		return a.Arrived.Before(b.Arrived)
-	}
-	return a.Key < b.Key
-}
-
 // serveFresh handles a delivery of an enqueued task (not a wake).
 func (w *Worker) serveFresh(ctx context.Context, log *slog.Logger, j *job, d *Delivery, env envelope) (outcome, error) {
 	p := w.park
@@ -441,7 +432,7 @@ func (w *Worker) serveFresh(ctx context.Context, log *slog.Logger, j *job, d *De
 	me := Waiter{Key: self, Arrived: d.inLineSince(time.Now()), Job: d.Job, Coalesce: j.coalesce}
 	if j.coalesce {
 		// One waiter per job and lock id (the wait list is per lock id).
-		me.Key = "coalesce/" + d.QueueName + "/" + d.Job
+		me.Key = coalesceKey(d.QueueName, d.Job)
 	}
 	base := env
 	base.V, base.Wake = envelopeVersion, nil

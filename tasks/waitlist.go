@@ -253,16 +253,22 @@ type memFinished struct {
 	at time.Time
 }
 
+// before reports whether waiter a comes before b in a wait list's order (the
+// one every WaitList keeps): by Arrived, then by Key.
+func before(a, b Waiter) bool {
+	if !a.Arrived.Equal(b.Arrived) {
+		return a.Arrived.Before(b.Arrived)
+	}
+	return a.Key < b.Key
+}
+
 // memHeap orders records by arrival, then key (container/heap).
 type memHeap []*memRecord
 
-func (h memHeap) Len() int { return len(h) }
-func (h memHeap) Less(i, j int) bool {
-	a, b := h[i].w, h[j].w
-	return a.Arrived.Before(b.Arrived) || (a.Arrived.Equal(b.Arrived) && a.Key < b.Key)
-}
-func (h memHeap) Swap(i, j int) { h[i], h[j] = h[j], h[i] }
-func (h *memHeap) Push(x any)   { *h = append(*h, x.(*memRecord)) }
+func (h memHeap) Len() int           { return len(h) }
+func (h memHeap) Less(i, j int) bool { return before(h[i].w, h[j].w) }
+func (h memHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
+func (h *memHeap) Push(x any)        { *h = append(*h, x.(*memRecord)) }
 func (h *memHeap) Pop() any {
 	old := *h
 	r := old[len(old)-1]

@@ -472,8 +472,18 @@ type Delivery struct {
 
 // recordKey is the key of the delivery's task in a WaitList (its waiter
 // record, its run record, and its runner name): the queue id and the task
-// name.
-func (d *Delivery) recordKey() string { return d.QueueName + "/" + d.TaskName }
+// name (taskKey).
+func (d *Delivery) recordKey() string { return taskKey(d.QueueName, d.TaskName) }
+
+// taskKey is the WaitList key of the task taskID of the queue queueID (ids:
+// the last elements of their full names), wherever it was recorded: by a
+// Worker for a delivery, or by Enqueue parking it, so that the two dedup
+// each other.
+func taskKey(queueID, taskID string) string { return queueID + "/" + taskID }
+
+// coalesceKey is the WaitList key of the one waiter of coalescing job on a
+// lock id, for tasks of the queue queueID.
+func coalesceKey(queueID, job string) string { return "coalesce/" + queueID + "/" + job }
 
 // Decode unmarshals the JSON payload into v.
 func (d *Delivery) Decode(v any) error {
