@@ -96,7 +96,7 @@ type Client struct {
 
 	parkMu     sync.Mutex
 	park       *enqueueParking // ParkAtEnqueue's; guarded by parkMu
-	coalescing map[string]bool // jobs that coalesce in park mode; guarded by parkMu
+	coalescing map[string]bool // jobs that coalesce in park mode (nil: none yet); guarded by parkMu
 }
 
 // EnvEmulatorHost names the environment variable that points NewClient at
@@ -142,7 +142,7 @@ func NewClient(ctx context.Context, cfg Config, opts ...option.ClientOption) (*C
 	if err != nil {
 		return nil, fmt.Errorf("tasks: connect to Cloud Tasks: %w", err)
 	}
-	return &Client{cfg: cfg, deadline: deadline, tasks: tc, now: time.Now, coalescing: map[string]bool{}}, nil
+	return &Client{cfg: cfg, deadline: deadline, tasks: tc, now: time.Now}, nil
 }
 
 func (cfg *Config) validate() (time.Duration, error) {

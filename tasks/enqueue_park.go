@@ -28,9 +28,7 @@ const enqueueParkTries = 3
 // enqueueParking is a Client's park mode at enqueue (ParkAtEnqueue).
 type enqueueParking struct {
 	h     *handoff
-	locks *locking.Client
-	lease time.Duration // the safety wake's distance: the lock client's lease
-	log   *slog.Logger
+	locks *locking.Client // whose lease is the safety wake's distance
 
 	mu     sync.Mutex
 	recent map[string]time.Time // lock id -> when it was last seen busy; guarded by mu
@@ -97,8 +95,7 @@ func (c *Client) ParkAtEnqueue(list WaitList, locks *locking.Client, coalescing 
 	if err := checkParkAtEnqueue(list, locks); err != nil {
 		return err
 	}
-	p := &enqueueParking{h: &handoff{client: c, list: list}, locks: locks, lease: locks.Lease(), log: slog.Default(),
-		recent: map[string]time.Time{}}
+	p := &enqueueParking{h: &handoff{client: c, list: list}, locks: locks, recent: map[string]time.Time{}}
 	for _, j := range coalescing {
 		c.coalesces(j)
 	}
@@ -206,7 +203,7 @@ func (c *Client) parkTask(ctx context.Context, p *enqueueParking, t Task, req *c
 	if c.isCoalescing(t.Job) {
 		w.Key, w.Coalesce = coalesceKey(queueID, t.Job), true
 	}
-	safetyDue := now.Add(p.lease + DefaultSafetyMargin)
+	safetyDue := now.Add(p.locks.Lease() + DefaultSafetyMargin)
 	st, created, wake, err := p.h.list.Park(ctx, t.LockID, w, safetyDue)
 	if err != nil {
 		return "", fmt.Errorf("tasks: parking a task of job %q at enqueue: %w", t.Job, err)
@@ -240,22 +237,15 @@ func (c *Client) parkTask(ctx context.Context, p *enqueueParking, t Task, req *c
 		// new one.
 	}
 	// Parked, or absorbed into its job's waiting run (a coalescing job).
-	held, _, perr := p.locks.Probe(ctx, locking.Strong, t.LockID)
-	if perr == nil && held {
+	if held, _, err := p.locks.Probe(ctx, locking.Strong, t.LockID); err == nil && held {
 		// The holder's release hands off.
 		p.busy(t.LockID, now)
 		return name, dup
 	}
-	// Free (or unknown): nobody may release it; a Handoff wake runs the
-	// oldest waiter now. One is armed per lock id at a time.
-	hw, err := p.h.list.Arm(ctx, t.LockID, Handoff, time.Now())
-	if err == nil {
-		err = p.h.create(ctx, t.LockID, hw)
-	}
-	if err != nil {
-		p.log.WarnContext(ctx, "tasks: a task parked at enqueue on a free lock could not be handed the lock; its safety wake will run it",
-			"lock_id", t.LockID, "job", t.Job, "safety_due", safetyDue, "error", errors.Join(perr, err))
-	}
+	// Free (or unknown): nobody may release it; hand it off as a release
+	// does (one Handoff wake armed per lock id at a time; a failure is
+	// logged, and the safety wake runs it).
+	p.h.handOff(ctx, slog.Default(), nil, t.LockID)
 	return name, dup
 }
 
