@@ -192,12 +192,7 @@ func TestParkOneRunnerOneClaim(t *testing.T) {
 		return runs.job(ctx, d)
 	})
 	now := time.Now()
-	for i, p := range []string{"A", "B"} {
-		body, _ := json.Marshal(map[string]any{"v": 1, "job": "job", "lockId": "w1", "payload": p, "enqueuedAt": now.UTC()})
-		if _, _, _, err := list.Park(t.Context(), "w1", tasks.Waiter{Key: "jobs/task-" + p, Arrived: now.Add(time.Duration(i) * time.Millisecond), Job: "job", Body: body}, now.Add(time.Hour)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	parkJobs(t, list, "w1", now, "A", "B")
 	serve := func(r *http.Request) int {
 		rw := httptest.NewRecorder()
 		w.ServeHTTP(rw, r)
@@ -354,4 +349,17 @@ func TestParkWakeWhoseTakeFailedDoesNotRun(t *testing.T) {
 	runs.mu.Lock()
 	t.Logf("runs %q at %v", runs.runs, runs.at)
 	runs.mu.Unlock()
+}
+
+// parkJobs parks, in list on lockID, one task of job "job" per payload (a
+// JSON string), in that order, 1 ms apart from now, keyed "jobs/task-"+p,
+// with their safety wakes an hour away.
+func parkJobs(t *testing.T, list tasks.WaitList, lockID string, now time.Time, payloads ...string) {
+	t.Helper()
+	for i, p := range payloads {
+		body, _ := json.Marshal(map[string]any{"v": 1, "job": "job", "lockId": lockID, "payload": p, "enqueuedAt": now.UTC()})
+		if _, _, _, err := list.Park(t.Context(), lockID, tasks.Waiter{Key: "jobs/task-" + p, Arrived: now.Add(time.Duration(i) * time.Millisecond), Job: "job", Body: body}, now.Add(time.Hour)); err != nil {
+			t.Fatal(err)
+		}
+	}
 }

@@ -2,7 +2,6 @@ package tasks_test
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http/httptest"
@@ -436,12 +435,7 @@ func TestParkRunNextShutdownInStep(t *testing.T) {
 		return runs.job(ctx, d)
 	})
 	now := time.Now()
-	for i, p := range []string{"A", "B"} {
-		body, _ := json.Marshal(map[string]any{"v": 1, "job": "job", "lockId": "w1", "payload": p, "enqueuedAt": now.UTC()})
-		if _, _, _, err := mem.Park(t.Context(), "w1", tasks.Waiter{Key: "jobs/task-" + p, Arrived: now.Add(time.Duration(i) * time.Millisecond), Job: "job", Body: body}, now.Add(time.Hour)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	parkJobs(t, mem, "w1", now, "A", "B")
 	ctx, cancel := context.WithCancelCause(t.Context())
 	list.cancel = func() { cancel(errors.New("shutting down")) }
 	rw := httptest.NewRecorder()
